@@ -1,0 +1,66 @@
+import pytest
+
+from tuneforge.config import ConfigError, load_config, parse_overrides, validate_config
+
+
+def base():
+    return {"data": {"train": ["builtin:orders"]}}
+
+
+def test_valid_defaults():
+    cfg = validate_config(base())
+    assert cfg.method.name == "lora" and cfg.method.r == 8
+    assert cfg.objective.name == "sft"
+    assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_typo_gets_closest_key_and_all_problems_reported_at_once():
+    raw = base() | {"train": {"lrr": 1e-4, "batch_size": 0}, "method": {"name": "lora", "rank": 8}}
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    text = str(e.value)
+    assert "did you mean 'train.lr'?" in text
+    assert "train.batch_size" in text  # the second problem in the same section is not lost
+    assert "method.rank" in text and "did you mean 'method.r'?" in text
+    assert len(e.value.problems) == 3
+
+
+def test_unknown_method_and_top_level_key():
+    with pytest.raises(ConfigError) as e:
+        validate_config(base() | {"method": {"name": "lroa"}, "trian": {}})
+    assert "unknown method 'lroa': did you mean 'lora'?" in str(e.value)
+    assert "did you mean 'train'?" in str(e.value)
+
+
+def test_missing_data_is_named():
+    with pytest.raises(ConfigError, match="'data' is required"):
+        validate_config({})
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    assert parse_overrides(["train.lr=1e-4", "data.packing=true", "run_name=x"]) == {
+        "train": {"lr": 1e-4}, "data": {"packing": True}, "run_name": "x"}
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_load_config_file_with_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: [builtin:orders]}\ntrain: {lr: 0.1}\n")
+    cfg = load_config(p, ["train.lr=0.5", "method.r=4"])
+    assert cfg.train.lr == 0.5 and cfg.method.r == 4
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_lora_target_module_typo_lists_existing_modules(tiny_model_dir):
+    from tuneforge.train.run import preflight
+
+    cfg = validate_config({"model": {"name": tiny_model_dir}, "data": {"train": ["nope.jsonl"]},
+                           "method": {"name": "lora", "target_modules": ["q_prj", "v_proj"]}})
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    text = str(e.value)
+    assert "'q_prj' is not a module of this model" in text and "did you mean 'q_proj'?" in text
+    assert "o_proj" in text  # the modules that do exist are listed
+    assert "nope.jsonl" in text  # the missing data file is reported in the same error

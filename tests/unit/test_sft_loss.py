@@ -1,0 +1,60 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from tuneforge.data.render import IGNORE, encode_rows, pack_rows, packed_batch, pad_batch
+from tuneforge.data.builtin import orders
+from tuneforge.data.formats import FORMATS
+from tuneforge.objectives.sft import masked_ce_from_hidden, masked_ce_from_logits
+from tuneforge.objectives import OBJECTIVES
+
+
+def test_masked_ce_matches_torch_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[IGNORE, 3, 4, IGNORE, IGNORE], [IGNORE, IGNORE, 1, 2, 10]])
+    total, n = masked_ce_from_logits(logits, labels)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE, reduction="sum")
+    assert int(n) == 5 and torch.allclose(total, ref)
+
+
+def test_logits_only_at_trained_positions_gives_the_same_loss():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False)
+    hidden = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 13, (3, 6))
+    labels[:, :2] = IGNORE
+    a, na = masked_ce_from_hidden(hidden, labels, head)
+    b, nb = masked_ce_from_logits(head(hidden), labels)
+    assert int(na) == int(nb) and torch.allclose(a, b, atol=1e-5)
+
+
+def _rows(tok, n=6):
+    convert = FORMATS["instruction"].convert
+    return encode_rows(tok, [convert(r, {}) for r in orders(n=n, seed=5)], 512, "drop").rows
+
+
+def test_objective_hidden_path_equals_full_logits_on_a_model(tiny_model_dir, tiny_tok):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = pad_batch(_rows(tiny_tok), tiny_tok.pad_token_id)
+    sft = OBJECTIVES["sft"]
+    with torch.no_grad():
+        a, n = sft.loss(model, batch, None, hidden_path=True)
+        b, m = sft.loss(model, batch, None, hidden_path=False)
+    assert int(n) == int(m) > 0 and torch.allclose(a, b, rtol=1e-5)
+
+
+def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir, tiny_tok):
+    """Packed rows must not attend across examples: the loss of each example is unchanged."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = _rows(tiny_tok)
+    sft = OBJECTIVES["sft"]
+    with torch.no_grad():
+        singles = [sft.loss(model, pad_batch([r], 0), None, hidden_path=True)[0] for r in rows]
+        bins = pack_rows(rows, max_length=400)
+        assert any(len(b) > 1 for b in bins)
+        packed, n = sft.loss(model, packed_batch(bins, tiny_tok.pad_token_id), None, hidden_path=True)
+        padded, m = sft.loss(model, pad_batch(rows, tiny_tok.pad_token_id), None, hidden_path=True)
+    assert int(n) == int(m)
+    assert torch.allclose(packed, sum(singles), rtol=1e-4)
+    assert torch.allclose(padded, sum(singles), rtol=1e-4)

@@ -1,0 +1,261 @@
+"""The typed run config: model, data, method, objective, train, eval, output.
+
+A config is a YAML file plus ``key=value`` overrides. It is validated in full before any
+weights load, and every problem is reported at once with a suggested fix. The method and
+objective sections are plug points: their option classes come from the method and
+objective registries, keyed by ``name``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, each on its own line with the fix."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"{len(problems)} problem(s) in config{f' {source}' if source else ''}:"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="embedded alias (see `tuneforge models`), local HF folder, .gguf file or hub id",
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataConfig(Strict):
+    train: list[str] = Field(
+        ..., description="files (jsonl/json/csv/tsv), or builtin:TASK[?n=N&seed=S]"
+    )
+    validation: list[str] = []
+    test: list[str] = []
+    format: str = Field("auto", description="auto, or a format name from tuneforge.data.formats")
+    columns: dict[str, str] = Field(
+        {}, description="map the format's field names to the file's: {instruction: question}"
+    )
+    system_prompt: str | None = Field(
+        None, description="system message added to every conversation that lacks one"
+    )
+    val_size: float = Field(0.1, ge=0, lt=1, description="share of train held out when validation is empty")
+    test_size: float = Field(0.1, ge=0, lt=1, description="share of train held out when test is empty")
+    max_length: int = Field(512, gt=8)
+    overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="what happens to rows longer than max_length; always counted"
+    )
+    packing: bool = Field(False, description="pack several rows into each sequence (no padding)")
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.val_size + self.test_size >= 0.9:
+            raise ValueError("val_size + test_size must leave at least 10% of the rows for training")
+        return self
+
+
+class TrainConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs")
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with bf16 units, else fp32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = Field(50, ge=0, description="validation loss every N optimizer steps (0: only at the end)")
+    save_every: int = Field(100, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0)
+    logits_at_trained_only: bool = Field(
+        True,
+        description="compute vocabulary logits only where the loss is taken (same loss, less time and memory)",
+    )
+
+
+class EvalConfig(Strict):
+    metric: Literal["auto", "exact_match", "json", "token_f1", "none"] = Field(
+        "auto", description="auto: json when the references are JSON objects, else exact_match"
+    )
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate at most N test rows")
+    baseline: bool = Field(True, description="also evaluate the base model on the same test rows")
+
+
+class RunConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    # Validated against the method/objective registries in `load_config`.
+    method: Any = Field(default_factory=lambda: {"name": "lora"})
+    objective: Any = Field(default_factory=lambda: {"name": "sft"})
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output_dir: str = "runs"
+    run_name: str | None = Field(None, description="run folder name; default: time stamp + method")
+
+
+# --- loading, overrides and error reporting ------------------------------------------
+
+
+def _parse_value(raw: str):
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "data.packing=true"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError([f"override '{item}' is not key=value (e.g. train.lr=1e-4)"])
+        key, _, raw = item.partition("=")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override '{item}': '{p}' is not a section"])
+        node[leaf] = _parse_value(raw)
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+# Names users bring from peft, transformers' Trainer and LLaMA-Factory configs.
+KNOWN_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "use_rslora": "rslora", "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler", "max_seq_length": "max_length", "cutoff_len": "max_length",
+    "model_name_or_path": "name", "warmup": "warmup_ratio", "bf16": "dtype", "fp16": "dtype",
+}
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    if KNOWN_ALIASES.get(key) in valid:
+        return KNOWN_ALIASES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic class that owns the field at ``loc`` (to suggest sibling keys)."""
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return cls
+    return cls
+
+
+def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in prefix + loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(cls, loc[:-1]) or cls
+            close = _closest(str(loc[-1]), list(owner.model_fields))
+            hint = f"did you mean '{'.'.join(str(p) for p in prefix + loc[:-1] + (close,))}'?" if close else (
+                f"valid keys here: {', '.join(owner.model_fields)}"
+            )
+            problems.append(f"unknown key '{where}': {hint}")
+        elif e["type"] == "missing":
+            problems.append(f"'{where}' is required")
+        else:
+            problems.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def validate_config(raw: dict, source: str | None = None) -> RunConfig:
+    """Validate a raw dict; raise one ConfigError listing every problem."""
+    from tuneforge.methods import METHODS
+    from tuneforge.objectives import OBJECTIVES
+
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems += format_errors(err, RunConfig)
+
+    plugged = {}
+    for section, registry in (("method", METHODS), ("objective", OBJECTIVES)):
+        default_name = RunConfig.model_fields[section].default_factory()["name"]
+        value = raw.get(section) or {}
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            problems.append(f"'{section}' must be a mapping, e.g. {section}: {{name: {default_name}}}")
+            continue
+        value = {"name": default_name, **value}
+        name = value["name"]
+        if name not in registry:
+            close = difflib.get_close_matches(str(name), list(registry), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(registry))}"
+            problems.append(f"unknown {section} '{name}': {hint}")
+            continue
+        opts_cls = registry[name].options
+        try:
+            plugged[section] = opts_cls.model_validate(value)
+        except ValidationError as err:
+            problems += format_errors(err, opts_cls, prefix=(section,))
+
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg.model_copy(update=plugged)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path} must hold a mapping at the top level"])
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    return validate_config(raw, str(path) if path else None)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

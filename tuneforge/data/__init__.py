@@ -1,0 +1,1 @@
+"""Dataset preparation: read, validate, convert to canonical rows, render, split."""

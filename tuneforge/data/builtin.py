@@ -1,0 +1,75 @@
+"""Built-in task generators: realistic synthetic data that needs no download.
+
+``orders``: free-text customer messages -> a JSON object with the order's fields. The
+base model rarely produces the exact schema zero-shot; a short LoRA run learns it, which
+makes it a clear before/after demo with an unambiguous metric (JSON exact match).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+FIRST = ["Maria", "James", "Aisha", "Chen", "Olga", "Diego", "Fatima", "Liam", "Priya", "Kenji", "Sofia",
+         "Noah", "Amara", "Lucas", "Ingrid", "Omar", "Hannah", "Mateo", "Yuki", "Elena", "Kwame", "Zoe",
+         "Ravi", "Clara", "Tomasz", "Leila", "Samuel", "Mei", "Jonas", "Isabel"]
+LAST = ["Lopez", "Smith", "Khan", "Wang", "Petrova", "Garcia", "Haddad", "Murphy", "Sharma", "Tanaka",
+        "Rossi", "Brown", "Okafor", "Silva", "Larsen", "Farouk", "Schmidt", "Fernandez", "Sato", "Novak",
+        "Mensah", "Dubois", "Patel", "Weber", "Kowalski", "Nasser", "Adams", "Lin", "Berg", "Costa"]
+PRODUCTS = [("coffee mug", "coffee mugs"), ("desk lamp", "desk lamps"), ("wireless mouse", "wireless mice"),
+            ("yoga mat", "yoga mats"), ("water bottle", "water bottles"), ("notebook", "notebooks"),
+            ("phone charger", "phone chargers"), ("backpack", "backpacks"), ("umbrella", "umbrellas"),
+            ("t-shirt", "t-shirts"), ("pair of headphones", "pairs of headphones"), ("teapot", "teapots"),
+            ("keyboard", "keyboards"), ("candle", "candles"), ("frying pan", "frying pans"),
+            ("bike helmet", "bike helmets"), ("wall clock", "wall clocks"), ("pillow", "pillows"),
+            ("sketchbook", "sketchbooks"), ("flower pot", "flower pots")]
+CITIES = ["Lisbon", "Toronto", "Nairobi", "Osaka", "Berlin", "Austin", "Lyon", "Krakow", "Melbourne",
+          "Bogota", "Dublin", "Seoul", "Cairo", "Oslo", "Chennai", "Denver", "Porto", "Accra", "Vienna", "Quito"]
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+         9: "nine", 10: "ten", 11: "eleven", 12: "twelve"}
+TEMPLATES = [
+    "Hi, this is {name}. I'd like to order {qty} {product} delivered to {city}, please.",
+    "Please ship {qty} {product} to {city}. Thanks, {name}",
+    "{name} here from {city} - could you send me {qty} {product}?",
+    "Order request: {qty} x {product}. Customer: {name}. Deliver to: {city}.",
+    "Can I get {qty} {product}? Send them to my place in {city}. - {name}",
+    "Good morning! My name is {name} and I need {qty} {product} for our office in {city}.",
+    "Hello, I want to buy {qty} {product}. Shipping address is in {city}. Regards, {name}.",
+    "We're out of stock at the {city} shop, so please dispatch {qty} {product}. Signed, {name}",
+    "{name} would like {qty} {product}, shipped to {city} as soon as possible.",
+    "Quick one: {qty} {product} to {city}, invoice under {name}.",
+    "Dear team, kindly deliver {qty} {product} to {city}. Best wishes, {name}",
+    "My partner and I just moved to {city}. Could {name} order {qty} {product} there?",
+    "Hey! {qty} {product} please. I'm {name} and I live in {city}.",
+    "For the {city} event we need {qty} {product}. Contact person: {name}.",
+    "Ordering {qty} {product} for delivery in {city}. Name on the order: {name}.",
+    "Could you send {qty} {product} my way? I'm in {city}. Cheers, {name}",
+]
+INSTRUCTION = ("Extract the order from the customer's message as JSON with the keys "
+               "customer, product, quantity and city. Reply with the JSON only.")
+
+
+def orders(n: int = 800, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        singular, plural = rng.choice(PRODUCTS)
+        qty = rng.randint(1, 12)
+        city = rng.choice(CITIES)
+        qty_text = WORDS[qty] if rng.random() < 0.4 else str(qty)
+        if qty == 1:
+            qty_text = rng.choice(["one", "a", "1"])
+            if qty_text == "a" and singular[0] in "aeiou":
+                qty_text = "an"
+        text = rng.choice(TEMPLATES).format(name=name, qty=qty_text, product=singular if qty == 1 else plural, city=city)
+        answer = {"customer": name, "product": singular, "quantity": qty, "city": city}
+        yield {"instruction": INSTRUCTION, "input": text, "output": json.dumps(answer)}
+
+
+GENERATORS = {"orders": orders}
+
+
+def generate(task: str, **params):
+    if task not in GENERATORS:
+        raise ValueError(f"unknown built-in task '{task}'; known: {', '.join(GENERATORS)}")
+    return GENERATORS[task](**params)

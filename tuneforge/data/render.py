@@ -1,0 +1,143 @@
+"""Render canonical chat rows to token ids with a loss mask, and batch them.
+
+Labels: the assistant turns' tokens plus the end-of-turn (eos) token that closes each, so
+the tuned model learns to stop; prompts (system/user, turn headers) are IGNORE. The
+template's text after the end-of-turn token (a newline, for ChatML) is not trained.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+
+
+class RenderError(ValueError):
+    pass
+
+
+def _ids(tok, messages, add_generation_prompt=False) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def render_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation (labels are IGNORE outside assistant spans)."""
+    eos = tok.eos_token_id
+    full = _ids(tok, messages)
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _ids(tok, messages[:i], add_generation_prompt=True)
+        start, end = len(prefix), len(_ids(tok, messages[: i + 1]))
+        if full[:start] != prefix:
+            raise RenderError("the chat template's prompt prefix does not tokenize as a prefix of the conversation")
+        # Train up to and including the end-of-turn token; not the template's trailing text.
+        span_end = start
+        while span_end < end and full[span_end] != eos:
+            span_end += 1
+        if span_end == end:
+            raise RenderError(f"the chat template does not close assistant turns with eos {tok.eos_token!r}")
+        labels[start : span_end + 1] = full[start : span_end + 1]
+    return full, labels
+
+
+def prompt_ids(tok, messages: list[dict]) -> list[int]:
+    """The prompt for generation: every turn before the final assistant one, plus its header."""
+    return _ids(tok, messages[:-1], add_generation_prompt=True)
+
+
+@dataclass
+class Encoded:
+    rows: list[dict]  # {"input_ids": [...], "labels": [...]}
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+def encode_rows(tok, rows: list[dict], max_length: int, overlength: str, system_prompt: str | None = None) -> Encoded:
+    """Render every row; count (never hide) what happens to rows longer than max_length."""
+    enc = Encoded(rows=[])
+    for row in rows:
+        messages = with_system(row["messages"], system_prompt)
+        ids, labels = render_chat(tok, messages)
+        if len(ids) > max_length:
+            detail = f"{row.get('_where', '?')}: {len(ids)} tokens > data.max_length={max_length}"
+            if overlength == "error":
+                raise RenderError(f"{detail}. Raise data.max_length or set data.overlength=drop|truncate")
+            if len(enc.examples) < 3:
+                enc.examples.append(detail)
+            if overlength == "drop":
+                enc.dropped["longer than max_length"] += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            enc.truncated += 1
+            if all(t == IGNORE for t in labels[1:]):
+                enc.dropped["no trained token left after truncation"] += 1
+                continue
+        enc.rows.append({"input_ids": ids, "labels": labels})
+    return enc
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch with an attention mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_real": mask.sum()}
+
+
+def pack_rows(rows: list[dict], max_length: int) -> list[list[dict]]:
+    """Greedy first-fit packing of rows (in the given order) into bins of <= max_length tokens."""
+    bins: list[list[dict]] = []
+    space: list[int] = []
+    for r in rows:
+        n = len(r["input_ids"])
+        for b, free in enumerate(space):
+            if n <= free:
+                bins[b].append(r)
+                space[b] -= n
+                break
+        else:
+            bins.append([r])
+            space.append(max_length - n)
+    return bins
+
+
+def packed_batch(bins: list[list[dict]], pad_id: int) -> dict:
+    """Each bin becomes one row; position_ids restart at 0 for every packed example, which
+    transformers turns into a block-diagonal causal mask (no attention across examples)."""
+    width = max(sum(len(r["input_ids"]) for r in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    for i, b in enumerate(bins):
+        at = 0
+        for r in b:
+            n = len(r["input_ids"])
+            ids[i, at : at + n] = torch.tensor(r["input_ids"])
+            labels[i, at : at + n] = torch.tensor(r["labels"])
+            pos[i, at : at + n] = torch.arange(n)
+            at += n
+        # Tail padding continues the last example's positions: a reset there would start a
+        # new "sequence" and padding tokens carry no label, so they never contribute loss.
+        if at < width:
+            pos[i, at:] = torch.arange(pos[i, at - 1] + 1, pos[i, at - 1] + 1 + width - at)
+    n_real = torch.tensor(sum(len(r["input_ids"]) for b in bins for r in b))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_real": n_real}

@@ -1,0 +1,1 @@
+"""Evaluation: task metrics on held-out rows, base vs tuned."""

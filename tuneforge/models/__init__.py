@@ -1,0 +1,1 @@
+"""Model initialisation: resolve a model spec, load tokenizer and weights."""

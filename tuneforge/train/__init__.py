@@ -1,0 +1,1 @@
+"""Training: the one train entry (run.py) and what it stands on."""

@@ -1,0 +1,76 @@
+"""Checkpoints that resume exactly: trained weights, optimizer, scheduler, RNG, data position.
+
+Trainable weights go to safetensors; optimizer/scheduler/RNG state to a torch file read
+back with ``weights_only=True`` (plain tensors and containers, never arbitrary pickles).
+Each checkpoint is written to a temp folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge.io import atomic_dir
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro: int = 0  # index of the next micro-batch within the epoch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler, rng: dict, keep: int) -> Path:
+    target = ckpt_root / f"step-{pos.step:06d}"
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                   tmp / "state.pt")
+        (tmp / "position.json").write_text(json.dumps(asdict(pos)))
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[Position, dict]:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or set(weights) - set(params):
+        raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}...)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Position(**json.loads((path / "position.json").read_text())), state["rng"]

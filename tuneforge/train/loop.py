@@ -1,0 +1,56 @@
+"""The training loop's parts: batches in a seeded order, one optimizer step, validation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from tuneforge.data.render import IGNORE, pack_rows, packed_batch, pad_batch
+
+
+def epoch_batches(rows: list[dict], epoch: int, seed: int, batch_size: int, packing: bool, max_length: int,
+                  pad_id: int) -> list[dict]:
+    """The epoch's micro-batches in an order fixed by (seed, epoch), so a resumed run sees
+    exactly the batches the uninterrupted run would have seen."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    ordered = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    if packing:
+        bins = pack_rows(ordered, max_length)
+        return [packed_batch(bins[i : i + batch_size], pad_id) for i in range(0, len(bins), batch_size)]
+    return [pad_batch(ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+
+
+def trained_tokens(batch: dict) -> int:
+    """Tokens that carry loss (targets are labels shifted by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def total_steps(n_micro_per_epoch: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * math.ceil(n_micro_per_epoch / grad_accum)))
+
+
+def autocast(device: str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validation_loss(model, objective, opts, batches: list[dict], *, device, dtype, hidden_path) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        with autocast(device, dtype):
+            loss_sum, count = objective.loss(model, to_device(b, device), opts, hidden_path=hidden_path)
+        total += float(loss_sum)
+        n += int(count)
+    model.train()
+    return total / max(n, 1)
