@@ -160,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.render import RenderError
     from tuneforge.models.load import ModelLoadError
 
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from tuneforge.train.launch import reexec_with_allocator
+
+        reexec_with_allocator(argv)
     try:
         return args.fn(args)
     except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError) as e:

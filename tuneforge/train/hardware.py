@@ -52,12 +52,13 @@ def environment(device: str, dtype: torch.dtype) -> dict:
     import transformers
 
     import tuneforge
+    from tuneforge.train.launch import allocator_in_use
 
     info = {
         "tuneforge": tuneforge.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform(),
         "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_has_bf16(), "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "cpu_bf16": cpu_has_bf16(), "allocator": allocator_in_use(), "device": device, "dtype": str(dtype).replace("torch.", ""),
     }
     try:
         import psutil
