@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from tuneforge.config import Strict
@@ -57,10 +58,19 @@ class LoRA(Method):
 
     def apply(self, model, opts):
         from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
-        return get_peft_model(model, self._peft_config(opts))
+        model = get_peft_model(model, self._peft_config(opts))
+        if next(model.parameters()).dtype != torch.float32:
+            # A bf16 base trains under autocast. peft would cast each layer's bf16 input up
+            # to the fp32 adapter dtype, and autocast straight back down for the matmul: two
+            # copies of every activation per adapted layer, for the same result.
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.cast_input_dtype_enabled = False
+        return model
 
     def save(self, model, out_dir: Path) -> None:
         with atomic_dir(out_dir) as tmp:

@@ -99,7 +99,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # fused: one kernel for all parameters instead of ~10 small ops per tensor per step.
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     batches = lambda epoch: epoch_batches(enc["train"].rows, epoch, t.seed, t.batch_size,  # noqa: E731
                                           cfg.data.packing, cfg.data.max_length, tok.pad_token_id)
     epoch_cache = {0: batches(0)}
