@@ -238,7 +238,7 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
             raise DataError(f"{path}: no readable files (supported: {', '.join(sorted(READERS))})")
         for f in files:
             try:
-                yield from read_records(str(f), text_unit)
+                yield from read_records(str(f), text_unit, skipped)
             except DataError as e:
                 if skipped is None:
                     raise

@@ -98,6 +98,10 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
         validation, reports["validation"] = load_rows(data.validation, data.format, data.columns)
     if data.test:
         test, reports["test"] = load_rows(data.test, data.format, data.columns)
+    for name, rep in reports.items():
+        if rep.kind != "sft":
+            raise DataError(f"the train recipe trains on sft rows (chat, instruction, ...); data.{name} holds "
+                            f"{rep.kind} rows ({rep.format_reason})")
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:
@@ -109,10 +113,6 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
                 test = part
     if not train:
         raise DataError("no training rows left after holding out validation/test rows")
-    kinds = {r.kind for r in reports.values()}
-    if kinds != {"sft"}:
-        raise DataError(f"the train recipe trains on sft rows (chat, instruction, ...); these are {kinds - {'sft'}} "
-                        f"rows ({reports['train'].format_reason})")
     return Splits(train, validation, test, reports)
 
 
