@@ -190,26 +190,27 @@ register_format(Format("preference", ("prompt", "chosen", "rejected"), _preferen
 register_format(Format("classification", ("text", "label"), _classification, "text, label", "classification"))
 register_format(Format("text", ("text",), _text, "raw text for continued pre-training", "text"))
 
-# Bookkeeping keys and fields that are names, not text: cleaning and redaction skip them.
-NOT_TEXT = {"role", "label"}
+def _map_turns(turns: list[dict], fn) -> list[dict]:
+    return [{**m, "content": fn(m["content"])} for m in turns]
 
 
-def map_texts(row, fn):
-    """The row with ``fn`` applied to every text string (message contents, text, prompts)."""
-    if isinstance(row, str):
-        return fn(row)
-    if isinstance(row, list):
-        return [map_texts(v, fn) for v in row]
-    if isinstance(row, dict):
-        return {k: v if k in NOT_TEXT or k.startswith("_") else map_texts(v, fn) for k, v in row.items()}
-    return row
+def map_texts(row: dict, fn) -> dict:
+    """The canonical row with ``fn`` applied to every text string (message contents,
+    text, prompts); roles, labels and ``_`` bookkeeping keys are left alone."""
+    if "messages" in row:
+        return {**row, "messages": _map_turns(row["messages"], fn)}
+    if "chosen" in row:
+        return {**row, **{k: _map_turns(row[k], fn) for k in ("prompt", "chosen", "rejected")}}
+    return {**row, "text": fn(row["text"])}
 
 
-def row_texts(row) -> list[str]:
+def row_texts(row: dict) -> list[str]:
     """Every text string of a canonical row, in order."""
-    out: list[str] = []
-    map_texts(row, lambda s: out.append(s) or s)
-    return out
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    if "chosen" in row:
+        return [m["content"] for k in ("prompt", "chosen", "rejected") for m in row[k]]
+    return [row["text"]]
 
 
 def kind_of(row: dict) -> str:

@@ -69,24 +69,38 @@ def _ip(m: re.Match) -> bool:
 
 
 _KEYWORD = r"(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?key|auth[_-]?token|token|password|passwd|pwd|bearer|private[_-]?key)"
-# (type, pattern, validator, group to replace). Patterns are compiled once.
-PATTERNS: list[tuple[str, re.Pattern, object, int]] = [
-    ("SECRET", re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), None, 0),
-    ("SECRET", re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"), None, 0),
-    ("SECRET", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), None, 0),
-    ("SECRET", re.compile(r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"), None, 0),
+# A number that starts a token (not the digits inside "word123"): every digit-based type needs one.
+_NUMBER = re.compile(r"(?<!\w)[\d(+]")
+_IBAN_START = re.compile(r"[A-Z]{2}\d\d")
+_COLONS = re.compile(r":[0-9A-Fa-f]*:")
+_DOT_NUMBER = re.compile(r"\d\.\d")
+_KEYWORDS = ("key", "secret", "token", "passw", "pwd", "bearer")
+
+# (type, pattern, validator, group to replace, hint). A hint is a cheap test on (text, lower-cased
+# text, whether a number starts a token) that must hold for the pattern to match at all; it
+# skips most regex scans on ordinary text.
+PATTERNS: list[tuple] = [
+    ("SECRET", re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), None, 0, lambda t, lo, num: "AKIA" in t or "ASIA" in t),
+    ("SECRET", re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"), None, 0, lambda t, lo, num: "sk-" in t),
+    ("SECRET", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b"), None, 0,
+     lambda t, lo, num: "_" in t),
+    ("SECRET", re.compile(r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"), None, 0, lambda t, lo, num: "xox" in t),
     # A long hex/base64 value right after a key word: "api_key=...", "token: ...", "password is ..."
     ("SECRET", re.compile(rf"(?i)\b{_KEYWORD}\b[\"']?\s*(?:[:=]|is|was)?\s*[\"']?([A-Za-z0-9+/_\-]{{16,}}={{0,2}})"),
-     lambda m: bool(re.search(r"\d", m.group(1)) and re.search(r"[A-Za-z]", m.group(1))), 1),
-    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None, 0),
+     lambda m: bool(re.search(r"\d", m.group(1)) and re.search(r"[A-Za-z]", m.group(1))), 1,
+     lambda t, lo, num: any(k in lo for k in _KEYWORDS)),
+    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None, 0,
+     lambda t, lo, num: "@" in t),
     ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
-     lambda m: iban_ok(m.group()), 0),
-    ("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card, 0),
-    ("SSN", re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"), None, 0),
+     lambda m: iban_ok(m.group()), 0, lambda t, lo, num: _IBAN_START.search(t)),
+    ("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card, 0, lambda t, lo, num: num),
+    ("SSN", re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"), None, 0,
+     lambda t, lo, num: num and "-" in t),
     ("PHONE", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{2,4}(?:[ .\-]\d{2,4}){1,4}(?![\w\-])"
-                         r"|(?<![\w+])\+\d{8,15}\b"), _phone, 0),
+                         r"|(?<![\w+])\+\d{8,15}\b"), _phone, 0, lambda t, lo, num: num),
     ("IP_ADDRESS", re.compile(r"(?<![\w.:])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"
-                              r"|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip, 0),
+                              r"|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ip, 0,
+     lambda t, lo, num: (":" in t and _COLONS.search(t)) or (num and "." in t and _DOT_NUMBER.search(t))),
 ]
 
 
@@ -98,8 +112,9 @@ def find_pii(text: str, types=TYPES) -> Counter:
 def redact(text: str, types=TYPES) -> tuple[str, Counter]:
     """The text with each finding replaced by ``<TYPE>``, and the count per type."""
     counts: Counter = Counter()
-    for kind, pattern, valid, group in PATTERNS:
-        if kind not in types:
+    lower, num = text.lower(), _NUMBER.search(text) is not None
+    for kind, pattern, valid, group, hint in PATTERNS:
+        if kind not in types or not hint(text, lower, num):
             continue
 
         def sub(m: re.Match, kind=kind, valid=valid, group=group) -> str:
