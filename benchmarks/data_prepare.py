@@ -1,7 +1,8 @@
 """Benchmark: `tuneforge data prepare` on synthetic short rows with near-duplicate removal.
 
-Prints rows/s, peak memory and how wall time grows with the row count; the baseline is
-linear growth (time ratio == row ratio). Each size runs in a fresh process so peak RSS
+Prints rows/s, peak memory, seconds per stage and how time grows with the row count; the
+baseline is linear growth (time ratio == row ratio). CPU time is printed beside wall time
+because on a shared machine wall time measures the neighbours too. Each size runs in a fresh process so peak RSS
 is that size's own.
 
     python benchmarks/data_prepare.py --sizes 100000 300000 1000000
@@ -58,15 +59,17 @@ def run_one(n: int) -> dict:
         with open(src, "w") as f:
             for row in synthetic_rows(n):
                 f.write(json.dumps(row) + "\n")
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         m = prepare(PrepareOptions(inputs=[str(src)]), Path(tmp) / "out")
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     stages = {s["name"]: s for s in m["stages"]}
-    return {"rows": n, "seconds": round(wall, 1), "rows_per_s": round(n / wall),
+    return {"rows": n, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "rows_per_s": round(n / wall),
+            "rows_per_cpu_s": round(n / cpu),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "near_dup_dropped": stages["near_dedup"]["dropped"].get("near duplicate", 0),
             "exact_dropped": stages["exact_dedup"]["dropped"].get("exact duplicate", 0),
-            "written": m["accounting"]["inputs"]["written"]}
+            "written": m["accounting"]["inputs"]["written"],
+            "stage_seconds": {s["name"]: s["info"]["seconds"] for s in m["stages"] if "seconds" in s.get("info", {})}}
 
 
 def main() -> None:
@@ -82,12 +85,16 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{n:>9,} rows: {r['seconds']:7.1f} s  {r['rows_per_s']:>7,} rows/s  peak RSS {r['peak_rss_mb']:,} MB  "
+        print(f"{n:>9,} rows: {r['seconds']:7.1f} s wall ({r['rows_per_s']:>6,} rows/s), {r['cpu_seconds']:.1f} s CPU "
+              f"({r['rows_per_cpu_s']:,} rows/CPU-s)  peak RSS {r['peak_rss_mb']:,} MB  "
               f"(exact dups {r['exact_dropped']:,}, near dups {r['near_dup_dropped']:,}, written {r['written']:,})",
+              flush=True)
+        print("           seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()),
               flush=True)
     base = results[0]
     for r in results[1:]:
-        print(f"{r['rows'] / base['rows']:.0f}x rows -> {r['seconds'] / base['seconds']:.2f}x time "
+        print(f"{r['rows'] / base['rows']:.0f}x rows -> {r['seconds'] / base['seconds']:.2f}x wall time, "
+              f"{r['cpu_seconds'] / base['cpu_seconds']:.2f}x CPU time "
               f"(linear baseline: {r['rows'] / base['rows']:.2f}x)")
 
 

@@ -33,7 +33,7 @@ _BLANKS = re.compile(r"\n\s*\n(\s*\n)+")
 
 
 def clean_text(s: str, opts: CleanOptions) -> str:
-    if opts.normalize != "none":
+    if opts.normalize != "none" and not s.isascii():  # ASCII is already in every normal form
         s = unicodedata.normalize(opts.normalize, s)
     if opts.control_chars:
         s = _CONTROL.sub("", s.replace("\r\n", "\n").replace("\r", "\n"))

@@ -52,14 +52,21 @@ def _mix(v: np.ndarray) -> np.ndarray:
     return v
 
 
+class _Ids(dict):
+    """word -> id, a new id for each new word (map() over __getitem__ stays in C for hits)."""
+
+    def __missing__(self, key: str) -> int:
+        self[key] = len(self)
+        return self[key]
+
+
 def shingles(texts: list[str], seed: int = 0, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Hashed word n-grams of every text, flat (uint32), and each text's shingle count."""
-    vocab: dict[str, int] = {"": 0}  # id 0 pads short texts
+    vocab = _Ids({"": 0})  # id 0 pads short texts
     ids: list[int] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for k, t in enumerate(texts):
-        words = _WORD.findall(t.casefold())
-        seq = [vocab.setdefault(w, len(vocab)) for w in words]
+        seq = list(map(vocab.__getitem__, _WORD.findall(t.casefold())))
         if len(seq) < n:
             seq += [0] * (n - len(seq))
         ids.extend(seq)

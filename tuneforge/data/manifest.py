@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,18 +49,12 @@ class Stage:
                 "changed": dict(self.changed), "examples": self.examples, **({"info": self.info} if self.info else {})}
 
 
-def run_stage(name: str, rows: list[dict], keep) -> tuple[list[dict], Stage]:
-    """Apply ``keep(row) -> (row | None, reason, detail)`` to every row, counting drops."""
-    stage = Stage(name, input=len(rows))
-    out = []
-    for row in rows:
-        new, reason, detail = keep(row)
-        if new is None:
-            stage.drop(reason, f"{row.get('_where', '?')}: {detail}")
-        else:
-            out.append(new)
-    stage.kept = len(out)
-    return out, stage.check()
+def timed(fn, *args):
+    """Run a stage function ``fn(*args) -> (rows, Stage)`` and record its wall time."""
+    t = time.perf_counter()
+    rows, stage = fn(*args)
+    stage.info["seconds"] = round(time.perf_counter() - t, 3)
+    return rows, stage
 
 
 def rows_sha256(rows: list[dict]) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,9 +23,10 @@ from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
 from tuneforge.data.formats import row_texts
 from tuneforge.data.load import DataError, LoadReport, load_rows
-from tuneforge.data.manifest import MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry
+from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry,
+                                     timed)
 from tuneforge.data.pii import PIIOptions, pii_rows
-from tuneforge.data.split import SplitOptions, leakage_stage, split_rows
+from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices
 from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
 from tuneforge.io import atomic_dir, sha256_file, write_json
 
@@ -146,19 +150,20 @@ class PrepareOptions(BaseModel):
 
 def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok) -> tuple[list[dict], list[Stage]]:
     stages = []
-    rows, st = clean_rows(rows, opts.clean)
+    rows, st = timed(clean_rows, rows, opts.clean)
     stages.append(st)
     if opts.pii.action != "off":
-        rows, st = pii_rows(rows, opts.pii)
+        rows, st = timed(pii_rows, rows, opts.pii)
         stages.append(st)
     if opts.dedup.exact:
-        rows, st = exact_dedup(rows)
+        rows, st = timed(exact_dedup, rows)
         stages.append(st)
     if opts.dedup.near and len(rows) > 1:
-        rows, st = near_dedup(rows, opts.dedup)
+        rows, st = timed(near_dedup, rows, opts.dedup)
         stages.append(st)
     if tok is not None and rows:
-        rows, st = overlength_stage(rows, token_lengths(tok, rows), opts.max_length, opts.overlength, opts.min_tokens)
+        rows, st = timed(lambda r: overlength_stage(r, token_lengths(tok, r), opts.max_length, opts.overlength,
+                                                    opts.min_tokens), rows)
         stages.append(st)
     for st in stages:
         st.info["pool"] = pool
@@ -166,6 +171,7 @@ def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok) -> tuple[lis
 
 
 def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict], LoadReport, Stage]:
+    t = time.perf_counter()
     rows, rep = load_rows(specs, opts.format, opts.columns, strict=opts.strict, text_unit=opts.text_unit)
     if opts.task != "auto" and rep.kind != opts.task:
         raise DataError(f"{pool}: --task {opts.task} but the rows are {rep.kind} rows ({rep.format_reason}); "
@@ -173,12 +179,31 @@ def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict]
     for r in rows:
         r["_synthetic"] = rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
     stage = Stage("load", input=rep.read, kept=rep.kept, dropped=Counter(rep.dropped), examples=rep.examples,
-                  info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason})
+                  info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason,
+                        "seconds": round(time.perf_counter() - t, 3)})
     return rows, rep, stage.check()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Rows are acyclic dicts freed by reference counting; the cyclic collector would only
+    rescan millions of them again and again (time growing faster than the row count)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     """Run the whole preparation and write ``out_dir``; returns the manifest."""
+    with _no_cyclic_gc():
+        return _prepare(opts, Path(out_dir), console)
+
+
+def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     say = console.print if console else (lambda *a, **k: None)
     tok = None
     if opts.tokenizer:
@@ -206,16 +231,23 @@ def prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     split_opts = opts.split.model_copy(update={name: 0 for name in ("validation", "test") if pools[name]})
     if not rows["inputs"]:
         raise DataError("no rows left after filtering; see the stage counts with --strict off")
+    # Prompt signatures are computed once: the split groups alike prompts with them and the
+    # leakage check compares test prompts to train prompts with the same numbers.
+    t = time.perf_counter()
+    sig = prompt_signatures(rows["inputs"], opts.split.seed)
     try:
-        parts, st = split_rows(rows["inputs"], split_opts)
+        idx, st = split_indices(rows["inputs"], split_opts, sig)
     except ValueError as e:
         raise DataError(str(e)) from None
+    st.info["seconds"] = round(time.perf_counter() - t, 3)
     st.info["pool"] = "inputs"
     stages.append(st)
+    parts = {name: [rows["inputs"][k] for k in idx[name]] for name in SPLITS}
     for name in ("validation", "test"):
         if pools[name]:
             parts[name] = rows[name]
-    parts["test"], st = leakage_stage(parts["train"], parts["test"], opts.split)
+    both = None if pools["test"] else np.concatenate([sig[idx["train"]], sig[idx["test"]]])
+    parts["test"], st = timed(leakage_stage, parts["train"], parts["test"], opts.split, both)
     st.info["pool"] = "test" if pools["test"] else "inputs"
     stages.append(st)
     accounting = _accounting(stages, parts, pools)

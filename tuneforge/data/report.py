@@ -46,10 +46,11 @@ def render_report(m: dict) -> str:
     if m["skipped_files"]:
         out += ["", "Skipped files:", "", *(f"- `{f}`: {why}" for f, why in m["skipped_files"].items())]
     out += ["", "## What each stage did", "", "Every stage: input = kept + dropped (asserted).", ""]
-    out += _table(["pool", "stage", "input", "kept", "dropped", "changed"],
+    out += _table(["pool", "stage", "input", "kept", "dropped", "changed", "seconds"],
                   [[s.get("info", {}).get("pool", ""), s["name"], s["input"], s["kept"],
                     "; ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-",
-                    "; ".join(f"{k}: {v}" for k, v in s["changed"].items()) or "-"] for s in m["stages"]])
+                    "; ".join(f"{k}: {v}" for k, v in s["changed"].items()) or "-",
+                    s.get("info", {}).get("seconds", "-")] for s in m["stages"]])
     for pool, a in m["accounting"].items():
         out += ["", f"**{pool}**: {a['read']} read = {a['written']} written + {sum(a['dropped'].values())} dropped."]
     found = [s for s in m["stages"] if s["name"] == "pii" and s.get("info", {}).get("found")]

@@ -33,13 +33,17 @@ class SplitOptions(BaseModel):
     leakage_threshold: float = Field(0.8, gt=0, le=1)
 
 
-def prompt_groups(rows: list[dict], threshold: float, seed: int = 0) -> np.ndarray:
+def prompt_signatures(rows: list[dict], seed: int = 0) -> np.ndarray:
+    return signatures([prompt_text(r) for r in rows], seed=seed)
+
+
+def prompt_groups(rows: list[dict], threshold: float, seed: int = 0, sig: np.ndarray | None = None) -> np.ndarray:
     """Group label per row: rows with equal or near-equal prompts share a label."""
     n = len(rows)
-    prompts = [prompt_text(r) for r in rows]
     first: dict[bytes, int] = {}
-    exact = np.array([first.setdefault(text_key(p), k) for k, p in enumerate(prompts)], dtype=np.int64)
-    i, j, _ = similar_pairs(signatures(prompts, seed=seed), threshold) if n > 1 else (np.empty(0, int),) * 3
+    exact = np.array([first.setdefault(text_key(prompt_text(r)), k) for k, r in enumerate(rows)], dtype=np.int64)
+    sig = prompt_signatures(rows, seed) if sig is None else sig
+    i, j, _ = similar_pairs(sig, threshold) if n > 1 else (np.empty(0, int),) * 3
     idx = np.arange(n)
     return components(n, np.concatenate([i, idx]), np.concatenate([j, exact]))
 
@@ -56,6 +60,14 @@ def _targets(size: float, n_total: int, strata: dict[str, int]) -> dict[str, int
 
 
 def split_rows(rows: list[dict], opts: SplitOptions) -> tuple[dict[str, list[dict]], Stage]:
+    parts, stage = split_indices(rows, opts)
+    return {name: [rows[k] for k in idx] for name, idx in parts.items()}, stage
+
+
+def split_indices(rows: list[dict], opts: SplitOptions, sig: np.ndarray | None = None
+                  ) -> tuple[dict[str, list[int]], Stage]:
+    """Row indices of each split (sorted). ``sig``: the rows' prompt signatures, when the
+    caller has them (the leakage check reuses them)."""
     n = len(rows)
     for name in ("validation", "test"):
         size = getattr(opts, name)
@@ -66,7 +78,7 @@ def split_rows(rows: list[dict], opts: SplitOptions) -> tuple[dict[str, list[dic
         raise ValueError(f"fixed split sizes validation={opts.validation:g} test={opts.test:g} leave no "
                          f"training rows out of {n}")
     stratify = opts.stratify == "yes" or (opts.stratify == "auto" and rows and "label" in rows[0])
-    labels = prompt_groups(rows, opts.group_threshold, opts.seed)
+    labels = prompt_groups(rows, opts.group_threshold, opts.seed, sig)
     groups: dict[int, list[int]] = defaultdict(list)
     for k, g in enumerate(labels.tolist()):
         groups[g].append(k)
@@ -87,35 +99,38 @@ def split_rows(rows: list[dict], opts: SplitOptions) -> tuple[dict[str, list[dic
             parts[dest].extend(groups[g])
             if dest != "train":
                 got[dest] += len(groups[g])
-    out = {name: [rows[k] for k in sorted(idx)] for name, idx in parts.items()}
+    out = {name: sorted(idx) for name, idx in parts.items()}
     stage = Stage("split", input=n, kept=n, info={
         "stratified": bool(stratify), "groups": len(groups), "rows_in_multi_row_groups":
             sum(len(m) for m in groups.values() if len(m) > 1), **{name: len(v) for name, v in out.items()}})
     return out, stage.check()
 
 
-def find_leaks(train: list[dict], test: list[dict], threshold: float, seed: int = 0) -> dict[int, tuple[int, float]]:
+def find_leaks(train: list[dict], test: list[dict], threshold: float, seed: int = 0,
+               sig: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
     """Test row index -> (train row index, similarity) for test prompts that equal or nearly
-    equal a train prompt (similarity 1.0 for an exact match up to case and spacing)."""
+    equal a train prompt (similarity 1.0 for an exact match up to case and spacing).
+    ``sig``: prompt signatures of train + test rows in that order, when already computed."""
     if not train or not test:
         return {}
     tr = [prompt_text(r) for r in train]
     te = [prompt_text(r) for r in test]
     seen = {text_key(p): k for k, p in enumerate(tr)}
     leaks = {k: (seen[text_key(p)], 1.0) for k, p in enumerate(te) if text_key(p) in seen}
-    i, j, est = similar_pairs(signatures(tr + te, seed=seed), threshold)
+    i, j, est = similar_pairs(signatures(tr + te, seed=seed) if sig is None else sig, threshold)
     cross = (i < len(tr)) & (j >= len(tr))  # i < j, so a cross pair has the train row first
     for a, b, e in zip(i[cross].tolist(), j[cross].tolist(), est[cross].tolist()):
         leaks.setdefault(b - len(tr), (a, e))
     return leaks
 
 
-def leakage_stage(train: list[dict], test: list[dict], opts: SplitOptions) -> tuple[list[dict], Stage]:
+def leakage_stage(train: list[dict], test: list[dict], opts: SplitOptions,
+                  sig: np.ndarray | None = None) -> tuple[list[dict], Stage]:
     stage = Stage("leakage", input=len(test), info={"action": opts.leakage, "threshold": opts.leakage_threshold})
     if opts.leakage == "off":
         stage.kept = len(test)
         return test, stage.check()
-    leaks = find_leaks(train, test, opts.leakage_threshold, opts.seed)
+    leaks = find_leaks(train, test, opts.leakage_threshold, opts.seed, sig)
     out = []
     for k, row in enumerate(test):
         if k in leaks:
