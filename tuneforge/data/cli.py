@@ -107,9 +107,13 @@ def cmd_inspect(args) -> int:
 
 def cmd_generate(args) -> int:
     from tuneforge.data.builtin import generate
+    from tuneforge.data.load import DataError
     from tuneforge.io import atomic_write_text
 
-    rows = list(generate(args.task, n=args.n, seed=args.seed))
+    try:
+        rows = list(generate(args.task, n=args.n, seed=args.seed))
+    except ValueError as e:
+        raise DataError(str(e)) from None
     atomic_write_text(Path(args.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} synthetic {args.task} rows to {args.output}")
     return 0

@@ -230,7 +230,8 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     # --- split and leakage --------------------------------------------------------------
     split_opts = opts.split.model_copy(update={name: 0 for name in ("validation", "test") if pools[name]})
     if not rows["inputs"]:
-        raise DataError("no rows left after filtering; see the stage counts with --strict off")
+        drops = "; ".join(f"{s.name}: {dict(s.dropped)}" for s in stages if s.dropped)
+        raise DataError(f"every input row was dropped ({drops})")
     # Prompt signatures are computed once: the split groups alike prompts with them and the
     # leakage check compares test prompts to train prompts with the same numbers.
     t = time.perf_counter()
