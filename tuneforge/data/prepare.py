@@ -148,7 +148,10 @@ class PrepareOptions(BaseModel):
     augment: int = Field(0, ge=0, description="template paraphrases added per train row (sft only), marked synthetic")
 
 
-def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok) -> tuple[list[dict], list[Stage]]:
+def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok, known: dict[str, int]
+            ) -> tuple[list[dict], list[Stage]]:
+    """Clean, redact, de-duplicate and length-filter one pool. ``known`` collects each row's
+    token count (by ``_where``) so the report does not tokenize the rows a second time."""
     stages = []
     rows, st = timed(clean_rows, rows, opts.clean)
     stages.append(st)
@@ -162,8 +165,11 @@ def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok) -> tuple[lis
         rows, st = timed(near_dedup, rows, opts.dedup)
         stages.append(st)
     if tok is not None and rows:
-        rows, st = timed(lambda r: overlength_stage(r, token_lengths(tok, r), opts.max_length, opts.overlength,
-                                                    opts.min_tokens), rows)
+        t = time.perf_counter()
+        lengths = token_lengths(tok, rows)
+        known.update(zip((r["_where"] for r in rows), lengths.tolist()))
+        rows, st = overlength_stage(rows, lengths, opts.max_length, opts.overlength, opts.min_tokens)
+        st.info["seconds"] = round(time.perf_counter() - t, 3)
         stages.append(st)
     for st in stages:
         st.info["pool"] = pool
@@ -214,13 +220,13 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     # --- load and filter each pool (the inputs, and any held-out files) -----------------
     pools: dict[str, list[str]] = {"inputs": opts.inputs, "validation": opts.validation_inputs,
                                    "test": opts.test_inputs}
-    rows, stages, reports, kinds = {}, [], {}, set()
+    rows, stages, reports, kinds, known = {}, [], {}, set(), {}
     for pool, specs in pools.items():
         if not specs:
             continue
         loaded, reports[pool], st = _load(specs, opts, pool)
         kinds.add(reports[pool].kind)
-        rows[pool], more = _filter(loaded, opts, pool, tok)
+        rows[pool], more = _filter(loaded, opts, pool, tok, known)
         stages += [st, *more]
         say(f"{pool}: {st.input} read -> {len(rows[pool])} kept after filters")
     if len(kinds) > 1:
@@ -263,8 +269,7 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
         raise DataError("no training rows left after the split")
 
     # --- report and write ---------------------------------------------------------------
-    lengths = {name: token_lengths(tok, part) if tok is not None else
-               np.asarray([sum(map(len, row_texts(r))) for r in part], dtype=np.int64) for name, part in parts.items()}
+    lengths = {name: _lengths(part, tok, known) for name, part in parts.items()}
     manifest = {
         "tuneforge_version": __import__("tuneforge").__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -284,6 +289,17 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     manifest["synthetic"] = any(s["synthetic_rows"] for s in manifest["splits"].values())
     write_prepared(out_dir, parts, manifest, lengths)
     return manifest
+
+
+def _lengths(rows: list[dict], tok, known: dict[str, int]) -> np.ndarray:
+    """Token counts (characters without a tokenizer); only rows not measured yet
+    (augmented ones) are tokenized here."""
+    if tok is None:
+        return np.asarray([sum(map(len, row_texts(r))) for r in rows], dtype=np.int64)
+    new = [r for r in rows if r["_where"] not in known]
+    if new:
+        known.update(zip((r["_where"] for r in new), token_lengths(tok, new).tolist()))
+    return np.asarray([known[r["_where"]] for r in rows], dtype=np.int64)
 
 
 def _accounting(stages: list[Stage], parts: dict, pools: dict) -> dict:

@@ -14,8 +14,10 @@ def plot_lengths(lengths: dict[str, np.ndarray], unit: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    top = max((int(v.max()) for v in lengths.values() if len(v)), default=1)
-    bins = np.linspace(0, max(top, 1), 41)
+    filled = [v for v in lengths.values() if len(v)]
+    low = min((int(v.min()) for v in filled), default=0)
+    top = max((int(v.max()) for v in filled), default=1)
+    bins = np.linspace(low, max(top, low + 1), 41)
     for name, v in lengths.items():
         if len(v):
             ax.hist(v, bins=bins, alpha=0.6, label=f"{name} ({len(v)})")
