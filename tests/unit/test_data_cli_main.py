@@ -16,6 +16,10 @@ def test_bad_inputs_give_one_clear_error(tmp_path, capsys):
     assert "the data is empty" in capsys.readouterr().err
     assert main(["data", "prepare", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["data", "prepare", str(latin), "--near-threshold", "1.5", "-o", str(tmp_path / "out")]) == 2
+    assert "threshold: Input should be less than or equal to 1" in capsys.readouterr().err
+    assert main(["data", "prepare", str(latin), "--column", "prompt", "-o", str(tmp_path / "out")]) == 2
+    assert "use FIELD=COLUMN" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

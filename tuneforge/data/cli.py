@@ -19,7 +19,9 @@ def _columns(items: list[str]) -> dict[str, str]:
     for item in items:
         field, sep, column = item.partition("=")
         if not sep or not field or not column:
-            raise SystemExit(f"--column {item!r}: use FIELD=COLUMN, e.g. --column prompt=question")
+            from tuneforge.data.load import DataError
+
+            raise DataError(f"--column {item!r}: use FIELD=COLUMN, e.g. --column prompt=question")
         out[field] = column
     return out
 
@@ -49,12 +51,13 @@ def options_from_args(args):
 def cmd_prepare(args) -> int:
     from pydantic import ValidationError
 
+    from tuneforge.data.load import DataError
     from tuneforge.data.prepare import prepare
 
     try:
         opts = options_from_args(args)
     except ValidationError as e:
-        raise SystemExit("error: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        raise DataError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     console = _console()
     m = prepare(opts, Path(args.output), console)
     _print_summary(m, console)
