@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the embedded default models and where they are cached")
     m.add_argument("--prepare", action="store_true", help="convert installed embedded models now")
     m.set_defaults(fn=cmd_models)
+
+    from tuneforge.data.cli import add_data_parser
+
+    add_data_parser(sub)
     return p
 
 

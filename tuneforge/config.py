@@ -41,7 +41,8 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     train: list[str] = Field(
-        ..., description="files (jsonl/json/csv/tsv), or builtin:TASK[?n=N&seed=S]"
+        ..., description="files (jsonl/json/csv/tsv/parquet/txt), folders, builtin:TASK[?n=N&seed=S], "
+        "or one folder written by `tuneforge data prepare` (its train/validation/test splits are used)"
     )
     validation: list[str] = []
     test: list[str] = []

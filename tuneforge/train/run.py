@@ -43,8 +43,8 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError([f"model.name: {e}"]) from None
     problems += METHODS[cfg.method.name].check(cfg.method, names)
     for spec in [*cfg.data.train, *cfg.data.validation, *cfg.data.test]:
-        if not spec.startswith("builtin:") and not Path(spec).is_file():
-            problems.append(f"data: file '{spec}' does not exist (working directory: {Path.cwd()})")
+        if not spec.startswith("builtin:") and not Path(spec).exists():
+            problems.append(f"data: '{spec}' does not exist (working directory: {Path.cwd()})")
     if problems:
         raise ConfigError(problems)
 
@@ -244,7 +244,7 @@ def print_before_after(results: dict, console: Console) -> None:
 
 
 def report_data(run_dir: Path, splits, enc: dict, console: Console) -> None:
-    report = {"manifest_sha256": splits.manifest_hash(),
+    report = {"manifest_sha256": splits.manifest_hash(), "prepared": splits.prepared,
               "rows": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
               "load": {k: v.as_dict() for k, v in splits.reports.items()},
               "render": {k: {"kept": len(e.rows), "dropped": dict(e.dropped), "truncated": e.truncated,
