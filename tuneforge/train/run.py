@@ -86,8 +86,11 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- model -------------------------------------------------------------------------
     model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, dtype), device,
-                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code)
+                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
+                           method.quantization_config(cfg.method, dtype))
     fix_chat_tokenizer(tok, model)
+    if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, cfg.method)
     n_train, n_total = count_trainable(model)
     console.print(f"[bold]{cfg.method.name}[/]: {n_train:,} trainable of {n_total:,} parameters "
@@ -144,6 +147,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     with progress, open(metrics_path, "a") as mlog:
         bar = progress.add_task("train", total=steps, completed=pos.step, info="")
         while pos.step < steps:
+            method.on_step(model, pos.step)
             # Interrupt safety: weights only change at optimizer.step(), so the state at the
             # start of the window (position + RNG) is a consistent point to resume from.
             window_start = ckpt.Position(**vars(pos))
