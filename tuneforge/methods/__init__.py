@@ -48,6 +48,11 @@ class Method:
         """Base model + what this method saved in ``run_dir`` -> a model ready for inference."""
         raise NotImplementedError
 
+    def merge(self, model):
+        """The loaded tuned model folded into a plain transformers model (for export)."""
+        raise ValueError(f"method '{self.name}' adds computation that cannot be folded into the base weights: "
+                         f"serve the run folder (base + adapter) or export without --merge")
+
 
 class PeftMethod(Method):
     """A method that wraps the base with peft: saves/loads a standard peft adapter folder."""
@@ -62,6 +67,9 @@ class PeftMethod(Method):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_model, str(run_dir / "adapter"))
+
+    def merge(self, model):
+        return model.merge_and_unload()
 
 
 def check_target_modules(targets, module_names: list[str], key: str = "method.target_modules") -> list[str]:

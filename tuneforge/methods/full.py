@@ -113,6 +113,9 @@ class Full(Method):
         p = next(base_model.parameters())
         return AutoModelForCausalLM.from_pretrained(run_dir / "adapter", dtype=p.dtype).to(p.device)
 
+    def merge(self, model):
+        return model  # already a plain model
+
 
 def freeze_selection(opts: FreezeOptions, module_names: list[str]) -> list[str]:
     """Names of the modules whose parameters train."""
@@ -150,3 +153,6 @@ class Freeze(Method):
 
     def load(self, base_model, run_dir: Path):
         return load_trained(base_model, run_dir / "adapter")
+
+    def merge(self, model):
+        return model  # the trained tensors are the model's own

@@ -104,6 +104,9 @@ class HFT(Method):
     def load(self, base_model, run_dir: Path):
         return load_trained(base_model, run_dir / "adapter")
 
+    def merge(self, model):
+        return model  # the trained tensors are the model's own
+
 
 def _drop_grad_unless_active(state: HftState, name: str):
     def hook(p: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import PeftMethod, register_method
+from tuneforge.methods import Method, PeftMethod, register_method
 
 
 class PromptOptions(Strict):
@@ -51,6 +51,8 @@ class PromptLearning(PeftMethod):
         from peft import get_peft_model
 
         return get_peft_model(model, self.peft_config(model, opts))
+
+    merge = Method.merge  # virtual tokens are inputs, not weights: nothing to fold
 
 
 @register_method
