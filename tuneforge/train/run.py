@@ -27,6 +27,7 @@ from tuneforge.methods import METHODS, count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer, meta_module_names
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.objectives import OBJECTIVES
+from tuneforge.plan import ensure_fits
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.hardware import environment, peak_rss_mb, pick_device, pick_dtype
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
@@ -58,7 +59,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None, force: bool = False) -> Path:
     console = console or Console()
     t_start = time.perf_counter()
 
@@ -68,6 +69,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
+    if not force:  # the estimate of `tuneforge plan`: refuse, with the fix, a run that cannot fit
+        ensure_fits(cfg, device)
     write_json(run_dir / "environment.json", environment(device, dtype))
     method, objective = METHODS[cfg.method.name], OBJECTIVES[cfg.objective.name]
     random.seed(cfg.train.seed)
