@@ -30,12 +30,12 @@ def cmd_train(args) -> int:
             raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml)")
         overrides = ([args.config] if args.config and "=" in args.config else []) + args.overrides
         cfg = load_run_config(run_dir, overrides)
-        train(cfg, resume=run_dir, console=_console())
+        train(cfg, resume=run_dir, console=_console(), force=args.force)
         return 0
     if not args.config:
         raise SystemExit("tuneforge train: give a CONFIG file (see examples/), or --resume RUN_DIR")
     cfg = load_config(args.config, args.overrides)
-    train(cfg, console=_console())
+    train(cfg, console=_console(), force=args.force)
     return 0
 
 
@@ -47,6 +47,31 @@ def cmd_check(args) -> int:
     preflight(cfg)
     print(to_yaml(cfg), end="")
     _console().print("[green]config OK[/]")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.plan import print_plan
+
+    print_plan(load_config(args.config, args.overrides), _console())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tuneforge.deploy.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge, dtype=args.dtype)
+    _console().print(f"[green]exported[/] {out}")
+    return 0
+
+
+def cmd_merge_adapters(args) -> int:
+    from tuneforge.methods.merge import merge_adapters
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
+    out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
+    _console().print(f"[green]merged[/] {len(args.runs)} adapters ({args.how}) into {out}")
     return 0
 
 
@@ -130,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML run config (see examples/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 data.packing=true")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--force", action="store_true", help="train even if `tuneforge plan` says it will not fit")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("check", help="validate a config (and its model's module names) without training")
@@ -147,6 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--max-new-tokens", type=int, default=128)
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         g.set_defaults(fn=fn)
+
+    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.set_defaults(fn=cmd_plan)
+
+    e = sub.add_parser("export", help="write a run as a plain Hugging Face model folder")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.set_defaults(fn=cmd_export)
+
+    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one peft adapter folder")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ma.add_argument("--weights", help="comma-separated, one per run (default: equal)")
+    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
+    ma.add_argument("--density", type=float, default=0.5, help="share of each task vector kept (ties/dare)")
+    ma.add_argument("--out", required=True)
+    ma.set_defaults(fn=cmd_merge_adapters)
 
     m = sub.add_parser("models", help="list the embedded default models and where they are cached")
     m.add_argument("--prepare", action="store_true", help="convert installed embedded models now")

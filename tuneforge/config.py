@@ -87,6 +87,8 @@ class TrainConfig(Strict):
     eval_every: int = Field(50, ge=0, description="validation loss every N optimizer steps (0: only at the end)")
     save_every: int = Field(100, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: much less activation memory, ~30% more time")
     logits_at_trained_only: bool = Field(
         True,
         description="compute vocabulary logits only where the loss is taken (same loss, less time and memory)",
@@ -184,7 +186,8 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()) -> list[str]:
+def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = (), owners=None) -> list[str]:
+    """One line per problem. ``owners(key)`` names the plug-ins that do take an unknown key."""
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -195,6 +198,10 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
             hint = f"did you mean '{'.'.join(str(p) for p in prefix + loc[:-1] + (close,))}'?" if close else (
                 f"valid keys here: {', '.join(owner.model_fields)}"
             )
+            takers = owners(str(loc[-1])) if owners and len(loc) == 1 else []
+            if takers:
+                name = cls.model_fields["name"].default
+                hint = f"method '{name}' has no option '{loc[-1]}'; it is an option of: {', '.join(takers)}"
             problems.append(f"unknown key '{where}': {hint}")
         elif e["type"] == "missing":
             problems.append(f"'{where}' is required")
@@ -205,7 +212,7 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
 
 def validate_config(raw: dict, source: str | None = None) -> RunConfig:
     """Validate a raw dict; raise one ConfigError listing every problem."""
-    from tuneforge.methods import METHODS
+    from tuneforge.methods import METHODS, methods_taking
     from tuneforge.objectives import OBJECTIVES
 
     problems: list[str] = []
@@ -235,7 +242,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         try:
             plugged[section] = opts_cls.model_validate(value)
         except ValidationError as err:
-            problems += format_errors(err, opts_cls, prefix=(section,))
+            problems += format_errors(err, opts_cls, prefix=(section,),
+                                      owners=methods_taking if section == "method" else None)
 
     if problems:
         raise ConfigError(problems, source)

@@ -27,6 +27,7 @@ from tuneforge.methods import METHODS, count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer, meta_module_names
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.objectives import OBJECTIVES
+from tuneforge.plan import ensure_fits
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.hardware import environment, peak_rss_mb, pick_device, pick_dtype
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
@@ -58,7 +59,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None, force: bool = False) -> Path:
     console = console or Console()
     t_start = time.perf_counter()
 
@@ -68,6 +69,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
+    if not force:  # the estimate of `tuneforge plan`: refuse, with the fix, a run that cannot fit
+        ensure_fits(cfg, device)
     write_json(run_dir / "environment.json", environment(device, dtype))
     method, objective = METHODS[cfg.method.name], OBJECTIVES[cfg.objective.name]
     random.seed(cfg.train.seed)
@@ -86,8 +89,11 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- model -------------------------------------------------------------------------
     model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, dtype), device,
-                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code)
+                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
+                           method.quantization_config(cfg.method, dtype))
     fix_chat_tokenizer(tok, model)
+    if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, cfg.method)
     n_train, n_total = count_trainable(model)
     console.print(f"[bold]{cfg.method.name}[/]: {n_train:,} trainable of {n_total:,} parameters "
@@ -145,6 +151,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     with progress, open(metrics_path, "a") as mlog:
         bar = progress.add_task("train", total=steps, completed=pos.step, info="")
         while pos.step < steps:
+            method.on_step(model, pos.step)
             # Interrupt safety: weights only change at optimizer.step(), so the state at the
             # start of the window (position + RNG) is a consistent point to resume from.
             window_start = ckpt.Position(**vars(pos))
