@@ -341,6 +341,8 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
                 reason, detail = _reason_key(e.field, e.reason), f"{rec.where}: field '{e.field}': {e.reason}"
             else:
                 row["_where"] = rec.where
+                if rec.data.get("_synthetic") is True:  # written by `tuneforge data generate`
+                    row["_synthetic"] = True
                 rows.append(row)
                 src["kept"] += 1
                 continue

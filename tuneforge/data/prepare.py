@@ -184,7 +184,7 @@ def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict]
         raise DataError(f"{pool}: --task {opts.task} but the rows are {rep.kind} rows ({rep.format_reason}); "
                         f"set --format or map columns with --column FIELD=COLUMN")
     for r in rows:
-        r["_synthetic"] = rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
+        r["_synthetic"] = r.get("_synthetic", False) or rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
     stage = Stage("load", input=rep.read, kept=rep.kept, dropped=Counter(rep.dropped), examples=rep.examples,
                   info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason,
                         "seconds": round(time.perf_counter() - t, 3),
