@@ -69,7 +69,8 @@ def run_one(n: int) -> dict:
             "near_dup_dropped": stages["near_dedup"]["dropped"].get("near duplicate", 0),
             "exact_dropped": stages["exact_dedup"]["dropped"].get("exact duplicate", 0),
             "written": m["accounting"]["inputs"]["written"],
-            "stage_seconds": {s["name"]: s["info"]["seconds"] for s in m["stages"] if "seconds" in s.get("info", {})}}
+            "stage_cpu_seconds": {s["name"]: s["info"]["cpu_seconds"] for s in m["stages"]
+                                  if "cpu_seconds" in s.get("info", {})}}
 
 
 def main() -> None:
@@ -89,7 +90,7 @@ def main() -> None:
               f"({r['rows_per_cpu_s']:,} rows/CPU-s)  peak RSS {r['peak_rss_mb']:,} MB  "
               f"(exact dups {r['exact_dropped']:,}, near dups {r['near_dup_dropped']:,}, written {r['written']:,})",
               flush=True)
-        print("           seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()),
+        print("           CPU seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_cpu_seconds"].items()),
               flush=True)
     base = results[0]
     for r in results[1:]:

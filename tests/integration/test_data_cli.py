@@ -48,6 +48,7 @@ def test_generate_prepare_inspect_and_bad_input(tmp_path, bad_folder, tiny_model
     assert "not UTF-8" in m["skipped_files"][str(bad_folder / "latin.jsonl")]
     assert "skipped" in r.stdout and "image.png" in r.stdout
     assert (m["splits"]["validation"]["rows"], m["splits"]["test"]["rows"]) == (20, 20)
+    assert m["synthetic"] and 150 < sum(s["synthetic_rows"] for s in m["splits"].values()) <= 200
 
     i = tf("data", "inspect", out)
     assert i.returncode == 0 and f"{acc['read']} read = {acc['written']} written" in i.stdout, i.stderr

@@ -29,6 +29,10 @@ def test_generate_each_builtin_kind(tmp_path, capsys):
         out = tmp_path / f"{task}.jsonl"
         assert main(["data", "generate", task, "-n", "7", "-o", str(out)]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
-        assert len(rows) == 7 and set(rows[0]) == keys
+        assert len(rows) == 7 and set(rows[0]) == keys | {"_synthetic"}
+    from tuneforge.data.load import load_rows
+
+    rows, _ = load_rows([str(tmp_path / "orders.jsonl")])
+    assert all(r["_synthetic"] for r in rows)  # the mark survives a round trip through a file
     assert main(["data", "generate", "nope", "-n", "1", "-o", str(tmp_path / "x")]) == 2
     assert "unknown built-in task" in capsys.readouterr().err

@@ -94,6 +94,13 @@ def test_non_utf8_in_folder_is_skipped_with_reason(tmp_path):
     assert len(rows) == 1 and "not UTF-8" in rep.skipped[str(d / "latin.jsonl")]
 
 
+def test_unsupported_file_named_directly_is_a_clear_error(tmp_path):
+    p = tmp_path / "photo.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(DataError, match=r"photo.png: unsupported file type '.png'"):
+        load_rows([str(p)])
+
+
 def test_several_inputs_are_each_a_source(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": "c"}] * 2)
     rows, rep = load_rows([a, "builtin:orders?n=3"])

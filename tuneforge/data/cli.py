@@ -117,7 +117,9 @@ def cmd_generate(args) -> int:
         rows = list(generate(args.task, n=args.n, seed=args.seed))
     except ValueError as e:
         raise DataError(str(e)) from None
-    atomic_write_text(Path(args.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    # Rows say they are synthetic, so a later `prepare` of this file counts them as such.
+    atomic_write_text(Path(args.output), "".join(json.dumps({**r, "_synthetic": True}, ensure_ascii=False) + "\n"
+                                                 for r in rows))
     print(f"wrote {len(rows)} synthetic {args.task} rows to {args.output}")
     return 0
 

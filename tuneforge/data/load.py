@@ -244,7 +244,10 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
                     raise
                 skipped[str(f)] = str(e)
         return
-    if path.suffix.lower() == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(READERS))})")
+    if suffix == ".parquet":
         yield from _read_parquet(path)
         return
     raw = path.read_bytes()
@@ -255,7 +258,6 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
         raise DataError(
             f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#x} at offset {e.start}); re-encode the file as UTF-8"
         ) from None
-    suffix = path.suffix.lower()
     if not text.strip():
         # Said, not silently passed over: one empty file among several inputs is skipped and listed.
         if skipped is None:
@@ -268,10 +270,8 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
         yield from _read_json(path, text)
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
-    elif suffix in (".txt", ".md"):
-        yield from _read_text(path, text, text_unit)
     else:
-        raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(sorted(READERS))})")
+        yield from _read_text(path, text, text_unit)
 
 
 def _reason_key(field: str, reason: str) -> str:
@@ -341,6 +341,8 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
                 reason, detail = _reason_key(e.field, e.reason), f"{rec.where}: field '{e.field}': {e.reason}"
             else:
                 row["_where"] = rec.where
+                if rec.data.get("_synthetic") is True:  # written by `tuneforge data generate`
+                    row["_synthetic"] = True
                 rows.append(row)
                 src["kept"] += 1
                 continue

@@ -104,11 +104,6 @@ PATTERNS: list[tuple] = [
 ]
 
 
-def find_pii(text: str, types=TYPES) -> Counter:
-    """How many of each type the text holds (without changing it)."""
-    return redact(text, types)[1]
-
-
 def redact(text: str, types=TYPES) -> tuple[str, Counter]:
     """The text with each finding replaced by ``<TYPE>``, and the count per type."""
     counts: Counter = Counter()

@@ -165,11 +165,12 @@ def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok, known: dict[
         rows, st = timed(near_dedup, rows, opts.dedup)
         stages.append(st)
     if tok is not None and rows:
-        t = time.perf_counter()
-        lengths = token_lengths(tok, rows)
-        known.update(zip((r["_where"] for r in rows), lengths.tolist()))
-        rows, st = overlength_stage(rows, lengths, opts.max_length, opts.overlength, opts.min_tokens)
-        st.info["seconds"] = round(time.perf_counter() - t, 3)
+        def measure_and_filter(rows):
+            lengths = token_lengths(tok, rows)
+            known.update(zip((r["_where"] for r in rows), lengths.tolist()))
+            return overlength_stage(rows, lengths, opts.max_length, opts.overlength, opts.min_tokens)
+
+        rows, st = timed(measure_and_filter, rows)
         stages.append(st)
     for st in stages:
         st.info["pool"] = pool
@@ -177,16 +178,17 @@ def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok, known: dict[
 
 
 def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict], LoadReport, Stage]:
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     rows, rep = load_rows(specs, opts.format, opts.columns, strict=opts.strict, text_unit=opts.text_unit)
     if opts.task != "auto" and rep.kind != opts.task:
         raise DataError(f"{pool}: --task {opts.task} but the rows are {rep.kind} rows ({rep.format_reason}); "
                         f"set --format or map columns with --column FIELD=COLUMN")
     for r in rows:
-        r["_synthetic"] = rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
+        r["_synthetic"] = r.get("_synthetic", False) or rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
     stage = Stage("load", input=rep.read, kept=rep.kept, dropped=Counter(rep.dropped), examples=rep.examples,
                   info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason,
-                        "seconds": round(time.perf_counter() - t, 3)})
+                        "seconds": round(time.perf_counter() - t, 3),
+                        "cpu_seconds": round(time.process_time() - cpu, 3)})
     return rows, rep, stage.check()
 
 
@@ -240,13 +242,15 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
         raise DataError(f"every input row was dropped ({drops})")
     # Prompt signatures are computed once: the split groups alike prompts with them and the
     # leakage check compares test prompts to train prompts with the same numbers.
-    t = time.perf_counter()
-    sig = prompt_signatures(rows["inputs"], opts.split.seed)
+    def signatures_and_split(rows):
+        sig = prompt_signatures(rows, opts.split.seed)
+        idx, st = split_indices(rows, split_opts, sig)
+        return (idx, sig), st
+
     try:
-        idx, st = split_indices(rows["inputs"], split_opts, sig)
+        (idx, sig), st = timed(signatures_and_split, rows["inputs"])
     except ValueError as e:
         raise DataError(str(e)) from None
-    st.info["seconds"] = round(time.perf_counter() - t, 3)
     st.info["pool"] = "inputs"
     stages.append(st)
     parts = {name: [rows["inputs"][k] for k in idx[name]] for name in SPLITS}
