@@ -65,17 +65,19 @@ def _batch(vocab, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _train_steps(model, method, n_steps, weight_decay=0.1):
+def _train_steps(model, method, steps: range, opt=None):
+    """AdamW steps with weight decay on: decay must not move what does not train."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
+    opt = opt or torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     sft, hidden = OBJECTIVES["sft"], getattr(method, "supports_hidden_path", True)
     model.train()
-    for step in range(n_steps):
+    for step in steps:
         method.on_step(model, step)
         loss, n = sft.loss(model, _batch(model.config.vocab_size, step), sft.options(), hidden_path=hidden)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return opt
 
 
 def _snapshot(model):
@@ -99,7 +101,7 @@ def test_only_trainable_parameters_change_and_saved_method_reloads(case, request
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
     before = _snapshot(model)
-    _train_steps(model, method, 4)
+    _train_steps(model, method, range(4))
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == trainable, (sorted(changed ^ trainable)[:5])
@@ -134,24 +136,12 @@ def test_hft_trains_complementary_halves_and_frozen_half_stays_bit_identical(tin
     assert abs(len(r0) - len(candidates) / 2) <= len(groups)
     assert active_half(groups, 2, 0) != r0  # a fresh split for the next pair of rounds
     start = _snapshot(model)
-    _train_steps(model, method, 2)  # round 0, weight decay on
+    opt = _train_steps(model, method, range(0, 2))  # round 0
     mid = _snapshot(model)
     assert {n for n in start if not torch.equal(start[n], mid[n])} == r0
-    _train_steps_from(model, method, 2, 4)  # round 1
+    _train_steps(model, method, range(2, 4), opt)  # round 1: round 0's half has AdamW moments, and no grad
     end = _snapshot(model)
     assert {n for n in mid if not torch.equal(mid[n], end[n])} == r1
-
-
-def _train_steps_from(model, method, first, last):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    sft = OBJECTIVES["sft"]
-    for step in range(first, last):
-        method.on_step(model, step)
-        loss, n = sft.loss(model, _batch(model.config.vocab_size, step), sft.options(), hidden_path=True)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
 
 @needs_bnb

@@ -1,6 +1,7 @@
 """`tuneforge plan`: estimates from the config alone, checked against measured peaks, and
 `train` refusing a run that cannot fit (unless forced)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_checkpointing_and_4bit_shrink_the_estimate(small_dir):
 @pytest.mark.parametrize("raw", [{"name": "full"}, {"name": "lora", "r": 16}, {"name": "qlora", "r": 16}],
                          ids=["full", "lora", "qlora"])
 def test_estimate_within_25_percent_of_measured_peak(raw, small_dir):
-    if raw["name"] == "qlora" and __import__("importlib").util.find_spec("bitsandbytes") is None:
+    if raw["name"] == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
     code = ("import json,sys; from tuneforge.plan import measure_peak; "
             f"print(json.dumps(measure_peak({small_dir!r}, {raw!r}, 8, 128, 2, 'cpu')))")
