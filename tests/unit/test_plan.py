@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,8 +82,8 @@ def test_train_refuses_a_run_that_cannot_fit_and_names_the_fix(tiny_raw_cfg, mon
     with pytest.raises(ConfigError, match="--force") as e:
         train(cfg)
     assert "needs ~" in str(e.value) and "GB free" in str(e.value)
-    run_dir = train(cfg.model_copy(update={"run_name": "forced", "eval": cfg.eval.model_copy(
-        update={"metric": "none"})}), force=True)
+    assert not (Path(cfg.output_dir) / "tiny").exists()  # refused before creating the run folder
+    run_dir = train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metric": "none"})}), force=True)
     assert (run_dir / "adapter" / "config.json").exists()
 
 
