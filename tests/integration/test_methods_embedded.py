@@ -39,7 +39,7 @@ def test_method_trains_on_the_embedded_model(name, tmp_path):
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(tmp_path / "cfg.yaml")],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable of" in r.stdout
     summary = json.loads((tmp_path / name / "summary.json").read_text())
