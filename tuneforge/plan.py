@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge.train.hardware import DTYPES
 
 GB = 2**30
 FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and data
@@ -82,8 +81,8 @@ def weight_bytes(model, opts) -> int:
                    else p.numel() * p.element_size() for p in model.parameters()))
 
 
-def saved_activation_bytes(model, batch: int, seq: int, hidden_path: bool) -> int:
-    """Bytes autograd saves for backward in one forward pass (run on meta tensors).
+def saved_activation_bytes(model, batch: int, seq: int) -> int:
+    """Bytes autograd saves for backward in one forward pass of the transformer body (run on meta tensors).
     Parameters (and views of them) that autograd also saves are not activations."""
     from tuneforge.objectives.sft import body_and_head
 
@@ -99,9 +98,8 @@ def saved_activation_bytes(model, batch: int, seq: int, hidden_path: bool) -> in
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     # An explicit causal mask: the default mask builder inspects values (not possible on meta).
     mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device="meta").tril()
-    target = body_and_head(model)[0] if hidden_path else model
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        target(input_ids=ids, attention_mask=mask, use_cache=False)
+        body_and_head(model)[0](input_ids=ids, attention_mask=mask, use_cache=False)
     return sum(saved.values())
 
 
@@ -124,12 +122,12 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
 
     # Activations in the compute dtype (autocast's matmul outputs): dry-run a model in it.
     hidden_path = getattr(method, "supports_hidden_path", True)
-    act_model = model if base_dtype == compute_dtype else method.apply(meta_model(model_config, compute_dtype), opts)
     virtual = getattr(opts, "num_virtual_tokens", 0)
     if hidden_path:
-        body = saved_activation_bytes(act_model, batch, seq, True)
+        act_model = model if base_dtype == compute_dtype else method.apply(meta_model(model_config, compute_dtype), opts)
+        body = saved_activation_bytes(act_model, batch, seq)
     else:  # prompt methods: the frozen base over input + virtual tokens (their forward needs real masks)
-        body = saved_activation_bytes(meta_model(model_config, compute_dtype), batch, seq + virtual, True)
+        body = saved_activation_bytes(meta_model(model_config, compute_dtype), batch, seq + virtual)
     compute_bytes = torch.finfo(compute_dtype).bits // 8
     vocab, dim, layers = model_config.vocab_size, model_config.hidden_size, model_config.num_hidden_layers
     head = loss_bytes(batch * (seq + (0 if hidden_path else virtual)), vocab, compute_bytes)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from tuneforge.config import ConfigError, to_yaml, validate_config
@@ -33,7 +34,7 @@ def fake_run(root, model_dir, method_raw, seed=0):
 
 
 def tuned_logits(run, model_dir):
-    cfg = validate_config(__import__("yaml").safe_load((run / "config.yaml").read_text()))
+    cfg = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
     method = METHODS[cfg.method.name]
     model = method.load(load_causal_lm(model_dir, torch.float32, "cpu"), run).eval()
     with torch.no_grad():

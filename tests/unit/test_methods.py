@@ -65,17 +65,19 @@ def _batch(vocab, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _train_steps(model, method, n_steps, weight_decay=0.1):
+def _train_steps(model, method, steps: range, opt=None):
+    """AdamW steps with weight decay on: decay must not move what does not train."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
+    opt = opt or torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     sft, hidden = OBJECTIVES["sft"], getattr(method, "supports_hidden_path", True)
     model.train()
-    for step in range(n_steps):
+    for step in steps:
         method.on_step(model, step)
         loss, n = sft.loss(model, _batch(model.config.vocab_size, step), sft.options(), hidden_path=hidden)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return opt
 
 
 def _snapshot(model):
@@ -99,7 +101,7 @@ def test_only_trainable_parameters_change_and_saved_method_reloads(case, request
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
     before = _snapshot(model)
-    _train_steps(model, method, 4)
+    _train_steps(model, method, range(4))
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == trainable, (sorted(changed ^ trainable)[:5])
@@ -134,24 +136,12 @@ def test_hft_trains_complementary_halves_and_frozen_half_stays_bit_identical(tin
     assert abs(len(r0) - len(candidates) / 2) <= len(groups)
     assert active_half(groups, 2, 0) != r0  # a fresh split for the next pair of rounds
     start = _snapshot(model)
-    _train_steps(model, method, 2)  # round 0, weight decay on
+    opt = _train_steps(model, method, range(0, 2))  # round 0
     mid = _snapshot(model)
     assert {n for n in start if not torch.equal(start[n], mid[n])} == r0
-    _train_steps_from(model, method, 2, 4)  # round 1
+    _train_steps(model, method, range(2, 4), opt)  # round 1: round 0's half has AdamW moments, and no grad
     end = _snapshot(model)
     assert {n for n in mid if not torch.equal(mid[n], end[n])} == r1
-
-
-def _train_steps_from(model, method, first, last):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    sft = OBJECTIVES["sft"]
-    for step in range(first, last):
-        method.on_step(model, step)
-        loss, n = sft.loss(model, _batch(model.config.vocab_size, step), sft.options(), hidden_path=True)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
 
 @needs_bnb
@@ -223,3 +213,19 @@ def test_qlora_gradients_are_right_after_an_eval_pass(tiny64_dir):
 
     for a, b in zip(grads(False), grads(True)):
         assert torch.equal(a, b)
+
+
+def test_recipe_steps_hft_rounds_with_gradient_checkpointing(tiny_raw_cfg, tiny_model_dir):
+    """train/run.py calls Method.on_step each step and wires gradient checkpointing."""
+    from safetensors.torch import load_file
+
+    from tuneforge.train.run import train
+
+    raw = tiny_raw_cfg | {"method": {"name": "hft", "round_steps": 1}, "eval": {"metric": "none"}}
+    raw["train"] = raw["train"] | {"max_steps": 2, "gradient_checkpointing": True, "weight_decay": 0.1}
+    run_dir = train(validate_config(raw))
+    trained = load_file(str(run_dir / "adapter" / "trained.safetensors"))
+    base = dict(load_causal_lm(tiny_model_dir, torch.float32, "cpu").named_parameters())
+    # Two rounds = both halves: every block matrix moved; norms and embeddings are not saved.
+    assert trained and all(not torch.equal(t, base[n]) for n, t in trained.items())
+    assert not any("norm" in n or "embed" in n for n in trained)

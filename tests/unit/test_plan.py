@@ -1,9 +1,11 @@
 """`tuneforge plan`: estimates from the config alone, checked against measured peaks, and
 `train` refusing a run that cannot fit (unless forced)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +63,7 @@ def test_checkpointing_and_4bit_shrink_the_estimate(small_dir):
 @pytest.mark.parametrize("raw", [{"name": "full"}, {"name": "lora", "r": 16}, {"name": "qlora", "r": 16}],
                          ids=["full", "lora", "qlora"])
 def test_estimate_within_25_percent_of_measured_peak(raw, small_dir):
-    if raw["name"] == "qlora" and __import__("importlib").util.find_spec("bitsandbytes") is None:
+    if raw["name"] == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
     code = ("import json,sys; from tuneforge.plan import measure_peak; "
             f"print(json.dumps(measure_peak({small_dir!r}, {raw!r}, 8, 128, 2, 'cpu')))")
@@ -80,8 +82,8 @@ def test_train_refuses_a_run_that_cannot_fit_and_names_the_fix(tiny_raw_cfg, mon
     with pytest.raises(ConfigError, match="--force") as e:
         train(cfg)
     assert "needs ~" in str(e.value) and "GB free" in str(e.value)
-    run_dir = train(cfg.model_copy(update={"run_name": "forced", "eval": cfg.eval.model_copy(
-        update={"metric": "none"})}), force=True)
+    assert not (Path(cfg.output_dir) / "tiny").exists()  # refused before creating the run folder
+    run_dir = train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metric": "none"})}), force=True)
     assert (run_dir / "adapter" / "config.json").exists()
 
 

@@ -65,12 +65,12 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- setup -------------------------------------------------------------------------
     preflight(cfg)
-    run_dir = resume or new_run_dir(cfg)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
     if not force:  # the estimate of `tuneforge plan`: refuse, with the fix, a run that cannot fit
         ensure_fits(cfg, device)
+    run_dir = resume or new_run_dir(cfg)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     write_json(run_dir / "environment.json", environment(device, dtype))
     method, objective = METHODS[cfg.method.name], OBJECTIVES[cfg.objective.name]
     random.seed(cfg.train.seed)
