@@ -141,9 +141,9 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
     retriever = RETRIEVERS[opts.retriever]([query_text(c) for c in train_convs])
     index_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rag = rag_convs(convs, [c[1:] if c[0]["role"] == "system" else c for c in train_convs], retriever, opts.k)
+    rag = rag_convs(convs, train_convs, retriever, opts.k)
     retrieve_per_request = (time.perf_counter() - t0) / len(convs)
-    shots = draw_shots([c[1:] if c[0]["role"] == "system" else c for c in train_convs], opts.k, opts.seed)
+    shots = draw_shots(train_convs, opts.k, opts.seed)
 
     # --- strategies ----------------------------------------------------------------------
     plan = [("zero-shot", False, convs, 0.0), ("few-shot", False, [with_examples(c, shots) for c in convs], 0.0),
