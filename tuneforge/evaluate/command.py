@@ -7,7 +7,6 @@ forgetting -> diagnosis -> harness -> write results and report.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 from datetime import datetime
@@ -74,7 +73,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
                                            Path("runs") / f"eval-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
 
-    # --- data --------------------------------------------------------------------------
+    # --- rows as the model sees them (the run's system prompt added) --------------------
     rows = rows[: opts.limit] if opts.limit else rows
     convs = [with_system(r["messages"], system_prompt) for r in rows]
     refs = [c[-1]["content"] for c in convs]
@@ -85,15 +84,14 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
 
     # --- systems: baselines first, the model under test last ---------------------------
     systems: dict[str, dict] = {}
-    base_ctx = model.disable_adapter if is_run else contextlib.nullcontext
-    shots = draw_shots([with_system(r["messages"], None) for r in train_rows], opts.few_shot, opts.seed)
+    shots = draw_shots([r["messages"] for r in train_rows], opts.few_shot, opts.seed)
     shot_convs = [with_examples(c, shots) for c in convs]
 
     def run_system(name, m, cs, with_loss=True):
         systems[name] = measure(m, tok, cs, kind=kind, labels=labels, gen=gen, label=name, with_loss=with_loss)
 
     if is_run:
-        with base_ctx():
+        with model.disable_adapter():
             run_system("base zero-shot", model, convs)
             if opts.few_shot:
                 run_system(f"base {opts.few_shot}-shot", model, shot_convs, with_loss=False)
@@ -126,7 +124,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
                 return summarize(nll_per_row(m, text_rows(t, texts, 128), t.pad_token_id, batch_size=gen.batch_size,
                                              device=gen.device, autocast_dtype=gen.autocast_dtype))["perplexity"]
             if is_run:
-                with base_ctx():
+                with model.disable_adapter():
                     before = ppl(model, tok)
             else:
                 before = ppl(other, other_tok)
@@ -217,7 +215,10 @@ def run_harness(model, tok, tasks: str, console: Console) -> dict | None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=tasks.split(","))
+    # HFLM takes a transformers PreTrainedModel; a peft model's base model still holds the
+    # (enabled) LoRA layers, so it scores the tuned model without merging anything.
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    res = lm_eval.simple_evaluate(model=HFLM(pretrained=hf_model, tokenizer=tok), tasks=tasks.split(","))
     return {"results": res.get("results", {})}
 
 

@@ -129,7 +129,6 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
                             f"(manifest {recorded[:12]} vs {splits.manifest_hash()[:12]})")
     else:
         run_dir = train(cfg, console=console)
-    train_seconds = json.loads((run_dir / "summary.json").read_text())["train_seconds"]
     model, tok, _, device, dtype = load_for_inference(str(run_dir))
     gen = GenSettings(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, device=device,
                       dtype=str(dtype).replace("torch.", ""))
@@ -141,9 +140,9 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
     retriever = RETRIEVERS[opts.retriever]([query_text(c) for c in train_convs])
     index_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rag = rag_convs(convs, [c[1:] if c[0]["role"] == "system" else c for c in train_convs], retriever, opts.k)
+    rag = rag_convs(convs, train_convs, retriever, opts.k)
     retrieve_per_request = (time.perf_counter() - t0) / len(convs)
-    shots = draw_shots([c[1:] if c[0]["role"] == "system" else c for c in train_convs], opts.k, opts.seed)
+    shots = draw_shots(train_convs, opts.k, opts.seed)
 
     # --- strategies ----------------------------------------------------------------------
     plan = [("zero-shot", False, convs, 0.0), ("few-shot", False, [with_examples(c, shots) for c in convs], 0.0),
@@ -162,10 +161,17 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
                "seconds_per_request": m["seconds_per_request"] + extra,
                "prompt_tokens_per_request": m["prompt_tokens_per_request"],
                "output_tokens_per_request": m["output_tokens_per_request"],
-               "train_seconds": train_seconds if tuned else 0.0,
-               "index_seconds": index_seconds if name.endswith("rag") else 0.0}
-        row["tco"] = cost_of_ownership(row, opts.requests, opts.prices)
+               "tuned": tuned, "index_seconds": index_seconds if name.endswith("rag") else 0.0}
         rows.append(row)
+
+    # --- costs: training time as the run recorded it ------------------------------------
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        raise FileNotFoundError(f"{summary} is missing: the run has not finished (its training time is needed)")
+    train_seconds = json.loads(summary.read_text())["train_seconds"]
+    for row in rows:
+        row["train_seconds"] = train_seconds if row.pop("tuned") else 0.0
+        row["tco"] = cost_of_ownership(row, opts.requests, opts.prices)
     unit = "cost" if opts.prices.given else "compute_seconds"
     rec = recommend([{"name": r["name"], "accuracy": r["accuracy"], "tco": r["tco"][unit]} for r in rows],
                     opts.tolerance)
