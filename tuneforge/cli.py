@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.load import DataError
     from tuneforge.data.render import RenderError
     from tuneforge.models.load import ModelLoadError
+    from tuneforge.train.callbacks import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_allocator(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError,
+            TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
