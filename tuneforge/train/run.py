@@ -150,6 +150,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         fisher = diagonal_fisher(model, objective, opts, fisher_batches(tasks, cfg, tok.pad_token_id),
                                  device=device, dtype=dtype, hidden_path=hidden_path)
         extra_loss = EWC(model, fisher, cfg.continual.ewc_lambda)
+        if main:  # which weights the earlier tasks rely on: kept for inspection
+            save_file({n: f.contiguous() for n, f in fisher.items()}, str(run_dir / "fisher.safetensors"))
         console.print(f"EWC: Fisher from {cfg.continual.fisher_rows} earlier-task rows, lambda "
                       f"{cfg.continual.ewc_lambda}")
     private = None
@@ -270,7 +272,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
             row = {"kind": "train", "step": pos.step, "epoch": pos.epoch, "loss": round(loss, 5), "lr": lr,
                    "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tps, 1), "trained_tokens": n_tok}
             if penalty is not None:
-                row["ewc_penalty"] = round(float(penalty), 6)
+                row["ewc_penalty"] = round(penalty.item(), 6)
             log(row)
             progress.update(bar, advance=1, info=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
             is_last = pos.step == steps
