@@ -30,7 +30,7 @@ def cmd_train(args) -> int:
             raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml)")
         overrides = ([args.config] if args.config and "=" in args.config else []) + args.overrides
         cfg = load_run_config(run_dir, overrides)
-        train(cfg, resume=run_dir, console=_console())
+        train(cfg, resume=run_dir, console=_console(), force=args.force)
         return 0
     if not args.config:
         raise SystemExit("tuneforge train: give a CONFIG file (see examples/), or --resume RUN_DIR")
@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         from tuneforge.train.run import new_run_dir
 
         return launch([args.config, *args.overrides], args.nproc, new_run_dir(cfg, create=False).name)
-    train(cfg, console=_console())
+    train(cfg, console=_console(), force=args.force)
     return 0
 
 
@@ -66,6 +66,31 @@ def cmd_check(args) -> int:
     preflight(cfg)
     print(to_yaml(cfg), end="")
     _console().print("[green]config OK[/]")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.plan import print_plan
+
+    print_plan(load_config(args.config, args.overrides), _console())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tuneforge.deploy.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out), merge=args.merge, dtype=args.dtype)
+    _console().print(f"[green]exported[/] {out}")
+    return 0
+
+
+def cmd_merge_adapters(args) -> int:
+    from tuneforge.methods.merge import merge_adapters
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
+    out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
+    _console().print(f"[green]merged[/] {len(args.runs)} adapters ({args.how}) into {out}")
     return 0
 
 
@@ -140,6 +165,24 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from tuneforge.evaluate.command import EvalOptions, run_eval
+
+    run_eval(EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "fn") and v is not None}),
+             console=_console())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tuneforge.evaluate.compare import CompareOptions, Prices, run_compare
+
+    prices = Prices(input_per_1m=args.price_input, output_per_1m=args.price_output,
+                    compute_per_hour=args.price_hour)
+    opts = {k: v for k, v in vars(args).items() if k in CompareOptions.model_fields and v is not None}
+    run_compare(CompareOptions(**opts, prices=prices), console=_console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     p.add_argument("--version", action="version", version=f"tuneforge {__import__('tuneforge').__version__}")
@@ -151,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on GPU)")
+    t.add_argument("--force", action="store_true", help="train even if `tuneforge plan` says it will not fit")
     t.set_defaults(fn=cmd_train)
 
     q = sub.add_parser("sequence", help="sequential fine-tuning: train the config's stages one after another")
@@ -182,9 +226,63 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         g.set_defaults(fn=fn)
 
+    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.set_defaults(fn=cmd_plan)
+
+    e = sub.add_parser("export", help="write a run as a plain Hugging Face model folder")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.set_defaults(fn=cmd_export)
+
+    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one peft adapter folder")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ma.add_argument("--weights", help="comma-separated, one per run (default: equal)")
+    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
+    ma.add_argument("--density", type=float, default=0.5, help="share of each task vector kept (ties/dare)")
+    ma.add_argument("--out", required=True)
+    ma.set_defaults(fn=cmd_merge_adapters)
+
+    e = sub.add_parser("eval", help="evaluate a run or model on held-out data, against baselines, with a report")
+    e.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, embedded alias, local model folder or hub id")
+    e.add_argument("--data", default="test", help="'test' (the run's own test split) or a data file")
+    e.add_argument("--baseline", metavar="MODEL", help="another model to compare with (default for a run: its base)")
+    e.add_argument("--few-shot", type=int, metavar="K", help="also the base model with K examples from train")
+    e.add_argument("--out", metavar="DIR", help="where results and report go (default: RUN/eval)")
+    e.add_argument("--limit", type=int, help="evaluate at most N rows")
+    e.add_argument("--max-new-tokens", type=int)
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--forgetting-texts", type=int, help="general-domain texts for the forgetting probe (0: skip)")
+    e.add_argument("--forgetting-threshold", type=float, help="flag a relative perplexity rise above this (0.1)")
+    e.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (if installed)")
+    e.set_defaults(fn=cmd_eval)
+
+    cp = sub.add_parser("compare", help="zero-shot vs few-shot vs RAG vs fine-tuning (+RAG) on one task")
+    cp.add_argument("config", help="YAML run config: the task, its test split and the fine-tuning recipe")
+    cp.add_argument("overrides", nargs="*", help="key=value overrides")
+    cp.add_argument("--run", metavar="RUN_DIR", help="an existing fine-tuning run of this config (else train one)")
+    cp.add_argument("--k", type=int, help="examples in the prompt for few-shot and RAG (3)")
+    cp.add_argument("--retriever", choices=["minilm", "bm25"], help="RAG retriever (minilm)")
+    cp.add_argument("--limit", type=int, help="at most N test rows")
+    cp.add_argument("--requests", type=int, help="N requests for the total cost of ownership (100000)")
+    cp.add_argument("--price-input", type=float, default=0.0, help="price per million prompt tokens")
+    cp.add_argument("--price-output", type=float, default=0.0, help="price per million generated tokens")
+    cp.add_argument("--price-hour", type=float, default=0.0, help="price per machine hour (training and serving)")
+    cp.add_argument("--tolerance", type=float, help="accuracy gap (0.02) below which the cheaper strategy wins")
+    cp.add_argument("--out", metavar="DIR")
+    cp.set_defaults(fn=cmd_compare)
+
     m = sub.add_parser("models", help="list the embedded default models and where they are cached")
     m.add_argument("--prepare", action="store_true", help="convert installed embedded models now")
     m.set_defaults(fn=cmd_models)
+
+    from tuneforge.data.cli import add_data_parser
+
+    add_data_parser(sub)
     return p
 
 

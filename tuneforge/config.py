@@ -53,7 +53,8 @@ class TaskConfig(Strict):
 
 class DataConfig(Strict):
     train: list[str] = Field(
-        [], description="files (jsonl/json/csv/tsv), or builtin:TASK[?n=N&seed=S]; or use `tasks`"
+        [], description="files (jsonl/json/csv/tsv/parquet/txt), folders, builtin:TASK[?n=N&seed=S], "
+        "or one folder written by `tuneforge data prepare` (its train/validation/test splits are used); or use `tasks`"
     )
     tasks: list[TaskConfig] = Field([], description="multi-task: several datasets mixed into one run")
     temperature: float = Field(
@@ -110,6 +111,8 @@ class TrainConfig(Strict):
     eval_every: int = Field(50, ge=0, description="validation loss every N optimizer steps (0: only at the end)")
     save_every: int = Field(100, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: much less activation memory, ~30% more time")
     logits_at_trained_only: bool = Field(
         True,
         description="compute vocabulary logits only where the loss is taken (same loss, less time and memory)",
@@ -249,7 +252,8 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()) -> list[str]:
+def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = (), owners=None) -> list[str]:
+    """One line per problem. ``owners(key)`` names the plug-ins that do take an unknown key."""
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -260,6 +264,10 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
             hint = f"did you mean '{'.'.join(str(p) for p in prefix + loc[:-1] + (close,))}'?" if close else (
                 f"valid keys here: {', '.join(owner.model_fields)}"
             )
+            takers = owners(str(loc[-1])) if owners and len(loc) == 1 else []
+            if takers:
+                name = cls.model_fields["name"].default
+                hint = f"method '{name}' has no option '{loc[-1]}'; it is an option of: {', '.join(takers)}"
             problems.append(f"unknown key '{where}': {hint}")
         elif e["type"] == "missing":
             problems.append(f"'{where}' is required")
@@ -270,7 +278,7 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
 
 def validate_config(raw: dict, source: str | None = None) -> RunConfig:
     """Validate a raw dict; raise one ConfigError listing every problem."""
-    from tuneforge.methods import METHODS
+    from tuneforge.methods import METHODS, methods_taking
     from tuneforge.objectives import OBJECTIVES
 
     problems: list[str] = []
@@ -300,7 +308,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         try:
             plugged[section] = opts_cls.model_validate(value)
         except ValidationError as err:
-            problems += format_errors(err, opts_cls, prefix=(section,))
+            problems += format_errors(err, opts_cls, prefix=(section,),
+                                      owners=methods_taking if section == "method" else None)
 
     if problems:
         raise ConfigError(problems, source)

@@ -22,9 +22,11 @@ def load_for_inference(target: str, device: str = "auto", dtype: str = "auto"):
     if (run_dir / "config.yaml").exists() and (run_dir / "adapter").exists():
         cfg = load_run_config(run_dir)
         tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
-        base = load_causal_lm(cfg.model.name, torch_dtype, device, cfg.model.attn_implementation, cfg.model.revision)
+        method = METHODS[cfg.method.name]
+        base = load_causal_lm(cfg.model.name, torch_dtype, device, cfg.model.attn_implementation, cfg.model.revision,
+                              quantization_config=method.quantization_config(cfg.method, torch_dtype))
         fix_chat_tokenizer(tok, base)
-        model = METHODS[cfg.method.name].load(base, run_dir)
+        model = method.load(base, run_dir)
         return model.eval(), tok, cfg.data.system_prompt, device, torch_dtype
     if (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is a run without a saved adapter (did it finish? try --resume)")

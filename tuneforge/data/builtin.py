@@ -99,7 +99,64 @@ def reviews(n: int = 800, seed: int = 0):
         yield {"instruction": REVIEW_INSTRUCTION, "input": text, "output": json.dumps(answer)}
 
 
-GENERATORS = {"orders": orders, "reviews": reviews}
+REVIEW_PARTS = {
+    "positive": (["I love this {p}.", "The {p} works perfectly.", "Great {p}, exactly as described.",
+                  "Really happy with my new {p}.", "This {p} exceeded my expectations."],
+                 ["Delivery to {c} was fast.", "Would buy again.", "Five stars from me.", "Highly recommended."]),
+    "negative": (["The {p} broke after two days.", "Very disappointed with this {p}.", "My {p} arrived damaged.",
+                  "This {p} is not worth the money.", "The {p} looks nothing like the photos."],
+                 ["Delivery to {c} took weeks.", "I want a refund.", "One star.", "Avoid this seller."]),
+    "neutral": (["The {p} is okay.", "It is an average {p}.", "The {p} does what it says, nothing more.",
+                 "My {p} arrived as expected."], ["It shipped to {c}.", "No complaints so far.", "Price is fair."]),
+}
+
+
+def sentiment(n: int = 600, seed: int = 0):
+    """Classification rows: product reviews labelled positive / negative / neutral."""
+    rng = random.Random(seed)
+    labels = list(REVIEW_PARTS)
+    for _ in range(n):
+        label = rng.choice(labels)
+        first, second = REVIEW_PARTS[label]
+        p, c = rng.choice(PRODUCTS)[0], rng.choice(CITIES)
+        yield {"text": f"{rng.choice(first)} {rng.choice(second)}".format(p=p, c=c), "label": label}
+
+
+def preferences(n: int = 400, seed: int = 0):
+    """Preference rows for the orders task: the exact JSON is chosen over a flawed answer."""
+    rng = random.Random(seed)
+    flaws = [lambda a: {**a, "quantity": a["quantity"] + 1}, lambda a: {k: v for k, v in a.items() if k != "city"},
+             lambda a: {**a, "customer": a["customer"].split()[0]}]
+    for row in orders(n, seed):
+        answer = json.loads(row["output"])
+        bad = rng.choice(flaws)(answer)
+        rejected = json.dumps(bad) if rng.random() < 0.7 else f"Sure! Here is the order: {json.dumps(bad)}"
+        yield {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"], "rejected": rejected}
+
+
+GENERATORS = {"orders": orders, "reviews": reviews, "sentiment": sentiment, "preferences": preferences}
+
+# Template paraphrases of a user prompt: augmentation for small sft datasets. They change
+# the wording around the request, never the request or the answer.
+PARAPHRASES = [
+    "{p}", "Please help with the following.\n\n{p}", "{p}\n\nThank you!", "Task:\n{p}",
+    "Could you do this for me?\n{p}", "Here is a request from a user.\n\n{p}", "{p}\n\nAnswer carefully.",
+    "I need some help. {p}",
+]
+
+
+def paraphrase_rows(rows: list[dict], copies: int, seed: int = 0) -> list[dict]:
+    """``copies`` synthetic variants of each sft row (last user turn re-worded by a
+    template), marked ``_synthetic`` and traceable to their original by ``_where``."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+        for c, template in enumerate(rng.sample(PARAPHRASES[1:], min(copies, len(PARAPHRASES) - 1)), 1):
+            msgs = [dict(m) for m in row["messages"]]
+            msgs[last_user]["content"] = template.format(p=msgs[last_user]["content"])
+            out.append({**row, "messages": msgs, "_where": f"{row.get('_where', '?')}#aug{c}", "_synthetic": True})
+    return out
 
 
 def generate(task: str, **params):

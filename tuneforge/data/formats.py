@@ -1,9 +1,19 @@
-"""Row formats: detection (with an explanation) and conversion to canonical chat rows.
+"""Row formats: detection (with an explanation) and conversion to canonical rows.
 
-Canonical SFT row: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-ending with an assistant turn. A format is a plug point (``register_format``): it names
-the fields it needs (``columns`` in the config renames them) and raises ``RowError`` with
-the offending field for a bad row.
+Every format converts to the canonical row of its *kind*:
+
+- ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+  ending with an assistant turn (formats chat, sharegpt, instruction, prompt_completion).
+- ``preference``: ``{"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}``,
+  TRL's conversational preference shape; plain strings become one user / assistant turn.
+- ``classification``: ``{"text": str, "label": str}`` (labels are class names, kept as strings
+  so every split file has one column type).
+- ``text``: ``{"text": str}``, one document for continued pre-training.
+
+Rows may also carry bookkeeping keys starting with ``_`` (``_where`` = "file:line",
+``_synthetic``); they are never trained on. A format is a plug point (``register_format``):
+it names the fields it needs (``columns`` in the config renames them) and raises
+``RowError`` with the offending field for a bad row. The train recipe consumes sft rows.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ class Format:
     required: tuple[str, ...]
     convert: Callable[[dict, dict], dict]  # (row, columns) -> canonical row
     description: str
+    kind: str = "sft"
 
 
 FORMATS: dict[str, Format] = {}
@@ -118,6 +129,107 @@ register_format(Format("chat", ("messages",), _chat, "OpenAI chat: messages=[{ro
 register_format(Format("sharegpt", ("conversations",), _sharegpt, "ShareGPT: conversations=[{from, value}]"))
 register_format(Format("instruction", ("instruction", "output"), _instruction, "alpaca: instruction, input?, output"))
 register_format(Format("prompt_completion", ("prompt", "completion"), _prompt_completion, "prompt, completion"))
+
+
+def _turns(value, field: str, default_role: str) -> list[dict]:
+    """A plain string as one turn, or a list of {role, content} messages (checked)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(field, "empty")
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(field, f"expected str or a list of messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RowError(f"{field}[{i}]", "each message needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise RowError(f"{field}[{i}].role", f"unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise RowError(f"{field}[{i}].content", f"expected str, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _preference(row, columns):
+    fields = {f: columns.get(f, f) for f in ("prompt", "chosen", "rejected")}
+    for f, key in fields.items():
+        if row.get(key) is None:
+            raise RowError(key, "missing")
+    prompt = _turns(row[fields["prompt"]], fields["prompt"], "user")
+    if prompt[-1]["role"] == "assistant":
+        raise RowError(fields["prompt"], "prompt ends with an assistant turn")
+    out = {"prompt": prompt}
+    for side in ("chosen", "rejected"):
+        turns = _turns(row[fields[side]], fields[side], "assistant")
+        if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+            raise RowError(fields[side], "does not end with a non-empty assistant turn")
+        out[side] = turns
+    if out["chosen"] == out["rejected"]:
+        raise RowError(fields["rejected"], "identical to chosen (no preference signal)")
+    return out
+
+
+def _classification(row, columns):
+    text = _get(row, columns, "text")
+    key = columns.get("label", "label")
+    label = row.get(key)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise RowError(key, "missing")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise RowError(key, f"expected str or int, got {type(label).__name__}")
+    return {"text": text, "label": str(label).strip()}
+
+
+def _text(row, columns):
+    return {"text": _get(row, columns, "text")}
+
+
+register_format(Format("preference", ("prompt", "chosen", "rejected"), _preference,
+                       "preference pairs: prompt, chosen, rejected (strings or message lists)", "preference"))
+register_format(Format("classification", ("text", "label"), _classification, "text, label", "classification"))
+register_format(Format("text", ("text",), _text, "raw text for continued pre-training", "text"))
+
+def _map_turns(turns: list[dict], fn) -> list[dict]:
+    return [{**m, "content": fn(m["content"])} for m in turns]
+
+
+def map_texts(row: dict, fn) -> dict:
+    """The canonical row with ``fn`` applied to every text string (message contents,
+    text, prompts); roles, labels and ``_`` bookkeeping keys are left alone."""
+    if "messages" in row:
+        return {**row, "messages": _map_turns(row["messages"], fn)}
+    if "chosen" in row:
+        return {**row, **{k: _map_turns(row[k], fn) for k in ("prompt", "chosen", "rejected")}}
+    return {**row, "text": fn(row["text"])}
+
+
+def row_texts(row: dict) -> list[str]:
+    """Every text string of a canonical row, in order."""
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    if "chosen" in row:
+        return [m["content"] for k in ("prompt", "chosen", "rejected") for m in row[k]]
+    return [row["text"]]
+
+
+def kind_of(row: dict) -> str:
+    if "messages" in row:
+        return "sft"
+    if "chosen" in row:
+        return "preference"
+    return "classification" if "label" in row else "text"
+
+
+def prompt_text(row: dict) -> str:
+    """What a model is asked: the key for leakage checks and for keeping alike prompts on
+    one side of a split (an sft row's turns before the answer; a document's whole text)."""
+    kind = kind_of(row)
+    if kind == "sft":
+        return "\n".join(m["content"] for m in row["messages"][:-1])
+    if kind == "preference":
+        return "\n".join(m["content"] for m in row["prompt"])
+    return row["text"]
 
 
 def detect(keys: set[str], columns: dict) -> tuple[str, str]:

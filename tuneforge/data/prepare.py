@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import random
+import time
+from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.config import DataConfig
+from tuneforge.data.builtin import paraphrase_rows
+from tuneforge.data.clean import CleanOptions, clean_rows
+from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
+from tuneforge.data.formats import row_texts
 from tuneforge.data.load import DataError, LoadReport, load_rows
+from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry,
+                                     timed)
+from tuneforge.data.pii import PIIOptions, pii_rows
+from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices
+from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
+from tuneforge.io import atomic_dir, sha256_file, write_json
 
 
 @dataclass
@@ -17,6 +37,7 @@ class Splits:
     validation: list[dict]
     test: list[dict]
     reports: dict[str, LoadReport]
+    prepared: dict | None = None  # {"path", "manifest_sha256"} when read from a prepared folder
 
     def manifest_hash(self) -> str:
         """sha256 over the canonical rows of every split: the data's identity in the lineage."""
@@ -52,7 +73,28 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
     return parts
 
 
+def load_prepared(folder: str, data: DataConfig) -> Splits:
+    """The splits of a folder written by ``tuneforge data prepare`` (its own split is kept)."""
+    manifest = read_manifest(folder)
+    if manifest.get("kind") != "sft":
+        raise DataError(f"{folder} holds {manifest.get('kind')} rows; the train recipe trains on sft rows")
+    if data.validation or data.test:
+        raise DataError(f"{folder} is a prepared folder with its own validation/test splits; "
+                        "remove data.validation and data.test")
+    parts, reports = {}, {}
+    for name in SPLITS:
+        path = Path(folder) / f"{name}.jsonl"
+        has_rows = path.is_file() and path.stat().st_size > 0
+        parts[name], reports[name] = load_rows([str(path)], "chat") if has_rows else ([], LoadReport())
+    if not parts["train"]:
+        raise DataError(f"{folder}: train.jsonl is empty")
+    return Splits(parts["train"], parts["validation"], parts["test"], reports,
+                  prepared={"path": str(folder), "manifest_sha256": sha256_file(Path(folder) / MANIFEST)})
+
+
 def build_splits(data: DataConfig, seed: int) -> Splits:
+    if len(data.train) == 1 and is_prepared(data.train[0]):
+        return load_prepared(data.train[0], data)
     reports = {}
     train, reports["train"] = load_rows(data.train, data.format, data.columns)
     validation = test = []
@@ -60,6 +102,10 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
         validation, reports["validation"] = load_rows(data.validation, data.format, data.columns)
     if data.test:
         test, reports["test"] = load_rows(data.test, data.format, data.columns)
+    for name, rep in reports.items():
+        if rep.kind != "sft":
+            raise DataError(f"the train recipe trains on sft rows (chat, instruction, ...); data.{name} holds "
+                            f"{rep.kind} rows ({rep.format_reason})")
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:
@@ -72,3 +118,212 @@ def build_splits(data: DataConfig, seed: int) -> Splits:
     if not train:
         raise DataError("no training rows left after holding out validation/test rows")
     return Splits(train, validation, test, reports)
+
+
+# --- the `tuneforge data prepare` recipe ------------------------------------------------
+# load -> clean -> redact -> de-duplicate -> token lengths -> split -> leakage -> augment
+# -> report -> write. Each step returns its rows and a Stage with its counts; the folder
+# is written in one atomic rename at the end.
+
+
+class PrepareOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str]
+    validation_inputs: list[str] = Field([], description="held-out rows given as files (not carved from inputs)")
+    test_inputs: list[str] = []
+    task: Literal["auto", "sft", "preference", "classification", "text"] = Field(
+        "auto", description="the row kind expected; checked against what the format detection finds")
+    format: str = "auto"
+    columns: dict[str, str] = {}
+    text_unit: Literal["block", "file"] = Field("block", description="plain text: one row per blank-line block or per file")
+    strict: bool = Field(False, description="fail on the first bad row instead of dropping and counting it")
+    clean: CleanOptions = CleanOptions()
+    pii: PIIOptions = PIIOptions()
+    dedup: DedupOptions = DedupOptions()
+    split: SplitOptions = SplitOptions()
+    tokenizer: str | None = Field(None, description="embedded alias, local folder or hub id for the token report")
+    max_length: int = Field(2048, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    overlength: Literal["drop", "truncate"] = "drop"
+    augment: int = Field(0, ge=0, description="template paraphrases added per train row (sft only), marked synthetic")
+
+
+def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok, known: dict[str, int]
+            ) -> tuple[list[dict], list[Stage]]:
+    """Clean, redact, de-duplicate and length-filter one pool. ``known`` collects each row's
+    token count (by ``_where``) so the report does not tokenize the rows a second time."""
+    stages = []
+    rows, st = timed(clean_rows, rows, opts.clean)
+    stages.append(st)
+    if opts.pii.action != "off":
+        rows, st = timed(pii_rows, rows, opts.pii)
+        stages.append(st)
+    if opts.dedup.exact:
+        rows, st = timed(exact_dedup, rows)
+        stages.append(st)
+    if opts.dedup.near and len(rows) > 1:
+        rows, st = timed(near_dedup, rows, opts.dedup)
+        stages.append(st)
+    if tok is not None and rows:
+        t = time.perf_counter()
+        lengths = token_lengths(tok, rows)
+        known.update(zip((r["_where"] for r in rows), lengths.tolist()))
+        rows, st = overlength_stage(rows, lengths, opts.max_length, opts.overlength, opts.min_tokens)
+        st.info["seconds"] = round(time.perf_counter() - t, 3)
+        stages.append(st)
+    for st in stages:
+        st.info["pool"] = pool
+    return rows, stages
+
+
+def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict], LoadReport, Stage]:
+    t = time.perf_counter()
+    rows, rep = load_rows(specs, opts.format, opts.columns, strict=opts.strict, text_unit=opts.text_unit)
+    if opts.task != "auto" and rep.kind != opts.task:
+        raise DataError(f"{pool}: --task {opts.task} but the rows are {rep.kind} rows ({rep.format_reason}); "
+                        f"set --format or map columns with --column FIELD=COLUMN")
+    for r in rows:
+        r["_synthetic"] = rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
+    stage = Stage("load", input=rep.read, kept=rep.kept, dropped=Counter(rep.dropped), examples=rep.examples,
+                  info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason,
+                        "seconds": round(time.perf_counter() - t, 3)})
+    return rows, rep, stage.check()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Rows are acyclic dicts freed by reference counting; the cyclic collector would only
+    rescan millions of them again and again (time growing faster than the row count)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
+    """Run the whole preparation and write ``out_dir``; returns the manifest."""
+    with _no_cyclic_gc():
+        return _prepare(opts, Path(out_dir), console)
+
+
+def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
+    say = console.print if console else (lambda *a, **k: None)
+    tok = None
+    if opts.tokenizer:
+        from tuneforge.models.load import load_tokenizer
+
+        tok = load_tokenizer(opts.tokenizer)
+
+    # --- load and filter each pool (the inputs, and any held-out files) -----------------
+    pools: dict[str, list[str]] = {"inputs": opts.inputs, "validation": opts.validation_inputs,
+                                   "test": opts.test_inputs}
+    rows, stages, reports, kinds, known = {}, [], {}, set(), {}
+    for pool, specs in pools.items():
+        if not specs:
+            continue
+        loaded, reports[pool], st = _load(specs, opts, pool)
+        kinds.add(reports[pool].kind)
+        rows[pool], more = _filter(loaded, opts, pool, tok, known)
+        stages += [st, *more]
+        say(f"{pool}: {st.input} read -> {len(rows[pool])} kept after filters")
+    if len(kinds) > 1:
+        raise DataError(f"inputs and held-out files hold different row kinds: {sorted(kinds)}")
+    kind = kinds.pop()
+
+    # --- split and leakage --------------------------------------------------------------
+    split_opts = opts.split.model_copy(update={name: 0 for name in ("validation", "test") if pools[name]})
+    if not rows["inputs"]:
+        drops = "; ".join(f"{s.name}: {dict(s.dropped)}" for s in stages if s.dropped)
+        raise DataError(f"every input row was dropped ({drops})")
+    # Prompt signatures are computed once: the split groups alike prompts with them and the
+    # leakage check compares test prompts to train prompts with the same numbers.
+    t = time.perf_counter()
+    sig = prompt_signatures(rows["inputs"], opts.split.seed)
+    try:
+        idx, st = split_indices(rows["inputs"], split_opts, sig)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    st.info["seconds"] = round(time.perf_counter() - t, 3)
+    st.info["pool"] = "inputs"
+    stages.append(st)
+    parts = {name: [rows["inputs"][k] for k in idx[name]] for name in SPLITS}
+    for name in ("validation", "test"):
+        if pools[name]:
+            parts[name] = rows[name]
+    both = None if pools["test"] else np.concatenate([sig[idx["train"]], sig[idx["test"]]])
+    parts["test"], st = timed(leakage_stage, parts["train"], parts["test"], opts.split, both)
+    st.info["pool"] = "test" if pools["test"] else "inputs"
+    stages.append(st)
+    accounting = _accounting(stages, parts, pools)
+    if opts.augment:
+        if kind != "sft":
+            raise DataError(f"--augment paraphrases sft prompts; these are {kind} rows")
+        extra = paraphrase_rows(parts["train"], opts.augment, opts.split.seed)
+        parts["train"] = parts["train"] + extra
+        stages.append(Stage("augment", input=len(extra), kept=len(extra),
+                            info={"added_to_train": len(extra), "per_row": opts.augment}).check())
+    if not parts["train"]:
+        raise DataError("no training rows left after the split")
+
+    # --- report and write ---------------------------------------------------------------
+    lengths = {name: _lengths(part, tok, known) for name, part in parts.items()}
+    manifest = {
+        "tuneforge_version": __import__("tuneforge").__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": kind,
+        "format": {pool: {"format": r.format, "reason": r.format_reason} for pool, r in reports.items()},
+        "sources": [source_entry(s, c) for r in reports.values() for s, c in r.sources.items()],
+        "skipped_files": {f: why for r in reports.values() for f, why in r.skipped.items()},
+        "options": opts.model_dump(),
+        "tokenizer": opts.tokenizer,
+        "length_unit": "tokens" if tok is not None else "characters",
+        "stages": [s.as_dict() for s in stages],
+        "accounting": accounting,
+        "splits": {name: {"rows": len(part), "synthetic_rows": sum(bool(r.get("_synthetic")) for r in part),
+                          "sha256": rows_sha256(part), "lengths": length_stats(lengths[name]),
+                          **shape_stats(part)} for name, part in parts.items()},
+    }
+    manifest["synthetic"] = any(s["synthetic_rows"] for s in manifest["splits"].values())
+    write_prepared(out_dir, parts, manifest, lengths)
+    return manifest
+
+
+def _lengths(rows: list[dict], tok, known: dict[str, int]) -> np.ndarray:
+    """Token counts (characters without a tokenizer); only rows not measured yet
+    (augmented ones) are tokenized here."""
+    if tok is None:
+        return np.asarray([sum(map(len, row_texts(r))) for r in rows], dtype=np.int64)
+    new = [r for r in rows if r["_where"] not in known]
+    if new:
+        known.update(zip((r["_where"] for r in new), token_lengths(tok, new).tolist()))
+    return np.asarray([known[r["_where"]] for r in rows], dtype=np.int64)
+
+
+def _accounting(stages: list[Stage], parts: dict, pools: dict) -> dict:
+    """Per pool: rows read = rows written + every stage's drops (asserted)."""
+    out = {}
+    for pool in (p for p, specs in pools.items() if specs):
+        mine = [s for s in stages if s.info.get("pool") == pool]
+        origin = {n: n if pools.get(n) else "inputs" for n in SPLITS}  # train always comes from the inputs
+        written = sum(len(parts[n]) for n in SPLITS if origin[n] == pool)
+        read = next(s.input for s in mine if s.name == "load")
+        dropped = {f"{s.name}: {reason}": n for s in mine for reason, n in s.dropped.items()}
+        assert read == written + sum(dropped.values()), f"{pool}: {read} read != {written} written + drops {dropped}"
+        out[pool] = {"read": read, "written": written, "dropped": dropped}
+    return out
+
+
+def write_prepared(out_dir: Path, parts: dict, manifest: dict, lengths: dict) -> None:
+    from tuneforge.data.report import plot_lengths, render_report
+
+    with atomic_dir(Path(out_dir)) as tmp:
+        for name, part in parts.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for r in part:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        plot_lengths(lengths, manifest["length_unit"], tmp / "lengths.png")
+        (tmp / "report.md").write_text(render_report(manifest), encoding="utf-8")
+        write_json(tmp / MANIFEST, manifest)

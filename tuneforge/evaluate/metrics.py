@@ -72,3 +72,108 @@ def score(metric: str, preds: list[str], refs: list[str]) -> tuple[dict[str, flo
     fn = {"exact_match": exact_match, "token_f1": token_f1}[metric]
     per = [fn(p, r) for p, r in zip(preds, refs)]
     return {metric: sum(per) / len(per)}, per
+
+
+# --- metrics chosen by task -------------------------------------------------------------
+#
+# ``task_metrics`` returns aggregates plus per-example scores: the per-example lists are
+# what the paired bootstrap resamples, so every metric that is a mean over examples has
+# one. Corpus-level metrics (BLEU, chrF, macro scores) have no per-example form.
+
+OTHER = "(other)"  # a generated answer that names none of the labels
+
+
+def task_kind(refs: list[str], max_labels: int = 20) -> str:
+    """json: every reference is a JSON object; classification: few distinct short answers,
+    each seen several times; text: anything else."""
+    if refs and all(is_json_object(r) for r in refs):
+        return "json"
+    labels = {normalize(r) for r in refs}
+    short = all(len(normalize(r).split()) <= 3 for r in refs)
+    if refs and short and 1 < len(labels) <= max_labels and len(labels) <= len(refs) / 2:
+        return "classification"
+    return "text"
+
+
+def to_label(pred: str, labels: list[str]) -> str:
+    """Map a generated answer to a label: exact after normalising, else the one label it
+    names ("The sentiment is positive" -> "positive"). Naming several is a hedge: OTHER."""
+    p = normalize(pred)
+    if p in labels:
+        return p
+    hits = [lab for lab in labels if re.search(rf"\b{re.escape(lab)}\b", p)]
+    return hits[0] if len(hits) == 1 else OTHER
+
+
+def classification_scores(pred_labels: list[str], gold_labels: list[str], labels: list[str]) -> dict:
+    """accuracy, macro and micro precision/recall/F1 over ``labels``, and the confusion
+    matrix (rows: gold, columns: predicted; the last column counts OTHER answers)."""
+    cols = [*labels, OTHER]
+    matrix = [[0] * len(cols) for _ in labels]
+    for p, g in zip(pred_labels, gold_labels):
+        matrix[labels.index(g)][cols.index(p)] += 1
+    tp = [matrix[i][i] for i in range(len(labels))]
+    predicted = [sum(matrix[r][i] for r in range(len(labels))) for i in range(len(labels))]
+    actual = [sum(row) for row in matrix]
+
+    def ratio(a, b):
+        return a / b if b else 0.0
+
+    prec = [ratio(t, p) for t, p in zip(tp, predicted)]
+    rec = [ratio(t, a) for t, a in zip(tp, actual)]
+    f1 = [ratio(2 * p * r, p + r) for p, r in zip(prec, rec)]
+    n = len(gold_labels)
+    # Micro scores count OTHER answers as false negatives but not as false positives of
+    # any label, so micro precision can exceed accuracy when the model answers off-label.
+    micro_p, micro_r = ratio(sum(tp), sum(predicted)), ratio(sum(tp), n)
+    return {"accuracy": ratio(sum(tp), n),
+            "precision_macro": sum(prec) / len(labels), "recall_macro": sum(rec) / len(labels),
+            "f1_macro": sum(f1) / len(labels),
+            "precision_micro": micro_p, "recall_micro": micro_r,
+            "f1_micro": ratio(2 * micro_p * micro_r, micro_p + micro_r),
+            "confusion": {"labels": cols, "matrix": matrix}}
+
+
+def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu, its standard tokenisation), scaled to [0, 1]."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score / 100,
+            "chrf": sacrebleu.corpus_chrf(preds, [refs]).score / 100}
+
+
+def rouge_per_example(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measure per example (rouge-score, with stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rows = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    return {k: [row[k].fmeasure for row in rows] for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def task_metrics(kind: str, preds: list[str], refs: list[str], labels: list[str] | None = None) -> dict:
+    """{"kind", "main", "scores": {name: value}, "per_example": {name: [..]}, "confusion"?}.
+    ``labels`` fixes the label set for classification (else: the references' labels)."""
+    per: dict[str, list[float]] = {"exact_match": [exact_match(p, r) for p, r in zip(preds, refs)],
+                                   "token_f1": [token_f1(p, r) for p, r in zip(preds, refs)]}
+    scores: dict[str, float] = {}
+    out = {"kind": kind}
+    if kind == "json":
+        rows = [json_scores(p, r) for p, r in zip(preds, refs)]
+        per |= {f"json_{k}": [x[k] for x in rows] for k in ("exact", "fields", "valid")}
+        out["main"] = "json_exact"
+    elif kind == "classification":
+        gold = [normalize(r) for r in refs]
+        labels = sorted({normalize(x) for x in labels or []} | set(gold))
+        pred_labels = [to_label(p, labels) for p in preds]
+        cls = classification_scores(pred_labels, gold, labels)
+        out["confusion"] = cls.pop("confusion")
+        per["accuracy"] = [float(p == g) for p, g in zip(pred_labels, gold)]
+        scores |= {k: v for k, v in cls.items() if k != "accuracy"}
+        out["main"] = "accuracy"
+    else:
+        per |= rouge_per_example(preds, refs)
+        scores |= bleu_chrf(preds, refs)
+        out["main"] = "token_f1"
+    means = {k: sum(v) / len(v) for k, v in per.items() if v}
+    return out | {"scores": means | scores, "per_example": per}

@@ -1,16 +1,19 @@
-"""LoRA through peft: low-rank adapters on chosen linear layers, the base frozen."""
+"""LoRA and DoRA through peft: low-rank adapters on chosen linear layers, the base frozen.
+
+DoRA (peft ``use_dora``) splits each adapted weight into a magnitude vector and a
+direction, and applies the low-rank update to the direction only; it trains the same
+A/B matrices plus one magnitude value per output feature.
+"""
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.io import atomic_dir
-from tuneforge.methods import Method, register_method
+from tuneforge.methods import PeftMethod, check_target_modules, register_method
 
 
 class LoraOptions(Strict):
@@ -22,51 +25,48 @@ class LoraOptions(Strict):
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
 
 
+class DoraOptions(LoraOptions):
+    name: Literal["dora"] = "dora"
+
+
+def lora_config(opts, use_dora: bool = False):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                      target_modules=opts.target_modules, use_rslora=opts.rslora, use_dora=use_dora)
+
+
 @register_method
-class LoRA(Method):
+class LoRA(PeftMethod):
     name = "lora"
     options = LoraOptions
+    use_dora = False
+    # Plain LoRA only: DoRA's weight-norm path and 4-bit bases keep peft's casting.
+    fast_bf16_inputs = True
 
     def check(self, opts, module_names):
-        if opts.target_modules == "all-linear":
-            return []
-        leaves = {n.rsplit(".", 1)[-1] for n in module_names}
-        problems = []
-        for target in opts.target_modules:
-            if target in leaves or any(n.endswith("." + target) or n == target for n in module_names):
-                continue
-            close = difflib.get_close_matches(target, sorted(leaves), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else ""
-            problems.append(
-                f"method.target_modules: '{target}' is not a module of this model. {hint} "
-                f"Modules that exist: {', '.join(sorted(leaves))} (or use all-linear)"
-            )
-        return problems
-
-    def _peft_config(self, opts):
-        from peft import LoraConfig, TaskType
-
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=opts.r,
-            lora_alpha=opts.alpha,
-            lora_dropout=opts.dropout,
-            target_modules=opts.target_modules,
-            use_rslora=opts.rslora,
-        )
+        return check_target_modules(opts.target_modules, module_names)
 
     def apply(self, model, opts):
         from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
-        return get_peft_model(model, self._peft_config(opts))
+        model = get_peft_model(model, lora_config(opts, self.use_dora))
+        if self.fast_bf16_inputs and model.get_base_model().dtype == torch.bfloat16:
+            # A bf16 base trains under autocast. peft would cast each layer's bf16 input up
+            # to the fp32 adapter dtype, and autocast straight back down for the matmul: two
+            # copies of every activation per adapted layer, for the same result.
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.cast_input_dtype_enabled = False
+        return model
 
-    def save(self, model, out_dir: Path) -> None:
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp)
 
-    def load(self, base_model, run_dir: Path):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, str(run_dir / "adapter"))
+@register_method
+class DoRA(LoRA):
+    name = "dora"
+    options = DoraOptions
+    use_dora = True
+    fast_bf16_inputs = False

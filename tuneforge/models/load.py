@@ -89,15 +89,17 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 
 def load_causal_lm(name: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
-                   revision: str | None = None, trust_remote_code: bool = False):
+                   revision: str | None = None, trust_remote_code: bool = False, quantization_config=None):
     from transformers import AutoModelForCausalLM
 
     r = resolve(name)
+    # A quantised model cannot be moved with .to(): it is placed while loading instead.
+    placement = {"quantization_config": quantization_config, "device_map": device} if quantization_config else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             r.path, dtype=dtype, attn_implementation=attn_implementation, revision=revision,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, **placement,
         )
     except (OSError, ValueError) as e:
         raise _hub_hint(name, e) from None
-    return model.to(device)
+    return model if quantization_config else model.to(device)

@@ -64,4 +64,5 @@ class SFT(Objective):
             hidden = body(**model_inputs(batch)).last_hidden_state
             return masked_ce_from_hidden(hidden, batch["labels"], head)
         logits = model(**model_inputs(batch)).logits
-        return masked_ce_from_logits(logits, batch["labels"])
+        # Prompt/p-tuning prepend virtual tokens and return logits for them too: keep the last T.
+        return masked_ce_from_logits(logits[:, -batch["labels"].shape[1]:], batch["labels"])

@@ -1,0 +1,106 @@
+"""`tuneforge eval` and `tuneforge compare` through the real CLI on the tiny Llama."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+
+def tf(*args):
+    return subprocess.run([sys.executable, "-m", "tuneforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """One short LoRA run shared by the tests here (training is the slow part)."""
+    tmp = tmp_path_factory.mktemp("eval-run")
+    cfg = {"model": {"name": tiny_model_dir},
+           "data": {"train": ["builtin:orders?n=120&seed=3"], "max_length": 160, "test_size": 0.1},
+           "method": {"name": "lora", "r": 4, "alpha": 8},
+           "train": {"lr": 5e-3, "max_steps": 3, "batch_size": 4, "eval_every": 1, "seed": 7, "dtype": "fp32"},
+           "eval": {"metric": "none", "batch_size": 8}, "output_dir": str(tmp / "runs"), "run_name": "tiny"}
+    p = tmp / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = tf("train", p)
+    assert r.returncode == 0, r.stderr
+    return p, tmp / "runs" / "tiny"
+
+
+def test_eval_run_against_zero_and_few_shot_base(tiny_run, tmp_path):
+    _, run = tiny_run
+    r = tf("eval", run, "--data", "test", "--few-shot", "2", "--limit", "5", "--max-new-tokens", "6",
+           "--forgetting-texts", "12", "--harness", "hellaswag")
+    assert r.returncode == 0, r.stderr
+    out = run / "eval"
+    res = json.loads((out / "eval_results.json").read_text())
+    assert list(res["systems"]) == ["base zero-shot", "base 2-shot", "tuned"]
+    assert res["kind"] == "json" and res["n"] == 5
+    assert res["generation"]["max_new_tokens"] == 6 and res["generation"]["do_sample"] is False
+    tuned = res["systems"]["tuned"]["scores"]
+    assert {"json_exact", "json_fields", "json_valid", "exact_match", "token_f1", "loss", "perplexity"} <= set(tuned)
+    cmp = res["comparisons"]["base zero-shot"]["loss"]
+    assert cmp["low"] <= cmp["delta"] <= cmp["high"]
+    # The prompt of the 2-shot system holds two more exchanges.
+    sys_ = res["systems"]
+    assert sys_["base 2-shot"]["prompt_tokens_per_request"] > sys_["base zero-shot"]["prompt_tokens_per_request"] + 40
+    assert res["forgetting"]["texts"] == 12 and res["forgetting"]["perplexity_before"] > 1
+    assert res["diagnosis"] and res["lineage"]["data_manifest_sha256"] == json.loads(
+        (run / "data_report.json").read_text())["manifest_sha256"]
+    assert "lm-evaluation-harness is not installed" in r.stdout.replace("\n", " ")
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 15
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Forgetting probe" in html and "Lineage" in html
+    assert "tuned - base zero-shot" in (out / "report.md").read_text()
+
+
+def test_eval_model_on_a_label_file_with_baseline(tiny_model_dir, tmp_path):
+    data = tmp_path / "labels.jsonl"
+    rows = [{"instruction": f"Is this review good or bad? review {i}", "output": ["good", "bad"][i % 2]}
+            for i in range(8)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = tf("eval", tiny_model_dir, "--data", data, "--baseline", tiny_model_dir, "--max-new-tokens", "3",
+           "--forgetting-texts", "8", "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert res["kind"] == "classification" and res["labels"] == ["bad", "good"]
+    model = res["systems"][tiny_model_dir]
+    assert {"accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_micro"} <= set(model["scores"])
+    assert sum(map(sum, model["confusion"]["matrix"])) == 8
+    # Same weights as the baseline: no change, and no forgetting.
+    assert res["comparisons"][f"{tiny_model_dir} zero-shot"]["accuracy"]["delta"] == 0
+    assert res["forgetting"]["relative_change"] == pytest.approx(0, abs=1e-6)
+    assert list((tmp_path / "ev").glob("confusion-*.png"))
+
+
+def test_eval_and_compare_errors_name_the_problem(tiny_run, tiny_model_dir, capsys):
+    from tuneforge.cli import main
+
+    cfg, run = tiny_run
+    assert main(["eval", tiny_model_dir, "--data", "test"]) == 2
+    assert "needs a run folder" in capsys.readouterr().err
+    assert main(["eval", tiny_model_dir, "--data", "nope.jsonl"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["compare", str(cfg), 'data.train=["builtin:orders?n=100&seed=4"]', "--run", str(run)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+
+
+def test_compare_strategies_with_an_existing_run(tiny_run, tmp_path):
+    cfg, run = tiny_run
+    r = tf("compare", cfg, "eval.max_new_tokens=6", "--run", run, "--limit", "4", "--k", "2", "--retriever", "bm25",
+           "--requests", "1000",
+           "--price-hour", "2.0", "--out", tmp_path / "cmp")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    names = [s["name"] for s in res["strategies"]]
+    assert names == ["zero-shot", "few-shot", "rag", "fine-tuned", "fine-tuned + rag"]
+    by = {s["name"]: s for s in res["strategies"]}
+    assert by["fine-tuned"]["train_seconds"] > 0 and by["zero-shot"]["train_seconds"] == 0
+    assert by["rag"]["prompt_tokens_per_request"] > by["zero-shot"]["prompt_tokens_per_request"]
+    assert res["tco_unit"] == "cost" and all(s["tco"]["cost"] > 0 for s in res["strategies"])
+    assert res["recommendation"]["strategy"] in names and "recommendation" in r.stdout
+    assert "Qualitative" in (tmp_path / "cmp" / "report.html").read_text()

@@ -1,0 +1,1 @@
+"""Deployment: export (merge/fold), serving and routing."""

@@ -1,0 +1,324 @@
+"""``tuneforge eval``: a run (or any model) on a held-out split, against baselines on the
+same rows, with bootstrap intervals, a forgetting probe, curve diagnosis and a report.
+
+Recipe: setup -> data -> systems (baselines, then the model under test) -> compare ->
+forgetting -> diagnosis -> harness -> write results and report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from tuneforge.data.load import DataError, load_rows
+from tuneforge.data.render import with_system
+from tuneforge.evaluate import report as rp
+from tuneforge.evaluate.diagnose import diagnose, read_curves
+from tuneforge.evaluate.forgetting import ProbeUnavailable, forgetting_verdict, general_texts
+from tuneforge.evaluate.incontext import draw_shots, with_examples
+from tuneforge.evaluate.measure import GenSettings, measure
+from tuneforge.evaluate.metrics import normalize, task_kind
+from tuneforge.evaluate.perplexity import nll_per_row, summarize, text_rows
+from tuneforge.evaluate.stats import paired_bootstrap
+from tuneforge.io import write_json
+
+# Metrics where lower is better: their deltas read the other way round.
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+class EvalOptions(BaseModel):
+    target: str = Field(description="a run folder, or any model spec (alias, local folder, hub id)")
+    data: str = Field("test", description="'test' (the run's own test split) or a data file")
+    baseline: str | None = Field(None, description="another model to compare with, on the same rows")
+    few_shot: int = Field(0, ge=0, description="also evaluate the base model with k in-context examples")
+    out: str | None = None
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="default: the run's eval.max_new_tokens, else 64")
+    batch_size: int | None = Field(None, gt=0)
+    device: str = "auto"
+    seed: int = 0
+    n_resamples: int = Field(2000, gt=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    forgetting_texts: int = Field(100, ge=0, description="general-domain texts for the forgetting probe (0: skip)")
+    forgetting_threshold: float = Field(0.10, gt=0, description="flag a relative perplexity rise above this")
+    harness: str | None = Field(None, description="comma-separated lm-evaluation-harness tasks")
+
+
+def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
+    from tuneforge.infer import load_for_inference
+    from tuneforge.train.run import load_run_config
+
+    console = console or Console()
+
+    # --- setup -------------------------------------------------------------------------
+    target = Path(opts.target)
+    cfg = load_run_config(target) if (target / "config.yaml").exists() else None
+    is_run = cfg is not None
+    # Data problems surface before any weights load.
+    rows, train_rows, lineage = load_eval_rows(opts.data, cfg, target)
+    if opts.few_shot and not train_rows:
+        raise DataError("--few-shot draws its examples from a run's train split: pass a run folder")
+    model, tok, system_prompt, device, dtype = load_for_inference(opts.target, opts.device)
+    gen = GenSettings(max_new_tokens=opts.max_new_tokens or (cfg.eval.max_new_tokens if cfg else 64),
+                      batch_size=opts.batch_size or (cfg.eval.batch_size if cfg else 16), device=device,
+                      dtype=str(dtype).replace("torch.", ""))
+    out = Path(opts.out) if opts.out else (target / "eval" if is_run else
+                                           Path("runs") / f"eval-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data --------------------------------------------------------------------------
+    rows = rows[: opts.limit] if opts.limit else rows
+    convs = [with_system(r["messages"], system_prompt) for r in rows]
+    refs = [c[-1]["content"] for c in convs]
+    kind = task_kind(refs)
+    labels = sorted({normalize(r["messages"][-1]["content"]) for r in train_rows} | {normalize(r) for r in refs}) \
+        if kind == "classification" else None
+    console.print(f"[bold]eval[/] {opts.target} on {opts.data}: {len(convs)} rows, task kind {kind}")
+
+    # --- systems: baselines first, the model under test last ---------------------------
+    systems: dict[str, dict] = {}
+    base_ctx = model.disable_adapter if is_run else contextlib.nullcontext
+    shots = draw_shots([with_system(r["messages"], None) for r in train_rows], opts.few_shot, opts.seed)
+    shot_convs = [with_examples(c, shots) for c in convs]
+
+    def run_system(name, m, cs, with_loss=True):
+        systems[name] = measure(m, tok, cs, kind=kind, labels=labels, gen=gen, label=name, with_loss=with_loss)
+
+    if is_run:
+        with base_ctx():
+            run_system("base zero-shot", model, convs)
+            if opts.few_shot:
+                run_system(f"base {opts.few_shot}-shot", model, shot_convs, with_loss=False)
+    if opts.baseline:
+        other, other_tok, *_ = load_for_inference(opts.baseline, opts.device)
+        if other_tok.get_vocab() != tok.get_vocab():
+            console.print(f"[yellow]note[/]: {opts.baseline} has another tokenizer: prompt tokens differ")
+        systems[f"{opts.baseline} zero-shot"] = measure(other, other_tok, convs, kind=kind, labels=labels, gen=gen,
+                                                       label=opts.baseline)
+        if opts.few_shot:
+            systems[f"{opts.baseline} {opts.few_shot}-shot"] = measure(
+                other, other_tok, shot_convs, kind=kind, labels=labels, gen=gen, label=opts.baseline,
+                with_loss=False)
+    under_test = "tuned" if is_run else opts.target
+    run_system(under_test, model, convs)
+
+    # --- compare: paired bootstrap of the model under test against each baseline --------
+    comparisons = {name: compare_systems(systems[name], systems[under_test], opts)
+                   for name in systems if name != under_test}
+
+    # --- forgetting probe --------------------------------------------------------------
+    forgetting = None
+    if opts.forgetting_texts and (is_run or opts.baseline):
+        try:
+            texts = general_texts(opts.forgetting_texts)
+        except ProbeUnavailable as e:
+            console.print(f"[yellow]forgetting probe skipped[/]: {e}")
+        else:
+            def ppl(m, t):
+                return summarize(nll_per_row(m, text_rows(t, texts, 128), t.pad_token_id, batch_size=gen.batch_size,
+                                             device=gen.device, autocast_dtype=gen.autocast_dtype))["perplexity"]
+            if is_run:
+                with base_ctx():
+                    before = ppl(model, tok)
+            else:
+                before = ppl(other, other_tok)
+            forgetting = forgetting_verdict(before, ppl(model, tok), opts.forgetting_threshold)
+            forgetting |= {"texts": len(texts), "source": "chatterbot-corpus (english)"}
+
+    # --- diagnosis from the training curves --------------------------------------------
+    findings = []
+    if is_run and (target / "metrics.jsonl").exists():
+        findings = [f.model_dump() for f in diagnose(*read_curves(target / "metrics.jsonl"))]
+
+    # --- lm-evaluation-harness (optional) ----------------------------------------------
+    harness = run_harness(model, tok, opts.harness, console) if opts.harness else None
+
+    # --- write -------------------------------------------------------------------------
+    results = {"target": opts.target, "data": opts.data, "n": len(convs), "kind": kind, "labels": labels,
+               "generation": gen.model_dump(), "lineage": lineage,
+               "systems": {k: {f: v[f] for f in ("main", "scores", "seconds_per_request", "prompt_tokens_per_request",
+                                                  "output_tokens_per_request", "confusion") if f in v}
+                           for k, v in systems.items()},
+               "comparisons": comparisons, "forgetting": forgetting, "diagnosis": findings, "harness": harness,
+               "bootstrap": {"resamples": opts.n_resamples, "confidence": opts.confidence, "seed": opts.seed}}
+    write_json(out / "eval_results.json", results)
+    with open(out / "eval_samples.jsonl", "w") as f:
+        for name, s in systems.items():
+            main = s["per_example"][s["main"]]
+            for p, r, q, sc in zip(s["preds"], s["refs"], s["prompts"], main):
+                f.write(json.dumps({"system": name, "prompt": q, "reference": r, "prediction": p, "score": sc}) + "\n")
+    print_table(results, under_test, console)
+    md, page = rp.write_report(eval_blocks(results, systems, under_test, target if is_run else None, out), out,
+                               f"Evaluation of {opts.target}")
+    console.print(f"[bold green]report[/]: {md} and {page}")
+    return out
+
+
+def load_eval_rows(data: str, cfg, target: Path) -> tuple[list[dict], list[dict], dict]:
+    """(rows to evaluate, train rows for in-context examples, lineage)."""
+    from tuneforge.data.prepare import build_splits
+
+    lineage: dict = {}
+    train_rows: list[dict] = []
+    if cfg is not None:
+        splits = build_splits(cfg.data, cfg.train.seed)
+        train_rows = splits.train
+        lineage = {"base_model": cfg.model.name, "method": cfg.method.name,
+                   "data_manifest_sha256": splits.manifest_hash(), "config": yaml.safe_load((target / "config.yaml").read_text())}
+        report = target / "data_report.json"
+        if report.exists():
+            recorded = json.loads(report.read_text())["manifest_sha256"]
+            lineage["manifest_matches_run"] = recorded == lineage["data_manifest_sha256"]
+            if not lineage["manifest_matches_run"]:
+                # The split is re-derived from the config: changed data files give other rows.
+                raise DataError(f"the data behind {target} changed since training (manifest {recorded[:12]} -> "
+                                f"{lineage['data_manifest_sha256'][:12]}): its test split is not the one held out")
+    if data == "test":
+        if cfg is None:
+            raise DataError("--data test needs a run folder (its test split); for a model, pass a data file")
+        if not splits.test:
+            raise DataError(f"{target} has no test split (data.test_size=0 and no data.test files)")
+        return splits.test, train_rows, lineage | {"data": "the run's test split"}
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data}: no such file (or use 'test' for a run's test split)")
+    rows, _ = load_rows([data], cfg.data.format if cfg else "auto", cfg.data.columns if cfg else {})
+    return rows, train_rows, lineage | {"data": data}
+
+
+def compare_systems(base: dict, tuned: dict, opts: EvalOptions) -> dict:
+    """Per metric: tuned - base, with a paired bootstrap CI where the metric is per-example."""
+    out = {}
+    for name, b_val in base["scores"].items():
+        if name not in tuned["scores"]:
+            continue
+        row = {"base": b_val, "tuned": tuned["scores"][name], "delta": tuned["scores"][name] - b_val}
+        if name in base["per_example"] and name in tuned["per_example"]:
+            row |= {k: v for k, v in paired_bootstrap(base["per_example"][name], tuned["per_example"][name],
+                                                      n_resamples=opts.n_resamples, confidence=opts.confidence,
+                                                      seed=opts.seed).items() if k != "delta"}
+        out[name] = row
+    return out
+
+
+def run_harness(model, tok, tasks: str, console: Console) -> dict | None:
+    """lm-evaluation-harness on the in-memory model, when installed (it is not a dependency)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        console.print("[yellow]--harness skipped[/]: lm-evaluation-harness is not installed "
+                      "(pip install lm-eval; its tasks download their data from the Hugging Face hub)")
+        return {"skipped": "lm_eval is not installed"}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=tasks.split(","))
+    return {"results": res.get("results", {})}
+
+
+def fmt(name: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if name in LOWER_IS_BETTER else f"{100 * v:.1f}%"
+
+
+def fmt_delta(name: str, c: dict) -> str:
+    scale, unit = (1, "") if name in LOWER_IS_BETTER else (100, " pts")
+    d = f"{scale * c['delta']:+.{3 if not unit else 1}f}{unit}"
+    if "low" in c:
+        d += f" [{scale * c['low']:+.{3 if not unit else 1}f}, {scale * c['high']:+.{3 if not unit else 1}f}]"
+    return d
+
+
+def score_rows(results: dict, under_test: str) -> tuple[list[str], list[list[str]]]:
+    """One row per metric: each system's value, then the delta of the model under test
+    against each baseline with its bootstrap CI."""
+    names = list(results["systems"])
+    baselines = [n for n in names if n != under_test]
+    header = ["metric", *names, *(f"{under_test} - {b} ({int(100 * results['bootstrap']['confidence'])}% CI)"
+                                  for b in baselines)]
+    metrics = list(results["systems"][under_test]["scores"])
+    rows = []
+    for m in metrics:
+        cells = [fmt(m, results["systems"][n]["scores"].get(m)) for n in names]
+        cells += [fmt_delta(m, results["comparisons"][b][m]) if m in results["comparisons"][b] else "-"
+                  for b in baselines]
+        rows.append([m, *cells])
+    return header, rows
+
+
+def print_table(results: dict, under_test: str, console: Console) -> None:
+    header, rows = score_rows(results, under_test)
+    t = Table(title=f"{results['data']} ({results['n']} rows, {results['kind']})")
+    for h in header:
+        t.add_column(h, justify="left" if h == "metric" else "right")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    f = results["forgetting"]
+    if f:
+        colour = "red" if f["flagged"] else "green"
+        console.print(f"forgetting probe: general-text perplexity {f['perplexity_before']:.2f} -> "
+                      f"{f['perplexity_after']:.2f} ([{colour}]{100 * f['relative_change']:+.1f}%[/], "
+                      f"threshold +{100 * f['threshold']:.0f}%)")
+    for d in results["diagnosis"]:
+        console.print(f"diagnosis [bold]{d['kind']}[/]: {d['evidence']}. Suggestion: {d['suggestion']}")
+
+
+def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | None, out: Path) -> list:
+    header, rows = score_rows(results, under_test)
+    blocks = [rp.heading("Results"),
+              rp.text(f"Data: {results['data']} ({results['n']} rows); task kind: {results['kind']}; "
+                      f"main metric: {systems[under_test]['main']}. Intervals: paired bootstrap over examples "
+                      f"({results['bootstrap']['resamples']} resamples); corpus-level metrics (BLEU, chrF, macro/micro "
+                      "scores) have no interval. Loss and perplexity: lower is better."),
+              rp.table(header, rows),
+              rp.table(["system", "seconds / request", "prompt tokens / request", "output tokens / request"],
+                       [[n, f"{s['seconds_per_request']:.3f}", f"{s['prompt_tokens_per_request']:.0f}",
+                         f"{s['output_tokens_per_request']:.1f}"] for n, s in systems.items()]),
+              rp.heading("Generation settings"),
+              rp.table(["setting", "value"], [[k, v] for k, v in results["generation"].items()])]
+    for name, s in systems.items():
+        if "confusion" in s:
+            png = rp.confusion_png(s["confusion"], out / f"confusion-{slug(name)}.png", name)
+            blocks += [rp.heading(f"Confusion matrix: {name}", 3), rp.image(png)]
+    f = results["forgetting"]
+    if f:
+        blocks += [rp.heading("Forgetting probe"),
+                   rp.text(f"Perplexity on {f['texts']} general-domain texts ({f['source']}): "
+                           f"{f['perplexity_before']:.2f} before, {f['perplexity_after']:.2f} after "
+                           f"({100 * f['relative_change']:+.1f}%; threshold +{100 * f['threshold']:.0f}%): "
+                           + ("FLAGGED: the tuning hurt general language modelling." if f["flagged"] else "not flagged."))]
+    if run_dir is not None:
+        from tuneforge.train.plots import plot_losses
+
+        curve = plot_losses(run_dir / "metrics.jsonl", out / "loss.png") if (run_dir / "metrics.jsonl").exists() else None
+        blocks += [rp.heading("Training curves"), rp.image(curve)]
+    if results["diagnosis"]:
+        blocks += [rp.heading("Diagnosis"),
+                   rp.table(["finding", "evidence", "suggestion"],
+                            [[d["kind"], d["evidence"], d["suggestion"]] for d in results["diagnosis"]])]
+    s = systems[under_test]
+    order = sorted(range(s["n"]), key=lambda i: s["per_example"][s["main"]][i])
+    for title, idx in (("Best samples", order[::-1][:3]), ("Worst samples", order[:3])):
+        blocks += [rp.heading(f"{title} ({under_test}, by {s['main']})", 3),
+                   rp.table(["prompt", "reference", "prediction", s["main"]],
+                            [[s["prompts"][i][:300], s["refs"][i], s["preds"][i],
+                              f"{s['per_example'][s['main']][i]:.2f}"] for i in idx])]
+    if results.get("harness"):
+        blocks += [rp.heading("lm-evaluation-harness"), rp.code(json.dumps(results["harness"], indent=2, default=str))]
+    lin = results["lineage"]
+    if lin:
+        blocks += [rp.heading("Lineage"),
+                   rp.table(["item", "value"], [[k, v] for k, v in lin.items() if k != "config"]),
+                   rp.code(yaml.safe_dump(lin.get("config"), sort_keys=False))]
+    return blocks
+
+
+def slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")

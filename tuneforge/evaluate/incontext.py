@@ -1,0 +1,85 @@
+"""In-context baselines: few-shot (k fixed examples from train) and RAG (the k training
+examples most similar to each query), both as earlier chat turns of the conversation."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def query_text(messages: list[dict]) -> str:
+    """What a retriever matches on: the user turns before the final answer."""
+    return "\n".join(m["content"] for m in messages[:-1] if m["role"] == "user")
+
+
+def with_examples(messages: list[dict], examples: list[list[dict]]) -> list[dict]:
+    """system (if any), then each example's turns, then the conversation itself."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    shots = [m for ex in examples for m in ex if m["role"] != "system"]
+    return [*system, *shots, *messages[len(system):]]
+
+
+def draw_shots(train: list[list[dict]], k: int, seed: int) -> list[list[dict]]:
+    """k examples, seeded, the same for every test row (the classic k-shot prompt)."""
+    return random.Random(seed).sample(train, min(k, len(train)))
+
+
+class BM25Retriever:
+    """Lexical retrieval (rank-bm25's Okapi BM25 over lower-cased word tokens)."""
+
+    name = "bm25"
+
+    def __init__(self, docs: list[str]):
+        from rank_bm25 import BM25Okapi
+
+        self.bm25 = BM25Okapi([d.lower().split() for d in docs])
+
+    def top_k(self, queries: list[str], k: int) -> list[list[int]]:
+        out = []
+        for q in queries:
+            scores = self.bm25.get_scores(q.lower().split())
+            out.append(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
+        return out
+
+
+class MiniLMRetriever:
+    """Dense retrieval with the embedded all-MiniLM-L6-v2 encoder (mean pooling, cosine)."""
+
+    name = "minilm"
+
+    def __init__(self, docs: list[str], batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        from tuneforge.models import zoo
+
+        path = zoo.ensure("all-minilm-l6-v2")
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+        self.doc_emb = self.embed(docs)
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        parts = []
+        for s in range(0, len(texts), self.batch_size):
+            b = self.tok(texts[s : s + self.batch_size], padding=True, truncation=True, max_length=256,
+                         return_tensors="pt")
+            hidden = self.model(**b).last_hidden_state  # (B, T, 384)
+            mask = b["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            parts.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(parts)
+
+    def top_k(self, queries: list[str], k: int) -> list[list[int]]:
+        sims = self.embed(queries) @ self.doc_emb.T  # (Q, D) cosine similarities
+        return sims.topk(min(k, sims.shape[1]), dim=1).indices.tolist()
+
+
+RETRIEVERS = {"bm25": BM25Retriever, "minilm": MiniLMRetriever}
+
+
+def rag_convs(convs: list[list[dict]], train: list[list[dict]], retriever, k: int) -> list[list[dict]]:
+    """Each conversation preceded by its k most similar training examples."""
+    hits = retriever.top_k([query_text(c) for c in convs], k)
+    return [with_examples(c, [train[i] for i in idx]) for c, idx in zip(convs, hits)]
