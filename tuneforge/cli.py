@@ -39,7 +39,8 @@ def cmd_train(args) -> int:
         from tuneforge.train.distributed import launch
         from tuneforge.train.run import new_run_dir
 
-        return launch([args.config, *args.overrides], args.nproc, new_run_dir(cfg, create=False).name)
+        return launch([*(["--force"] if args.force else []), args.config, *args.overrides], args.nproc,
+                      new_run_dir(cfg, create=False).name)
     train(cfg, console=_console(), force=args.force)
     return 0
 
