@@ -210,6 +210,23 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         distributed.barrier(world)
         return path
 
+    def roll_back(loss: float) -> EarlyStopping:
+        """NaN guard: drop this step, restore the last checkpoint, lower the LR; returns the
+        early stopper as it was at that checkpoint."""
+        step_optimizer.zero_grad(set_to_none=True)
+        bad_step = pos.step + 1
+        good = ckpt.latest_checkpoint(run_dir)
+        loaded, rng = ckpt.load_checkpoint(good, model, optimizer, scheduler)
+        ckpt.set_rng_state(rng)
+        vars(pos).update(vars(loaded))
+        scale_lr(optimizer, scheduler, t.nan_lr_factor)
+        if main:
+            _truncate_metrics(metrics_path, pos.step)
+        log({"kind": "rollback", "step": pos.step, "bad_step": bad_step, "loss": str(loss),
+             "lr_factor": t.nan_lr_factor})
+        console.print(f"[yellow]loss {loss} at step {bad_step}[/]: rolled back to {good.name}, LR x{t.nan_lr_factor}")
+        return EarlyStopping.replay(t.early_stopping_patience, t.early_stopping_min_delta, _eval_history(metrics_path))
+
     if last is None:
         save()  # step 0: the NaN guard always has a good state to roll back to
 
@@ -247,22 +264,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm and not private
                              else torch.tensor(0.0))
                 if guard.check(loss, pos.step + 1):
-                    step_optimizer.zero_grad(set_to_none=True)
-                    bad_step = pos.step + 1
-                    good = ckpt.latest_checkpoint(run_dir)
-                    loaded, rng = ckpt.load_checkpoint(good, model, optimizer, scheduler)
-                    ckpt.set_rng_state(rng)
-                    vars(pos).update(vars(loaded))
-                    scale_lr(optimizer, scheduler, t.nan_lr_factor)
-                    if main:
-                        _truncate_metrics(metrics_path, pos.step)
-                    stopper = EarlyStopping.replay(t.early_stopping_patience, t.early_stopping_min_delta,
-                                                   _eval_history(metrics_path))
-                    log({"kind": "rollback", "step": pos.step, "bad_step": bad_step, "loss": str(loss),
-                         "lr_factor": t.nan_lr_factor})
+                    stopper = roll_back(loss)
                     progress.update(bar, completed=pos.step)
-                    progress.console.print(f"[yellow]loss {loss} at step {bad_step}[/]: rolled back to {good.name}, "
-                                           f"LR x{t.nan_lr_factor}")
                     continue
                 step_optimizer.step()
                 scheduler.step()
