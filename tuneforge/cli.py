@@ -35,7 +35,27 @@ def cmd_train(args) -> int:
     if not args.config:
         raise SystemExit("tuneforge train: give a CONFIG file (see examples/), or --resume RUN_DIR")
     cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1:
+        from tuneforge.train.distributed import launch
+        from tuneforge.train.run import new_run_dir
+
+        return launch([*(["--force"] if args.force else []), args.config, *args.overrides], args.nproc,
+                      new_run_dir(cfg, create=False).name)
     train(cfg, console=_console(), force=args.force)
+    return 0
+
+
+def cmd_sequence(args) -> int:
+    from tuneforge.train.sequence import load_sequence, run_sequence
+
+    run_sequence(load_sequence(args.config, args.overrides), console=_console())
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from tuneforge.train.sweep import load_space, run_sweep
+
+    run_sweep(args.config, args.overrides, load_space(args.space), args.trials, console=_console(), seed=args.seed)
     return 0
 
 
@@ -170,8 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML run config (see examples/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 data.packing=true")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on GPU)")
     t.add_argument("--force", action="store_true", help="train even if `tuneforge plan` says it will not fit")
     t.set_defaults(fn=cmd_train)
+
+    q = sub.add_parser("sequence", help="sequential fine-tuning: train the config's stages one after another")
+    q.add_argument("config", help="run config with a `stages:` list (see examples/sequence.yaml)")
+    q.add_argument("overrides", nargs="*")
+    q.set_defaults(fn=cmd_sequence)
+
+    w = sub.add_parser("sweep", help="hyper-parameter search with Optuna (every trial a run folder)")
+    w.add_argument("config")
+    w.add_argument("overrides", nargs="*")
+    w.add_argument("--space", required=True, help="YAML: config key -> {low, high, log} or {choices}")
+    w.add_argument("--trials", type=int, default=10)
+    w.add_argument("--seed", type=int, default=0, help="sampler seed")
+    w.set_defaults(fn=cmd_sweep)
 
     c = sub.add_parser("check", help="validate a config (and its model's module names) without training")
     c.add_argument("config")
@@ -254,15 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.load import DataError
     from tuneforge.data.render import RenderError
     from tuneforge.models.load import ModelLoadError
+    from tuneforge.train.callbacks import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "sequence", "sweep"):
         from tuneforge.train.launch import reexec_with_allocator
 
         reexec_with_allocator(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError,
+            TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

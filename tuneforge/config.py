@@ -39,10 +39,26 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
+class TaskConfig(Strict):
+    """One task of a multi-task or continual run; format, columns, max_length... come from `data`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    train: list[str] = Field(..., min_length=1)
+    validation: list[str] = []
+    test: list[str] = []
+    weight: float | None = Field(None, gt=0, description="mixing weight; none set: sizes ** (1/temperature)")
+    val_size: float | None = Field(None, ge=0, lt=1, description="default: data.val_size")
+    test_size: float | None = Field(None, ge=0, lt=1, description="default: data.test_size")
+
+
 class DataConfig(Strict):
     train: list[str] = Field(
-        ..., description="files (jsonl/json/csv/tsv/parquet/txt), folders, builtin:TASK[?n=N&seed=S], "
-        "or one folder written by `tuneforge data prepare` (its train/validation/test splits are used)"
+        [], description="files (jsonl/json/csv/tsv/parquet/txt), folders, builtin:TASK[?n=N&seed=S], "
+        "or one folder written by `tuneforge data prepare` (its train/validation/test splits are used); or use `tasks`"
+    )
+    tasks: list[TaskConfig] = Field([], description="multi-task: several datasets mixed into one run")
+    temperature: float = Field(
+        1.0, gt=0, description="multi-task sampling p_i ~ n_i ** (1/T) when no task sets a weight (T>1 flattens)"
     )
     validation: list[str] = []
     test: list[str] = []
@@ -65,6 +81,14 @@ class DataConfig(Strict):
     def _sizes(self):
         if self.val_size + self.test_size >= 0.9:
             raise ValueError("val_size + test_size must leave at least 10% of the rows for training")
+        if bool(self.train) == bool(self.tasks):
+            raise ValueError("give either data.train (one task) or data.tasks (several), not both or neither")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique (got {names})")
+        weighted = [t.weight is not None for t in self.tasks]
+        if any(weighted) and not all(weighted):
+            raise ValueError("set a weight on every task or on none (then sizes and data.temperature decide)")
         return self
 
 
@@ -93,6 +117,46 @@ class TrainConfig(Strict):
         True,
         description="compute vocabulary logits only where the loss is taken (same loss, less time and memory)",
     )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after N evaluations without a better validation loss; the adapter kept is the best"
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smaller improvements count as none")
+    nan_lr_factor: float = Field(
+        0.5, gt=0, lt=1, description="on a NaN/inf loss: roll back to the last checkpoint, multiply the LR by this, once"
+    )
+    init_from: str | None = Field(
+        None, description="run folder (or adapter folder) whose trained weights this run starts from"
+    )
+
+
+class ContinualConfig(Strict):
+    """Earlier tasks of a continual run: replayed, protected by EWC, and scored for forgetting."""
+
+    previous: list[TaskConfig] = Field([], description="earlier tasks (same seed/sizes as their own runs)")
+    replay_share: float = Field(0.0, ge=0, lt=1, description="share of training rows drawn from earlier tasks")
+    ewc_lambda: float = Field(0.0, ge=0, description="EWC penalty strength (0: off)")
+    fisher_rows: int = Field(64, gt=0, description="earlier-task rows used to estimate the diagonal Fisher")
+
+    @model_validator(mode="after")
+    def _needs_previous(self):
+        if (self.replay_share or self.ewc_lambda) and not self.previous:
+            raise ValueError("replay_share and ewc_lambda need continual.previous (the earlier tasks)")
+        return self
+
+
+class PrivacyConfig(Strict):
+    """DP-SGD (Opacus): per-example gradient clipping + Gaussian noise; epsilon is reported."""
+
+    target_epsilon: float | None = Field(None, gt=0, description="noise is calibrated to reach this at the end")
+    noise_multiplier: float | None = Field(None, ge=0, description="alternative to target_epsilon")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping bound")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("set exactly one of privacy.target_epsilon and privacy.noise_multiplier")
+        return self
 
 
 class EvalConfig(Strict):
@@ -113,6 +177,8 @@ class RunConfig(Strict):
     objective: Any = Field(default_factory=lambda: {"name": "sft"})
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    continual: ContinualConfig = ContinualConfig()
+    privacy: PrivacyConfig | None = None
     output_dir: str = "runs"
     run_name: str | None = Field(None, description="run folder name; default: time stamp + method")
 

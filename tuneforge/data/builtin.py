@@ -3,6 +3,10 @@
 ``orders``: free-text customer messages -> a JSON object with the order's fields. The
 base model rarely produces the exact schema zero-shot; a short LoRA run learns it, which
 makes it a clear before/after demo with an unambiguous metric (JSON exact match).
+
+``reviews``: a product review -> JSON with the product, a 1-5 rating and the sentiment. Same
+reply format as ``orders`` but another schema, so training one after the other shows
+forgetting (the model starts answering orders with review keys) and what prevents it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,35 @@ def orders(n: int = 800, seed: int = 0):
         yield {"instruction": INSTRUCTION, "input": text, "output": json.dumps(answer)}
 
 
+REVIEW_TEMPLATES = {
+    1: ["The {product} broke after two days. Total waste of money.", "Awful {product}, I want a refund.",
+        "Do not buy this {product}; it stopped working right away."],
+    2: ["The {product} is flimsy and smaller than pictured.", "Disappointed with the {product}, it feels cheap.",
+        "Meh. The {product} works, barely, and the finish peels."],
+    3: ["The {product} is okay for the price, nothing special.", "Average {product}. Does the job, no more.",
+        "It's a {product}. Fine, I guess, but delivery took long."],
+    4: ["Nice {product}, solid build, would buy again.", "Really like this {product}, just a bit pricey.",
+        "Good {product}; works well and looks great."],
+    5: ["Best {product} I have ever owned, absolutely love it!", "Perfect {product}, exceeded my expectations.",
+        "Five stars for this {product}, my whole family uses it."],
+}
+SENTIMENT = {1: "negative", 2: "negative", 3: "neutral", 4: "positive", 5: "positive"}
+REVIEW_INSTRUCTION = ("Read the product review and reply with JSON with the keys product, rating (1-5) "
+                      "and sentiment (positive, neutral or negative). Reply with the JSON only.")
+
+
+def reviews(n: int = 800, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        product, _ = rng.choice(PRODUCTS)
+        rating = rng.randint(1, 5)
+        text = rng.choice(REVIEW_TEMPLATES[rating]).format(product=product)
+        if rng.random() < 0.5:
+            text = f"{text} - {rng.choice(FIRST)} from {rng.choice(CITIES)}"
+        answer = {"product": product, "rating": rating, "sentiment": SENTIMENT[rating]}
+        yield {"instruction": REVIEW_INSTRUCTION, "input": text, "output": json.dumps(answer)}
+
+
 REVIEW_PARTS = {
     "positive": (["I love this {p}.", "The {p} works perfectly.", "Great {p}, exactly as described.",
                   "Really happy with my new {p}.", "This {p} exceeded my expectations."],
@@ -101,7 +134,7 @@ def preferences(n: int = 400, seed: int = 0):
         yield {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"], "rejected": rejected}
 
 
-GENERATORS = {"orders": orders, "sentiment": sentiment, "preferences": preferences}
+GENERATORS = {"orders": orders, "reviews": reviews, "sentiment": sentiment, "preferences": preferences}
 
 # Template paraphrases of a user prompt: augmentation for small sft datasets. They change
 # the wording around the request, never the request or the answer.
