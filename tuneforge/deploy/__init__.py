@@ -1,0 +1,1 @@
+"""Deployment: export (merged, GGUF, int8), the OpenAI-compatible server, routing, engines."""
