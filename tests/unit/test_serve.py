@@ -29,6 +29,9 @@ class FakeEngine:
         yield Chunk("served by ")
         yield Chunk(req.adapter, "stop", prompt_tokens=5, completion_tokens=3)
 
+    async def close(self):
+        pass
+
 
 @pytest.fixture(scope="module")
 def run_dirs(tiny_model_dir, tmp_path_factory):

@@ -10,6 +10,7 @@ the ``tuneforge`` field and in X-Tuneforge-* headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -59,7 +60,12 @@ def _error(status: int, message: str, type_: str) -> JSONResponse:
 
 def create_app(cfg: ServeConfig, registry: Registry, engine,
                on_request: Callable[[RequestRecord], None] | None = None) -> FastAPI:
-    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await engine.close()  # stop the engine's worker / HTTP pool with the server
+
+    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, lifespan=lifespan)
     limiter = RateLimiter()
 
     @app.exception_handler(ApiError)
