@@ -179,3 +179,19 @@ def test_streaming_chat_sends_sse_chunks_with_version(reg):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     assert all(e["tuneforge"]["version"] == "bot:v2" for e in events)
     assert records[-1].stream and records[-1].completion_tokens == 3
+
+
+def test_example_serve_yaml_is_valid_and_bad_keys_are_reported(tmp_path):
+    from pathlib import Path
+
+    from tuneforge.config import ConfigError
+    from tuneforge.deploy.config import load_serve_config
+
+    cfg = load_serve_config(Path(__file__).parents[2] / "examples" / "serve.yaml")
+    assert cfg.host == "127.0.0.1" and cfg.routes["support-bot-ab"].arms[1].weight == 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: {kind: vllm}\nroutes: {x: {arms: []}}\ntimout_s: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(bad)
+    text = str(e.value)
+    assert "timeout_s" in text and "engine" in text and "arms" in text

@@ -30,6 +30,8 @@ class PromotionRefused(RegistryError):
 
 
 def default_url() -> str:
+    if os.environ.get("TUNEFORGE_REGISTRY"):
+        return os.environ["TUNEFORGE_REGISTRY"]
     home = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
     return f"sqlite:///{home / 'registry.db'}"
 
