@@ -146,7 +146,7 @@ def cmd_export(args) -> int:
 
     from tuneforge.deploy.export import export
 
-    out = export(args.run_dir, args.format, args.out)
+    out = export(args.run_dir, args.format, args.out, args.dtype)
     manifest = json.loads((out / "manifest.json").read_text())
     console = _console()
     for name, size in manifest["files"].items():
@@ -241,6 +241,8 @@ def add_deploy_parsers(sub) -> None:
     e.add_argument("run_dir")
     e.add_argument("--format", required=True, choices=FORMATS)
     e.add_argument("--out", help="output folder (default RUN_DIR/export/FORMAT)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="merged: weight dtype (fp32 keeps base+adapter's outputs exactly)")
     e.set_defaults(fn=cmd_export)
 
     def with_registry(p):
