@@ -138,6 +138,11 @@ class LocalEngine:
         finally:
             job.cancelled = True  # timed out or client gone: the worker skips it if not yet run
 
+    async def load(self, req: GenRequest) -> None:
+        """Load ``req``'s base and adapter now (at startup; the worker thread is not running yet
+        or idle, and loading twice is a no-op)."""
+        await asyncio.to_thread(self._model, req)
+
     async def close(self) -> None:
         if self.worker is not None:
             self.jobs.put(None)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, collect
 from tuneforge.deploy.routing import RateLimiter, plan
-from tuneforge.registry.store import KeyInfo, Registry, RegistryError, parse_ref
+from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
 
 
 @dataclass
@@ -62,6 +62,12 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
                on_request: Callable[[RequestRecord], None] | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if hasattr(engine, "load"):
+            # Load the base model(s) and every registered adapter before taking traffic, so the
+            # first request's timeout is not spent loading weights.
+            for name in registry.models():
+                for v in registry.versions(name):
+                    await engine.load(_gen_request(v, {}))
         yield
         await engine.close()  # stop the engine's worker / HTTP pool with the server
 
@@ -168,9 +174,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
                 except RegistryError as e:
                     unknown.append(str(e))
                     raise
-                req = GenRequest(adapter=v.ref, adapter_dir=f"{v.run_dir}/adapter", base_model=v.base_model,
-                                 system_prompt=_system_prompt(v.run_dir), **params)
-                stream = engine.stream(req).__aiter__()
+                stream = engine.stream(_gen_request(v, params)).__aiter__()
                 first = await asyncio.wait_for(stream.__anext__(), cfg.timeout_s)
                 record.version = v.ref
                 record.fallback_reason = "; ".join(reasons) or None
@@ -228,6 +232,11 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     app.state.registry, app.state.engine = registry, engine
     return app
+
+
+def _gen_request(v: VersionInfo, params: dict) -> GenRequest:
+    return GenRequest(adapter=v.ref, adapter_dir=f"{v.run_dir}/adapter", base_model=v.base_model,
+                      system_prompt=_system_prompt(v.run_dir), **params)
 
 
 @lru_cache(maxsize=256)
