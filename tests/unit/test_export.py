@@ -1,102 +1,101 @@
-"""Export folds LoRA/DoRA/IA3 (and full/freeze/hft trivially) into a plain model whose
-logits match base + adapter; merge-adapters writes a standard peft adapter folder."""
+"""Exports of a trained tiny run: the merged folder is the same model as base + adapter, the
+GGUF files read back through transformers' own GGUF loader, int8 reloads exactly."""
 
 import json
 
 import pytest
 import torch
-import yaml
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.config import ConfigError, to_yaml, validate_config
-from tuneforge.deploy.export import export_run
-from tuneforge.methods import METHODS
-from tuneforge.methods.merge import merge_adapters
-from tuneforge.models.load import load_causal_lm
+from tuneforge.config import validate_config
+from tuneforge.deploy.export import export
+from tuneforge.infer import load_for_inference
+from tuneforge.train.run import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    raw = {"model": {"name": tiny_model_dir},
+           "data": {"train": ["builtin:orders?n=60&seed=3"], "max_length": 160, "val_size": 0.1, "test_size": 0.1},
+           "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+           "train": {"lr": 2e-2, "max_steps": 4, "batch_size": 4, "eval_every": 0, "save_every": 0, "seed": 7,
+                     "dtype": "fp32"},
+           "eval": {"max_new_tokens": 4, "limit": 2, "batch_size": 2},
+           "output_dir": str(tmp_path_factory.mktemp("runs")), "run_name": "tiny"}
+    return train(validate_config(raw))
+
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 41, 7]])
 
 
-def fake_run(root, model_dir, method_raw, seed=0):
-    """A finished run folder whose trained parameters are random (so folding is not trivial)."""
-    cfg = validate_config({"model": {"name": model_dir}, "data": {"train": ["builtin:orders"]}, "method": method_raw})
-    method = METHODS[cfg.method.name]
-    model = method.apply(load_causal_lm(model_dir, method.base_dtype(cfg.method, torch.float32), "cpu"), cfg.method)
-    g = torch.Generator().manual_seed(seed)
+@pytest.fixture(scope="module")
+def tuned(run_dir):
+    model, tok, *_ = load_for_inference(str(run_dir), device="cpu", dtype="fp32")
+    return model, tok
+
+
+def test_merged_export_is_the_same_model_as_base_plus_adapter(run_dir, tuned, tiny_model_dir):
+    model, tok = tuned
+    out = export(run_dir, "merged")
+    assert out == run_dir / "export" / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    run = root / f"{method_raw['name']}-{seed}"
-    method.save(model, run / "adapter")
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    return run
+        a, b = model(input_ids=IDS).logits, merged(input_ids=IDS).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(input_ids=IDS).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, base, atol=1e-3)  # the adapter did change the model
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2 apples"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    ga = model.generate(**prompt, eos_token_id=tok.eos_token_id, **kw)
+    gb = merged.generate(**prompt, **kw)  # eos from the exported generation config
+    assert ga.tolist() == gb.tolist()
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert merged.generation_config.eos_token_id == reloaded_tok.convert_tokens_to_ids("<|im_end|>")
+    assert reloaded_tok.chat_template
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "merged" and m["source_run"] == str(run_dir.resolve())
+    assert len(m["adapter_sha256"]) == 64 and len(m["base_model_sha256"]) == 64
+    assert m["eval_scores"]["tuned"] and m["files"]["model.safetensors"] > 0
 
 
-def tuned_logits(run, model_dir):
-    cfg = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
-    method = METHODS[cfg.method.name]
-    model = method.load(load_causal_lm(model_dir, torch.float32, "cpu"), run).eval()
+def test_gguf_export_reads_back_with_transformers(run_dir, tuned):
+    model, tok = tuned
+    out = export(run_dir, "gguf", run_dir / "gguf-out")
+    merged_logits = model(input_ids=IDS).logits.detach()
+    for q, tol in (("f16", 2e-2), ("q8_0", 1e-1)):
+        name = f"model-{q}.gguf"
+        g = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = g(input_ids=IDS).logits
+        err = (logits - merged_logits).abs().max().item()
+        assert err < tol, (q, err)
+        assert torch.equal(logits.argmax(-1), merged_logits.argmax(-1)), q
+    # The tokenizer inside the GGUF file encodes chat prompts exactly like the original.
+    gtok = AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
+    msgs = [{"role": "user", "content": "3 pears and 2 apples, please!"}]
+    assert (gtok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert gtok(text, add_special_tokens=True).input_ids == tok(text, add_special_tokens=True).input_ids
+    assert gtok.eos_token == "<|im_end|>"
+    sizes = json.loads((out / "manifest.json").read_text())["files"]
+    assert sizes["model-q8_0.gguf"] < sizes["model-f16.gguf"]
+
+
+def test_int8_export_reloads_exactly_and_reports_speed_and_quality(run_dir, tuned):
+    from tuneforge.deploy.export import load_merged
+    from tuneforge.deploy.int8 import load_int8, quantize
+    from tuneforge.registry.runinfo import read_run
+
+    model, tok = tuned
+    out = export(run_dir, "int8")
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())  # nothing pickled
+    loaded = load_int8(out)
+    ref = quantize(load_merged(read_run(run_dir))[0])
     with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-@pytest.mark.parametrize("raw", [{"name": "lora", "r": 4}, {"name": "dora", "r": 4}, {"name": "ia3"},
-                                 {"name": "full"}, {"name": "freeze", "top_k": 1}, {"name": "hft"}])
-def test_merged_export_matches_base_plus_adapter(raw, tiny_model_dir, tiny_tok, tmp_path):
-    run = fake_run(tmp_path, tiny_model_dir, raw)
-    out = export_run(run, tmp_path / "export", merge=True)
-    plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
-    with torch.no_grad():
-        merged = plain(input_ids=IDS).logits
-    ref = tuned_logits(run, tiny_model_dir)
-    assert torch.allclose(merged, ref, atol=1e-4), (merged - ref).abs().max()
-    base = load_causal_lm(tiny_model_dir, torch.float32, "cpu").eval()
-    with torch.no_grad():
-        assert not torch.allclose(base(input_ids=IDS).logits, ref, atol=1e-3)
-    assert GenerationConfig.from_pretrained(out).eos_token_id == tiny_tok.eos_token_id
-    assert (out / "tokenizer.json").exists()
-
-
-def test_methods_that_cannot_fold_say_so(tiny_model_dir, tmp_path):
-    run = fake_run(tmp_path, tiny_model_dir, {"name": "prompt", "num_virtual_tokens": 2})
-    with pytest.raises(ValueError, match="cannot be folded"):
-        export_run(run, tmp_path / "export", merge=True)
-    out = export_run(run, tmp_path / "copy", merge=False)
-    assert (out / "adapter_config.json").exists()
-
-
-@pytest.mark.parametrize("copies,weights", [(1, [1.0]), (2, [0.25, 0.25])])
-def test_linear_merge_of_an_adapter_with_itself_reproduces_it(copies, weights, tiny_model_dir, tmp_path):
-    """peft's linear merge combines A and B separately, each with sqrt(weight * scaling):
-    the delta B@A of n copies at weight w is (n * sqrt(w))^2 times the original."""
-    from peft import PeftModel
-
-    run = fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4})
-    out = merge_adapters([run] * copies, weights, "linear", tmp_path / "merged")
-    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    merged = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir, torch.float32, "cpu"), str(out)).eval()
-    with torch.no_grad():
-        assert torch.allclose(merged(input_ids=IDS).logits, tuned_logits(run, tiny_model_dir), atol=1e-5)
-    assert json.loads((out / "tuneforge_merge.json").read_text())["how"] == "linear"
-
-
-@pytest.mark.parametrize("how", ["ties", "dare_linear", "dare_ties"])
-def test_task_vector_merges_write_loadable_adapters(how, tiny_model_dir, tmp_path):
-    from peft import PeftModel
-
-    runs = [fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4}, seed=s) for s in (1, 2)]
-    out = merge_adapters(runs, [0.7, 0.3], how, tmp_path / how, density=0.5)
-    merged = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir, torch.float32, "cpu"), str(out)).eval()
-    with torch.no_grad():
-        logits = merged(input_ids=IDS).logits
-    assert torch.isfinite(logits).all()
-    assert not torch.allclose(logits, tuned_logits(runs[0], tiny_model_dir), atol=1e-4)
-
-
-def test_merge_rejects_non_lora_runs(tiny_model_dir, tmp_path):
-    runs = [fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4}),
-            fake_run(tmp_path, tiny_model_dir, {"name": "ia3"})]
-    with pytest.raises(ConfigError, match="method 'ia3' cannot be merged"):
-        merge_adapters(runs, [0.5], "linear", tmp_path / "m")
+        a, b, f = loaded(input_ids=IDS).logits, ref(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert torch.equal(a, b)  # the stored int8 weights are exactly the quantised ones
+    assert (a - f).abs().max() < 0.2 * f.abs().max()
+    report = json.loads((out / "manifest.json").read_text())["vs_bf16"]
+    assert set(report["tokens_per_s"]) == {"bf16", "int8"} and 0 <= report["next_token_agreement"] <= 1

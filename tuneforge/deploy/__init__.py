@@ -1,1 +1,1 @@
-"""Deployment: export (merge/fold), serving and routing."""
+"""Deployment: export (merged, GGUF, int8), the OpenAI-compatible server, routing, engines."""

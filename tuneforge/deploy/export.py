@@ -1,46 +1,140 @@
-"""Export a run as a plain Hugging Face model folder (weights + tokenizer + generation config).
+"""tuneforge export RUN_DIR --format merged|gguf|int8: a servable artefact with a manifest.
 
-``--merge`` folds what the method trained into the base weights: LoRA/DoRA/IA3 through
-peft's ``merge_and_unload``; full/freeze/hft runs already are plain models. A QLoRA
-adapter is folded into the de-quantised (full-precision) base, the usual way to ship it:
-its outputs then differ from the 4-bit base + adapter by the base's quantisation error.
+Every format starts from the same merge: the run's LoRA folded into an fp32 copy of the
+base (merging in bf16 would round the update away), then:
+  merged  plain HF folder (safetensors, fixed tokenizer, chat template, generation config
+          whose eos is the end-of-turn token). fp32 by default: rounding the merged weights
+          to bf16 changed SmolLM2's greedy output within 32 tokens; --dtype bf16 halves the size
+  gguf    model-f16.gguf and model-q8_0.gguf (llama.cpp, Ollama, LM Studio)
+  int8    Linear weights stored as int8 (weight-only) for CPU serving (see deploy/int8.py)
+Writes go to a temp folder renamed into place, so a reader never sees half an export.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import time
 from pathlib import Path
 
 import torch
 
 from tuneforge.io import atomic_dir, write_json
-from tuneforge.train.hardware import DTYPES
+from tuneforge.registry.runinfo import RunInfo, model_weights_sha256, read_run
+
+FORMATS = ("merged", "gguf", "int8")
 
 
-def export_run(run_dir: Path, out: Path, merge: bool, dtype: str = "fp32") -> Path:
+def load_merged(run: RunInfo):
+    """(fp32 model with what the run trained folded in, fixed tokenizer), for any method
+    that can fold (LoRA/DoRA/IA3 via peft; full/freeze/hft are plain models already)."""
     from tuneforge.methods import METHODS
     from tuneforge.models.load import load_causal_lm, load_tokenizer
     from tuneforge.models.tokenizer import fix_chat_tokenizer
     from tuneforge.train.run import load_run_config
 
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "adapter").is_dir():
-        raise FileNotFoundError(f"{run_dir} has no adapter/ folder: not a finished run")
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run.run_dir)
     method = METHODS[cfg.method.name]
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
-    if not merge:
-        with atomic_dir(out) as tmp:
-            shutil.copytree(run_dir / "adapter", tmp, dirs_exist_ok=True)
-            tok.save_pretrained(tmp)
-        return out
-    # Fold in fp32 (a bf16 merge would round the small adapter deltas), then cast once.
     base = load_causal_lm(cfg.model.name, torch.float32, "cpu", cfg.model.attn_implementation, cfg.model.revision)
-    model = method.merge(method.load(base, run_dir)).to(DTYPES[dtype])
+    model = method.merge(method.load(base, run.run_dir)).eval()
     fix_chat_tokenizer(tok, model)  # eos = end of turn, in config and generation config
+    return model, tok
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: str = "fp32") -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
+    run = read_run(run_dir)
+    out = Path(out) if out else run.run_dir / "export" / fmt
+    model, tok = load_merged(run)
+    extra: dict = {}
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / "tuneforge_export.json", {"run": str(run_dir.resolve()), "method": cfg.method.name,
-                                                   "base": cfg.model.name, "merged": True, "dtype": dtype})
+        if fmt == "merged":
+            model.to(DTYPES[dtype]).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            extra["dtype"] = dtype
+        elif fmt == "gguf":
+            from tuneforge.deploy.gguf_export import QTYPES, write_gguf
+
+            tok_dir = tmp / "tokenizer"
+            tok.save_pretrained(tok_dir)
+            for q in QTYPES:
+                write_gguf(model, tok, tok_dir, tmp / f"model-{q}.gguf", q, name=run.run_dir.name)
+        else:
+            from tuneforge.deploy.int8 import quantize, save_int8
+
+            reference = _copy_in(model, torch.bfloat16)
+            qmodel = quantize(model)
+            save_int8(qmodel, tmp)
+            model.generation_config.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            extra["vs_bf16"] = compare_models(reference, qmodel, tok, _probe_prompts(run, tok))
+        write_json(tmp / "manifest.json", manifest(run, fmt, tmp, extra))
     return out
+
+
+def manifest(run: RunInfo, fmt: str, folder: Path, extra: dict) -> dict:
+    from tuneforge.models.load import resolve
+
+    base_dir = resolve(run.base_model).path
+    return {"format": fmt, "source_run": str(run.run_dir), "base_model": run.base_model,
+            "base_model_sha256": model_weights_sha256(base_dir) if Path(base_dir).is_dir() else None,
+            "adapter_sha256": run.adapter_sha256, "eval_scores": {"tuned": run.scores, "base": run.base_scores},
+            "files": {p.relative_to(folder).as_posix(): p.stat().st_size
+                      for p in sorted(folder.rglob("*")) if p.is_file()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+
+
+def _copy_in(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype).eval()
+
+
+def _probe_prompts(run: RunInfo, tok, n: int = 4) -> list[list[int]]:
+    """Prompts for the int8 comparison: the run's held-out eval prompts, else fixed ones."""
+    from tuneforge.data.render import with_system
+
+    texts = []
+    samples = run.run_dir / "eval_samples.jsonl"
+    if samples.is_file():
+        texts = [json.loads(x)["prompt"] for x in samples.read_text().splitlines() if x.strip()]
+    texts = list(dict.fromkeys(t for t in texts if t))[:n] or ["Hello! Who are you?", "What is 2 + 3?"]
+    out = []
+    for t in texts:
+        ids = tok.apply_chat_template(with_system([{"role": "user", "content": t}], run.system_prompt),
+                                      tokenize=True, add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+@torch.no_grad()
+def compare_models(reference, candidate, tok, prompts: list[list[int]], new_tokens: int = 16,
+                   generate_on: int = 2) -> dict:
+    """Speed (greedy tokens/s, one prompt at a time, on the first ``generate_on`` prompts) and
+    quality (next-token agreement over every prompt position; greedy-output equality) of
+    ``candidate`` against ``reference``."""
+    speed, outs = {}, {}
+    for who, m in (("reference", reference), ("candidate", candidate)):
+        t0, n_tok, outs[who] = time.perf_counter(), 0, []
+        for p in prompts[:generate_on]:
+            ids = torch.tensor([p])
+            g = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            outs[who].append(g[0, len(p):].tolist())
+            n_tok += g.shape[1] - len(p)
+        speed[who] = n_tok / (time.perf_counter() - t0)
+    agree = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        a, b = reference(input_ids=ids).logits[0].float(), candidate(input_ids=ids).logits[0].float()
+        agree.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+    same = sum(a == b for a, b in zip(outs["reference"], outs["candidate"]))
+    return {"reference": "bf16 merged model", "prompts": len(prompts),
+            "tokens_per_s": {"bf16": round(speed["reference"], 2), "int8": round(speed["candidate"], 2)},
+            "speedup": round(speed["candidate"] / speed["reference"], 2),
+            "next_token_agreement": round(sum(agree) / len(agree), 4),
+            "same_greedy_output": f"{same}/{len(outs['reference'])}"}

@@ -51,7 +51,7 @@ class Method:
     def merge(self, model):
         """The loaded tuned model folded into a plain transformers model (for export)."""
         raise ValueError(f"method '{self.name}' adds computation that cannot be folded into the base weights: "
-                         f"serve the run folder (base + adapter) or export without --merge")
+                         f"serve the run folder (base + adapter) instead of exporting a merged model")
 
 
 class PeftMethod(Method):

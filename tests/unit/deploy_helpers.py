@@ -1,0 +1,29 @@
+"""Run folders for deploy tests without training: a random (non-zero) LoRA adapter on the tiny
+Llama, the run's config.yaml and an eval.json with chosen scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def fake_run(tiny_model_dir: str, run_dir: Path, seed: int, score: float | None = 0.5,
+             system_prompt: str | None = None) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear",
+                                            init_lora_weights=False))
+    run_dir = Path(run_dir)
+    model.save_pretrained(run_dir / "adapter")
+    cfg = {"model": {"name": tiny_model_dir}, "method": {"name": "lora"}, "data": {"system_prompt": system_prompt}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if score is not None:
+        (run_dir / "eval.json").write_text(json.dumps({"base": {"scores": {"exact_match": 0.1}},
+                                                       "tuned": {"scores": {"exact_match": score}}}))
+    return run_dir

@@ -1,0 +1,33 @@
+"""The registry and keys commands: exit codes and what they print (over fake run folders)."""
+
+from deploy_helpers import fake_run
+
+from tuneforge.cli import main
+
+
+def test_registry_and_keys_commands(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_REGISTRY", f"sqlite:///{tmp_path / 'reg.db'}")
+    monkeypatch.setenv("COLUMNS", "250")  # rich would wrap table cells at 80
+    good, worse = (fake_run(tiny_model_dir, tmp_path / n, seed=s, score=x)
+                   for n, s, x in (("good", 1, 0.8), ("worse", 2, 0.4)))
+    assert main(["registry", "add", str(good), "--name", "support-bot"]) == 0
+    assert "support-bot:v1" in capsys.readouterr().out
+    assert main(["registry", "add", str(worse), "--name", "support-bot"]) == 0
+    assert main(["registry", "promote", "support-bot:v1", "--alias", "prod"]) == 0
+    assert main(["registry", "promote", "support-bot:v2", "--alias", "prod"]) == 3  # worse: refused
+    assert "worse than v1" in capsys.readouterr().err
+    assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--force"]) == 0
+    assert main(["registry", "rollback", "support-bot", "--alias", "prod"]) == 0
+    assert "-> v1 (was v2)" in capsys.readouterr().out
+    assert main(["registry", "history", "support-bot"]) == 0
+    assert main(["registry", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "rollback" in out and "support-bot:v2" in out
+    assert main(["registry", "rollback", "nobody"]) == 2
+    assert main(["registry", "add", str(tmp_path), "--name", "x"]) == 2  # not a run folder
+    assert main(["keys", "create", "--name", "app1", "--models", "support-bot"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("tf-") and len(key) > 40
+    assert main(["keys", "revoke", "1"]) == 0
+    assert main(["keys", "list"]) == 0
+    assert "revoked" in capsys.readouterr().out

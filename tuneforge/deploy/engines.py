@@ -1,0 +1,282 @@
+"""Engines: the server's one plug point. An engine turns a resolved request (which adapter
+on which base, the prompt, sampling) into a stream of text chunks.
+
+local  one base model per base name in this process, every registry version a named
+       LoRA adapter on it; concurrent requests are micro-batched and requests for
+       different adapters run in one forward pass (peft ``adapter_names=`` batches).
+vllm   forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
+       --lora-modules NAME:vN=RUN_DIR/adapter per version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    adapter: str  # the version reference, e.g. "support-bot:v2": the adapter's name in the engine
+    adapter_dir: str
+    base_model: str
+    messages: list[dict] | None = None  # chat; or a raw prompt for /v1/completions
+    prompt: str | None = None
+    system_prompt: str | None = None  # the run's data.system_prompt, used when the chat has none
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Chunk:
+    text: str
+    finish_reason: str | None = None  # set on the last chunk, with the token counts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+async def collect(stream: AsyncIterator[Chunk]) -> Chunk:
+    parts, last = [], Chunk("")
+    async for c in stream:
+        parts.append(c.text)
+        last = c
+    return Chunk("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+# --- local: transformers + peft in this process -----------------------------------------------
+@dataclass
+class _Job:
+    req: GenRequest
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: bool = False
+    ids: list[int] = field(default_factory=list)
+
+
+class _RowStreamer:
+    """Receives each generation step's tokens for the whole batch ([batch] ids) and sends every
+    row's new text to its request as it is produced; a row ends at eos or its own max_tokens."""
+
+    def __init__(self, jobs: list[_Job], prompt_lens: list[int], tok):
+        self.jobs, self.prompt_lens, self.tok = jobs, prompt_lens, tok
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.sent = [""] * len(jobs)
+        self.done = [False] * len(jobs)
+        self.started = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the first call carries the prompts
+            self.started = True
+            return
+        for i, t in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            if self.done[i]:
+                continue
+            if t == self.tok.eos_token_id:
+                self._finish(i, "stop")
+                continue
+            self.tokens[i].append(t)
+            text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                self._send(i, Chunk(text[len(self.sent[i]):]))
+                self.sent[i] = text
+            if len(self.tokens[i]) >= self.jobs[i].req.max_tokens:
+                self._finish(i, "length")
+
+    def end(self) -> None:
+        for i in range(len(self.jobs)):
+            if not self.done[i]:
+                self._finish(i, "length")
+
+    def _finish(self, i: int, reason: str) -> None:
+        self.done[i] = True
+        text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
+        self._send(i, Chunk(text[len(self.sent[i]):], reason, self.prompt_lens[i], len(self.tokens[i])))
+
+    def _send(self, i: int, chunk: Chunk) -> None:
+        job = self.jobs[i]
+        job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
+
+
+class LocalEngine:
+    """One worker thread owns the models; requests wait at most ``batch_wait_ms`` to be batched."""
+
+    def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10):
+        from tuneforge.train.hardware import pick_device, pick_dtype
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
+        self.bases: dict[str, tuple] = {}  # base model name -> (peft model, tokenizer)
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.batches: list[list[str]] = []  # adapters of each batch run (for tests and stats)
+        self.worker: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
+        self._start()
+        job = _Job(req, asyncio.get_running_loop(), asyncio.Queue())
+        self.jobs.put(job)
+        try:
+            while True:
+                item = await job.out.get()
+                if isinstance(item, BaseException):
+                    raise EngineError(f"{type(item).__name__}: {item}") from item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled = True  # timed out or client gone: the worker skips it if not yet run
+
+    async def load(self, req: GenRequest) -> None:
+        """Load ``req``'s base and adapter now (at startup; the worker thread is not running yet
+        or idle, and loading twice is a no-op)."""
+        await asyncio.to_thread(self._model, req)
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            self.jobs.put(None)
+            await asyncio.to_thread(self.worker.join)
+            self.worker = None
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._loop, name="tuneforge-engine", daemon=True)
+                self.worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch, deadline = [first], time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.jobs.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            for group in _groups([j for j in batch if not j.cancelled]):
+                try:
+                    self._run(group)
+                except Exception as e:  # noqa: BLE001 - handed to each request; the worker lives on
+                    for j in group:
+                        j.loop.call_soon_threadsafe(j.out.put_nowait, e)
+
+    def _model(self, req: GenRequest):
+        """The base model (loaded once) with ``req``'s adapter loaded under its version name."""
+        from peft import PeftModel
+
+        from tuneforge.models.load import load_causal_lm, load_tokenizer
+        from tuneforge.models.tokenizer import fix_chat_tokenizer
+
+        if req.base_model not in self.bases:
+            tok = load_tokenizer(req.base_model)
+            base = load_causal_lm(req.base_model, self.dtype, self.device)
+            fix_chat_tokenizer(tok, base)
+            model = PeftModel.from_pretrained(base, req.adapter_dir, adapter_name=req.adapter).eval()
+            self.bases[req.base_model] = (model, tok)
+        model, tok = self.bases[req.base_model]
+        if req.adapter not in model.peft_config:
+            model.load_adapter(req.adapter_dir, adapter_name=req.adapter)
+            model.eval()
+        return model, tok
+
+    @torch.no_grad()
+    def _run(self, jobs: list[_Job]) -> None:
+        from tuneforge.data.render import with_system
+
+        for j in jobs:
+            model, tok = self._model(j.req)
+        prompts = []
+        for j in jobs:
+            if j.req.messages is not None:
+                out = tok.apply_chat_template(with_system(j.req.messages, j.req.system_prompt), tokenize=True,
+                                              add_generation_prompt=True)
+                prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+            else:
+                prompts.append(tok(j.req.prompt, add_special_tokens=False).input_ids)
+        # Left padding: every row's next token sits in the last column. [batch, width]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        r = jobs[0].req
+        sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p) if r.temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        adapters = [j.req.adapter for j in jobs]
+        self.batches.append(adapters)
+        autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else _null()
+        with autocast:
+            model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                           max_new_tokens=max(j.req.max_tokens for j in jobs), eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, adapter_names=adapters,
+                           streamer=_RowStreamer(jobs, [len(p) for p in prompts], tok), **sampling)
+
+
+def _groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs that can share one generate call: same base model and sampling settings."""
+    out: dict[tuple, list[_Job]] = {}
+    for j in jobs:
+        key = (j.req.base_model, j.req.temperature if j.req.temperature > 0 else 0.0, j.req.top_p)
+        out.setdefault(key, []).append(j)
+    return list(out.values())
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# --- vllm: an OpenAI-compatible server over HTTP ------------------------------------------------
+class VLLMEngine:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
+        from tuneforge.data.render import with_system
+
+        body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if req.messages is not None:
+            path, body["messages"] = "/v1/chat/completions", with_system(req.messages, req.system_prompt)
+        else:
+            path, body["prompt"] = "/v1/completions", req.prompt
+        finish, usage = None, {}
+        async with self.client.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                raise EngineError(f"vLLM answered {resp.status_code}: {(await resp.aread())[:300]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                event = json.loads(line[5:])
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+                    if text:
+                        yield Chunk(text)
+        yield Chunk("", finish or "stop", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
+    async def close(self) -> None:
+        await self.client.aclose()

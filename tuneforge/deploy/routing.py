@@ -1,0 +1,61 @@
+"""Gateway decisions that need no model: which A/B arm a user gets, the chain of targets to
+try, and per-key rate limits. Pure functions where possible, so they are tested alone."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from tuneforge.deploy.config import Arm, Route
+
+
+def bucket(route: str, user: str) -> float:
+    """A stable number in [0, 1) per (route, user): the same user keeps the same arm."""
+    digest = hashlib.sha256(f"{route}\x00{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_arm(route_name: str, route: Route, user: str) -> Arm:
+    x = bucket(route_name, user) * sum(a.weight for a in route.arms)
+    for arm in route.arms:
+        if x < arm.weight:
+            return arm
+        x -= arm.weight
+    return route.arms[-1]  # float rounding at the top edge
+
+
+@dataclass(frozen=True)
+class Plan:
+    route: str | None
+    arm: str | None
+    targets: list[str]  # tried in order: the arm's (or requested) target, then the fallbacks
+
+
+def plan(model: str, routes: dict[str, Route], user: str) -> Plan:
+    if model not in routes:
+        return Plan(None, None, [model])
+    route = routes[model]
+    arm = pick_arm(model, route, user)
+    return Plan(model, arm.name, [arm.target, *(t for t in route.fallback if t != arm.target)])
+
+
+class RateLimiter:
+    """Sliding one-minute window of request times per key (in memory, per server process)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.seen: dict[int, deque] = {}
+
+    def allow(self, key_id: int, per_minute: int | None) -> bool:
+        if per_minute is None:
+            return True
+        now = self.clock()
+        q = self.seen.setdefault(key_id, deque())
+        while q and now - q[0] >= 60:
+            q.popleft()
+        if len(q) >= per_minute:
+            return False
+        q.append(now)
+        return True

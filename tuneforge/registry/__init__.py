@@ -1,0 +1,1 @@
+"""The registry: an index over run folders (versions, aliases with history, API keys)."""

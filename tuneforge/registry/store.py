@@ -1,0 +1,339 @@
+"""The registry database: an index over run folders (it never holds the only copy).
+
+SQLite by default, any SQLAlchemy URL (e.g. postgresql+psycopg://...) otherwise. Tables:
+models, versions (run dir, adapter hash, eval scores), aliases and their history
+(promote/rollback), API keys (hashed, scoped to models, revocable). Every write is one
+transaction: a failed promotion leaves no half-moved alias behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from tuneforge.registry.runinfo import read_run
+
+
+class RegistryError(ValueError):
+    pass
+
+
+class PromotionRefused(RegistryError):
+    pass
+
+
+def default_url() -> str:
+    if os.environ.get("TUNEFORGE_REGISTRY"):
+        return os.environ["TUNEFORGE_REGISTRY"]
+    home = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
+    return f"sqlite:///{home / 'registry.db'}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    run_dir: Mapped[str] = mapped_column(String(1000))
+    base_model: Mapped[str] = mapped_column(String(1000))
+    adapter_sha256: Mapped[str] = mapped_column(String(64))
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)
+    main_metric: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    main_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("model_id", "alias"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    alias: Mapped[str] = mapped_column(String(100))
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+
+
+class AliasEvent(Base):
+    __tablename__ = "alias_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    alias: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(20))  # promote | rollback
+    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # version numbers
+    to_version: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(500), default="")
+    at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Keys are 256-bit random strings, so a plain SHA-256 is enough (no brute-forceable password).
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))
+    models: Mapped[list] = mapped_column(JSON)  # model names this key may call; ["*"] = all
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    revoked: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    number: int
+    run_dir: str
+    base_model: str
+    adapter_sha256: str
+    scores: dict
+    main_metric: str | None
+    main_score: float | None
+    created: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.number}"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    name: str
+    models: list
+    requests_per_minute: int | None
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """'name' | 'name:vN' | 'name@alias' -> (name, alias, version number)."""
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        return name, alias, None
+    if ":" in ref:
+        name, v = ref.rsplit(":", 1)
+        if not (v.startswith("v") and v[1:].isdigit()):
+            raise RegistryError(f"'{ref}': a version is written name:vN, e.g. {name}:v2")
+        return name, None, int(v[1:])
+    return ref, None, None
+
+
+def alias_stack(events: list[tuple[str, int]]) -> list[int]:
+    """Replay (action, to_version) events into the stack of versions an alias went through.
+
+    promote pushes; rollback pops. So rolling back twice walks two promotions back instead
+    of bouncing between the last two versions.
+    """
+    stack: list[int] = []
+    for action, to in events:
+        if action == "rollback":
+            stack.pop()
+            if not stack or stack[-1] != to:
+                raise RegistryError(f"alias history is inconsistent at rollback to v{to}")
+        else:
+            stack.append(to)
+    return stack
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Registry:
+    def __init__(self, url: str | None = None):
+        url = url or default_url()
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url)
+        Base.metadata.create_all(self.engine)
+
+    # --- models and versions ---------------------------------------------------------------
+    def add(self, run_dir: str | Path, name: str) -> VersionInfo:
+        run = read_run(run_dir)
+        with Session(self.engine) as s, s.begin():
+            model = s.scalar(select(Model).where(Model.name == name))
+            if model is None:
+                model = Model(name=name)
+                s.add(model)
+                s.flush()
+            number = (s.scalar(select(Version.number).where(Version.model_id == model.id)
+                               .order_by(Version.number.desc()).limit(1)) or 0) + 1
+            v = Version(model_id=model.id, number=number, run_dir=str(run.run_dir), base_model=run.base_model,
+                        adapter_sha256=run.adapter_sha256, scores=run.scores, main_metric=run.main_metric,
+                        main_score=run.main_score)
+            s.add(v)
+            s.flush()
+            return self._info(name, v)
+
+    def models(self) -> list[str]:
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Model.name).order_by(Model.name)))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        with Session(self.engine) as s:
+            model = self._model(s, name)
+            rows = s.scalars(select(Version).where(Version.model_id == model.id).order_by(Version.number))
+            return [self._info(name, v) for v in rows]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        with Session(self.engine) as s:
+            model = self._model(s, name)
+            rows = s.execute(select(Alias.alias, Version.number).join(Version, Alias.version_id == Version.id)
+                             .where(Alias.model_id == model.id))
+            return dict(rows.all())
+
+    def resolve(self, ref: str, default_alias: str = "prod") -> VersionInfo:
+        """name:vN, name@alias, or name (its ``default_alias`` if set, else its latest version)."""
+        name, alias, number = parse_ref(ref)
+        with Session(self.engine) as s:
+            model = self._model(s, name)
+            if alias is None and number is None:
+                row = self._alias_row(s, model.id, default_alias)
+                if row is not None:
+                    return self._info(name, s.get(Version, row.version_id))
+                number = s.scalar(select(Version.number).where(Version.model_id == model.id)
+                                  .order_by(Version.number.desc()).limit(1))
+            if alias is not None:
+                row = self._alias_row(s, model.id, alias)
+                if row is None:
+                    raise RegistryError(f"{name} has no alias '{alias}' (promote a version to it first)")
+                return self._info(name, s.get(Version, row.version_id))
+            return self._info(name, self._version(s, model.id, name, number))
+
+    # --- aliases -----------------------------------------------------------------------------
+    def promote(self, ref: str, alias: str, force: bool = False) -> str:
+        name, a, number = parse_ref(ref)
+        if a is not None or number is None:
+            raise RegistryError(f"promote takes a version (e.g. {name}:v2), not '{ref}'")
+        with Session(self.engine) as s, s.begin():
+            model = self._model(s, name)
+            new = self._version(s, model.id, name, number)
+            row = self._alias_row(s, model.id, alias)
+            old = s.get(Version, row.version_id) if row else None
+            problem = gate(new, old) if old is not None else None
+            if problem and not force:
+                raise PromotionRefused(f"refused to point {name}@{alias} at v{number}: {problem} (--force to override)")
+            if row is None:
+                s.add(Alias(model_id=model.id, alias=alias, version_id=new.id))
+            else:
+                row.version_id = new.id
+            note = f"forced: {problem}" if problem else ""
+            s.add(AliasEvent(model_id=model.id, alias=alias, action="promote",
+                             from_version=old.number if old else None, to_version=number, note=note))
+            return f"{name}@{alias} -> v{number}" + (f" ({note})" if note else "")
+
+    def rollback(self, name: str, alias: str) -> str:
+        with Session(self.engine) as s, s.begin():
+            model = self._model(s, name)
+            row = self._alias_row(s, model.id, alias)
+            events = s.execute(select(AliasEvent.action, AliasEvent.to_version)
+                               .where(AliasEvent.model_id == model.id, AliasEvent.alias == alias)
+                               .order_by(AliasEvent.id)).all()
+            stack = alias_stack([tuple(e) for e in events])
+            if row is None or len(stack) < 2:
+                raise RegistryError(f"{name}@{alias} has no earlier version to roll back to")
+            current, target = stack[-1], stack[-2]
+            row.version_id = self._version(s, model.id, name, target).id
+            s.add(AliasEvent(model_id=model.id, alias=alias, action="rollback", from_version=current,
+                             to_version=target))
+            return f"{name}@{alias} -> v{target} (was v{current})"
+
+    def history(self, name: str) -> list[dict]:
+        with Session(self.engine) as s:
+            model = self._model(s, name)
+            rows = s.scalars(select(AliasEvent).where(AliasEvent.model_id == model.id).order_by(AliasEvent.id))
+            return [{"at": e.at, "alias": e.alias, "action": e.action, "from": e.from_version, "to": e.to_version,
+                     "note": e.note} for e in rows]
+
+    # --- API keys -------------------------------------------------------------------------------
+    def create_key(self, name: str, models: list[str], requests_per_minute: int | None = None) -> tuple[int, str]:
+        """(key id, the key itself). Only its hash is stored: the key is shown once."""
+        key = "tf-" + secrets.token_urlsafe(32)
+        with Session(self.engine) as s, s.begin():
+            row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:8], models=models or ["*"],
+                         requests_per_minute=requests_per_minute)
+            s.add(row)
+            s.flush()
+            return row.id, key
+
+    def revoke_key(self, key_id: int) -> None:
+        with Session(self.engine) as s, s.begin():
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise RegistryError(f"no API key with id {key_id}")
+            row.revoked = row.revoked or _now()
+
+    def keys(self) -> list[dict]:
+        with Session(self.engine) as s:
+            return [{"id": k.id, "name": k.name, "prefix": k.prefix, "models": k.models,
+                     "requests_per_minute": k.requests_per_minute, "created": k.created, "revoked": k.revoked}
+                    for k in s.scalars(select(ApiKey).order_by(ApiKey.id))]
+
+    def has_keys(self) -> bool:
+        with Session(self.engine) as s:
+            return s.scalar(select(ApiKey.id).limit(1)) is not None
+
+    def check_key(self, key: str) -> KeyInfo | None:
+        """The active key matching ``key``, or None (unknown or revoked)."""
+        with Session(self.engine) as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(None)))
+            return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute) if row else None
+
+    # --- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _model(s: Session, name: str) -> Model:
+        model = s.scalar(select(Model).where(Model.name == name))
+        if model is None:
+            raise RegistryError(f"no model named '{name}' in the registry (tuneforge registry add RUN_DIR --name {name})")
+        return model
+
+    @staticmethod
+    def _version(s: Session, model_id: int, name: str, number: int | None) -> Version:
+        v = s.scalar(select(Version).where(Version.model_id == model_id, Version.number == number))
+        if v is None:
+            raise RegistryError(f"{name} has no version v{number}")
+        return v
+
+    @staticmethod
+    def _alias_row(s: Session, model_id: int, alias: str) -> Alias | None:
+        return s.scalar(select(Alias).where(Alias.model_id == model_id, Alias.alias == alias))
+
+    @staticmethod
+    def _info(name: str, v: Version) -> VersionInfo:
+        return VersionInfo(name, v.number, v.run_dir, v.base_model, v.adapter_sha256, dict(v.scores or {}),
+                           v.main_metric, v.main_score, v.created)
+
+
+def gate(new: Version, old: Version) -> str | None:
+    """Why ``new`` may not replace ``old``, or None. Refuse what cannot be shown to be no worse."""
+    if new.main_score is None:
+        return f"v{new.number} has no eval score (its run has no eval.json)"
+    if old.main_score is None:
+        return None
+    if new.main_metric != old.main_metric:
+        return f"scores are not comparable ({new.main_metric} vs {old.main_metric})"
+    if new.main_score < old.main_score:
+        return (f"its {new.main_metric} {new.main_score:.4f} is worse than v{old.number}'s "
+                f"{old.main_score:.4f}")
+    return None
+
