@@ -73,3 +73,28 @@ def generate(task: str, **params):
     if task not in GENERATORS:
         raise ValueError(f"unknown built-in task '{task}'; known: {', '.join(GENERATORS)}")
     return GENERATORS[task](**params)
+
+
+def _order_prose(answer: dict) -> str:
+    return f"{answer['customer']} wants {answer['quantity']} {answer['product']} in {answer['city']}."
+
+
+def orders_preference(n: int = 400, seed: int = 0):
+    """Preference pairs on the orders task: the chosen answer is the exact JSON; the rejected
+    one is the same order as prose (wrong format) or JSON with one field wrong."""
+    rng = random.Random(seed + 7919)
+    for row in orders(n, seed):
+        answer = json.loads(row["output"])
+        if rng.random() < 0.5:
+            rejected = _order_prose(answer)
+        else:
+            wrong = dict(answer)
+            key = rng.choice(["quantity", "city", "product"])
+            wrong[key] = {"quantity": lambda: answer["quantity"] % 12 + 1,
+                          "city": lambda: rng.choice([c for c in CITIES if c != answer["city"]]),
+                          "product": lambda: rng.choice([p for p, _ in PRODUCTS if p != answer["product"]])}[key]()
+            rejected = json.dumps(wrong)
+        yield {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"], "rejected": rejected}
+
+
+GENERATORS["orders_preference"] = orders_preference

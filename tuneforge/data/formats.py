@@ -24,6 +24,9 @@ class Format:
     required: tuple[str, ...]
     convert: Callable[[dict, dict], dict]  # (row, columns) -> canonical row
     description: str
+    # What the canonical row is for: "chat" (SFT), "preference", "classification", "text".
+    # Auto-detection only picks formats of the kind the objective trains on.
+    kind: str = "chat"
 
 
 FORMATS: dict[str, Format] = {}
@@ -120,11 +123,54 @@ register_format(Format("instruction", ("instruction", "output"), _instruction, "
 register_format(Format("prompt_completion", ("prompt", "completion"), _prompt_completion, "prompt, completion"))
 
 
-def detect(keys: set[str], columns: dict) -> tuple[str, str]:
-    """The format whose required fields the rows carry, and why it was chosen."""
-    matches = [f for f in FORMATS.values() if all(columns.get(r, r) in keys for r in f.required)]
+# --- rows for objectives beyond SFT ------------------------------------------------------
+
+
+def _prompt_messages(row, columns) -> list[dict]:
+    """A prompt given as a string (one user turn) or as chat messages without the answer."""
+    key = columns.get("prompt", "prompt")
+    value = row.get(key)
+    if isinstance(value, list):
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in value if isinstance(m, dict)]
+        if len(msgs) != len(value) or not msgs or any(m["role"] not in ROLES or not isinstance(m["content"], str)
+                                                      for m in msgs):
+            raise RowError(key, "a list prompt must hold {role, content} messages")
+        return msgs
+    return [{"role": "user", "content": _get(row, columns, "prompt")}]
+
+
+def _preference(row, columns):
+    chosen, rejected = _get(row, columns, "chosen"), _get(row, columns, "rejected")
+    if chosen == rejected:
+        raise RowError(columns.get("rejected", "rejected"), "identical to chosen (the pair carries no preference)")
+    return {"prompt": _prompt_messages(row, columns), "chosen": chosen, "rejected": rejected}
+
+
+def _classification(row, columns):
+    key = columns.get("label", "label")
+    label = row.get(key)
+    if label is None or isinstance(label, (dict, list)) or not str(label).strip():
+        raise RowError(key, "missing" if label is None else "expected a class name or number")
+    return {"text": _get(row, columns, "text"), "label": str(label).strip()}
+
+
+def _text(row, columns):
+    return {"text": _get(row, columns, "text")}
+
+
+register_format(Format("preference", ("prompt", "chosen", "rejected"), _preference,
+                       "preference pairs: prompt (text or messages), chosen, rejected", kind="preference"))
+register_format(Format("classification", ("text", "label"), _classification, "text, label",
+                       kind="classification"))
+register_format(Format("text", ("text",), _text, "raw text (continued pre-training)", kind="text"))
+
+
+def detect(keys: set[str], columns: dict, kind: str = "chat") -> tuple[str, str]:
+    """The format (of this kind) whose required fields the rows carry, and why it was chosen."""
+    candidates = [f for f in FORMATS.values() if f.kind == kind]
+    matches = [f for f in candidates if all(columns.get(r, r) in keys for r in f.required)]
     if not matches:
-        wanted = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in FORMATS.values())
+        wanted = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in candidates)
         raise RowError(
             ",".join(sorted(keys)) or "(none)",
             f"no known format fits these fields. Formats and the fields they need: {wanted}. "

@@ -144,8 +144,10 @@ def _reason_key(field: str, reason: str) -> str:
     return f"{field.split('[')[0]}: {head}"
 
 
-def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, strict: bool = False):
-    """Canonical rows (with their source and line) and the report of what was dropped."""
+def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, strict: bool = False,
+              kind: str = "chat"):
+    """Canonical rows (with their source and line) and the report of what was dropped.
+    ``kind`` is what the objective trains on (see ``Format.kind``)."""
     columns = columns or {}
     records = [r for spec in specs for r in read_records(spec)]
     report = LoadReport(read=len(records))
@@ -154,11 +156,15 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
     if fmt == "auto":
         keys = set().union(*(r.data.keys() for r in records[:200] if r.data))
         try:
-            fmt, report.format_reason = detect(keys, columns)
+            fmt, report.format_reason = detect(keys, columns, kind)
         except RowError as e:
             raise DataError(f"{specs[0]}: {e.reason}") from None
     elif fmt not in FORMATS:
         raise DataError(f"unknown data.format '{fmt}'; known: {', '.join(FORMATS)}")
+    elif FORMATS[fmt].kind != kind:
+        fits = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+        raise DataError(f"data.format '{fmt}' holds {FORMATS[fmt].kind} rows but this objective trains on "
+                        f"{kind} rows: use {fits}")
     else:
         report.format_reason = "set in config"
     report.format = fmt

@@ -24,12 +24,19 @@ class Splits:
         for name in ("train", "validation", "test"):
             for row in getattr(self, name):
                 h.update(name.encode())
-                h.update(json.dumps(row["messages"], sort_keys=True).encode())
+                h.update(json.dumps(_content(row), sort_keys=True).encode())
         return h.hexdigest()
 
 
+def _content(row: dict):
+    return row["messages"] if "messages" in row else {k: v for k, v in row.items() if k != "_where"}
+
+
 def _prompt_key(row: dict) -> str:
-    return json.dumps(row["messages"][:-1], sort_keys=True)
+    # Chat rows group by the conversation before the answer; other kinds by their input.
+    if "messages" in row:
+        return json.dumps(row["messages"][:-1], sort_keys=True)
+    return json.dumps(row.get("prompt", row.get("text")), sort_keys=True)
 
 
 def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[list[dict]]:
@@ -52,14 +59,14 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
     return parts
 
 
-def build_splits(data: DataConfig, seed: int) -> Splits:
+def build_splits(data: DataConfig, seed: int, kind: str = "chat") -> Splits:
     reports = {}
-    train, reports["train"] = load_rows(data.train, data.format, data.columns)
+    train, reports["train"] = load_rows(data.train, data.format, data.columns, kind=kind)
     validation = test = []
     if data.validation:
-        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns)
+        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns, kind=kind)
     if data.test:
-        test, reports["test"] = load_rows(data.test, data.format, data.columns)
+        test, reports["test"] = load_rows(data.test, data.format, data.columns, kind=kind)
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:

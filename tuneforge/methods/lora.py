@@ -43,11 +43,14 @@ class LoRA(Method):
             )
         return problems
 
-    def _peft_config(self, opts):
+    def _peft_config(self, opts, model=None):
         from peft import LoraConfig, TaskType
 
+        # A sequence-classification model (classify, reward) needs SEQ_CLS: peft then also
+        # trains and saves the new head (modules_to_save), which starts from random weights.
+        seq_cls = model is not None and type(model).__name__.endswith("ForSequenceClassification")
         return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM,
             r=opts.r,
             lora_alpha=opts.alpha,
             lora_dropout=opts.dropout,
@@ -60,7 +63,7 @@ class LoRA(Method):
 
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
-        return get_peft_model(model, self._peft_config(opts))
+        return get_peft_model(model, self._peft_config(opts, model))
 
     def save(self, model, out_dir: Path) -> None:
         with atomic_dir(out_dir) as tmp:

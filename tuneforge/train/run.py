@@ -10,6 +10,7 @@ import json
 import random
 import time
 from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ from rich.table import Table
 
 from tuneforge.config import ConfigError, RunConfig, to_yaml, validate_config
 from tuneforge.data.prepare import build_splits
-from tuneforge.data.render import encode_rows
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.io import atomic_write_text, write_json
 from tuneforge.methods import METHODS, count_trainable
@@ -60,6 +60,8 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
     console = console or Console()
+    if OBJECTIVES[cfg.objective.name].recipe:  # pairs, heads, online RL: a loop of their own
+        return import_module(OBJECTIVES[cfg.objective.name].recipe).train(cfg, resume, console)
     t_start = time.perf_counter()
 
     # --- setup -------------------------------------------------------------------------
@@ -76,9 +78,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- data --------------------------------------------------------------------------
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    splits = build_splits(cfg.data, cfg.train.seed)
-    enc = {name: encode_rows(tok, getattr(splits, name), cfg.data.max_length, cfg.data.overlength,
-                             cfg.data.system_prompt) for name in ("train", "validation")}
+    splits = build_splits(cfg.data, cfg.train.seed, objective.data_kind)
+    enc = {name: objective.encode(tok, getattr(splits, name), cfg.data) for name in ("train", "validation")}
     if not enc["train"].rows:
         raise ConfigError([f"every training row is longer than data.max_length={cfg.data.max_length}: "
                            f"raise it or set data.overlength=truncate ({enc['train'].examples[:1]})"])
@@ -201,7 +202,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- evaluate ----------------------------------------------------------------------
     if cfg.eval.metric != "none" and splits.test:
-        summary["eval"] = evaluate_run(model, tok, splits.test, cfg, method, device, dtype, run_dir, console)
+        evaluate = objective.evaluate or evaluate_run
+        summary["eval"] = evaluate(model, tok, splits.test, cfg, method, device, dtype, run_dir, console)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(run_dir / "summary.json", summary)
     console.print(f"[bold green]done[/] in {summary['total_seconds']:.0f}s: {run_dir}")
