@@ -44,6 +44,7 @@ class CPT(SFT):
         enc = Encoded(rows=[{"input_ids": b, "labels": list(b)} for b in blocks])
         if tail:
             enc.dropped["tail shorter than half of max_length (tokens)"] = tail
+            enc.examples.append(f"the last {tail} of {sum(map(len, ids)) + len(ids)} tokens (with eos) fill no block")
         return enc
 
     def evaluate(self, model, tok, test_rows, cfg, method, device, dtype, run_dir, console):

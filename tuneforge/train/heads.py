@@ -106,7 +106,7 @@ def reward_step(model, batch, center_coef: float):
     half = r.shape[0] // 2
     rc, rr = r[:half], r[half:]
     return bradley_terry_loss(rc, rr, center_coef), {"accuracy": pairwise_accuracy(rc, rr),
-                                                      "margin": float((rc - rr).mean())}
+                                                      "margin": float((rc - rr).detach().mean())}
 
 
 def reward_eval(model, batches, device, center_coef: float) -> dict:
