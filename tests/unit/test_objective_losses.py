@@ -67,10 +67,11 @@ def test_bradley_terry_and_pairwise_accuracy():
 
 
 def test_sequence_logps_sums_only_labelled_tokens():
-    logits = torch.zeros(1, 4, 4)  # uniform over 4 tokens: log p = -ln 4 everywhere
-    labels = torch.tensor([[-100, -100, 2, 3]])  # positions 1 and 2 predict tokens 2 and 3
-    logp, n = sequence_logps(logits, labels)
-    assert logp.item() == pytest.approx(-2 * math.log(4)) and n.item() == 2
+    hidden = torch.zeros(2, 4, 4)  # with an identity head: uniform logits, log p = -ln 4 everywhere
+    hidden[1, 0, 1] = math.log(3.0)  # row 1, position 0 predicts token 1 with p = 3/6
+    labels = torch.tensor([[-100, -100, 2, 3], [-100, 1, -100, -100]])
+    logp, n = sequence_logps(hidden, labels, torch.nn.Identity())
+    assert logp.tolist() == pytest.approx([-2 * math.log(4), math.log(0.5)]) and n.tolist() == [2, 1]
 
 
 def test_kd_loss():

@@ -25,16 +25,21 @@ from tuneforge.config import Strict
 from tuneforge.objectives import Objective, register_objective
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100):
+def sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, head, ignore: int = -100):
     """Summed log-prob of the labelled tokens per row, and their count.
 
-    logits: [B, T, V]; labels: [B, T] (IGNORE outside the response). Position t predicts t+1.
+    hidden: [B, T, D] final hidden states; labels: [B, T] (IGNORE outside the response);
+    head: the LM head. Position t predicts t+1. Only the N response positions go through
+    the head ([N, V] instead of [B, T, V]): answers are a small share of each sequence, and
+    full vocabulary logits are the largest tensors of the step (as in SFT's hidden path).
     """
     targets = labels[:, 1:]
     mask = targets != ignore
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    tok_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (tok_logp * mask).sum(-1), mask.sum(-1)
+    logp = torch.log_softmax(head(hidden[:, :-1][mask]).float(), dim=-1)  # [N, V]
+    tok_logp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # [N]
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(labels.shape[0], dtype=tok_logp.dtype, device=tok_logp.device).index_add(0, rows, tok_logp), \
+        mask.sum(-1)
 
 
 def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):

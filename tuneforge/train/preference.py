@@ -22,6 +22,7 @@ from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.preference import sequence_logps
+from tuneforge.objectives.sft import body_and_head
 from tuneforge.train.common import finish, fit, start_run
 from tuneforge.train.loop import autocast
 
@@ -68,8 +69,9 @@ class Reference:
 
 def batch_logps(model, batch: dict):
     """(summed response log-prob [2B], response length [2B]) for a pair batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["labels"])
+    body, head = body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return sequence_logps(hidden.last_hidden_state, batch["labels"], head)
 
 
 def pair_step(model, reference: Reference | None, objective, opts, batch: dict):
