@@ -23,8 +23,8 @@ def _cli(*args):
 @needs_smollm
 def test_tiny_rlhf_chain_on_the_embedded_model(tmp_path):
     _cli("rlhf", "examples/rlhf.yaml", f"output_dir={tmp_path}", "run_name=chain", "train.max_steps=2",
-         "train.batch_size=2", "data.max_length=160", "data.train=[builtin:orders_preference?n=24&seed=1]",
-         "stages.sft.data.train=[builtin:orders?n=24&seed=1]", "stages.reward.train.max_steps=2",
+         "train.batch_size=2", "data.max_length=160", 'data.train=["builtin:orders_preference?n=24&seed=1"]',
+         'stages.sft.data.train=["builtin:orders?n=24&seed=1"]', "stages.reward.train.max_steps=2",
          "stages.policy.train.max_steps=2", "stages.policy.train.batch_size=1",
          "stages.policy.objective.num_generations=2", "stages.policy.objective.max_completion_length=16",
          "eval.limit=2")
@@ -39,6 +39,6 @@ def test_tiny_rlhf_chain_on_the_embedded_model(tmp_path):
 @needs_minilm
 def test_encoder_classifier_on_real_text(tmp_path):
     _cli("train", "examples/classify.yaml", f"output_dir={tmp_path}", "run_name=cls", "train.max_steps=6",
-         "train.eval_every=0", "data.train=[builtin:chatterbot_topics?n=300&seed=0]")
+         "train.eval_every=0", 'data.train=["builtin:chatterbot_topics?n=300&seed=0"]')
     ev = json.loads((tmp_path / "cls/eval.json").read_text())
     assert len(ev["confusion_matrix"]) == len(ev["labels"]) >= 2 and 0 <= ev["accuracy"] <= 1
