@@ -59,6 +59,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_rlhf(args) -> int:
+    from tuneforge.train.rlhf import run_chain
+
+    run_chain(args.config, args.overrides, console=_console())
+    return 0
+
+
 def cmd_check(args) -> int:
     from tuneforge.config import load_config, to_yaml
     from tuneforge.train.run import preflight
@@ -367,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0, help="sampler seed")
     w.set_defaults(fn=cmd_sweep)
 
+    r = sub.add_parser("rlhf", help="chain SFT -> reward model -> policy optimisation (GRPO/RLOO), one run per stage")
+    r.add_argument("config", help="YAML with shared sections and stages: {sft, reward, policy} (see examples/rlhf.yaml)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.policy.train.max_steps=4")
+    r.set_defaults(fn=cmd_rlhf)
+
     c = sub.add_parser("check", help="validate a config (and its model's module names) without training")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
@@ -446,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "sequence", "sweep"):
+    if args.command in ("train", "sequence", "sweep", "rlhf"):
         from tuneforge.train.launch import reexec_with_allocator
 
         reexec_with_allocator(argv)

@@ -181,6 +181,7 @@ class RunConfig(Strict):
     privacy: PrivacyConfig | None = None
     output_dir: str = "runs"
     run_name: str | None = Field(None, description="run folder name; default: time stamp + method")
+    parent_run: str | None = Field(None, description="the run this one builds on (set by `tuneforge rlhf`)")
 
 
 # --- loading, overrides and error reporting ------------------------------------------

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from tuneforge.config import ConfigError, validate_config
 from tuneforge.data.load import load_rows
+from tuneforge.objectives import OBJECTIVES
 from tuneforge.train.continual import diagonal_fisher, ewc_penalty
 from tuneforge.train.multitask import load_tasks, mixture_probs, sample_mixture, training_mixture
 from tuneforge.train.run import train
@@ -43,7 +44,7 @@ def _raw_two_tasks(tiny_raw_cfg, **continual):
 
 def test_replay_mixes_the_configured_share_of_earlier_training_rows_only(tiny_raw_cfg, tiny_tok):
     cfg = validate_config(_raw_two_tasks(tiny_raw_cfg, replay_share=0.3))
-    tasks = load_tasks(cfg, tiny_tok)
+    tasks = load_tasks(cfg, tiny_tok, OBJECTIVES["sft"])
     rows, mix = training_mixture(tasks, cfg)
     main, earlier = tasks
     n_main = len(main.enc["train"].rows)

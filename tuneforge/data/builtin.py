@@ -163,3 +163,65 @@ def generate(task: str, **params):
     if task not in GENERATORS:
         raise ValueError(f"unknown built-in task '{task}'; known: {', '.join(GENERATORS)}")
     return GENERATORS[task](**params)
+
+
+def _order_prose(answer: dict) -> str:
+    return f"{answer['customer']} wants {answer['quantity']} {answer['product']} in {answer['city']}."
+
+
+def orders_preference(n: int = 400, seed: int = 0):
+    """Preference pairs on the orders task: the chosen answer is the exact JSON; the rejected
+    one is the same order as prose (wrong format) or JSON with one field wrong."""
+    rng = random.Random(seed + 7919)
+    for row in orders(n, seed):
+        answer = json.loads(row["output"])
+        if rng.random() < 0.5:
+            rejected = _order_prose(answer)
+        else:
+            wrong = dict(answer)
+            key = rng.choice(["quantity", "city", "product"])
+            wrong[key] = {"quantity": lambda: answer["quantity"] % 12 + 1,
+                          "city": lambda: rng.choice([c for c in CITIES if c != answer["city"]]),
+                          "product": lambda: rng.choice([p for p, _ in PRODUCTS if p != answer["product"]])}[key]()
+            rejected = json.dumps(wrong)
+        yield {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"], "rejected": rejected}
+
+
+GENERATORS["orders_preference"] = orders_preference
+
+
+def _chatterbot_conversations():
+    """(category, [utterances]) from the chatterbot-corpus package's English YAML files (real text)."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None:
+        raise ValueError("needs the chatterbot-corpus package: pip install chatterbot-corpus")
+    for f in sorted((Path(spec.origin).parent / "data" / "english").glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text()).get("conversations") or []:
+            utterances = [str(u).strip() for u in conv if u is not None and str(u).strip()]
+            if utterances:
+                yield f.stem, utterances
+
+
+def chatterbot_topics(n: int = 100000, seed: int = 0, min_count: int = 40):
+    """Classification: a conversation's opening line -> its corpus category (tech_support,
+    trivia, coding, ai, ...), keeping categories with at least ``min_count`` conversations."""
+    convs = list(_chatterbot_conversations())
+    counts = {cat: sum(c == cat for c, _ in convs) for cat, _ in convs}
+    rows = [{"text": u[0], "label": cat} for cat, u in convs if counts[cat] >= min_count]
+    random.Random(seed).shuffle(rows)
+    yield from rows[:n]
+
+
+def chatterbot_text(n: int = 100000, seed: int = 0):
+    """Raw text for continued pre-training: each conversation as one document."""
+    rows = [{"text": "\n".join(u)} for _, u in _chatterbot_conversations()]
+    random.Random(seed).shuffle(rows)
+    yield from rows[:n]
+
+
+GENERATORS.update(chatterbot_topics=chatterbot_topics, chatterbot_text=chatterbot_text)

@@ -232,11 +232,13 @@ def prompt_text(row: dict) -> str:
     return row["text"]
 
 
-def detect(keys: set[str], columns: dict) -> tuple[str, str]:
-    """The format whose required fields the rows carry, and why it was chosen."""
-    matches = [f for f in FORMATS.values() if all(columns.get(r, r) in keys for r in f.required)]
+def detect(keys: set[str], columns: dict, kind: str | None = None) -> tuple[str, str]:
+    """The format whose required fields the rows carry, and why it was chosen. ``kind``
+    limits the choice to formats an objective trains on (sft, preference, ...)."""
+    candidates = [f for f in FORMATS.values() if kind is None or f.kind == kind]
+    matches = [f for f in candidates if all(columns.get(r, r) in keys for r in f.required)]
     if not matches:
-        wanted = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in FORMATS.values())
+        wanted = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in candidates)
         raise RowError(
             ",".join(sorted(keys)) or "(none)",
             f"no known format fits these fields. Formats and the fields they need: {wanted}. "

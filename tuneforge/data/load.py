@@ -280,12 +280,17 @@ def _reason_key(field: str, reason: str) -> str:
     return f"{field.split('[')[0]}: {head}"
 
 
-def _detect_sources(records: list[Record], fmt: str, columns: dict) -> dict[str, tuple[str, str]]:
+def _detect_sources(records: list[Record], fmt: str, columns: dict,
+                    kind: str | None = None) -> dict[str, tuple[str, str]]:
     """The format of each source and why. Detection is per source so a folder may mix
     files of different shapes (alpaca JSONL beside a prompt/completion CSV)."""
     if fmt != "auto":
         if fmt not in FORMATS:
             raise DataError(f"unknown data.format '{fmt}'; known: {', '.join(FORMATS)}")
+        if kind is not None and FORMATS[fmt].kind != kind:
+            fits = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+            raise DataError(f"data.format '{fmt}' holds {FORMATS[fmt].kind} rows but this objective trains on "
+                            f"{kind} rows: use {fits}")
         return {r.source: (fmt, "set by the user") for r in records}
     keys: dict[str, set] = {}
     for r in records:
@@ -298,8 +303,16 @@ def _detect_sources(records: list[Record], fmt: str, columns: dict) -> dict[str,
             out[source] = ("", "no readable row")
             continue
         try:
-            out[source] = detect(ks, columns)
+            out[source] = detect(ks, columns, kind)
         except RowError as e:
+            if kind is not None:  # say so when the rows are fine, only of another kind
+                try:
+                    other, _ = detect(ks, columns)
+                except RowError:
+                    pass
+                else:
+                    raise DataError(f"{source} holds {FORMATS[other].kind} rows ({other}); this objective "
+                                    f"trains on {kind} rows (set objective.name to match the data)") from None
             raise DataError(f"{source}: {e.reason}") from None
     kinds = {FORMATS[f].kind: s for s, (f, _) in out.items() if f}
     if len(kinds) > 1:
@@ -309,8 +322,9 @@ def _detect_sources(records: list[Record], fmt: str, columns: dict) -> dict[str,
 
 
 def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, strict: bool = False,
-              text_unit: str = "block"):
-    """Canonical rows (with their source and line) and the report of what was dropped."""
+              text_unit: str = "block", kind: str | None = None):
+    """Canonical rows (with their source and line) and the report of what was dropped.
+    ``kind``: only formats of that kind (what the objective trains on); None: any."""
     columns = columns or {}
     skipped: dict | None = None if strict else {}
     records = [r for spec in specs for r in read_records(spec, text_unit, skipped)]
@@ -318,7 +332,7 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
     if not records:
         raise DataError(f"no rows in {', '.join(specs)}: the data is empty"
                         + (f" (skipped: {skipped})" if skipped else ""))
-    formats = _detect_sources(records, fmt, columns)
+    formats = _detect_sources(records, fmt, columns, kind)
     names = list(dict.fromkeys(f for f, _ in formats.values() if f))
     report.format = "+".join(names)
     report.kind = FORMATS[names[0]].kind if names else ""

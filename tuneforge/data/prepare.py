@@ -45,12 +45,19 @@ class Splits:
         for name in ("train", "validation", "test"):
             for row in getattr(self, name):
                 h.update(name.encode())
-                h.update(json.dumps(row["messages"], sort_keys=True).encode())
+                h.update(json.dumps(_content(row), sort_keys=True).encode())
         return h.hexdigest()
 
 
+def _content(row: dict):
+    return row["messages"] if "messages" in row else {k: v for k, v in row.items() if k != "_where"}
+
+
 def _prompt_key(row: dict) -> str:
-    return json.dumps(row["messages"][:-1], sort_keys=True)
+    # Chat rows group by the conversation before the answer; other kinds by their input.
+    if "messages" in row:
+        return json.dumps(row["messages"][:-1], sort_keys=True)
+    return json.dumps(row.get("prompt", row.get("text")), sort_keys=True)
 
 
 def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[list[dict]]:
@@ -73,11 +80,15 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
     return parts
 
 
-def load_prepared(folder: str, data: DataConfig) -> Splits:
+# The format that reads back each kind of canonical row from a prepared folder.
+CANONICAL_FORMAT = {"sft": "chat", "preference": "preference", "classification": "classification", "text": "text"}
+
+
+def load_prepared(folder: str, data: DataConfig, kind: str = "sft") -> Splits:
     """The splits of a folder written by ``tuneforge data prepare`` (its own split is kept)."""
     manifest = read_manifest(folder)
-    if manifest.get("kind") != "sft":
-        raise DataError(f"{folder} holds {manifest.get('kind')} rows; the train recipe trains on sft rows")
+    if manifest.get("kind") != kind:
+        raise DataError(f"{folder} holds {manifest.get('kind')} rows; this objective trains on {kind} rows")
     if data.validation or data.test:
         raise DataError(f"{folder} is a prepared folder with its own validation/test splits; "
                         "remove data.validation and data.test")
@@ -85,27 +96,25 @@ def load_prepared(folder: str, data: DataConfig) -> Splits:
     for name in SPLITS:
         path = Path(folder) / f"{name}.jsonl"
         has_rows = path.is_file() and path.stat().st_size > 0
-        parts[name], reports[name] = load_rows([str(path)], "chat") if has_rows else ([], LoadReport())
+        parts[name], reports[name] = (load_rows([str(path)], CANONICAL_FORMAT[kind]) if has_rows
+                                      else ([], LoadReport()))
     if not parts["train"]:
         raise DataError(f"{folder}: train.jsonl is empty")
     return Splits(parts["train"], parts["validation"], parts["test"], reports,
                   prepared={"path": str(folder), "manifest_sha256": sha256_file(Path(folder) / MANIFEST)})
 
 
-def build_splits(data: DataConfig, seed: int) -> Splits:
+def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
+    """``kind``: the rows the objective trains on (sft, preference, classification, text)."""
     if len(data.train) == 1 and is_prepared(data.train[0]):
-        return load_prepared(data.train[0], data)
+        return load_prepared(data.train[0], data, kind)
     reports = {}
-    train, reports["train"] = load_rows(data.train, data.format, data.columns)
+    train, reports["train"] = load_rows(data.train, data.format, data.columns, kind=kind)
     validation = test = []
     if data.validation:
-        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns)
+        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns, kind=kind)
     if data.test:
-        test, reports["test"] = load_rows(data.test, data.format, data.columns)
-    for name, rep in reports.items():
-        if rep.kind != "sft":
-            raise DataError(f"the train recipe trains on sft rows (chat, instruction, ...); data.{name} holds "
-                            f"{rep.kind} rows ({rep.format_reason})")
+        test, reports["test"] = load_rows(data.test, data.format, data.columns, kind=kind)
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:

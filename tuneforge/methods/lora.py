@@ -29,11 +29,14 @@ class DoraOptions(LoraOptions):
     name: Literal["dora"] = "dora"
 
 
-def lora_config(opts, use_dora: bool = False):
+def lora_config(opts, use_dora: bool = False, model=None):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                      target_modules=opts.target_modules, use_rslora=opts.rslora, use_dora=use_dora)
+    # A sequence-classification model (classify, reward) needs SEQ_CLS: peft then also
+    # trains and saves the new head (modules_to_save), which starts from random weights.
+    seq_cls = model is not None and type(model).__name__.endswith("ForSequenceClassification")
+    return LoraConfig(task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM, r=opts.r,
+                      lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules, use_rslora=opts.rslora, use_dora=use_dora)
 
 
 @register_method
@@ -53,8 +56,9 @@ class LoRA(PeftMethod):
 
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
-        model = get_peft_model(model, lora_config(opts, self.use_dora))
-        if self.fast_bf16_inputs and model.get_base_model().dtype == torch.bfloat16:
+        model = get_peft_model(model, lora_config(opts, self.use_dora, model))
+        base = model.get_base_model()
+        if self.fast_bf16_inputs and base.dtype == torch.bfloat16 and type(base).__name__.endswith("ForCausalLM"):
             # A bf16 base trains under autocast. peft would cast each layer's bf16 input up
             # to the fp32 adapter dtype, and autocast straight back down for the matmul: two
             # copies of every activation per adapted layer, for the same result.

@@ -103,3 +103,23 @@ def load_causal_lm(name: str, dtype: torch.dtype, device: str, attn_implementati
     except (OSError, ValueError) as e:
         raise _hub_hint(name, e) from None
     return model if quantization_config else model.to(device)
+
+
+def load_sequence_classifier(name: str, id2label: dict[int, str], dtype: torch.dtype, device: str,
+                             pad_token_id: int | None, revision: str | None = None, trust_remote_code: bool = False):
+    """A causal LM or encoder with a new classification head (one output per label; a
+    reward model is one label). The label names live in the model config (id2label)."""
+    from transformers import AutoModelForSequenceClassification
+
+    r = resolve(name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            r.path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_hint(name, e) from None
+    # Decoder heads score the last non-pad token: the model must know which id pads.
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model.to(device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tuneforge.config import DataConfig, RunConfig, TaskConfig
 from tuneforge.data.prepare import Splits, build_splits
-from tuneforge.data.render import Encoded, encode_rows
+from tuneforge.data.render import Encoded
 
 MAIN = "main"
 
@@ -43,14 +43,13 @@ def task_configs(cfg: RunConfig) -> list[tuple[TaskConfig, bool]]:
     return [(t, False) for t in trained] + [(t, True) for t in cfg.continual.previous]
 
 
-def load_tasks(cfg: RunConfig, tok) -> list[Task]:
+def load_tasks(cfg: RunConfig, tok, objective) -> list[Task]:
     tasks = []
     for tc, earlier in task_configs(cfg):
         data = task_data(cfg.data, tc)
         # Same seed and sizes as the task's own run, so an earlier task's test rows stay unseen.
-        splits = build_splits(data, cfg.train.seed)
-        enc = {k: encode_rows(tok, getattr(splits, k), data.max_length, data.overlength, data.system_prompt)
-               for k in ("train", "validation")}
+        splits = build_splits(data, cfg.train.seed, objective.data_kind)
+        enc = {k: objective.encode(tok, getattr(splits, k), data) for k in ("train", "validation")}
         tasks.append(Task(tc.name, splits, enc, tc.weight, earlier))
     return tasks
 

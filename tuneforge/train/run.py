@@ -11,6 +11,7 @@ import json
 import random
 import time
 from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -80,6 +81,8 @@ def new_run_dir(cfg: RunConfig, create: bool = True) -> Path:
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
           on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
     """``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it)."""
+    if OBJECTIVES[cfg.objective.name].recipe:  # pairs, heads, online RL: a loop of their own
+        return import_module(OBJECTIVES[cfg.objective.name].recipe).train(cfg, resume, console or Console())
     t_start = time.perf_counter()
 
     # --- setup -------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- data --------------------------------------------------------------------------
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    tasks = load_tasks(cfg, tok)
+    tasks = load_tasks(cfg, tok, objective)
     for task in tasks:
         if not task.earlier and not task.enc["train"].rows:
             raise ConfigError([f"every training row of task {task.name} is longer than data.max_length="
@@ -336,7 +339,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     plot_losses(metrics_path, run_dir / "loss.png")
 
     # --- evaluate ----------------------------------------------------------------------
-    if cfg.eval.metric != "none":
+    if cfg.eval.metric != "none" and objective.evaluate and tasks[0].splits.test:
+        summary["eval"] = objective.evaluate(model, tok, tasks[0].splits.test, cfg, method, device, dtype, run_dir,
+                                             console)
+    elif cfg.eval.metric != "none":
         evaluated = [task for task in tasks if task.splits.test]
         scores = {task.name: evaluate_run(model, tok, task.splits.test, cfg, method, device, dtype, run_dir, console,
                                           tag="" if len(tasks) == 1 else f"-{task.name}")

@@ -1,0 +1,57 @@
+"""Sequence-head objectives on the tiny Llama: classification (labels saved in the config,
+metrics computed, head trained through LoRA's modules_to_save) and a Bradley-Terry reward
+model that ranks held-out pairs above chance."""
+
+import json
+import random
+
+import torch
+
+from tuneforge.config import validate_config
+from tuneforge.train.heads import load_head
+from tuneforge.train.run import train
+
+LABELS = ["coffee mug", "desk lamp", "teapot"]
+
+
+def _cls_file(path):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(100):
+        label = rng.choice(LABELS)
+        rows.append({"message": f"please send {rng.randint(1, 9)} {label} to {rng.choice(['Oslo', 'Lyon'])}",
+                     "topic": label})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_classify_trains_head_and_reports_metrics(tiny_raw_cfg, tmp_path):
+    raw = tiny_raw_cfg | {"objective": {"name": "classify"}, "run_name": "cls"}
+    raw["data"] = {"train": [_cls_file(tmp_path / "cls.jsonl")], "columns": {"text": "message", "label": "topic"},
+                   "max_length": 64, "val_size": 0.1, "test_size": 0.2}
+    raw["train"] = raw["train"] | {"lr": 1e-2, "max_steps": 10, "batch_size": 8, "eval_every": 0, "save_every": 0}
+    run_dir = train(validate_config(raw))
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["labels"] == sorted(LABELS) and len(ev["confusion_matrix"]) == 3
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"] == 20
+    assert ev["accuracy"] > ev["majority_baseline_accuracy"]
+    head = json.loads((run_dir / "head/config.json").read_text())
+    assert head["id2label"] == {"0": "coffee mug", "1": "desk lamp", "2": "teapot"}
+    model, tok = load_head(run_dir)  # base + adapter + trained head, merged
+    enc = tok(["please send 3 teapot to Oslo"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape == (1, 3)
+    saved = (run_dir / "adapter/adapter_model.safetensors")
+    from safetensors.torch import load_file
+    assert any("score" in k for k in load_file(str(saved)))  # the new head is saved with the adapter
+
+
+def test_reward_model_ranks_held_out_pairs_above_chance(tiny_raw_cfg):
+    raw = tiny_raw_cfg | {"objective": {"name": "reward"}, "run_name": "rm"}
+    raw["data"] = {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200, "val_size": 0.1,
+                   "test_size": 0.2}
+    raw["train"] = raw["train"] | {"lr": 1e-2, "max_steps": 10, "batch_size": 8, "eval_every": 0, "save_every": 0}
+    run_dir = train(validate_config(raw))
+    ev = json.loads((run_dir / "eval.json").read_text())["tuned"]
+    assert ev["pairwise_accuracy"] > 0.5 and ev["margin"] > 0
+    assert json.loads((run_dir / "head/config.json").read_text())["id2label"] == {"0": "reward"}

@@ -1,0 +1,160 @@
+"""Recipe for policy optimisation against a reward model (objective ``policy``): setup ->
+prompts -> policy (method applied) + reward model (a reward run, merged) -> trl GRPO/RLOO
+with a KL penalty -> save -> held-out reward before/after.
+
+trl runs the loop (sampling, group advantages, clipped policy loss, KL to the reference);
+tuneforge adds the run folder and a watch for reward hacking: every logged step writes
+KL, reward and answer length to metrics.jsonl, and training stops with a warning when
+the KL explodes or the answers collapse in length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tuneforge.config import ConfigError, RunConfig
+from tuneforge.data.render import with_system
+from tuneforge.io import write_json
+from tuneforge.methods import METHODS, count_trainable
+from tuneforge.models.load import load_causal_lm, load_tokenizer
+from tuneforge.models.tokenizer import fix_chat_tokenizer
+from tuneforge.train.common import finish, start_run
+
+
+def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_length_ratio: float) -> str | None:
+    """Why training should stop at this logged step, or None. ``row`` holds trl's logged
+    ``kl`` and ``completions/mean_length``; ``first_length`` is the first step's length."""
+    kl, length = row.get("kl"), row.get("completions/mean_length")
+    if kl is not None and kl > max_kl:
+        return f"KL to the reference {kl:.3f} > objective.max_kl={max_kl}: the policy is drifting (reward hacking?)"
+    if length is not None and first_length and length < min_length_ratio * first_length:
+        return (f"mean answer length {length:.1f} < {min_length_ratio} x the first step's {first_length:.1f}: "
+                "the answers are collapsing")
+    return None
+
+
+def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict):
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        """Logs KL, reward and length per step; stops training on a hacking alarm."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "kl" not in logs and "reward" not in logs:
+                return
+            row = {"kind": "train", "step": state.global_step,
+                   **{k: round(v, 5) for k, v in logs.items() if isinstance(v, (int, float))}}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            state_out.setdefault("first_length", row.get("completions/mean_length"))
+            console.print(f"step {state.global_step}: reward {row.get('reward', float('nan')):.4f}  "
+                          f"kl {row.get('kl', float('nan')):.4f}  "
+                          f"length {row.get('completions/mean_length', float('nan')):.1f}")
+            alarm = hacking_alarm(row, state_out["first_length"], opts.max_kl, opts.min_length_ratio)
+            if alarm:
+                console.print(f"[bold yellow]stopping[/]: {alarm}")
+                state_out["stopped"] = {"step": state.global_step, "reason": alarm}
+                control.should_training_stop = True
+
+    return Watch()
+
+
+@torch.no_grad()
+def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[dict]], max_new_tokens: int,
+                    device: str) -> dict:
+    """Mean reward-model score of greedy answers to held-out prompts, and their mean length."""
+    from tuneforge.evaluate.generate import generate_texts
+
+    ids = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+           for p in prompts]
+    answers = generate_texts(policy, tok, ids, max_new_tokens=max_new_tokens, batch_size=8, device=device,
+                             autocast_dtype=None)
+    texts = [reward_tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
+             for p, a in zip(prompts, answers)]
+    enc = reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    scores = reward_model(**enc).logits[:, 0].float()
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    return {"reward": round(float(scores.mean()), 4), "answer_tokens": round(sum(lengths) / len(lengths), 2),
+            "examples": [{"prompt": p[-1]["content"][:200], "answer": a} for p, a in list(zip(prompts, answers))[:3]]}
+
+
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from tuneforge.train.heads import load_head
+
+    console = console or Console()
+    # --- setup and prompts ---------------------------------------------------------------
+    run = start_run(cfg, resume, console)
+    method, opts, t = METHODS[cfg.method.name], cfg.objective, cfg.train
+    reward_dir = Path(opts.reward_run)
+    if not (reward_dir / "head" / "config.json").exists():
+        raise ConfigError([f"objective.reward_run: {reward_dir} is not a finished reward run (no head/config.json)"])
+    prompts = {s: [with_system(r["prompt"], cfg.data.system_prompt) for r in getattr(run.splits, s)]
+               for s in ("train", "test")}
+
+    # --- models --------------------------------------------------------------------------
+    tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    tok.padding_side = "left"  # generation pads on the left
+    model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, run.dtype), run.device,
+                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code)
+    fix_chat_tokenizer(tok, model)
+    model = method.apply(model, cfg.method)
+    n_train, n_total = count_trainable(model)
+    reward_model, reward_tok = load_head(reward_dir, run.device)
+    reward_tok.padding_side = "right"
+    console.print(f"[bold]{cfg.method.name}[/] + {opts.algorithm}: {n_train:,} trainable of {n_total:,}; "
+                  f"reward model {reward_dir}")
+
+    n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
+    results = {}
+    if n_test and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
+                                              opts.max_completion_length, run.device)
+
+    # --- train (trl) ---------------------------------------------------------------------
+    config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
+    args = config_cls(
+        output_dir=str(run.run_dir / "trl"), learning_rate=t.lr, max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,  # < 1: a ratio
+        # train.batch_size counts prompts; trl's batch counts answers (num_generations per prompt).
+        per_device_train_batch_size=t.batch_size * opts.num_generations, gradient_accumulation_steps=t.grad_accum,
+        num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
+        temperature=opts.temperature, beta=opts.beta, max_grad_norm=t.max_grad_norm or 0.0, seed=t.seed,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=run.device == "cpu",
+        bf16=run.dtype == torch.bfloat16, fp16=run.dtype == torch.float16,
+    )
+    watch: dict = {}
+    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts["train"]]),
+                          processing_class=tok, reward_processing_classes=reward_tok,
+                          callbacks=[_watch_callback(metrics_path, opts, console, watch)])
+    trainer.train()
+
+    # --- save and evaluate ---------------------------------------------------------------
+    if "ref" in getattr(model, "peft_config", {}):  # trl's frozen copy of the starting adapter
+        model.delete_adapter("ref")
+    method.save(model, run.run_dir / "adapter")
+    tok.save_pretrained(run.run_dir / "adapter")
+    if n_test:
+        results["tuned"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
+                                           opts.max_completion_length, run.device)
+        write_json(run.run_dir / "eval.json", results)
+        if "base" in results:
+            console.print(f"held-out prompts ({n_test}): reward {results['base']['reward']:.3f} -> "
+                          f"{results['tuned']['reward']:.3f}, answer tokens {results['base']['answer_tokens']:.1f} -> "
+                          f"{results['tuned']['answer_tokens']:.1f}")
+    return finish(run, {"steps": trainer.state.global_step, "trainable_params": n_train, "total_params": n_total,
+                        "reward_run": str(reward_dir), "stopped_early": watch.get("stopped"),
+                        "eval": {k: {m: v for m, v in r.items() if m != "examples"} for k, r in results.items()}},
+                  console)
