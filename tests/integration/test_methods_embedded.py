@@ -24,7 +24,13 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+# The default run trains one method of each family (full weights, a frozen subset, virtual
+# tokens); the rest take minutes each on 2 cores (QLoRA's 4-bit CPU matmuls most of all)
+# and run with `-m slow`. LoRA on the embedded model is covered by test_embedded.py.
+QUICK = {"full", "freeze", "prompt"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in METHODS])
 def test_method_trains_on_the_embedded_model(name, tmp_path):
     if name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed (pip install 'tuneforge[qlora]')")
