@@ -188,7 +188,15 @@ class RunConfig(Strict):
 
 
 def _parse_value(raw: str):
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        # '?' and '&' are YAML syntax inside a flow list ([builtin:orders?n=60&seed=1]):
+        # read such values as the plain text the user meant.
+        inner = raw.strip()
+        if inner.startswith("[") and inner.endswith("]"):
+            return [_parse_value(x.strip()) for x in inner[1:-1].split(",") if x.strip()]
+        return raw
     if isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" as a string
             return float(value)

@@ -40,6 +40,8 @@ def test_missing_data_is_named():
 def test_overrides_parse_yaml_values_and_nest():
     assert parse_overrides(["train.lr=1e-4", "data.packing=true", "run_name=x"]) == {
         "train": {"lr": 1e-4}, "data": {"packing": True}, "run_name": "x"}
+    assert parse_overrides(["data.train=[builtin:orders?n=60&seed=1, b.jsonl]"]) == {
+        "data": {"train": ["builtin:orders?n=60&seed=1", "b.jsonl"]}}
     with pytest.raises(ConfigError, match="not key=value"):
         parse_overrides(["train.lr"])
 
