@@ -34,6 +34,8 @@ class RequestRecord:
 
     endpoint: str
     model: str  # as requested
+    request_id: str = ""  # the response id (chatcmpl-... / cmpl-...); POST /v1/feedback refers to it
+    user: str | None = None
     route: str | None = None
     version: str | None = None  # the version that served it, e.g. support-bot:v2
     arm: str | None = None
@@ -45,6 +47,11 @@ class RequestRecord:
     fallback_reason: str | None = None  # why earlier targets were skipped, if any were
     stream: bool = False
     error: str | None = None
+    finish_reason: str | None = None
+    json_requested: bool = False  # response_format {"type": "json_object"}
+    messages: list | None = None  # chat input as received (the logger redacts before storing)
+    prompt: str | None = None  # completion input
+    response: str | None = None  # generated text
     extra: dict = field(default_factory=dict)
 
 
@@ -114,14 +121,20 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
             body = await request.json()
         except ValueError:
             return _error(400, "the request body is not JSON", "invalid_request_error")
-        record = RequestRecord(endpoint=endpoint, model=str(body.get("model", "")), stream=bool(body.get("stream")))
+        chat = endpoint == "chat"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        fmt = body.get("response_format")
+        record = RequestRecord(endpoint=endpoint, model=str(body.get("model", "")), stream=bool(body.get("stream")),
+                               request_id=rid, user=str(body["user"]) if body.get("user") else None,
+                               messages=body.get("messages") if chat else None,
+                               prompt=body.get("prompt") if not chat else None,
+                               json_requested=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
         try:
             key = authenticate(request)
             record.key_id = key.id if key else None
             if not record.model:
                 raise ApiError(400, "'model' is required")
             check_scope(key, record.model)
-            chat = endpoint == "chat"
             if chat and not isinstance(body.get("messages"), list):
                 raise ApiError(400, "'messages' must be a list of {role, content}")
             if not chat and not isinstance(body.get("prompt"), str):
@@ -141,7 +154,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         meta = {"version": version, "arm": record.arm, "route": record.route, "fallback": record.fallback_reason}
         headers = {"X-Tuneforge-Version": version, "X-Tuneforge-Arm": record.arm or "",
                    "X-Tuneforge-Fallback": record.fallback_reason or ""}
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        created = int(time.time())
         if body.get("stream"):
             return StreamingResponse(sse(stream, first, rid, created, version, chat, meta, record, t0),
                                      media_type="text/event-stream", headers=headers)
@@ -154,6 +167,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         out = Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
                     rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
         record.prompt_tokens, record.completion_tokens = out.prompt_tokens, out.completion_tokens
+        record.response, record.finish_reason = out.text, out.finish_reason
         _emit(record, t0)
         choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
                   else {"index": 0, "text": out.text, "logprobs": None})
@@ -199,17 +213,19 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
                                           "created": created, "model": version, "choices": [choice],
                                           "tuneforge": meta}) + "\n\n"
 
-        last = first
+        last, texts = first, [first.text]
         try:
             yield event(first, role=True)
             if first.finish_reason is None:
                 async for c in stream:
                     last = c
+                    texts.append(c.text)
                     yield event(c)
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
             record.status, record.error = 500, f"{type(e).__name__}: {e}"
             yield "data: " + json.dumps({"error": {"message": record.error, "type": "server_error"}}) + "\n\n"
         record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
+        record.response, record.finish_reason = "".join(texts), last.finish_reason
         _emit(record, t0)
         yield "data: [DONE]\n\n"
 

@@ -165,6 +165,7 @@ class Registry:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)
+        import tuneforge.production.store  # noqa: F401 - registers the production tables on Base
         Base.metadata.create_all(self.engine)
 
     # --- models and versions ---------------------------------------------------------------

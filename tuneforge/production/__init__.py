@@ -1,0 +1,1 @@
+"""Production loop: request logs, feedback, monitoring and drift, human review, improve, jobs API."""
