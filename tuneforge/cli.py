@@ -267,8 +267,8 @@ def cmd_registry(args) -> int:
 def cmd_keys(args) -> int:
     reg = _registry(args)
     if args.action == "create":
-        kid, key = reg.create_key(args.name, args.models, args.rpm)
-        print(f"key id {kid} for {args.name} (models: {', '.join(args.models) or '*'}). "
+        kid, key = reg.create_key(args.name, args.models, args.rpm, admin=args.admin)
+        print(f"key id {kid} for {args.name} (models: {', '.join(args.models) or '*'}{', admin' if args.admin else ''}). "
               f"Shown once; store it now:\n{key}")
     elif args.action == "revoke":
         reg.revoke_key(args.id)
@@ -277,7 +277,7 @@ def cmd_keys(args) -> int:
         for k in reg.keys():
             state = f"revoked {k['revoked']:%Y-%m-%d}" if k["revoked"] else "active"
             print(f"{k['id']:>4}  {k['name']:<20} {k['prefix']}...  models={','.join(k['models'])}  "
-                  f"rpm={k['requests_per_minute'] or '-'}  {state}")
+                  f"rpm={k['requests_per_minute'] or '-'}  {'admin  ' if k['admin'] else ''}{state}")
     return 0
 
 
@@ -335,6 +335,8 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--models", nargs="*", default=[], help="model or route names this key may call (default all)")
     p.add_argument("--rpm", type=int, help="requests per minute for this key")
+    p.add_argument("--admin", action="store_true",
+                   help="may also call the server's /admin endpoints (adapter load/unload, aliases)")
     p = with_registry(ka.add_parser("revoke"))
     p.add_argument("id", type=int)
     with_registry(ka.add_parser("list"))

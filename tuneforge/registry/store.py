@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, select
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine,
+                        false, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tuneforge.registry.runinfo import read_run
@@ -98,6 +99,8 @@ class ApiKey(Base):
     requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime, default=_now)
     revoked: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # admin keys may call the server's /admin endpoints (adapter load/unload, alias changes)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class KeyInfo:
     name: str
     models: list
     requests_per_minute: int | None
+    admin: bool = False
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
@@ -165,8 +169,9 @@ class Registry:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)
-        import tuneforge.production.store  # noqa: F401 - registers the production tables on Base
-        Base.metadata.create_all(self.engine)
+        from tuneforge.registry.migrate import upgrade
+
+        upgrade(self.engine)  # alembic: creates a new database, brings an older one to the current schema
 
     # --- models and versions ---------------------------------------------------------------
     def add(self, run_dir: str | Path, name: str) -> VersionInfo:
@@ -267,12 +272,13 @@ class Registry:
                      "note": e.note} for e in rows]
 
     # --- API keys -------------------------------------------------------------------------------
-    def create_key(self, name: str, models: list[str], requests_per_minute: int | None = None) -> tuple[int, str]:
+    def create_key(self, name: str, models: list[str], requests_per_minute: int | None = None,
+                   admin: bool = False) -> tuple[int, str]:
         """(key id, the key itself). Only its hash is stored: the key is shown once."""
         key = "tf-" + secrets.token_urlsafe(32)
         with Session(self.engine) as s, s.begin():
             row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:8], models=models or ["*"],
-                         requests_per_minute=requests_per_minute)
+                         requests_per_minute=requests_per_minute, admin=admin)
             s.add(row)
             s.flush()
             return row.id, key
@@ -287,7 +293,8 @@ class Registry:
     def keys(self) -> list[dict]:
         with Session(self.engine) as s:
             return [{"id": k.id, "name": k.name, "prefix": k.prefix, "models": k.models,
-                     "requests_per_minute": k.requests_per_minute, "created": k.created, "revoked": k.revoked}
+                     "requests_per_minute": k.requests_per_minute, "created": k.created, "revoked": k.revoked,
+                     "admin": k.admin}
                     for k in s.scalars(select(ApiKey).order_by(ApiKey.id))]
 
     def has_keys(self) -> bool:
@@ -298,7 +305,7 @@ class Registry:
         """The active key matching ``key``, or None (unknown or revoked)."""
         with Session(self.engine) as s:
             row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(None)))
-            return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute) if row else None
+            return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute, row.admin) if row else None
 
     # --- helpers ---------------------------------------------------------------------------------
     @staticmethod
