@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
 
@@ -18,6 +19,7 @@ class EngineConfig(Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_batch: int = Field(16, gt=0, description="most requests run in one forward pass")
     batch_wait_ms: float = Field(10, ge=0, description="how long the first request waits for others to batch with")
+    max_adapters: int | None = Field(None, gt=0, description="LRU bound on resident adapters (default: no bound)")
     # vllm: an OpenAI-compatible vLLM server launched with --enable-lora --lora-modules NAME:vN=RUN/adapter
     url: str | None = None
     api_key: str | None = None
@@ -27,6 +29,36 @@ class EngineConfig(Strict):
         if self.kind == "vllm" and not self.url:
             raise ValueError("engine.kind=vllm needs engine.url (e.g. http://127.0.0.1:8001)")
         return self
+
+
+class Guards(Strict):
+    """Checks on a route's output; a failing one moves the request down the fallback chain."""
+
+    empty: bool = Field(False, description="an output that is empty or only whitespace fails")
+    json_object: bool = Field(False, description="when the request asked response_format json_object, "
+                                                 "an output that is not a JSON object fails")
+    blocklist: list[str] = Field([], description="Python regular expressions searched in the output "
+                                                 "(prefix (?i) to ignore case); a match fails")
+
+    @field_validator("blocklist")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"blocklist pattern {p!r} is not a regular expression: {e}") from None
+        return patterns
+
+    @property
+    def active(self) -> bool:
+        return self.empty or self.json_object or bool(self.blocklist)
+
+
+class FixedReply(Strict):
+    """The end of a fallback chain: answer with this text instead of an error."""
+
+    reply: str
 
 
 class Arm(Strict):
@@ -39,7 +71,15 @@ class Route(Strict):
     """A public model name served by weighted arms (A/B), then a fallback chain on error/timeout."""
 
     arms: list[Arm] = Field(min_length=1)
-    fallback: list[str] = []
+    fallback: list[str | FixedReply] = []
+    guards: Guards = Guards()
+
+    @field_validator("fallback")
+    @classmethod
+    def _reply_last(cls, chain: list) -> list:
+        if any(isinstance(t, FixedReply) for t in chain[:-1]):
+            raise ValueError("a fixed {reply: ...} always answers, so it can only be the last fallback")
+        return chain
 
 
 class ServeConfig(Strict):
@@ -51,6 +91,12 @@ class ServeConfig(Strict):
     requests_per_minute: int | None = Field(None, gt=0, description="per-key limit when the key sets none")
     timeout_s: float = Field(60, gt=0, description="per target; past it the request goes down the fallback chain")
     max_tokens: int = Field(512, gt=0, description="cap on a request's max_tokens")
+    max_request_bytes: int = Field(1_000_000, gt=0, description="larger request bodies are refused with 413")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="longer prompts (after the chat template) "
+                                                                  "are refused with 413 (local engine)")
+    shutdown_grace_s: float = Field(30, ge=0, description="on SIGTERM/Ctrl-C, how long in-flight requests "
+                                                          "may take to finish before the server exits")
+    log_format: Literal["json", "text"] = Field("json", description="server logs: one JSON object per line, or text")
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
 

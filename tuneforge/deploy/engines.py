@@ -15,6 +15,7 @@ import json
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ class Chunk:
 
 class EngineError(RuntimeError):
     pass
+
+
+class PromptTooLong(EngineError):
+    """The prompt has more tokens than the server allows (max_prompt_tokens): the client's to fix."""
 
 
 async def collect(stream: AsyncIterator[Chunk]) -> Chunk:
@@ -109,19 +114,29 @@ class _RowStreamer:
 
 
 class LocalEngine:
-    """One worker thread owns the models; requests wait at most ``batch_wait_ms`` to be batched."""
+    """One worker thread runs the batches; requests wait at most ``batch_wait_ms`` to be batched.
 
-    def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10):
+    Adapters change (load, unload, LRU eviction) only under ``models_lock``, which a batch
+    holds from its first forward pass to its last token, so a running request never loses
+    its adapter; an unloaded adapter is loaded again by the next request that needs it.
+    """
+
+    def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
+                 max_adapters: int | None = None, max_prompt_tokens: int | None = None):
         from tuneforge.train.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
+        self.max_adapters, self.max_prompt_tokens = max_adapters, max_prompt_tokens
         self.bases: dict[str, tuple] = {}  # base model name -> (peft model, tokenizer)
+        self.lru: OrderedDict[str, str] = OrderedDict()  # resident adapter -> its base, least recent first
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.batches: list[list[str]] = []  # adapters of each batch run (for tests and stats)
+        self.evicted: list[str] = []  # adapters unloaded by the LRU bound, in order (for tests and stats)
         self.worker: threading.Thread | None = None
         self.lock = threading.Lock()
+        self.models_lock = threading.RLock()
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
         self._start()
@@ -130,6 +145,8 @@ class LocalEngine:
         try:
             while True:
                 item = await job.out.get()
+                if isinstance(item, EngineError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineError(f"{type(item).__name__}: {item}") from item
                 yield item
@@ -139,9 +156,17 @@ class LocalEngine:
             job.cancelled = True  # timed out or client gone: the worker skips it if not yet run
 
     async def load(self, req: GenRequest) -> None:
-        """Load ``req``'s base and adapter now (at startup; the worker thread is not running yet
-        or idle, and loading twice is a no-op)."""
-        await asyncio.to_thread(self._model, req)
+        """Load ``req``'s base and adapter now (loading twice is a no-op); waits for a running batch."""
+        await asyncio.to_thread(self._locked_model, req)
+
+    async def unload(self, adapter: str) -> bool:
+        """Unload an adapter after the running batch (if any) ends; False if it was not loaded."""
+        return await asyncio.to_thread(self._unload, adapter)
+
+    def resident(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        with self.models_lock:
+            return list(self.lru)
 
     async def close(self) -> None:
         if self.worker is not None:
@@ -177,8 +202,36 @@ class LocalEngine:
                     for j in group:
                         j.loop.call_soon_threadsafe(j.out.put_nowait, e)
 
+    def _locked_model(self, req: GenRequest):
+        with self.models_lock:
+            model = self._model(req)
+            self._evict(keep={req.adapter})
+            return model
+
+    def _unload(self, adapter: str) -> bool:
+        with self.models_lock:
+            if adapter not in self.lru:
+                return False
+            self._delete(adapter)
+            return True
+
+    def _delete(self, adapter: str) -> None:
+        model, _ = self.bases[self.lru.pop(adapter)]
+        model.delete_adapter(adapter)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Unload least recently used adapters beyond ``max_adapters``, never one in ``keep``
+        (the batch about to run); a batch with more distinct adapters than the bound keeps them
+        all until it ends."""
+        if self.max_adapters is None:
+            return
+        for adapter in [a for a in self.lru if a not in keep][:max(0, len(self.lru) - self.max_adapters)]:
+            self._delete(adapter)
+            self.evicted.append(adapter)
+
     def _model(self, req: GenRequest):
-        """The base model (loaded once) with ``req``'s adapter loaded under its version name."""
+        """The base model (loaded once) with ``req``'s adapter loaded under its version name
+        (call with ``models_lock`` held)."""
         from peft import PeftModel
 
         from tuneforge.models.load import load_causal_lm, load_tokenizer
@@ -194,22 +247,43 @@ class LocalEngine:
         if req.adapter not in model.peft_config:
             model.load_adapter(req.adapter_dir, adapter_name=req.adapter)
             model.eval()
+        self.lru[req.adapter] = req.base_model
+        self.lru.move_to_end(req.adapter)
         return model, tok
 
-    @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> None:
+        with self.models_lock:  # no adapter changes while this batch generates
+            for j in jobs:
+                model, tok = self._model(j.req)
+            self._evict(keep={j.req.adapter for j in jobs})
+            jobs, prompts = self._prompts(jobs, tok)
+            if jobs:
+                self._generate(model, tok, jobs, prompts)
+
+    def _prompts(self, jobs: list[_Job], tok) -> tuple[list[_Job], list[list[int]]]:
+        """Token ids of each job's prompt; a job over ``max_prompt_tokens`` is answered with
+        PromptTooLong and left out of the batch."""
         from tuneforge.data.render import with_system
 
-        for j in jobs:
-            model, tok = self._model(j.req)
-        prompts = []
+        kept, prompts = [], []
         for j in jobs:
             if j.req.messages is not None:
                 out = tok.apply_chat_template(with_system(j.req.messages, j.req.system_prompt), tokenize=True,
                                               add_generation_prompt=True)
-                prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+                ids = list(out["input_ids"] if hasattr(out, "keys") else out)
             else:
-                prompts.append(tok(j.req.prompt, add_special_tokens=False).input_ids)
+                ids = tok(j.req.prompt, add_special_tokens=False).input_ids
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                err = PromptTooLong(f"the prompt has {len(ids)} tokens; this server takes at most "
+                                    f"{self.max_prompt_tokens} (max_prompt_tokens)")
+                j.loop.call_soon_threadsafe(j.out.put_nowait, err)
+                continue
+            kept.append(j)
+            prompts.append(ids)
+        return kept, prompts
+
+    @torch.no_grad()
+    def _generate(self, model, tok, jobs: list[_Job], prompts: list[list[int]]) -> None:
         # Left padding: every row's next token sits in the last column. [batch, width]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)

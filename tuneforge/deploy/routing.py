@@ -4,11 +4,13 @@ try, and per-key rate limits. Pure functions where possible, so they are tested 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from tuneforge.deploy.config import Arm, Route
+from tuneforge.deploy.config import Arm, Guards, Route
 
 
 def bucket(route: str, user: str) -> float:
@@ -30,7 +32,8 @@ def pick_arm(route_name: str, route: Route, user: str) -> Arm:
 class Plan:
     route: str | None
     arm: str | None
-    targets: list[str]  # tried in order: the arm's (or requested) target, then the fallbacks
+    targets: list  # tried in order: the arm's (or requested) target, then the fallbacks (str | FixedReply)
+    guards: Guards | None = None
 
 
 def plan(model: str, routes: dict[str, Route], user: str) -> Plan:
@@ -38,7 +41,8 @@ def plan(model: str, routes: dict[str, Route], user: str) -> Plan:
         return Plan(None, None, [model])
     route = routes[model]
     arm = pick_arm(model, route, user)
-    return Plan(model, arm.name, [arm.target, *(t for t in route.fallback if t != arm.target)])
+    return Plan(model, arm.name, [arm.target, *(t for t in route.fallback if t != arm.target)],
+                route.guards if route.guards.active else None)
 
 
 class RateLimiter:
@@ -59,3 +63,20 @@ class RateLimiter:
             return False
         q.append(now)
         return True
+
+
+def guard_failure(guards: Guards, text: str, json_requested: bool) -> str | None:
+    """Which guard ``text`` fails ("empty", "json_object", "blocklist"), with why; None if it passes."""
+    if guards.empty and not text.strip():
+        return "empty: the output is empty"
+    if guards.json_object and json_requested:
+        try:
+            ok = isinstance(json.loads(text), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            return "json_object: JSON was asked for and the output is not a JSON object"
+    for pattern in guards.blocklist:
+        if re.search(pattern, text):
+            return f"blocklist: the output matches {pattern!r}"
+    return None

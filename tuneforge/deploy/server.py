@@ -3,8 +3,10 @@
 Request -> key check (scope, rate) -> plan (route -> sticky arm -> chain of targets) ->
 resolve each target in the registry (so promote/rollback apply to the next request, no
 restart) -> engine, with a per-target timeout; on error or timeout the next target is
-tried and the reason recorded. Every response says which version and arm served it, in
-the ``tuneforge`` field and in X-Tuneforge-* headers.
+tried and the reason recorded; a route's output guards (empty, not JSON, blocklist) move it
+down the chain the same way. Every response says which version and arm served it, in the
+``tuneforge`` field and in X-Tuneforge-* headers. Operations: /healthz, /readyz, /metrics
+(Prometheus), JSON logs with request ids, admin endpoints (tuneforge.deploy.admin).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -20,12 +23,19 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import Chunk, GenRequest, collect
-from tuneforge.deploy.routing import RateLimiter, plan
+from tuneforge.deploy import metrics
+from tuneforge.deploy.api import ChatRequest, CompletionRequest
+from tuneforge.deploy.config import FixedReply, ServeConfig
+from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
+from tuneforge.deploy.routing import RateLimiter, guard_failure, plan
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
+
+log = logging.getLogger("tuneforge.serve")
+FIXED_REPLY = "fixed-reply"  # the version label of a route's final {reply: ...} fallback
 
 
 @dataclass
@@ -59,41 +69,86 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_
+        self.request_id: str | None = None
 
 
-def _error(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+def _error(status: int, message: str, type_: str, request_id: str | None = None) -> JSONResponse:
+    headers = {"X-Request-Id": request_id} if request_id else None
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}},
+                        status_code=status, headers=headers)
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error"}
 
 
 def create_app(cfg: ServeConfig, registry: Registry, engine,
                on_request: Callable[[RequestRecord], None] | None = None) -> FastAPI:
+    async def preload():
+        # Load the base model(s) and registered adapters (up to the engine's LRU bound) before
+        # /readyz says ready, so a balancer's first request does not spend its timeout loading.
+        if hasattr(engine, "load"):
+            room = getattr(engine, "max_adapters", None)
+            refs = [v for name in registry.models() for v in registry.versions(name)]
+            for v in refs[:room] if room else refs:
+                try:
+                    await engine.load(_gen_request(v, {}))
+                except Exception as e:  # noqa: BLE001 - one broken run must not keep the server unready
+                    log.error("preload failed", extra={"version": v.ref, "error": f"{type(e).__name__}: {e}"})
+        app.state.ready = True
+        log.info("ready", extra={"resident_adapters": _resident(engine)})
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if hasattr(engine, "load"):
-            # Load the base model(s) and every registered adapter before taking traffic, so the
-            # first request's timeout is not spent loading weights.
-            for name in registry.models():
-                for v in registry.versions(name):
-                    await engine.load(_gen_request(v, {}))
+        # /healthz answers while the models load in the background; /readyz waits for them.
+        task = asyncio.create_task(preload())
         yield
+        task.cancel()
         await engine.close()  # stop the engine's worker / HTTP pool with the server
 
-    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # max_body_size: Starlette counts the bytes as they arrive (chunked bodies too) and stops
+    # reading past the limit; the 413 it raises is answered in OpenAI's shape below.
+    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  max_body_size=cfg.max_request_bytes)
+    app.state.ready = False
     limiter = RateLimiter()
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type)
+        return _error(exc.status, exc.message, exc.type, exc.request_id)
 
-    def authenticate(request: Request) -> KeyInfo | None:
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError):
+        # FastAPI's default is a 422 in its own shape; OpenAI clients expect a 400 in theirs.
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                            for e in exc.errors()) or "invalid request body"
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(request.url.path)
+        if endpoint:
+            record = RequestRecord(endpoint=endpoint, model="", request_id=_new_id(endpoint == "chat"),
+                                   status=400, error=message)
+            _emit(record, time.perf_counter())
+        return _error(400, message, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        # Unknown paths, wrong methods and bodies over the limit, in OpenAI's error shape too.
+        message = (f"the request body is over the server's limit of {cfg.max_request_bytes} bytes "
+                   "(max_request_bytes)") if exc.status_code == 413 else str(exc.detail)
+        return _error(exc.status_code, message, _TYPES.get(exc.status_code, "invalid_request_error"))
+
+    def authenticate(request: Request, admin: bool = False) -> KeyInfo | None:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if cfg.auth == "optional" and not registry.has_keys():
+        if not admin and cfg.auth == "optional" and not registry.has_keys():
             return None
         key = registry.check_key(token) if token else None
         if key is None:
-            raise ApiError(401, "missing, unknown or revoked API key (tuneforge keys create --name APP)",
-                           "authentication_error")
+            hint = "tuneforge keys create --name OPS --admin" if admin else "tuneforge keys create --name APP"
+            raise ApiError(401, f"missing, unknown or revoked API key ({hint})", "authentication_error")
+        if admin and not key.admin:
+            raise ApiError(403, f"key {key.name} is not an admin key (tuneforge keys create --admin)",
+                           "permission_error")
         if not limiter.allow(key.id, key.requests_per_minute or cfg.requests_per_minute):
             raise ApiError(429, f"rate limit of key {key.name} reached; retry in a minute", "rate_limit_error")
         return key
@@ -115,47 +170,38 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
                    or (i if i in cfg.routes else parse_ref(i)[0]) in key.models]
         return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "tuneforge"} for i in allowed]}
 
-    async def handle(request: Request, endpoint: str):
+    async def handle(request: Request, body: ChatRequest | CompletionRequest, endpoint: str):
         t0 = time.perf_counter()
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "the request body is not JSON", "invalid_request_error")
         chat = endpoint == "chat"
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        fmt = body.get("response_format")
-        record = RequestRecord(endpoint=endpoint, model=str(body.get("model", "")), stream=bool(body.get("stream")),
-                               request_id=rid, user=str(body["user"]) if body.get("user") else None,
-                               messages=body.get("messages") if chat else None,
-                               prompt=body.get("prompt") if not chat else None,
-                               json_requested=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"))
+        rid = _new_id(chat)
+        fmt = body.response_format if chat else None
+        record = RequestRecord(endpoint=endpoint, model=body.model, stream=bool(body.stream), request_id=rid,
+                               user=body.user or None,
+                               messages=[m.model_dump(exclude_none=True) for m in body.messages] if chat else None,
+                               prompt=None if chat else body.prompt,
+                               json_requested=fmt is not None and fmt.type in ("json_object", "json_schema"))
         try:
             key = authenticate(request)
             record.key_id = key.id if key else None
-            if not record.model:
-                raise ApiError(400, "'model' is required")
             check_scope(key, record.model)
-            if chat and not isinstance(body.get("messages"), list):
-                raise ApiError(400, "'messages' must be a list of {role, content}")
-            if not chat and not isinstance(body.get("prompt"), str):
-                raise ApiError(400, "'prompt' must be a string")
-            user = str(body.get("user") or (key.id if key else "") or uuid.uuid4())
+            user = str(body.user or (key.id if key else "") or uuid.uuid4())
             p = plan(record.model, cfg.routes, user)
             record.route, record.arm = p.route, p.arm
-            params = dict(messages=_text_messages(body["messages"]) if chat else None, prompt=None if chat else body["prompt"],
-                          max_tokens=min(int(body.get("max_tokens") or body.get("max_completion_tokens") or 128),
-                                         cfg.max_tokens),
-                          temperature=float(body.get("temperature") or 0.0), top_p=float(body.get("top_p") or 1.0))
-            version, stream, first = await start(p.targets, params, record)
+            asked = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
+            params = dict(messages=_text_messages(record.messages) if chat else None, prompt=None if chat else body.prompt,
+                          max_tokens=min(asked, cfg.max_tokens), temperature=body.temperature or 0.0,
+                          top_p=body.top_p or 1.0)
+            version, stream, first = await start(p.targets, params, record, p.guards)
         except ApiError as e:
             record.status, record.error = e.status, e.message
+            e.request_id = rid
             _emit(record, t0)
             raise
         meta = {"version": version, "arm": record.arm, "route": record.route, "fallback": record.fallback_reason}
         headers = {"X-Tuneforge-Version": version, "X-Tuneforge-Arm": record.arm or "",
-                   "X-Tuneforge-Fallback": record.fallback_reason or ""}
+                   "X-Tuneforge-Fallback": record.fallback_reason or "", "X-Request-Id": rid}
         created = int(time.time())
-        if body.get("stream"):
+        if body.stream:
             return StreamingResponse(sse(stream, first, rid, created, version, chat, meta, record, t0),
                                      media_type="text/event-stream", headers=headers)
         try:
@@ -163,9 +209,10 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         except Exception as e:  # noqa: BLE001 - the first chunk came; a failure now cannot fall back
             record.status, record.error = 500, f"{type(e).__name__}: {e}"
             _emit(record, t0)
-            raise ApiError(500, f"generation failed: {record.error}", "server_error") from None
-        out = Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
-                    rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
+            err = ApiError(500, f"generation failed: {record.error}", "server_error")
+            err.request_id = rid
+            raise err from None
+        out = _joined(first, rest)
         record.prompt_tokens, record.completion_tokens = out.prompt_tokens, out.completion_tokens
         record.response, record.finish_reason = out.text, out.finish_reason
         _emit(record, t0)
@@ -178,25 +225,49 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
                                        "total_tokens": out.prompt_tokens + out.completion_tokens},
                              "tuneforge": meta}, headers=headers)
 
-    async def start(targets: list[str], params: dict, record: RequestRecord):
-        """Try targets in order until one yields its first chunk within the timeout."""
+    async def start(targets: list, params: dict, record: RequestRecord, guards):
+        """Try targets in order until one yields its first chunk within the timeout (and, when
+        the route has guards, its whole output passes them)."""
         reasons, unknown = [], []
+
+        def skip(target, why: str, reason_class: str) -> None:
+            reasons.append(f"{target}: {why}")
+            log.warning("fallback", extra={"request_id": record.request_id, "route": record.route,
+                                           "target": str(target), "reason": reason_class, "detail": why})
+            if record.route:  # a plain model name has no chain: its failure is an error, not a fallback
+                metrics.FALLBACKS.labels(record.route, reason_class).inc()
+
         for target in targets:
+            if isinstance(target, FixedReply):
+                record.version, record.fallback_reason = FIXED_REPLY, "; ".join(reasons) or None
+                return FIXED_REPLY, _no_more(), Chunk(target.reply, "stop")
             try:
                 try:
                     v = registry.resolve(target)
                 except RegistryError as e:
                     unknown.append(str(e))
-                    raise
+                    skip(target, str(e), "unknown_model")
+                    continue
                 stream = engine.stream(_gen_request(v, params)).__aiter__()
                 first = await asyncio.wait_for(stream.__anext__(), cfg.timeout_s)
+                if guards is not None:
+                    # A guard judges the whole output, so it is generated (within the timeout)
+                    # before anything is sent; a stream is then sent as one chunk.
+                    rest = await asyncio.wait_for(collect(stream), cfg.timeout_s)
+                    first, stream = _joined(first, rest), _no_more()
+                    failed = guard_failure(guards, first.text, record.json_requested)
+                    if failed:
+                        skip(target, f"guard {failed}", "guard_" + failed.split(":")[0])
+                        continue
                 record.version = v.ref
                 record.fallback_reason = "; ".join(reasons) or None
                 return v.ref, stream, first
+            except PromptTooLong as e:
+                raise ApiError(413, str(e)) from None  # the request is too long for any target
             except TimeoutError:
-                reasons.append(f"{target}: timed out after {cfg.timeout_s:g}s")
+                skip(target, f"timed out after {cfg.timeout_s:g}s", "timeout")
             except Exception as e:  # noqa: BLE001 - any failure moves down the chain
-                reasons.append(f"{target}: {type(e).__name__}: {e}")
+                skip(target, f"{type(e).__name__}: {e}", "error")
         record.fallback_reason = "; ".join(reasons)
         if len(unknown) == len(targets):
             raise ApiError(404, "; ".join(unknown), "not_found_error")
@@ -231,23 +302,69 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     def _emit(record: RequestRecord, t0: float) -> None:
         record.latency_s = round(time.perf_counter() - t0, 4)
+        metrics.observe(record)
+        log.info("request", extra={
+            "request_id": record.request_id, "endpoint": record.endpoint, "model": record.model,
+            "route": record.route, "version": record.version, "arm": record.arm, "key_id": record.key_id,
+            "status": record.status, "latency_s": record.latency_s, "stream": record.stream,
+            "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+            "fallback_reason": record.fallback_reason, "error": record.error})
         if on_request is not None:
             on_request(record)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, "chat")
+    async def chat_completions(request: Request, body: ChatRequest):
+        return await handle(request, body, "chat")
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completion")
+    async def completions(request: Request, body: CompletionRequest):
+        return await handle(request, body, "completion")
 
     @app.get("/health")
+    @app.get("/healthz")
     async def health():
+        """The process is up (liveness)."""
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def ready():
+        """The base model(s) and adapters are loaded (readiness); 503 until then."""
+        if not app.state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "resident_adapters": _resident(engine)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        if hasattr(engine, "resident"):
+            metrics.RESIDENT_ADAPTERS.set(len(engine.resident()))
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    from tuneforge.deploy.admin import admin_routes
+
+    app.include_router(admin_routes(registry, engine, lambda request: authenticate(request, admin=True),
+                                    lambda v: _gen_request(v, {})))
     app.state.registry, app.state.engine = registry, engine
     return app
+
+
+def _new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def _resident(engine) -> list[str]:
+    return engine.resident() if hasattr(engine, "resident") else []
+
+
+async def _no_more():
+    return
+    yield  # an async generator that yields nothing: the whole answer was in the first chunk
+
+
+def _joined(first: Chunk, rest: Chunk) -> Chunk:
+    return Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
+                 rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
 
 
 def _gen_request(v: VersionInfo, params: dict) -> GenRequest:
@@ -280,12 +397,17 @@ def build_engine(cfg: ServeConfig):
     e = cfg.engine
     if e.kind == "vllm":
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
-    return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms)
+    return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens)
 
 
 def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
     import uvicorn
 
+    from tuneforge.deploy.logs import log_config
+
     app = create_app(cfg, Registry(cfg.registry), build_engine(cfg), on_request)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests (streams included)
+    # finish for up to shutdown_grace_s, then runs the lifespan shutdown (engine close).
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config(cfg.log_format),
+                timeout_graceful_shutdown=cfg.shutdown_grace_s)
 

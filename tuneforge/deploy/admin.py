@@ -1,0 +1,79 @@
+"""Admin endpoints (an admin key: `tuneforge keys create --name ops --admin`): load and unload
+adapters and move aliases while the server runs, without failing in-flight requests.
+
+The engine does the safe part: the local engine changes its adapters only between batches
+(see LocalEngine.unload), so a request being generated finishes on the weights it started with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
+
+from tuneforge.deploy.api import AdapterRef, AliasChange
+from tuneforge.registry.store import PromotionRefused, Registry, RegistryError, parse_ref
+
+
+def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_request: Callable) -> APIRouter:
+    from tuneforge.deploy.server import ApiError
+
+    router = APIRouter(prefix="/admin")
+
+    def resolve(ref: str):
+        try:
+            return registry.resolve(ref)
+        except RegistryError as e:
+            raise ApiError(404, str(e), "not_found_error") from None
+
+    def needs(method: str) -> None:
+        if not hasattr(engine, method):
+            raise ApiError(400, f"the {type(engine).__name__} cannot {method} adapters at run time")
+
+    @router.get("/adapters")
+    async def resident(request: Request):
+        """Adapters loaded in the engine, least recently used first."""
+        authenticate_admin(request)
+        needs("resident")
+        return {"resident": engine.resident()}
+
+    @router.post("/adapters/load")
+    async def load(request: Request, body: AdapterRef):
+        """Load a version's adapter now (the next requests for it need no loading)."""
+        authenticate_admin(request)
+        needs("load")
+        v = resolve(body.model)
+        try:
+            await engine.load(gen_request(v))
+        except Exception as e:  # noqa: BLE001 - a broken adapter folder is the caller's to fix
+            raise ApiError(400, f"could not load {v.ref}: {type(e).__name__}: {e}") from None
+        return {"loaded": v.ref, "resident": engine.resident()}
+
+    @router.post("/adapters/unload")
+    async def unload(request: Request, body: AdapterRef):
+        """Unload a version's adapter once no running batch uses it (a later request reloads it)."""
+        authenticate_admin(request)
+        needs("unload")
+        v = resolve(body.model)
+        return {"unloaded": v.ref if await engine.unload(v.ref) else None, "resident": engine.resident()}
+
+    @router.post("/aliases")
+    async def set_alias(request: Request, body: AliasChange):
+        """Point NAME@ALIAS at a version (the promotion gate applies unless force); the next
+        request for the alias follows it."""
+        authenticate_admin(request)
+        try:
+            _, alias, number = parse_ref(body.version)
+        except RegistryError as e:
+            raise ApiError(400, str(e)) from None
+        if alias is not None or number is None:
+            raise ApiError(400, f"'version' is a version reference name:vN, not '{body.version}'")
+        try:
+            message = registry.promote(body.version, body.alias, force=body.force)
+        except PromotionRefused as e:
+            raise ApiError(409, str(e), "conflict_error") from None
+        except RegistryError as e:
+            raise ApiError(404, str(e), "not_found_error") from None
+        return {"result": message}
+
+    return router
