@@ -3,7 +3,11 @@ Llama, the run's config.yaml and an eval.json with chosen scores."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -27,3 +31,29 @@ def fake_run(tiny_model_dir: str, run_dir: Path, seed: int, score: float | None 
         (run_dir / "eval.json").write_text(json.dumps({"base": {"scores": {"exact_match": 0.1}},
                                                        "tuned": {"scores": {"exact_match": score}}}))
     return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

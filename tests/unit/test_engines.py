@@ -3,15 +3,10 @@ alone; the vLLM engine speaks to an OpenAI-style HTTP server; the official opena
 talks to the gateway over a real socket on 127.0.0.1."""
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
-from deploy_helpers import fake_run
+from deploy_helpers import fake_run, serve_in_thread as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
@@ -53,29 +48,6 @@ def test_mixed_adapter_batch_equals_one_adapter_at_a_time(runs, tiny_model_dir):
     assert all(c.finish_reason in ("stop", "length") and c.prompt_tokens > 0 for c in batched)
     # Different adapters really do answer differently (else the comparison above proves little).
     assert len({c.text for c in singles[:3]}) > 1 or len({c.completion_tokens for c in singles[:3]}) > 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serve(app):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _fake_vllm(seen: list) -> FastAPI:

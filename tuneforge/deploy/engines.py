@@ -216,8 +216,14 @@ class LocalEngine:
             return True
 
     def _delete(self, adapter: str) -> None:
+        import warnings
+
         model, _ = self.bases[self.lru.pop(adapter)]
-        model.delete_adapter(adapter)
+        with warnings.catch_warnings():
+            # peft warns when the deleted adapter was the active one; batches name their
+            # adapters per row (adapter_names=), so the active one does not matter here.
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            model.delete_adapter(adapter)
 
     def _evict(self, keep: set[str]) -> None:
         """Unload least recently used adapters beyond ``max_adapters``, never one in ``keep``
@@ -246,6 +252,9 @@ class LocalEngine:
         model, tok = self.bases[req.base_model]
         if req.adapter not in model.peft_config:
             model.load_adapter(req.adapter_dir, adapter_name=req.adapter)
+            if model.active_adapter not in model.peft_config:
+                # every adapter was unloaded before this one: peft still names a deleted one active
+                model.set_adapter(req.adapter)
             model.eval()
         self.lru[req.adapter] = req.base_model
         self.lru.move_to_end(req.adapter)

@@ -78,6 +78,42 @@ def _error(status: int, message: str, type_: str, request_id: str | None = None)
                         status_code=status, headers=headers)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413, by its Content-Length
+    or, for a chunked body, as soon as the bytes read pass the limit (the rest is not read).
+
+    Not FastAPI's ``max_body_size``: its middleware sits outside the exception handlers and
+    answers a declared-too-long body in plain text, where OpenAI clients expect their shape.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _too_big(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def counting():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # FastAPI re-raises HTTPExceptions met while reading the body: the 413 handler answers
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, counting, send)
+
+
+def _too_big(limit: int) -> JSONResponse:
+    return _error(413, f"the request body is over the server's limit of {limit} bytes (max_request_bytes)",
+                  "invalid_request_error")
+
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
@@ -107,10 +143,8 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         task.cancel()
         await engine.close()  # stop the engine's worker / HTTP pool with the server
 
-    # max_body_size: Starlette counts the bytes as they arrive (chunked bodies too) and stops
-    # reading past the limit; the 413 it raises is answered in OpenAI's shape below.
-    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  max_body_size=cfg.max_request_bytes)
+    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.state.ready = False
     limiter = RateLimiter()
 
@@ -133,9 +167,9 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         # Unknown paths, wrong methods and bodies over the limit, in OpenAI's error shape too.
-        message = (f"the request body is over the server's limit of {cfg.max_request_bytes} bytes "
-                   "(max_request_bytes)") if exc.status_code == 413 else str(exc.detail)
-        return _error(exc.status_code, message, _TYPES.get(exc.status_code, "invalid_request_error"))
+        if exc.status_code == 413:
+            return _too_big(cfg.max_request_bytes)
+        return _error(exc.status_code, str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"))
 
     def authenticate(request: Request, admin: bool = False) -> KeyInfo | None:
         header = request.headers.get("authorization", "")
@@ -154,7 +188,10 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         return key
 
     def check_scope(key: KeyInfo | None, model: str) -> None:
-        name = model if model in cfg.routes else parse_ref(model)[0]
+        try:
+            name = model if model in cfg.routes else parse_ref(model)[0]
+        except RegistryError as e:  # e.g. "bot:2" for "bot:v2"
+            raise ApiError(400, str(e)) from None
         if key is not None and "*" not in key.models and name not in key.models:
             raise ApiError(403, f"key {key.name} may not call '{name}' (allowed: {', '.join(key.models)})",
                            "permission_error")
