@@ -266,8 +266,11 @@ class LocalEngine:
                 model, tok = self._model(j.req)
             self._evict(keep={j.req.adapter for j in jobs})
             jobs, prompts = self._prompts(jobs, tok)
-            if jobs:
-                self._generate(model, tok, jobs, prompts)
+            try:
+                if jobs:
+                    self._generate(model, tok, jobs, prompts)
+            finally:
+                self._evict(keep=set())  # back within the bound if this batch needed more adapters
 
     def _prompts(self, jobs: list[_Job], tok) -> tuple[list[_Job], list[list[int]]]:
         """Token ids of each job's prompt; a job over ``max_prompt_tokens`` is answered with
