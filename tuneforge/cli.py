@@ -293,6 +293,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
+@_user_errors
+def cmd_ab(args) -> int:
+    from datetime import timedelta
+
+    from rich.table import Table
+
+    from tuneforge.deploy.abreport import report
+    from tuneforge.registry.store import _now
+
+    since = _now() - timedelta(hours=args.hours) if args.hours else None
+    try:
+        r = report(_registry(args), args.route, args.control, since)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    console = _console()
+    if not r["arms"]:
+        console.print(f"no logged requests for route {args.route}")
+        return 0
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    table = Table(title=f"A/B route {args.route} (control: {r['control']}; p-values two-sided vs control)")
+    for col in ("arm", "versions", "requests", "errors", "fallbacks", "p50 s", "p95 s", "feedback", "mean score",
+                "p errors", "p score", "p latency"):
+        table.add_column(col)
+    for a in r["arms"]:
+        p = a["p_values"] or {}
+        table.add_row(a["arm"], ", ".join(f"{v} ({n})" for v, n in a["versions"].items()), str(a["requests"]),
+                      f"{a['errors']} ({a['error_rate']:.1%})", str(a["fallbacks"]), num(a["p50_s"], ".3f"),
+                      num(a["p95_s"], ".3f"), str(a["feedback"]), num(a["mean_score"], ".3f"),
+                      num(p.get("errors"), ".3g"), num(p.get("score"), ".3g"), num(p.get("latency"), ".3g"))
+    console.print(table)
+    return 0
+
+
 def add_deploy_parsers(sub) -> None:
     from tuneforge.deploy.export import FORMATS
 
@@ -341,6 +378,16 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("id", type=int)
     with_registry(ka.add_parser("list"))
     k.set_defaults(fn=cmd_keys)
+
+    ab = sub.add_parser("ab", help="A/B routes: per-arm figures from the request log")
+    aba = ab.add_subparsers(dest="action", required=True)
+    p = with_registry(aba.add_parser(
+        "report", help="per arm: requests, error rate, p50/p95 latency, mean feedback score, and p-values against "
+                       "the control arm (Fisher's exact test on errors, Mann-Whitney U on scores and latency)"))
+    p.add_argument("route", help="a route name from serve.yaml")
+    p.add_argument("--control", help="the arm the others are compared with (default: the one with most requests)")
+    p.add_argument("--hours", type=float, help="only requests of the last HOURS hours")
+    ab.set_defaults(fn=cmd_ab)
 
     s = with_registry(sub.add_parser("serve", help="OpenAI-compatible API over the registry (127.0.0.1:8000)"))
     s.add_argument("--config", help="serve.yaml (see examples/serve.yaml)")
