@@ -1,0 +1,114 @@
+"""`tuneforge serve` as a real process on 127.0.0.1 (tiny Llama, local engine): SIGTERM drains
+a running stream before exiting; SIGKILL during a stream leaves the registry database
+readable, consistent and writable."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from deploy_helpers import fake_run, free_port
+
+from tuneforge.registry.migrate import head
+from tuneforge.registry.store import Registry
+
+pytestmark = pytest.mark.integration
+
+MAX_TOKENS = 300  # long enough that the stream is still running when the signal arrives
+
+
+@pytest.fixture
+def server(tiny_model_dir, tmp_path):
+    """Start `tuneforge serve` over a registry with two versions; yields (process, url, registry url)."""
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    reg = Registry(url)
+    for i in range(2):
+        reg.add(fake_run(tiny_model_dir, tmp_path / f"r{i}", seed=40 + i, score=0.5 + i / 10), "bot")
+    reg.promote("bot:v1", "prod")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"max_tokens": MAX_TOKENS, "shutdown_grace_s": 60,
+                                   "engine": {"device": "cpu", "dtype": "fp32", "batch_wait_ms": 1}}))
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg), "--registry", url,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "server not ready within 180 s"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    try:
+        yield proc, base, url, tmp_path / "server.log"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        log.close()
+
+
+def _stream_until_signal(base, proc, sig) -> list[str]:
+    """Stream a long chat; after its first content chunk send ``sig`` to the server.
+    Returns the lines that arrived after the signal."""
+    body = {"model": "bot", "stream": True, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]}
+    after, sent = [], False
+    try:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if sent:
+                    after.append(line)
+                elif line.startswith("data: {"):
+                    proc.send_signal(sig)
+                    sent = True
+    except httpx.TransportError as e:
+        after.append(f"<transport error: {type(e).__name__}>")
+    assert sent, "the stream sent no chunk"
+    return after
+
+
+def test_sigterm_drains_the_running_stream_then_exits(server):
+    proc, base, _, log = server
+    after = _stream_until_signal(base, proc, signal.SIGTERM)
+    # Chunks kept coming after SIGTERM, and the stream ended normally.
+    events = [json.loads(x[6:]) for x in after if x.startswith("data: {")]
+    assert events and [x for x in after if x][-1] == "data: [DONE]", after[-5:]
+    assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    # uvicorn re-raises the signal once its graceful shutdown is done (so supervisors see it),
+    # after running the lifespan shutdown (the engine is closed).
+    assert proc.wait(60) == -signal.SIGTERM
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert any(x["message"] == "Application shutdown complete." for x in lines)
+    assert any(x["message"] == "request" and x["status"] == 200 and x["stream"] for x in lines)  # JSON logs
+
+
+def test_sigkill_during_a_stream_leaves_the_registry_consistent(server, tiny_model_dir, tmp_path):
+    proc, base, url, _ = server
+    after = _stream_until_signal(base, proc, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert "data: [DONE]" not in after  # the stream really was cut
+    db = url.removeprefix("sqlite:///")
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    reg = Registry(url)
+    assert reg.resolve("bot@prod").ref == "bot:v1" and [v.ref for v in reg.versions("bot")] == ["bot:v1", "bot:v2"]
+    # Writers work at once (no lock left behind), from this process and from a CLI process.
+    assert reg.promote("bot:v2", "prod").startswith("bot@prod -> v2")
+    r = subprocess.run([sys.executable, "-m", "tuneforge", "registry", "rollback", "bot", "--registry", url],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Registry(url).resolve("bot@prod").ref == "bot:v1"
+    with Registry(url).engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head()
