@@ -285,11 +285,17 @@ def cmd_serve(args) -> int:
     from tuneforge.deploy.config import load_serve_config
     from tuneforge.deploy.server import serve
 
+    from tuneforge.deploy.vllm_launch import VLLMLaunchError
+
     cfg = load_serve_config(args.config)
     for field, value in (("host", args.host), ("port", args.port), ("registry", args.registry)):
         if value is not None:
             setattr(cfg, field, value)
-    serve(cfg)
+    try:
+        serve(cfg)
+    except VLLMLaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

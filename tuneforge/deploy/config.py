@@ -12,6 +12,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tuneforge.config import ConfigError, Strict, format_errors
 
 
+class VLLMLaunch(Strict):
+    """Start vLLM from its own environment (it pins its own transformers/torch extras, so it
+    does not live in tuneforge's): ``PYTHON -m vllm.entrypoints.openai.api_server --model BASE
+    --enable-lora --lora-modules NAME:vN=RUN/adapter ...`` on 127.0.0.1:PORT."""
+
+    python: str = Field(description="the vLLM environment's python, e.g. /opt/vllm/bin/python")
+    port: int = Field(8001, gt=0, lt=65536)
+    args: list[str] = Field([], description="extra vLLM arguments, e.g. [--max-model-len, '2048']")
+    env: dict[str, str] = Field({}, description="extra environment, e.g. {VLLM_CPU_KVCACHE_SPACE: '2'}")
+    startup_timeout_s: float = Field(900, gt=0, description="how long to wait for vLLM's /health")
+
+
 class EngineConfig(Strict):
     kind: Literal["local", "vllm"] = "local"
     # local: one base model in this process, many LoRA adapters, micro-batched
@@ -20,14 +32,18 @@ class EngineConfig(Strict):
     max_batch: int = Field(16, gt=0, description="most requests run in one forward pass")
     batch_wait_ms: float = Field(10, ge=0, description="how long the first request waits for others to batch with")
     max_adapters: int | None = Field(None, gt=0, description="LRU bound on resident adapters (default: no bound)")
-    # vllm: an OpenAI-compatible vLLM server launched with --enable-lora --lora-modules NAME:vN=RUN/adapter
+    # vllm: a running OpenAI-compatible vLLM server (url), or one tuneforge starts (launch)
     url: str | None = None
     api_key: str | None = None
+    launch: VLLMLaunch | None = None
 
     @model_validator(mode="after")
     def _url_for_vllm(self):
-        if self.kind == "vllm" and not self.url:
-            raise ValueError("engine.kind=vllm needs engine.url (e.g. http://127.0.0.1:8001)")
+        if self.kind == "vllm" and not self.url and self.launch is None:
+            raise ValueError("engine.kind=vllm needs engine.url (e.g. http://127.0.0.1:8001) of a running vLLM, "
+                             "or engine.launch.python (a vLLM environment's python) for tuneforge to start one")
+        if self.url and self.launch is not None:
+            raise ValueError("engine.url and engine.launch exclude each other: connect to a running vLLM, or start one")
         return self
 
 

@@ -333,11 +333,14 @@ def _null():
 
 # --- vllm: an OpenAI-compatible server over HTTP ------------------------------------------------
 class VLLMEngine:
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60):
+    """``process``: the vLLM server tuneforge launched (stopped on close), or None for a URL."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None):
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.process = process
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
         from tuneforge.data.render import with_system
@@ -366,3 +369,5 @@ class VLLMEngine:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)

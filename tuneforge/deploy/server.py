@@ -428,10 +428,16 @@ def _text_messages(messages: list) -> list[dict]:
     return out
 
 
-def build_engine(cfg: ServeConfig):
+def build_engine(cfg: ServeConfig, registry: Registry | None = None):
     from tuneforge.deploy.engines import LocalEngine, VLLMEngine
 
     e = cfg.engine
+    if e.kind == "vllm" and e.launch is not None:
+        from tuneforge.deploy.vllm_launch import launch_vllm
+        from tuneforge.registry.store import tuneforge_home
+
+        proc = launch_vllm(e.launch, registry, tuneforge_home() / "logs" / f"vllm-{e.launch.port}.log")
+        return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc)
     if e.kind == "vllm":
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
     return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens)
@@ -442,9 +448,15 @@ def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None =
 
     from tuneforge.deploy.logs import log_config
 
-    app = create_app(cfg, Registry(cfg.registry), build_engine(cfg), on_request)
+    registry = Registry(cfg.registry)
+    engine = build_engine(cfg, registry)
+    app = create_app(cfg, registry, engine, on_request)
     # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests (streams included)
     # finish for up to shutdown_grace_s, then runs the lifespan shutdown (engine close).
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config(cfg.log_format),
-                timeout_graceful_shutdown=cfg.shutdown_grace_s)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config(cfg.log_format),
+                    timeout_graceful_shutdown=cfg.shutdown_grace_s)
+    finally:
+        if getattr(engine, "process", None) is not None:
+            engine.process.stop()  # a launched vLLM goes with the gateway, even if uvicorn never started
 

@@ -30,11 +30,14 @@ class PromotionRefused(RegistryError):
     pass
 
 
+def tuneforge_home() -> Path:
+    return Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
+
+
 def default_url() -> str:
     if os.environ.get("TUNEFORGE_REGISTRY"):
         return os.environ["TUNEFORGE_REGISTRY"]
-    home = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
-    return f"sqlite:///{home / 'registry.db'}"
+    return f"sqlite:///{tuneforge_home() / 'registry.db'}"
 
 
 def _now() -> datetime:
