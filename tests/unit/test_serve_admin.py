@@ -69,6 +69,7 @@ def test_admin_endpoints_need_an_admin_key_and_change_things_live(reg, run_dirs,
     engine = LocalEngine("cpu", "fp32", max_batch=4, batch_wait_ms=1)
     with TestClient(create_app(ServeConfig(), reg, engine)) as c:
         assert _admin(c, "adapters/load", None, model="bot:v1").status_code == 401
+        assert _admin(c, "adapters/load", None, nonsense=1).status_code == 401  # the key is checked first
         r = _admin(c, "adapters/load", app_key, model="bot:v1")
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
         assert _admin(c, "adapters/load", admin, model="bot:v7").status_code == 404

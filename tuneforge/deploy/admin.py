@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from tuneforge.deploy.api import AdapterRef, AliasChange
 from tuneforge.registry.store import PromotionRefused, Registry, RegistryError, parse_ref
@@ -18,7 +18,12 @@ from tuneforge.registry.store import PromotionRefused, Registry, RegistryError, 
 def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_request: Callable) -> APIRouter:
     from tuneforge.deploy.server import ApiError
 
-    router = APIRouter(prefix="/admin")
+    def admin_only(request: Request) -> None:
+        authenticate_admin(request)
+
+    # As a router dependency the key is checked before the body is parsed: without an admin
+    # key every /admin request is a 401/403, whatever it sends.
+    router = APIRouter(prefix="/admin", dependencies=[Depends(admin_only)])
 
     def resolve(ref: str):
         try:
@@ -31,16 +36,14 @@ def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_r
             raise ApiError(400, f"the {type(engine).__name__} cannot {method} adapters at run time")
 
     @router.get("/adapters")
-    async def resident(request: Request):
+    async def resident():
         """Adapters loaded in the engine, least recently used first."""
-        authenticate_admin(request)
         needs("resident")
         return {"resident": engine.resident()}
 
     @router.post("/adapters/load")
-    async def load(request: Request, body: AdapterRef):
+    async def load(body: AdapterRef):
         """Load a version's adapter now (the next requests for it need no loading)."""
-        authenticate_admin(request)
         needs("load")
         v = resolve(body.model)
         try:
@@ -50,18 +53,16 @@ def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_r
         return {"loaded": v.ref, "resident": engine.resident()}
 
     @router.post("/adapters/unload")
-    async def unload(request: Request, body: AdapterRef):
+    async def unload(body: AdapterRef):
         """Unload a version's adapter once no running batch uses it (a later request reloads it)."""
-        authenticate_admin(request)
         needs("unload")
         v = resolve(body.model)
         return {"unloaded": v.ref if await engine.unload(v.ref) else None, "resident": engine.resident()}
 
     @router.post("/aliases")
-    async def set_alias(request: Request, body: AliasChange):
+    async def set_alias(body: AliasChange):
         """Point NAME@ALIAS at a version (the promotion gate applies unless force); the next
         request for the alias follows it."""
-        authenticate_admin(request)
         try:
             _, alias, number = parse_ref(body.version)
         except RegistryError as e:
