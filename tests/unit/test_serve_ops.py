@@ -8,9 +8,12 @@ import json
 import logging
 import logging.config
 import threading
+import time
 
+import httpx
 import pytest
-from deploy_helpers import fake_run, serve_in_thread
+import uvicorn
+from deploy_helpers import fake_run, free_port, serve_in_thread
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
@@ -79,7 +82,7 @@ def test_healthz_at_once_readyz_once_models_are_loaded(reg):
         for _ in range(200):
             if c.get("/readyz").status_code == 200:
                 break
-            threading.Event().wait(0.02)
+            time.sleep(0.02)
         assert c.get("/readyz").json()["status"] == "ready"
 
 
@@ -213,3 +216,40 @@ def test_every_error_status_has_openai_error_body(reg, tiny_model_dir):
         assert client.chat.completions.create(model="bot", messages=msgs, max_tokens=2).model == "bot:v1"
         assert refused(openai.RateLimitError, 429)["type"] == "rate_limit_error"
     asyncio.run(engine.close())
+
+
+class SlowEngine:
+    """Streams ten chunks 50 ms apart."""
+
+    async def stream(self, req):
+        for i in range(10):
+            await asyncio.sleep(0.05)
+            yield Chunk(f"w{i} ", "stop" if i == 9 else None, 3, 10)
+
+    async def close(self):
+        pass
+
+
+def test_graceful_shutdown_lets_a_running_stream_finish(reg):
+    port = free_port()
+    # What `tuneforge serve` passes to uvicorn; should_exit is what its SIGTERM handler sets.
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(), reg, SlowEngine()), host="127.0.0.1",
+                                           port=port, log_level="warning", timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    body = {"model": "bot:v1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    after = []
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if server.should_exit:
+                after.append(line)
+            elif line.startswith("data: {"):
+                server.should_exit = True  # shut down while the stream has 9 chunks to go
+    thread.join(30)
+    assert not thread.is_alive()
+    chunks = [json.loads(x[6:]) for x in after if x.startswith("data: {")]
+    assert len(chunks) == 9 and [x for x in after if x][-1] == "data: [DONE]"
+    with pytest.raises(httpx.ConnectError):  # and it stopped accepting
+        httpx.get(f"http://127.0.0.1:{port}/healthz")

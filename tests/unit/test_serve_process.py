@@ -78,6 +78,7 @@ def _stream_until_signal(base, proc, sig) -> list[str]:
     return after
 
 
+@pytest.mark.slow  # ~15 s (a second server process); the drain itself is tested in-process in test_serve_ops.py
 def test_sigterm_drains_the_running_stream_then_exits(server):
     proc, base, _, log = server
     after = _stream_until_signal(base, proc, signal.SIGTERM)
