@@ -387,15 +387,19 @@ def add_deploy_parsers(sub) -> None:
 
     ab = sub.add_parser("ab", help="A/B routes: per-arm figures from the request log")
     aba = ab.add_subparsers(dest="action", required=True)
-    p = with_registry(aba.add_parser(
-        "report", help="per arm: requests, error rate, p50/p95 latency, mean feedback score, and p-values against "
-                       "the control arm (Fisher's exact test on errors, Mann-Whitney U on scores and latency)"))
+    about = ("per arm: requests, error rate, p50/p95 latency, mean feedback score, and p-values against the control "
+             "arm (Fisher's exact test on errors, Mann-Whitney U on scores and latency), from the request log")
+    p = with_registry(aba.add_parser("report", help=about, description=about))
     p.add_argument("route", help="a route name from serve.yaml")
     p.add_argument("--control", help="the arm the others are compared with (default: the one with most requests)")
     p.add_argument("--hours", type=float, help="only requests of the last HOURS hours")
     ab.set_defaults(fn=cmd_ab)
 
-    s = with_registry(sub.add_parser("serve", help="OpenAI-compatible API over the registry (127.0.0.1:8000)"))
+    s = with_registry(sub.add_parser(
+        "serve", help="OpenAI-compatible API over the registry (127.0.0.1:8000)",
+        description="OpenAI-compatible API over the registry (/v1/chat/completions, /v1/completions, /v1/models), "
+                    "with /healthz, /readyz, /metrics and admin endpoints; SIGTERM or Ctrl-C lets in-flight "
+                    "requests finish (shutdown_grace_s) before exiting."))
     s.add_argument("--config", help="serve.yaml (see examples/serve.yaml)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
