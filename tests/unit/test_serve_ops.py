@@ -137,6 +137,9 @@ def test_json_logs_carry_request_ids_and_fallback_reasons(reg, json_logs):
     assert fallback[-1]["request_id"] == rid and fallback[-1]["reason"] == "error"
     r = _chat(c, "nobody")
     assert r.headers["x-request-id"] == json.loads(json_logs.getvalue().splitlines()[-1])["request_id"]
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 7, extra={"color_message": "\x1b[36m"})
+    assert json.loads(json_logs.getvalue().splitlines()[-1]) | {"time": 0} == {
+        "time": 0, "level": "INFO", "logger": "uvicorn.error", "message": "Started server process [7]"}
 
 
 GUARDED = {"arms": [{"name": "a", "target": "bot@prod", "weight": 1}],

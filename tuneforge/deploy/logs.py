@@ -8,8 +8,12 @@ FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 def log_config(fmt: str = "json") -> dict:
     """A logging.config.dictConfig dict for uvicorn's ``log_config=`` (it applies it at start)."""
+    from pythonjsonlogger.core import RESERVED_ATTRS
+
     formatter = ({"()": "pythonjsonlogger.json.JsonFormatter", "fmt": FIELDS,
-                  "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"}}
+                  "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+                  # uvicorn adds an ANSI-coloured copy of some messages: not for JSON
+                  "reserved_attrs": [*RESERVED_ATTRS, "color_message"]}
                  if fmt == "json" else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"})
     return {
         "version": 1,
