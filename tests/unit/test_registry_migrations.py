@@ -3,6 +3,8 @@ that every table on the models has a revision."""
 
 import hashlib
 import sqlite3
+import subprocess
+import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -83,3 +85,13 @@ def test_old_keys_are_not_admin_after_upgrade(tmp_path):
     assert info is not None and info.admin is False
     assert create_engine(f"sqlite:///{db}").connect().exec_driver_sql(
         "SELECT version_num FROM alembic_version").scalar() == head()
+
+
+def test_processes_opening_a_new_registry_at_once_all_succeed(tmp_path):
+    # Without the migration lock, 3 of 4 failed here ("table ... already exists").
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = "import sys; from tuneforge.registry.store import Registry; Registry(sys.argv[1]).create_key('k', [])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert len(Registry(url).keys()) == 4

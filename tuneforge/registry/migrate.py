@@ -53,10 +53,30 @@ def current(engine: Engine) -> str | None:
 def upgrade(engine: Engine) -> None:
     if current(engine) == head():
         return
-    cfg = _config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    # Two processes opening a new registry at once (two CLI commands, the server) would both
+    # create its tables and one would fail: the upgrade is serialised, then re-checked.
+    with _migration_lock(engine):
+        if current(engine) == head():
+            return
+        cfg = _config()
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(80010001)")  # held until commit
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+def _migration_lock(engine: Engine):
+    """A file lock beside a SQLite database (SQLite's DDL is not one transaction here);
+    other databases lock inside the migration transaction (see upgrade)."""
+    import contextlib
+
+    from filelock import FileLock
+
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        return contextlib.nullcontext()
+    return FileLock(f"{path}.migrate.lock", timeout=300)
 
 
 def revision(message: str) -> None:
