@@ -314,8 +314,9 @@ class Registry:
             return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute) if row else None
 
     # --- route overrides --------------------------------------------------------------------
-    def set_route_arms(self, route: str, arms: list[dict], note: str = "") -> None:
-        """Replace ``route``'s arms (kept ``started`` time if one exists: the canary's clock)."""
+    def set_route_arms(self, route: str, arms: list[dict], note: str = "", restart: bool = False) -> None:
+        """Replace ``route``'s arms. ``started`` (the canary's clock: feedback since then is
+        compared) is kept when the override exists, unless ``restart``."""
         from tuneforge.deploy.config import Arm
 
         arms = [Arm.model_validate(a).model_dump() for a in arms]  # the same rules as serve.yaml
@@ -327,6 +328,8 @@ class Registry:
                 s.add(RouteOverride(route=route, arms=arms, note=note))
             else:
                 row.arms, row.note, row.updated = arms, note, _now()
+                if restart:
+                    row.started = row.updated
 
     def route_override(self, route: str) -> dict | None:
         """{"arms", "note", "started", "updated"} or None."""
