@@ -233,3 +233,22 @@ def test_improve_config_errors_name_the_key(tmp_path):
     with pytest.raises(Exception) as e:
         load_improve_config(path)
     assert "holdout" in str(e.value) and "did you mean 'gate.metric'" in str(e.value)
+
+
+def test_example_config_is_valid():
+    cfg = load_improve_config(Path(__file__).parents[2] / "examples" / "improve.yaml")
+    assert cfg.canary.route == "support-bot" and cfg.train == {"max_steps": 60, "lr": 1e-4}
+
+
+def test_cli_promote_after_and_its_errors(canary_reg, capsys):
+    from tuneforge.cli import main
+
+    url = str(canary_reg.engine.url)
+    assert main(["improve", "bot", "--promote-after", "--registry", url]) == 2
+    assert "route bot has no canary arm" in capsys.readouterr().err
+    start(canary_reg)
+    arm_feedback(canary_reg, "canary", "bot:v2", 3, 0)
+    assert main(["improve", "bot", "--promote-after", "--registry", url]) == 0
+    assert "each arm needs 30" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["improve", "nobody", "--registry", url]) == 2
+    assert "no model named 'nobody'" in capsys.readouterr().err

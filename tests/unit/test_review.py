@@ -178,3 +178,16 @@ def test_http_review_api(reg):
     denied = c.get("/v1/review/items", headers={"Authorization": f"Bearer {scoped}"})
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
     assert c.get("/v1/review/items", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+
+
+def test_cli_review_fills_and_reads_keys_from_stdin(reg, monkeypatch, capsys):
+    from tuneforge.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nq\n"))
+    assert main(["review", "--reviewer", "cli", "--reason", "fallback", "--registry", str(reg.engine.url)]) == 0
+    out = capsys.readouterr().out
+    assert "queued" in out and "1 fallback" in out
+    [item] = list_items(reg, "decided")
+    assert item["request_id"] == "fell" and item["reviewer"] == "cli" and item["decision"] == "accept"
+    assert main(["review", "--low-score", "2", "--registry", str(reg.engine.url)]) == 2
+    assert "low_score" in capsys.readouterr().err
