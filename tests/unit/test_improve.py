@@ -21,7 +21,6 @@ from tuneforge.production.improve import (ImproveConfig, ImproveError, export_da
 from tuneforge.production.review import decide, fill_queue, list_items
 from tuneforge.production.store import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
-from tuneforge.train.run import load_run_config
 
 QUIET = Console(quiet=True)
 
@@ -75,7 +74,7 @@ def reviewed_registry(path: Path, run_dir, n: int = 14) -> Registry:
 def test_only_decided_rows_flow_into_the_improve_dataset(base_run, tmp_path):
     reg = reviewed_registry(tmp_path / "reg.db", base_run)
     cfg = ImproveConfig(holdout=0.25, replay_share=0.5, seed=1)
-    lineage = export_dataset(reg, load_run_config(Path(base_run)), cfg, tmp_path / "data", QUIET)
+    lineage = export_dataset(reg, Path(base_run), cfg, tmp_path / "data", QUIET)
     prepared = Path(lineage["prepared"])
     train = [json.loads(x) for x in (prepared / "train.jsonl").read_text().splitlines()]
     held = [json.loads(x) for x in (prepared / "validation.jsonl").read_text().splitlines()]
@@ -98,7 +97,7 @@ def test_only_decided_rows_flow_into_the_improve_dataset(base_run, tmp_path):
 def test_too_few_reviewed_items_is_a_clear_error(base_run, tmp_path):
     reg = reviewed_registry(tmp_path / "reg.db", base_run, n=4)  # 2 usable (1 accepted, 1 corrected)
     with pytest.raises(ImproveError, match="2 reviewed item\\(s\\) ready.*tuneforge review"):
-        export_dataset(reg, load_run_config(Path(base_run)), ImproveConfig(), tmp_path / "data", QUIET)
+        export_dataset(reg, Path(base_run), ImproveConfig(), tmp_path / "data", QUIET)
 
 
 def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_path):
@@ -252,3 +251,14 @@ def test_cli_promote_after_and_its_errors(canary_reg, capsys):
     assert "each arm needs 30" in capsys.readouterr().out.replace("\n", " ")
     assert main(["improve", "nobody", "--registry", url]) == 2
     assert "no model named 'nobody'" in capsys.readouterr().err
+
+
+def test_changed_training_data_is_refused(base_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(base_run, tmp_path / "v1")
+    report = json.loads((run / "data_report.json").read_text())
+    (run / "data_report.json").write_text(json.dumps(report | {"manifest_sha256": "0" * 64}))
+    reg = reviewed_registry(tmp_path / "reg.db", run)
+    with pytest.raises(ImproveError, match="changed since it was trained"):
+        export_dataset(reg, run, ImproveConfig(), tmp_path / "data", QUIET)

@@ -157,7 +157,12 @@ def _lines_kept(prepared: Path, split: str, source: Path) -> list[int]:
     return kept
 
 
-def export_dataset(reg: Registry, run_cfg: RunConfig, cfg: ImproveConfig, work: Path, console: Console) -> dict:
+def _recorded_manifest(run_dir: Path) -> str | None:
+    report = Path(run_dir) / "data_report.json"
+    return json.loads(report.read_text()).get("manifest_sha256") if report.is_file() else None
+
+
+def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: Path, console: Console) -> dict:
     """Write the improve dataset through the data stage; returns its lineage record.
 
     Prepared folder: train = reviewed rows + replay, validation = held-out reviewed rows (also
@@ -166,6 +171,9 @@ def export_dataset(reg: Registry, run_cfg: RunConfig, cfg: ImproveConfig, work: 
     from tuneforge.data.prepare import PrepareOptions, build_splits, prepare, split_by_prompt
     from tuneforge.data.split import SplitOptions
 
+    from tuneforge.train.run import load_run_config
+
+    run_cfg = load_run_config(Path(current_run))
     items = reviewed_rows(reg)
     if len(items) < cfg.min_items:
         raise ImproveError(f"{len(items)} reviewed item(s) ready (accepted or corrected, not used yet); improve needs "
@@ -176,6 +184,12 @@ def export_dataset(reg: Registry, run_cfg: RunConfig, cfg: ImproveConfig, work: 
         raise ImproveError(f"{len(items)} reviewed rows cannot be split into train and a {cfg.holdout:.0%} held-out "
                            "share (too few distinct prompts): review more items or change holdout")
     current = build_splits(run_cfg.data, run_cfg.train.seed)
+    recorded = _recorded_manifest(current_run)
+    if recorded and recorded != current.manifest_hash():
+        # The splits are re-derived from the config: changed data files give other rows, and
+        # "held-out" rows might then have been trained on.
+        raise ImproveError(f"the data behind {current_run} changed since it was trained (manifest {recorded[:12]} -> "
+                           f"{current.manifest_hash()[:12]}): its test split is not the one it held out")
     if not current.test:
         raise ImproveError("the current version has no test split to hold out (its data.test_size is 0 and it "
                            "has no data.test files)")
@@ -291,13 +305,12 @@ def gate(current: dict, new: dict, g: GateConfig) -> list[str]:
 def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | None = None) -> dict:
     """One improve cycle; returns the lineage record (also written to RUN/improve.json)."""
     from tuneforge.data.prepare import load_prepared
-    from tuneforge.train.run import load_run_config, train
+    from tuneforge.train.run import train
 
     console = console or Console()
 
     # --- setup -------------------------------------------------------------------------
     current = reg.resolve(f"{name}@{cfg.from_alias}")
-    run_cfg = load_run_config(Path(current.run_dir))
     run_dir = Path(cfg.output_dir) / (cfg.run_name or f"{name}-improve-{datetime.now():%Y%m%d-%H%M%S}")
     if (run_dir / "config.yaml").exists() or (run_dir / LINEAGE).exists():
         raise FileExistsError(f"{run_dir} already holds a run; set run_name to another folder")
@@ -306,7 +319,7 @@ def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | Non
                "started": datetime.now().isoformat(timespec="seconds"), "config": cfg.model_dump(), "steps": []}
 
     # --- data --------------------------------------------------------------------------
-    data = export_dataset(reg, run_cfg, cfg, run_dir / "improve-data", console)
+    data = export_dataset(reg, Path(current.run_dir), cfg, run_dir / "improve-data", console)
     lineage["data"] = data
 
     # --- train (continue from the current version) ----------------------------------------
