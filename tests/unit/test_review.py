@@ -169,6 +169,10 @@ def test_http_review_api(reg):
     not_json = c.post(f"/v1/review/items/{other}", content=b"{oops", headers={"content-type": "application/json"})
     assert not_json.status_code == 400
     assert c.get("/v1/review/items", params={"status": "nope"}).status_code == 400
+    assert c.get("/v1/review/items", params={"limit": "ten"}).json()["error"]["code"] == 400
+    assert c.get("/v1/review/items/abc").json()["error"]["code"] == 404
+    assert c.post("/v1/review/items/abc", json={"decision": "accept", "reviewer": "x"}).status_code == 404
+    assert c.get(f"/v1/review/items/{other}").json()["decision"] is None
     assert list_items(reg)[0]["id"] == other  # the bad requests changed nothing
 
     # with keys: a key scoped to some models may not review; a key for all models may
