@@ -170,7 +170,6 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
     that now appears in train."""
     from tuneforge.data.prepare import PrepareOptions, build_splits, prepare, split_by_prompt
     from tuneforge.data.split import SplitOptions
-
     from tuneforge.train.run import load_run_config
 
     run_cfg = load_run_config(Path(current_run))
