@@ -33,10 +33,14 @@ class Plan:
     targets: list[str]  # tried in order: the arm's (or requested) target, then the fallbacks
 
 
-def plan(model: str, routes: dict[str, Route], user: str) -> Plan:
-    if model not in routes:
+def plan(model: str, routes: dict[str, Route], user: str, override: list[dict] | None = None) -> Plan:
+    """``override``: arms from the registry (Registry.route_arms) that replace the route's
+    serve.yaml arms; for a name with no route, the name itself stays the fallback."""
+    route = routes.get(model)
+    if override:
+        route = Route(arms=override, fallback=route.fallback if route else [model])
+    if route is None:
         return Plan(None, None, [model])
-    route = routes[model]
     arm = pick_arm(model, route, user)
     return Plan(model, arm.name, [arm.target, *(t for t in route.fallback if t != arm.target)])
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, collect
 from tuneforge.deploy.routing import RateLimiter, plan
+from tuneforge.production.review import review_router
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
 
 
@@ -140,7 +141,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
             if not chat and not isinstance(body.get("prompt"), str):
                 raise ApiError(400, "'prompt' must be a string")
             user = str(body.get("user") or (key.id if key else "") or uuid.uuid4())
-            p = plan(record.model, cfg.routes, user)
+            p = plan(record.model, cfg.routes, user, registry.route_arms(record.model))
             record.route, record.arm = p.route, p.arm
             params = dict(messages=_text_messages(body["messages"]) if chat else None, prompt=None if chat else body["prompt"],
                           max_tokens=min(int(body.get("max_tokens") or body.get("max_completion_tokens") or 128),
@@ -246,6 +247,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     async def health():
         return {"status": "ok"}
 
+    app.include_router(review_router(registry, authenticate))
     app.state.registry, app.state.engine = registry, engine
     return app
 
