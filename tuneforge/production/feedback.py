@@ -8,7 +8,9 @@ Body: ``{request_id, score | thumbs, scale?, correction?, comment?}``. ``request
 - ``thumbs`` alone: up -> 1.0, down -> 0.0 (with a score too, the score wins and thumbs is kept).
 
 An explicit scale avoids guessing whether "1" means the worst of five or the best of [0, 1].
-A key may rate only the requests it made, unless it is listed in ``logging.admin_keys``.
+A key may rate only the requests it made, unless it is an admin key (its admin flag, or
+listed in ``logging.admin_keys``). With no keys in force (auth optional, none created), anyone
+may rate any request.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def feedback_router(registry, authenticate: Callable, api_error: type, admin_key
             raise api_error(404, f"no logged request with id '{body.request_id}' (the 'id' of a "
                                  "chat.completion response; logging may be off or the row past retention)",
                             "not_found_error")
-        admin = key is None or str(key.id) in admin_keys or key.name in admin_keys
+        # KeyInfo.admin is the key's own flag (keys create --admin, where the registry has it).
+        admin = key is None or getattr(key, "admin", False) or str(key.id) in admin_keys or key.name in admin_keys
         if not admin and logged.key_id != key.id:
             raise api_error(403, f"key {key.name} may only send feedback on its own requests", "permission_error")
 
