@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     add_deploy_parsers(sub)
+    from tuneforge.production.cli import add_monitor_parser
+
+    add_monitor_parser(sub)
     return p
 
 

@@ -50,6 +50,7 @@ class Thresholds(Strict):
     length_shift: float | None = Field(0.5, gt=0, description="relative change of mean answer length vs the earlier window")
     json_invalid_rate: float | None = Field(0.05, ge=0, le=1, description="among requests that asked for JSON")
     feedback_min: float | None = Field(0.5, ge=0, le=1, description="mean normalised feedback score below this")
+    judge_min: float | None = Field(0.5, ge=0, le=1, description="mean judge score below this (with a judge)")
     drift_p: float | None = Field(0.01, gt=0, lt=1, description="alert when the drift test's p-value is below this")
 
 
