@@ -167,6 +167,7 @@ def test_retention_purge_keeps_decided_review_items(reg):
         s.add_all([Feedback(request_id="old-a", score=0.0), ReviewItem(request_id="old-a", reason="drift"),
                    ReviewItem(request_id="old-decided", reason="drift", decision="accept", reviewer="ana")])
     assert purge(reg.engine, retention_days=30) == 1
+    assert purge(reg.engine, retention_days=30) == 0
     assert {r.id for r in rows(reg)} == {"old-decided", "new"}
     with Session(reg.engine) as s:
         assert s.scalar(select(Feedback.id)) is None
@@ -242,3 +243,11 @@ def test_serve_logs_by_default(reg, monkeypatch):
     monkeypatch.setattr(server, "build_engine", lambda cfg: EchoEngine())
     server.serve(ServeConfig(registry=str(reg.engine.url)))
     assert [r.id for r in rows(reg)] == ids
+
+
+def test_logger_purges_expired_rows_when_it_starts(reg):
+    with Session(reg.engine) as s, s.begin():
+        s.add(RequestLog(id="ancient", at=_now() - timedelta(days=400), endpoint="chat", model="bot"))
+    logger = RequestLogger(reg.engine, LoggingConfig(retention_days=365))
+    logger.close()
+    assert logger.stats()["purged"] == 1 and rows(reg) == []

@@ -74,7 +74,7 @@ class RequestLogger:
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._pending = 0  # records enqueued and not yet committed or dropped
-        self._last_purge = 0.0
+        self._last_purge = float("-inf")  # purge once at start, then hourly
         self._thread = threading.Thread(target=self._run, name="tuneforge-request-log", daemon=True)
         self._thread.start()
 
@@ -123,16 +123,18 @@ class RequestLogger:
         return self._key_names.get(key_id)
 
     def _run(self) -> None:
-        while not self._stop.is_set() or not self.queue.empty():
-            batch = self._take(timeout=0.2)
-            if batch:
-                self._write(batch)
+        while True:
             if self.cfg.retention_days and time.monotonic() - self._last_purge > self.PURGE_EVERY_S:
                 self._last_purge = time.monotonic()
                 try:
                     self.purged += purge(self.db, self.cfg.retention_days, self.cfg.lock_retries)
                 except Exception:  # noqa: BLE001 - retention is retried next hour; logging goes on
                     log.exception("request log retention purge failed")
+            batch = self._take(timeout=0.2)
+            if batch:
+                self._write(batch)
+            elif self._stop.is_set():
+                return  # stopped and drained
 
     def _take(self, timeout: float) -> list:
         try:
