@@ -6,7 +6,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from deploy_helpers import fake_run
+import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
@@ -32,8 +32,13 @@ class EchoEngine:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    return fake_run(tiny_model_dir, tmp_path_factory.mktemp("prodlog-run") / "r", seed=0)
+def run_dir(tmp_path_factory):
+    """A registrable run folder; the fake engine never loads its weights."""
+    d = tmp_path_factory.mktemp("prodlog-run") / "r"
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny"}, "method": {"name": "lora"}}))
+    return d
 
 
 @pytest.fixture

@@ -259,6 +259,7 @@ def send_webhook(url: str, alerts: list[Alert], timeout_s: float, transport=None
 def publish_gauges(groups: list[dict]) -> None:
     """Every numeric figure as tuneforge_monitor{metric, route, version} in the default registry
     (served at the server's /metrics, or written with --metrics-file for a textfile collector)."""
+    MONITOR.clear()  # only the latest run's figures: a route that went quiet must not keep old values
     for g in groups:
         route, version = g["group"]
         values = dict(g["figures"])
