@@ -15,9 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tuneforge.cli import main
-from tuneforge.production.config import MonitorConfig, load_monitor_config, parse_window
+from tuneforge.production.config import JudgeSettings, MonitorConfig, load_monitor_config, parse_window
 from tuneforge.production.drift import mmd_permutation_test, row_prompt, training_prompts
-from tuneforge.production.monitor import json_valid, monitor, queue_for_review, repeated_ngram_ratio
+from tuneforge.production.monitor import MonitorError, json_valid, monitor, queue_for_review, repeated_ngram_ratio
 from tuneforge.production.store import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry, _now
 
@@ -215,6 +215,14 @@ def test_judge_plug_point(reg):
     cfg = MonitorConfig(judge={"callable": "test_monitor:judge_json", "sample": 10}, drift={"enabled": False})
     f = monitor(reg, cfg, now=now).groups[0]["figures"]
     assert f["judge_n"] == 10 and 0 <= f["judge_mean"] <= 1
+    with pytest.raises(MonitorError, match="cannot be loaded"):
+        monitor(reg, cfg.model_copy(update={"judge": JudgeSettings(callable="test_monitor:nope")}), now=now)
+    with pytest.raises(MonitorError, match="failed on request r"):
+        monitor(reg, cfg.model_copy(update={"judge": JudgeSettings(callable="test_monitor:judge_broken")}), now=now)
+
+
+def judge_broken(prompt: str, response: str, rubric: str) -> float:
+    raise RuntimeError("model offline")
 
 
 def judge_json(prompt: str, response: str, rubric: str) -> float:

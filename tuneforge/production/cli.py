@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def cmd_monitor(args) -> int:
     from rich.console import Console
 
     from tuneforge.production.config import load_monitor_config
-    from tuneforge.production.monitor import monitor
+    from tuneforge.production.monitor import MonitorError, monitor
     from tuneforge.production.report import print_summary, write_html
     from tuneforge.registry.store import Registry
 
@@ -22,6 +24,9 @@ def cmd_monitor(args) -> int:
     except KeyboardInterrupt:
         console.print("monitor interrupted (no report written)")
         return 130
+    except MonitorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_summary(res, Console())
     if args.html:
         console.print(f"report: {write_html(res, args.html)}")

@@ -160,12 +160,19 @@ def feedback_figures(db, ids: list[str]) -> tuple[dict, list[str]]:
     return {"feedback_n": len(scores), "feedback_mean": float(np.mean(scores)) if scores else None}, low
 
 
+class MonitorError(ValueError):
+    """A problem the user can fix (the CLI prints it as one line)."""
+
+
 def load_judge(spec: str) -> Callable[[str, str, str], float]:
     """'package.module:function' -> the function."""
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"judge.callable is 'module:function' (got {spec!r})")
-    return getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise MonitorError(f"judge.callable is 'module:function' (got {spec!r})")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise MonitorError(f"judge.callable {spec!r} cannot be loaded: {e}") from None
 
 
 def judge_figures(rows: list[Row], cfg: MonitorConfig) -> dict:
@@ -175,7 +182,12 @@ def judge_figures(rows: list[Row], cfg: MonitorConfig) -> dict:
         return {}
     judge = load_judge(cfg.judge.callable)
     sample = random.Random(cfg.judge.seed).sample(texts, min(cfg.judge.sample, len(texts)))
-    scores = [float(judge(r.prompt or "", r.response, cfg.judge.rubric)) for r in sample]
+    scores = []
+    for r in sample:
+        try:
+            scores.append(float(judge(r.prompt or "", r.response, cfg.judge.rubric)))
+        except Exception as e:  # noqa: BLE001 - user code: say which request it failed on
+            raise MonitorError(f"judge {cfg.judge.callable} failed on request {r.id}: {type(e).__name__}: {e}") from e
     return {"judge_n": len(scores), "judge_mean": float(np.mean(scores))}
 
 
