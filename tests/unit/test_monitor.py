@@ -237,7 +237,7 @@ def test_cli_writes_html_and_metrics(reg, tmp_path, capsys):
     page = html.read_text()
     assert "data:image/png;base64," in page and "error_rate" in page and "<script" not in page
     assert 'tuneforge_monitor{metric="error_rate",route="bot-ab",version="bot:v1"}' in metrics.read_text()
-    assert "ALERT" in capsys.readouterr().out
+    assert "ALERT [bot-ab bot:v1] error_rate = 0.1 " in capsys.readouterr().out  # not eaten as rich markup
     assert main(["monitor", "--registry", url, "--no-drift", "--fail-on-alert"]) == 1
     assert main(["monitor", "--registry", url, "--route", "nobody", "--fail-on-alert"]) == 0
     assert main(["monitor", "--registry", url, "--since", "forever"]) == 2  # a clear config error

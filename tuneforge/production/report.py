@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tuneforge.production.monitor import MonitorResult
@@ -49,18 +50,18 @@ def print_summary(res: MonitorResult, console: Console) -> None:
             t.add_column("drift")
         for g in res.groups:
             cells = [_cell(g["figures"].get(k), fmt) for k, _, fmt in cols]
-            t.add_row(*g["group"], *cells, *([_drift_cell(g.get("drift"))] if title == "quality" else []))
+            t.add_row(*map(escape, g["group"]), *cells, *([_drift_cell(g.get("drift"))] if title == "quality" else []))
         console.print(t)
     for g in res.groups:
         d = g.get("drift") or {}
         if "skipped" in d:
-            console.print(f"drift {' '.join(g['group'])}: {d['skipped']}")
+            console.print(escape(f"drift {' '.join(g['group'])}: {d['skipped']}"))
         for x in d.get("drifted", []):
-            console.print(f"  drifted ({x['distance']:.3f}) {x['request_id']}: {x['prompt'][:100]!r}")
+            console.print(escape(f"  drifted ({x['distance']:.3f}) {x['request_id']}: {x['prompt'][:100]!r}"))
     for a in res.alerts:
-        console.print(f"[red]ALERT[/] {a.message}")
+        console.print(f"[red]ALERT[/] {escape(a.message)}")
     if res.webhook_error:
-        console.print(f"[red]the alert webhook failed:[/] {res.webhook_error}")
+        console.print(f"[red]the alert webhook failed:[/] {escape(res.webhook_error)}")
     if res.queued_for_review:
         console.print(f"{res.queued_for_review} drifted prompt(s) queued for human review (tuneforge review)")
 
