@@ -2,9 +2,9 @@
 thread that writes batches to the registry database.
 
 A request never waits for the database and never fails because of it: the hook only
-enqueues (``put_nowait``); redaction and the write happen on the writer thread. What cannot be stored is counted by reason, never
-hidden: ``overflow`` (the queue was full), ``locked`` (the database stayed locked through
-every retry), ``error`` (any other write failure). The counts are in ``stats()`` and in
+enqueues (``put_nowait``); redaction and the write happen on the writer thread. What
+cannot be stored is counted by reason, never hidden: ``overflow`` (the queue was full),
+``locked`` (the database stayed locked through every retry), ``error`` (any other failure). The counts are in ``stats()`` and in
 the Prometheus counter ``tuneforge_request_log_dropped_total{reason}``.
 """
 
