@@ -40,6 +40,7 @@ def print_summary(res: MonitorResult, console: Console) -> None:
     console.print(f"[bold]window[/] {res.window}")
     if not res.groups:
         console.print("no logged requests in this window")
+        return
     for title, cols in (("operational", COLUMNS), ("quality", QUALITY)):
         t = Table(title=title)
         t.add_column("route")
