@@ -243,6 +243,11 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     async def completions(request: Request):
         return await handle(request, "completion")
 
+    from tuneforge.production.feedback import feedback_router
+
+    app.include_router(feedback_router(registry, authenticate, ApiError, cfg.logging.admin_keys,
+                                       getattr(on_request, "flush", None)))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -288,6 +293,16 @@ def build_engine(cfg: ServeConfig):
 def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
     import uvicorn
 
-    app = create_app(cfg, Registry(cfg.registry), build_engine(cfg), on_request)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    registry = Registry(cfg.registry)
+    logger = None
+    if cfg.logging.enabled and on_request is None:
+        from tuneforge.production.logger import RequestLogger
+
+        logger = on_request = RequestLogger(registry.engine, cfg.logging)
+    app = create_app(cfg, registry, build_engine(cfg), on_request)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        if logger is not None:
+            logger.close()  # write what is still queued before the process exits
 
