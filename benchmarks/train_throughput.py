@@ -1,31 +1,79 @@
-"""LoRA SFT throughput: tuneforge vs trl SFTTrainer + peft vs transformers Trainer + peft.
+"""Fine-tuning speed and memory: tuneforge vs the peers users would pick instead, in one invocation.
 
-Same model, same rows (one epoch over steps x batch rows, so every runner trains exactly
-the same tokens), same LoRA (r=8, all linear layers), batch, max length, lr. Each runner
-runs in its own process so peak RSS is its own. Prints real (non-padding) tokens/s,
-ratios against each peer, peak RSS and final loss.
+Workload (issue "speed and memory"): an alpaca-style instruction set (real chatterbot-corpus
+exchanges, 1-6 questions a row; see ``builtin:chatterbot_instructions``), the first
+``steps x batch`` rows that fit ``--max-length`` for training and the next ``--eval-rows``
+for an eval loss. Every runner trains exactly those rows once, with the same LoRA (r=8,
+alpha 16, all linear layers), batch, lr and constant schedule, in its own process so its
+peak RSS is its own. Printed per runner: real (non-padding) tokens/s, model FLOPs
+utilisation, peak RSS, final train loss and eval loss (token-weighted mean over the eval
+rows), then each peer's ratio to tuneforge.
 
-    python benchmarks/train_throughput.py --steps 20 --batch 4 --max-length 256
+MFU counts model FLOPs per real token (LoRA and QLoRA: 4 x params, forward + input
+gradients; full: 6 x params; LM head included, attention products ignored) against the
+bf16 matrix-product rate of this model's shapes measured on the same cores in the same
+invocation, so the shared machine's speed of the day cancels out.
 
-``--model`` takes any model spec tuneforge accepts (default: the embedded SmolLM2).
+    python benchmarks/train_throughput.py                      # LoRA, 30 steps x 4 rows, 256 tokens
+    python benchmarks/train_throughput.py --max-length 512 --method full
+    python benchmarks/train_throughput.py --runners tuneforge,tuneforge:data.packing=false
+
+Runners: ``tuneforge`` (defaults), ``tuneforge:KEY=VALUE,...`` (defaults with config
+overrides: how each speed-up is measured), ``trainer`` (transformers Trainer + peft, fp32
+weights, bf16=True), ``trainer_tcmalloc`` (same with tcmalloc preloaded, when installed),
+``sft_trainer`` (trl SFTTrainer + peft, bf16=True). ``--model`` takes any model spec
+tuneforge accepts (default: the embedded SmolLM2-135M-Instruct).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-RUNNERS = ("tuneforge", "trainer", "sft_trainer")
+DEFAULT_RUNNERS = "tuneforge,trainer,trainer_tcmalloc,sft_trainer"
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def rows(n: int):
-    from tuneforge.data.builtin import orders
+# --- the workload ------------------------------------------------------------------------------
+def write_workload(a, folder: Path) -> dict:
+    """train.jsonl / eval.jsonl (instruction format) holding only rows that fit max_length, so
+    no runner drops or truncates anything and all train the same tokens."""
+    from tuneforge.data.builtin import chatterbot_instructions
     from tuneforge.data.formats import FORMATS
+    from tuneforge.data.render import encode_rows
+    from tuneforge.models.load import load_tokenizer
 
-    return [FORMATS["instruction"].convert(r, {}) for r in orders(n=n, seed=11)]
+    tok = load_tokenizer(a.model)
+    keep = []
+    for r in chatterbot_instructions(seed=0):
+        enc = encode_rows(tok, [FORMATS["instruction"].convert(r, {})], a.max_length, "drop").rows
+        if enc:
+            keep.append((r, len(enc[0]["input_ids"]), sum(x != -100 for x in enc[0]["labels"])))
+    n = a.steps * a.batch
+    if len(keep) < n + a.eval_rows:
+        raise SystemExit(f"only {len(keep)} rows fit {a.max_length} tokens; need {n + a.eval_rows}")
+    for name, part in (("train", keep[:n]), ("eval", keep[n : n + a.eval_rows])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r, _, _ in part))
+    lengths = [length for _, length, _ in keep[:n]]
+    padded = sum(max(lengths[i : i + a.batch]) * len(lengths[i : i + a.batch]) for i in range(0, n, a.batch))
+    return {"rows": n, "real_tokens": sum(lengths), "mean_tokens": sum(lengths) / n,
+            "padding_share": 1 - sum(lengths) / padded,
+            "response_share": sum(t for _, _, t in keep[:n]) / sum(lengths)}
+
+
+def tokenized(a, name: str, tok) -> list[dict]:
+    from tuneforge.data.formats import FORMATS
+    from tuneforge.data.render import encode_rows
+
+    raw = [json.loads(x) for x in (Path(a.workdir) / f"{name}.jsonl").read_text().splitlines()]
+    enc = encode_rows(tok, [FORMATS["instruction"].convert(r, {}) for r in raw], a.max_length, "drop")
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in enc.rows]
 
 
 def peak_rss_mb() -> float:
@@ -34,126 +82,216 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tuneforge(a) -> dict:
-    import tempfile
+def eval_loss(model, rows: list[dict], pad_id: int) -> float:
+    """Token-weighted mean loss over the eval rows (bf16 autocast, as tuneforge's validation)."""
+    import torch
 
-    from tuneforge.config import validate_config
+    from tuneforge.data.render import pad_batch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(rows), 8):
+            b = pad_batch(rows[i : i + 8], pad_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            labels = b["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            total, count = total + float(loss), count + int((labels != -100).sum())
+    return total / count
+
+
+# --- runners (each in its own process) -----------------------------------------------------------
+def run_tuneforge(a, overrides: list[str]) -> dict:
+    from tuneforge.config import deep_merge, parse_overrides, validate_config
     from tuneforge.train.run import train
 
-    n = a.steps * a.batch
+    method = {"lora": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+              "qlora": {"name": "qlora", "r": 8, "alpha": 16, "dropout": 0.0},
+              "full": {"name": "full"}}[a.method]
     with tempfile.TemporaryDirectory() as out:
-        cfg = validate_config({
-            "model": {"name": a.model},
-            "data": {"train": [f"builtin:orders?n={n}&seed=11"], "val_size": 0.0, "test_size": 0.0,
-                     "max_length": a.max_length},
-            "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {"lr": 2e-4, "batch_size": a.batch, "epochs": 1, "eval_every": 0, "save_every": 0,
-                      "scheduler": "constant", "warmup_ratio": 0.0},
-            "eval": {"metric": "none"}, "output_dir": out, "run_name": "bench"})
-        run_dir = train(cfg)
+        raw = {"model": {"name": a.model},
+               "data": {"train": [f"{a.workdir}/train.jsonl"], "validation": [f"{a.workdir}/eval.jsonl"],
+                        "format": "instruction", "test_size": 0.0, "max_length": a.max_length},
+               "method": method,
+               "train": {"lr": a.lr, "batch_size": a.batch, "epochs": 1, "eval_every": 0, "save_every": 0,
+                         "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
+               "eval": {"metric": "none"}, "output_dir": out, "run_name": "bench"}
+        cfg = validate_config(deep_merge(raw, parse_overrides(overrides)))
+        run_dir = train(cfg, force=True)
+        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
-        losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [m["loss"] for m in losses if m["kind"] == "train"][-1]
-    return {"seconds": summary["train_seconds"], "final_loss": last}
+    trained = [m for m in metrics if m["kind"] == "train"]
+    return {"seconds": summary["train_seconds"], "final_loss": trained[-1]["loss"],
+            "eval_loss": [m["val_loss"] for m in metrics if m["kind"] == "eval"][-1], "steps": len(trained)}
 
 
-def _tokenized(a, tok):
-    from tuneforge.data.render import encode_rows
+def _hf_model(a, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
 
-    enc = encode_rows(tok, rows(a.steps * a.batch), a.max_length, "drop")
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in enc.rows]
+    from tuneforge.models.load import load_causal_lm
+
+    if a.method == "qlora":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = prepare_model_for_kbit_training(load_causal_lm(a.model, torch.bfloat16, "cpu", quantization_config=q))
+        return get_peft_model(model, LoraConfig(**LORA))
+    model = load_causal_lm(a.model, dtype, "cpu")
+    return model if a.method == "full" else get_peft_model(model, LoraConfig(**LORA))
 
 
-def run_trainer(a) -> dict:
+def run_trainer(a, overrides: list[str]) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tuneforge.models.load import load_causal_lm, load_tokenizer
+    from tuneforge.models.load import load_tokenizer
 
     tok = load_tokenizer(a.model)
-    ds = datasets.Dataset.from_list(_tokenized(a, tok))
-    model = load_causal_lm(a.model, torch.float32, "cpu")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir="/tmp/tf-bench-trainer", per_device_train_batch_size=a.batch,
-                             num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="constant", bf16=True,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                             dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
+    train_rows = tokenized(a, "train", tok)
+    model = _hf_model(a, torch.float32)  # the Trainer's documented bf16=True path: fp32 weights + autocast
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=1,
+                             learning_rate=a.lr, lr_scheduler_type="constant", bf16=True, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                             max_grad_norm=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     last = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
-    return {"seconds": seconds, "final_loss": last}
+    return {"seconds": seconds, "final_loss": last, "eval_loss": eval_loss(model, tokenized(a, "eval", tok),
+                                                                          tok.pad_token_id)}
 
 
-def run_sft_trainer(a) -> dict:
+run_trainer_tcmalloc = run_trainer  # same code; the parent preloads the allocator
+
+
+def run_sft_trainer(a, overrides: list[str]) -> dict:
     import datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from tuneforge.data.formats import FORMATS
     from tuneforge.models.load import load_tokenizer, resolve
 
     tok = load_tokenizer(a.model)
-    data = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows(a.steps * a.batch)]
-    args = SFTConfig(output_dir="/tmp/tf-bench-sft", per_device_train_batch_size=a.batch, num_train_epochs=1,
-                     learning_rate=2e-4, lr_scheduler_type="constant", bf16=True, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, max_length=a.max_length)
+    raw = [json.loads(x) for x in (Path(a.workdir) / "train.jsonl").read_text().splitlines()]
+    convs = [FORMATS["instruction"].convert(r, {})["messages"] for r in raw]
+    data = [{"prompt": m[:-1], "completion": m[-1:]} for m in convs]
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=1,
+                     learning_rate=a.lr, lr_scheduler_type="constant", bf16=True, logging_steps=1,
+                     save_strategy="no", report_to=[], use_cpu=True, max_length=a.max_length, max_grad_norm=0.0)
     trainer = SFTTrainer(model=resolve(a.model).path, args=args, train_dataset=datasets.Dataset.from_list(data),
-                         processing_class=tok,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
+                         processing_class=tok, peft_config=LoraConfig(**LORA))
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     last = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
-    return {"seconds": seconds, "final_loss": last}
+    return {"seconds": seconds, "final_loss": last,
+            "eval_loss": eval_loss(trainer.model, tokenized(a, "eval", tok), tok.pad_token_id)}
 
 
-def real_tokens(a) -> int:
-    from tuneforge.models.load import load_tokenizer
+# --- machine figures ---------------------------------------------------------------------------------
+def matmul_gflops(hidden: int, inter: int, tokens: int = 1024, seconds: float = 3.0) -> float:
+    """bf16 matrix-product rate of this model's MLP shapes on these cores, right now."""
+    import torch
 
-    return sum(len(r["input_ids"]) for r in _tokenized(a, load_tokenizer(a.model)))
+    x, w = torch.randn(tokens, hidden, dtype=torch.bfloat16), torch.randn(hidden, inter, dtype=torch.bfloat16)
+    for _ in range(5):
+        x @ w
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x @ w
+        n += 1
+    return 2 * tokens * hidden * inter * n / (time.perf_counter() - t0) / 1e9
+
+
+def model_shape(model: str) -> tuple[int, int, int]:
+    """(parameters counting tied weights once, hidden size, MLP size) from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.models.load import resolve
+
+    cfg = AutoConfig.from_pretrained(resolve(model).path)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in m.parameters()), cfg.hidden_size, cfg.intermediate_size
+
+
+def find_tcmalloc() -> str | None:
+    from tuneforge.train.launch import find_allocator
+
+    return find_allocator()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--runners", default=",".join(RUNNERS))
-    p.add_argument("--only", help=argparse.SUPPRESS)  # child process: run one runner, print JSON
+    p.add_argument("--eval-rows", type=int, default=40)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--runners", default=DEFAULT_RUNNERS)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # child process: one runner, prints RESULT json
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.only:
-        result = globals()[f"run_{a.only}"](a)
-        print("RESULT " + json.dumps(result | {"peak_rss_mb": peak_rss_mb()}))
+        name, _, sets = a.only.partition(":")
+        result = globals()[f"run_{name}"](a, [s for s in sets.split(",") if s])
+        print("RESULT " + json.dumps(result | {"peak_rss_mb": peak_rss_mb()}), flush=True)
         return
 
-    tokens = real_tokens(a)
+    workdir = tempfile.mkdtemp(prefix="tf-bench-")
+    a.workdir = workdir
+    work = write_workload(a, Path(workdir))
+    params, hidden, inter = model_shape(a.model)
+    flops_per_token = (6 if a.method == "full" else 4) * params
+    print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
+          f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
+          f"real tokens are response), method {a.method}, batch {a.batch}, max_length {a.max_length}", flush=True)
     results = {}
-    for name in a.runners.split(","):
-        cmd = [sys.executable, __file__, "--only", name, "--model", a.model, "--steps", str(a.steps),
-               "--batch", str(a.batch), "--max-length", str(a.max_length)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+    for runner in a.runners.split(","):
+        env = dict(os.environ)
+        name = runner.partition(":")[0]
+        if name == "trainer_tcmalloc":
+            lib = find_tcmalloc()
+            if lib is None:
+                print("trainer_tcmalloc skipped: no tcmalloc (apt-get install libtcmalloc-minimal4)")
+                continue
+            env["LD_PRELOAD"] = lib
+        if name == "sft_trainer" and a.method != "lora":
+            continue
+        gflops = matmul_gflops(hidden, inter)  # right before each runner: the host's speed drifts
+        cmd = [sys.executable, __file__, "--only", runner, "--model", a.model, "--method", a.method,
+               "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
+               "--lr", str(a.lr), "--workdir", workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"{name} failed:\n{out.stderr[-2000:]}")
+            print(f"{runner} failed:\n{out.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(line[7:])
-        r["tokens_per_s"] = tokens / r["seconds"]
-        results[name] = r
-        print(f"{name:12s} {r['tokens_per_s']:8.1f} real tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-              f"final loss {r['final_loss']:.4f}", flush=True)
+        r["tokens_per_s"] = work["real_tokens"] / r["seconds"]
+        r["mfu"] = r["tokens_per_s"] * flops_per_token / (gflops * 1e9)
+        r["matmul_gflops"] = gflops
+        results[runner] = r
+        print(f"{runner:34s} {r['tokens_per_s']:7.1f} real tok/s  MFU {100 * r['mfu']:4.1f}% (of {gflops:.0f} "
+              f"GFLOP/s)  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  train loss {r['final_loss']:.4f}  "
+              f"eval loss {r['eval_loss']:.4f}", flush=True)
     if "tuneforge" in results:
-        base = results["tuneforge"]["tokens_per_s"]
-        for name, r in results.items():
-            if name != "tuneforge":
-                print(f"tuneforge / {name}: {base / r['tokens_per_s']:.2f}x tokens/s")
-    print(f"({tokens} real tokens, {a.steps} steps x batch {a.batch}, max_length {a.max_length})")
+        base = results["tuneforge"]
+        for runner, r in results.items():
+            if runner != "tuneforge":
+                print(f"tuneforge vs {runner}: {base['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s, "
+                      f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"workload": work, "args": vars(a), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     add_deploy_parsers(sub)
+    from tuneforge.production.cli import add_production_parsers
+
+    add_production_parsers(sub)
     return p
 
 

@@ -117,6 +117,11 @@ class TrainConfig(Strict):
         True,
         description="compute vocabulary logits only where the loss is taken (same loss, less time and memory)",
     )
+    padding_free: bool = Field(
+        True,
+        description="lay each micro-batch's rows end to end, each attending only to itself: same rows, "
+        "same loss, no compute spent on padding (off for prompt/prefix tuning and DP-SGD)",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after N evaluations without a better validation loss; the adapter kept is the best"
     )

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from deploy_helpers import fake_run
@@ -45,10 +46,19 @@ def test_new_database_is_at_head_and_matches_the_models(tmp_path):
     assert diff == []
 
 
-def test_pre_alembic_database_upgrades_and_keeps_its_rows(tmp_path, tiny_model_dir):
+# What create_all added on main later (prodlog/review merge), still before migrations.
+ROUTE_OVERRIDES = """
+CREATE TABLE route_overrides (id INTEGER NOT NULL, route VARCHAR(200) NOT NULL, arms JSON NOT NULL,
+  note VARCHAR(500) NOT NULL, started DATETIME NOT NULL, updated DATETIME NOT NULL, PRIMARY KEY (id), UNIQUE (route));
+INSERT INTO route_overrides VALUES (1, 'bot-ab', '[]', 'canary', '2026-01-01 00:00:00', '2026-01-01 00:00:00');
+"""
+
+
+@pytest.mark.parametrize("later_tables", ["", ROUTE_OVERRIDES], ids=["ae41b43", "with-route-overrides"])
+def test_pre_alembic_database_upgrades_and_keeps_its_rows(tmp_path, tiny_model_dir, later_tables):
     db = tmp_path / "old.db"
     con = sqlite3.connect(db)
-    con.executescript(PRE_ALEMBIC)
+    con.executescript(PRE_ALEMBIC + later_tables)
     # A registry written by the old code: a model, a version, an alias and a key.
     con.executescript("""
     INSERT INTO models VALUES (1, 'bot', '2026-01-01 00:00:00');
@@ -62,7 +72,9 @@ def test_pre_alembic_database_upgrades_and_keeps_its_rows(tmp_path, tiny_model_d
     assert reg.resolve("bot@prod").ref == "bot:v1" and reg.history("bot")[0]["to"] == 1
     # The tables it lacked (production tables) exist now, and api_keys gained its admin column.
     tables = set(inspect(reg.engine).get_table_names())
-    assert {"request_logs", "feedback", "review_items", "alembic_version"} <= tables
+    assert {"request_logs", "feedback", "review_items", "route_overrides", "alembic_version"} <= tables
+    if later_tables:
+        assert reg.route_override("bot-ab")["note"] == "canary"
     kid, key = reg.create_key("ops", ["*"], admin=True)
     assert reg.check_key(key).admin
     # The old rows work with new writes, and opening it again changes nothing.

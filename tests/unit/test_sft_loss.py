@@ -58,3 +58,52 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir
     assert int(n) == int(m)
     assert torch.allclose(packed, sum(singles), rtol=1e-4)
     assert torch.allclose(padded, sum(singles), rtol=1e-4)
+
+
+def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, tiny_tok):
+    """Rows laid end to end with per-example attention (train/varlen.py): same loss and the
+    same gradients as the padded batch, so the speed-up changes nothing that is learned."""
+    from tuneforge.train import varlen
+
+    rows = _rows(tiny_tok)
+    sft = OBJECTIVES["sft"]
+    results = []
+    for padding_free in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if padding_free:
+            assert varlen.enable(model)
+            batch = packed_batch([rows], tiny_tok.pad_token_id)
+            assert batch["input_ids"].shape[0] == 1 and (batch["input_ids"] == tiny_tok.pad_token_id).sum() == 0
+        else:
+            batch = pad_batch(rows, tiny_tok.pad_token_id)
+        loss, n = sft.loss(model, batch, None, hidden_path=True)
+        loss.backward()
+        results.append((loss.detach(), int(n), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (a, na, ga), (b, nb, gb) = results
+    assert na == nb and torch.allclose(a, b, rtol=1e-5)
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_attention_leaves_padded_batches_and_generation_unchanged(tiny_model_dir, tiny_tok):
+    from tuneforge.train import varlen
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fast = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert varlen.enable(fast)
+    batch = pad_batch(_rows(tiny_tok, n=3), tiny_tok.pad_token_id)
+    prompt = torch.tensor([batch["input_ids"][0, :12].tolist()])
+    with torch.no_grad():
+        for m in (plain, fast):
+            m.generation_config.pad_token_id = tiny_tok.pad_token_id
+        assert torch.allclose(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              fast(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              atol=1e-5)
+        assert torch.equal(plain.generate(prompt, max_new_tokens=6, do_sample=False),
+                           fast.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_varlen_segments_follow_position_resets():
+    from tuneforge.train.varlen import segments
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert segments(pos) == [(0, 0, 3), (0, 3, 5), (0, 5, 9)]

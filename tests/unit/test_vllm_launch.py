@@ -87,9 +87,9 @@ def test_config_needs_a_url_or_a_launch():
 def test_launched_server_is_waited_for_used_and_stopped(reg, tmp_path, monkeypatch):
     pkg = _fake_vllm(tmp_path / "fake")
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
-    cfg = ServeConfig.model_validate({"engine": {"kind": "vllm", "launch": {
+    cfg = ServeConfig.model_validate({"registry": str(reg.engine.url), "engine": {"kind": "vllm", "launch": {
         "python": sys.executable, "port": free_port(), "env": {"PYTHONPATH": str(tmp_path / "fake")}}}})
-    engine = build_engine(cfg, reg)
+    engine = build_engine(cfg)
     try:
         assert engine.process.proc.poll() is None
         argv = json.loads((pkg / "argv.json").read_text())
@@ -106,10 +106,10 @@ def test_launched_server_is_waited_for_used_and_stopped(reg, tmp_path, monkeypat
 def test_a_vllm_that_dies_at_start_is_reported_with_its_log(reg, tmp_path, monkeypatch):
     _fake_vllm(tmp_path / "fake", "import sys\nprint('CUDA not found, giving up')\nsys.exit(3)\n")
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
-    cfg = ServeConfig.model_validate({"engine": {"kind": "vllm", "launch": {
+    cfg = ServeConfig.model_validate({"registry": str(reg.engine.url), "engine": {"kind": "vllm", "launch": {
         "python": sys.executable, "port": free_port(), "env": {"PYTHONPATH": str(tmp_path / "fake")}}}})
     with pytest.raises(VLLMLaunchError, match="(?s)exited with code 3.*CUDA not found"):
-        build_engine(cfg, reg)
+        build_engine(cfg)
 
 
 def _vllm_python() -> str | None:
@@ -142,10 +142,10 @@ def test_real_vllm_serves_a_registered_lora_through_the_gateway(tmp_path, monkey
     reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}")
     reg.add(run, "smol")
     monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
-    cfg = ServeConfig.model_validate({"engine": {"kind": "vllm", "launch": {
+    cfg = ServeConfig.model_validate({"registry": str(reg.engine.url), "engine": {"kind": "vllm", "launch": {
         "python": _vllm_python(), "port": free_port(), "args": ["--max-model-len", "1024"],
         "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}})
-    engine = build_engine(cfg, reg)
+    engine = build_engine(cfg)
     try:
         with TestClient(create_app(cfg, reg, engine)) as c:
             body = c.post("/v1/chat/completions", json={"model": "smol", "max_tokens": 8, "messages": [

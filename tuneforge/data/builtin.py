@@ -225,3 +225,27 @@ def chatterbot_text(n: int = 100000, seed: int = 0):
 
 
 GENERATORS.update(chatterbot_topics=chatterbot_topics, chatterbot_text=chatterbot_text)
+
+
+_QA_INSTRUCTIONS = ["Answer each of the following questions.", "Reply to every message below, in order.",
+                    "Give a short answer to each question.", "Respond to these messages one by one."]
+
+
+def chatterbot_instructions(n: int = 100000, seed: int = 0, max_items: int = 6):
+    """Alpaca-style rows (instruction, input, output) from real chatterbot-corpus exchanges:
+    1..max_items opening lines as the input, their corpus replies numbered as the output.
+    Lengths vary row to row like a real instruction set (the speed benchmark's workload)."""
+    pairs = [(u[0], " ".join(u[1:])) for _, u in _chatterbot_conversations() if len(u) > 1]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    rows, i = [], 0
+    while len(rows) < n and i < len(pairs):
+        k = rng.randint(1, max_items)
+        chunk, i = pairs[i : i + k], i + k
+        rows.append({"instruction": rng.choice(_QA_INSTRUCTIONS),
+                     "input": "\n".join(f"{j + 1}. {q}" for j, (q, _) in enumerate(chunk)),
+                     "output": "\n".join(f"{j + 1}. {a}" for j, (_, a) in enumerate(chunk))})
+    yield from rows
+
+
+GENERATORS["chatterbot_instructions"] = chatterbot_instructions

@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
+from tuneforge.production.config import LoggingConfig
 
 
 class VLLMLaunch(Strict):
@@ -115,6 +116,7 @@ class ServeConfig(Strict):
     log_format: Literal["json", "text"] = Field("json", description="server logs: one JSON object per line, or text")
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
+    logging: LoggingConfig = LoggingConfig()  # request log, PII redaction, retention, opt-out
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -36,10 +36,15 @@ class Plan:
     guards: Guards | None = None
 
 
-def plan(model: str, routes: dict[str, Route], user: str) -> Plan:
-    if model not in routes:
+def plan(model: str, routes: dict[str, Route], user: str, override: list[dict] | None = None) -> Plan:
+    """``override``: arms from the registry (Registry.route_arms) that replace the route's
+    serve.yaml arms; for a name with no route, the name itself stays the fallback."""
+    route = routes.get(model)
+    if override:
+        route = Route(arms=override, fallback=route.fallback if route else [model],
+                      guards=route.guards if route else Guards())
+    if route is None:
         return Plan(None, None, [model])
-    route = routes[model]
     arm = pick_arm(model, route, user)
     return Plan(model, arm.name, [arm.target, *(t for t in route.fallback if t != arm.target)],
                 route.guards if route.guards.active else None)

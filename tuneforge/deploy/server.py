@@ -32,6 +32,7 @@ from tuneforge.deploy.api import ChatRequest, CompletionRequest
 from tuneforge.deploy.config import FixedReply, ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
 from tuneforge.deploy.routing import RateLimiter, guard_failure, plan
+from tuneforge.production.review import review_router
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
 
 log = logging.getLogger("tuneforge.serve")
@@ -66,15 +67,16 @@ class RequestRecord:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.param = status, message, type_, param
         self.request_id: str | None = None
 
 
-def _error(status: int, message: str, type_: str, request_id: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, type_: str, param: str | None = None,
+           request_id: str | None = None) -> JSONResponse:
     headers = {"X-Request-Id": request_id} if request_id else None
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}},
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
                         status_code=status, headers=headers)
 
 
@@ -150,7 +152,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type, exc.request_id)
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.request_id)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
@@ -222,7 +224,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
             record.key_id = key.id if key else None
             check_scope(key, record.model)
             user = str(body.user or (key.id if key else "") or uuid.uuid4())
-            p = plan(record.model, cfg.routes, user)
+            p = plan(record.model, cfg.routes, user, registry.route_arms(record.model))
             record.route, record.arm = p.route, p.arm
             asked = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
             params = dict(messages=_text_messages(record.messages) if chat else None, prompt=None if chat else body.prompt,
@@ -357,6 +359,11 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     async def completions(request: Request, body: CompletionRequest):
         return await handle(request, body, "completion")
 
+    from tuneforge.production.feedback import feedback_router
+
+    app.include_router(feedback_router(registry, authenticate, ApiError, cfg.logging.admin_keys,
+                                       getattr(on_request, "flush", None)))
+
     @app.get("/health")
     @app.get("/healthz")
     async def health():
@@ -382,6 +389,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     app.include_router(admin_routes(registry, engine, lambda request: authenticate(request, admin=True),
                                     lambda v: _gen_request(v, {})))
+    app.include_router(review_router(registry, authenticate))
     app.state.registry, app.state.engine = registry, engine
     return app
 
@@ -428,7 +436,7 @@ def _text_messages(messages: list) -> list[dict]:
     return out
 
 
-def build_engine(cfg: ServeConfig, registry: Registry | None = None):
+def build_engine(cfg: ServeConfig):
     from tuneforge.deploy.engines import LocalEngine, VLLMEngine
 
     e = cfg.engine
@@ -436,7 +444,8 @@ def build_engine(cfg: ServeConfig, registry: Registry | None = None):
         from tuneforge.deploy.vllm_launch import launch_vllm
         from tuneforge.registry.store import tuneforge_home
 
-        proc = launch_vllm(e.launch, registry, tuneforge_home() / "logs" / f"vllm-{e.launch.port}.log")
+        # the versions to serve as LoRA modules come from the registry
+        proc = launch_vllm(e.launch, Registry(cfg.registry), tuneforge_home() / "logs" / f"vllm-{e.launch.port}.log")
         return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc)
     if e.kind == "vllm":
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
@@ -449,7 +458,12 @@ def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None =
     from tuneforge.deploy.logs import log_config
 
     registry = Registry(cfg.registry)
-    engine = build_engine(cfg, registry)
+    logger = None
+    if cfg.logging.enabled and on_request is None:
+        from tuneforge.production.logger import RequestLogger
+
+        logger = on_request = RequestLogger(registry.engine, cfg.logging)
+    engine = build_engine(cfg)
     app = create_app(cfg, registry, engine, on_request)
     # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests (streams included)
     # finish for up to shutdown_grace_s, then runs the lifespan shutdown (engine close).
@@ -457,6 +471,8 @@ def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None =
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config(cfg.log_format),
                     timeout_graceful_shutdown=cfg.shutdown_grace_s)
     finally:
+        if logger is not None:
+            logger.close()  # write what is still queued before the process exits
         if getattr(engine, "process", None) is not None:
             engine.process.stop()  # a launched vLLM goes with the gateway, even if uvicorn never started
 

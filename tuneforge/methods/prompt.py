@@ -43,6 +43,7 @@ class PrefixOptions(Strict):
 
 class PromptLearning(PeftMethod):
     supports_hidden_path = False
+    padding_free = False  # virtual tokens are prepended to each row: rows cannot be laid end to end
 
     def peft_config(self, model, opts):
         raise NotImplementedError

@@ -106,6 +106,19 @@ class ApiKey(Base):
     admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
+class RouteOverride(Base):
+    """Arms that replace a route's serve.yaml arms while present (`tuneforge improve` sets a
+    canary here): read per request, so a new weight reaches a running server without restart."""
+
+    __tablename__ = "route_overrides"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    route: Mapped[str] = mapped_column(String(200), unique=True)
+    arms: Mapped[list] = mapped_column(JSON)  # [{name, target, weight}], as serve.yaml's Arm
+    note: Mapped[str] = mapped_column(String(500), default="")
+    started: Mapped[datetime] = mapped_column(DateTime, default=_now)  # when the override was first set
+    updated: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     name: str
@@ -309,6 +322,43 @@ class Registry:
         with Session(self.engine) as s:
             row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(None)))
             return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute, row.admin) if row else None
+
+    # --- route overrides --------------------------------------------------------------------
+    def set_route_arms(self, route: str, arms: list[dict], note: str = "", restart: bool = False) -> None:
+        """Replace ``route``'s arms. ``started`` (the canary's clock: feedback since then is
+        compared) is kept when the override exists, unless ``restart``."""
+        from tuneforge.deploy.config import Arm
+
+        arms = [Arm.model_validate(a).model_dump() for a in arms]  # the same rules as serve.yaml
+        if not arms:
+            raise RegistryError(f"route {route}: an override needs at least one arm (clear it instead)")
+        with Session(self.engine) as s, s.begin():
+            row = s.scalar(select(RouteOverride).where(RouteOverride.route == route))
+            if row is None:
+                s.add(RouteOverride(route=route, arms=arms, note=note))
+            else:
+                row.arms, row.note, row.updated = arms, note, _now()
+                if restart:
+                    row.started = row.updated
+
+    def route_override(self, route: str) -> dict | None:
+        """{"arms", "note", "started", "updated"} or None."""
+        with Session(self.engine) as s:
+            row = s.scalar(select(RouteOverride).where(RouteOverride.route == route))
+            return None if row is None else {"arms": list(row.arms), "note": row.note, "started": row.started,
+                                             "updated": row.updated}
+
+    def route_arms(self, route: str) -> list[dict] | None:
+        """The override's arms for ``route`` (the server asks once per request), or None."""
+        with Session(self.engine) as s:
+            return s.scalar(select(RouteOverride.arms).where(RouteOverride.route == route))
+
+    def clear_route_arms(self, route: str) -> bool:
+        with Session(self.engine) as s, s.begin():
+            row = s.scalar(select(RouteOverride).where(RouteOverride.route == route))
+            if row is not None:
+                s.delete(row)
+            return row is not None
 
     # --- helpers ---------------------------------------------------------------------------------
     @staticmethod

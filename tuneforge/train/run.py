@@ -36,6 +36,7 @@ from tuneforge.train import distributed
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.hardware import environment, peak_rss_mb, pick_device, pick_dtype
+from tuneforge.train import varlen
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
 from tuneforge.train.multitask import Task, load_tasks, task_configs, training_mixture
 from tuneforge.train.plots import plot_losses
@@ -124,6 +125,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                            cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
                            method.quantization_config(cfg.method, dtype))
     fix_chat_tokenizer(tok, model)
+    # Rows laid end to end (padding-free batches, packing) attend per example (train/varlen.py).
+    per_example_attention = ((cfg.train.padding_free or cfg.data.packing) and getattr(method, "padding_free", True)
+                             and cfg.privacy is None and varlen.enable(model))
+    padding_free = cfg.train.padding_free and per_example_attention and not cfg.data.packing
     if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, cfg.method)
@@ -144,7 +149,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     # fused: one kernel for all parameters instead of ~10 small ops per tensor per step.
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     batches = lambda epoch: epoch_batches(train_rows, epoch, t.seed, t.batch_size,  # noqa: E731
-                                          cfg.data.packing, cfg.data.max_length, tok.pad_token_id)
+                                          cfg.data.packing, cfg.data.max_length, tok.pad_token_id, padding_free)
     epoch_cache = {0: batches(0)}
     micro_per_step = t.grad_accum * world.size
     steps = total_steps(len(epoch_cache[0]), micro_per_step, t.epochs, t.max_steps)
