@@ -26,10 +26,23 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def all_tables() -> MetaData:
-    """Base.metadata with every module that defines tables imported (they register on import)."""
-    import tuneforge.production.store  # noqa: F401
+    """Base.metadata with every module that defines tables imported (they register on import).
+
+    Table modules are the ``*store.py`` files of tuneforge.registry and tuneforge.production
+    (store.py, jobstore.py, ...): found by name, so a new one is seen by the migration test
+    (and needs a revision) without anyone remembering to list it here.
+    """
+    import importlib
+    import pkgutil
+
+    import tuneforge.production
+    import tuneforge.registry
     from tuneforge.registry.store import Base
 
+    for pkg in (tuneforge.registry, tuneforge.production):
+        for m in pkgutil.iter_modules(pkg.__path__):
+            if m.name.endswith("store"):
+                importlib.import_module(f"{pkg.__name__}.{m.name}")
     return Base.metadata
 
 
