@@ -9,6 +9,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
+from tuneforge.production.jobstore import JobsConfig
 
 
 class EngineConfig(Strict):
@@ -53,6 +54,7 @@ class ServeConfig(Strict):
     max_tokens: int = Field(512, gt=0, description="cap on a request's max_tokens")
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
+    jobs: JobsConfig = JobsConfig()
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -61,8 +61,9 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type_
 
 
-def _error(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
+                        status_code=status)
 
 
 def create_app(cfg: ServeConfig, registry: Registry, engine,
@@ -83,7 +84,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type)
+        return _error(exc.status, exc.message, exc.type, getattr(exc, "param", None))
 
     def authenticate(request: Request) -> KeyInfo | None:
         header = request.headers.get("authorization", "")
@@ -246,6 +247,10 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     async def health():
         return {"status": "ok"}
 
+    if cfg.jobs.enabled:  # /v1/files and /v1/fine_tuning/jobs (their worker starts with the app)
+        from tuneforge.production.jobs import jobs_router
+
+        app.include_router(jobs_router(cfg, registry, authenticate))
     app.state.registry, app.state.engine = registry, engine
     return app
 
