@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from tuneforge.data.load import DataError, load_rows
 from tuneforge.io import atomic_write_text
-from tuneforge.production.jobstore import FileRow, JobDB, JobRow, JobsConfig, jobs_home
+from tuneforge.production.jobstore import DatabaseBusy, FileRow, JobDB, JobRow, JobsConfig, jobs_home
 
 # Data-stage field names -> the names in an OpenAI preference upload (for error messages).
 _PREF_FIELDS = {"prompt": "input.messages", "chosen": "preferred_output", "rejected": "non_preferred_output"}
@@ -104,13 +104,27 @@ def file_object(f: FileRow) -> dict:
             "purpose": f.purpose, "status": "processed", "status_details": None, "expires_at": None}
 
 
+def answer_503_when_locked(db: JobDB, ApiError):  # noqa: N803 - a class
+    """``db.run`` for request handlers: a database still locked after the retries is a 503
+    the client can retry (the transaction rolled back), not a 500."""
+
+    def run(fn):
+        try:
+            return db.run(fn)
+        except DatabaseBusy as e:
+            raise ApiError(503, str(e), "server_error") from None
+
+    return run
+
+
 def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRouter:  # noqa: N803 - a class
     router = APIRouter()
+    run = answer_503_when_locked(db, ApiError)
     root = jobs_home(cfg) / "files"
     limit = int(cfg.max_file_mb * 1024 * 1024)
 
     def get(file_id: str) -> FileRow:
-        f = db.run(lambda s: s.get(FileRow, file_id))
+        f = run(lambda s: s.get(FileRow, file_id))
         if f is None or f.deleted:
             raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
         return f
@@ -159,7 +173,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
                       path=str(path), train_path=str(train_path), kind=checked.kind, format=checked.format,
                       rows=checked.rows)
         try:
-            db.run(lambda s: s.add(row))
+            run(lambda s: s.add(row))
         except BaseException:
             path.unlink(missing_ok=True)
             train_path.unlink(missing_ok=True)
@@ -177,7 +191,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
                 stmt = stmt.where(FileRow.purpose == purpose)
             return list(s.scalars(stmt.order_by(FileRow.created_at, FileRow.id)))
 
-        rows = q_page(db.run(q), after, limit, reverse=order != "asc")
+        rows = q_page(run(q), after, limit, reverse=order != "asc")
         return {"object": "list", "data": [file_object(f) for f in rows[0]], "has_more": rows[1],
                 "first_id": rows[0][0].id if rows[0] else None, "last_id": rows[0][-1].id if rows[0] else None}
 
@@ -208,7 +222,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
             f.deleted = True
             return f
 
-        f = db.run(mark)
+        f = run(mark)
         # Rows of finished jobs keep pointing at the id (lineage); the bytes go.
         for p in {f.path, f.train_path}:
             Path(p).unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from tuneforge.config import ConfigError, TrainConfig, deep_merge, validate_config
-from tuneforge.production.files import files_router, q_page
+from tuneforge.production.files import answer_503_when_locked, files_router, q_page
 from tuneforge.production.jobstore import (DatabaseBusy, FileRow, JobDB, JobEventRow, JobRow, JobsConfig,
                                            jobs_home)
 from tuneforge.registry.store import Registry, RegistryError
@@ -427,11 +427,7 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
 
     router = APIRouter(lifespan=lifespan)
 
-    def busy(fn):
-        try:
-            return db.run(fn)
-        except DatabaseBusy as e:
-            raise ApiError(503, str(e), "server_error") from None
+    busy = answer_503_when_locked(db, ApiError)
 
     def get_job(s, job_id: str) -> JobRow:
         j = s.get(JobRow, job_id)
