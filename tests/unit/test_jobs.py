@@ -268,7 +268,7 @@ def test_openai_client_uploads_trains_cancels_and_chats_with_the_result(tmp_path
             client.files.create(file=("bad.jsonl", b'{"messages": []}\n'), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, suffix="orders", seed=1,
                                              hyperparameters={"n_epochs": 2, "batch_size": 4})
-        # One job at a time: the second waits in the queue, and is cancelled while it trains.
+        # One job at a time: the second waits in the queue.
         long = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 300})
         done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
         assert done.status == "succeeded", done.error
@@ -288,23 +288,117 @@ def test_openai_client_uploads_trains_cancels_and_chats_with_the_result(tmp_path
         assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens > 0
         assert reg.resolve(done.fine_tuned_model).run_dir.endswith(f"{job.id}/run")
 
+        # Cancelled while its trainer starts: the trainer is stopped, nothing is registered.
         wait_for(client, long.id, ("running",))
-        deadline = time.monotonic() + 120
-        while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id, limit=5)):
-            assert time.monotonic() < deadline, "the long job never reported a step"
-            time.sleep(0.3)
         assert client.fine_tuning.jobs.cancel(long.id).status == "cancelled"
         deadline = time.monotonic() + 120
-        while "Job cancelled" not in client.fine_tuning.jobs.list_events(long.id, limit=1).data[0].message:
+        while not client.fine_tuning.jobs.list_events(long.id, limit=1).data[0].message.startswith("Job cancelled"):
             assert time.monotonic() < deadline, "the trainer did not stop"
             time.sleep(0.3)
         stopped = client.fine_tuning.jobs.retrieve(long.id)
         assert stopped.status == "cancelled" and stopped.fine_tuned_model is None
-        run_dir = Path(jobdb(tmp_path).run(lambda s: s.get(JobRow, long.id).run_dir))
-        assert (run_dir / "checkpoints").is_dir() and not (run_dir / "adapter").exists()  # stopped mid-run
         assert len(reg.models()) == 1  # only the finished job was registered
     import asyncio
 
     asyncio.run(engine.close())
 
 
+
+
+# --- a server process killed mid-job -------------------------------------------------------------
+def _start_server(cfg_path: Path, port: int, log: Path):
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg_path), "--port", str(port)],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.3)
+
+
+def _events(client, job_id) -> list:
+    return list(client.fine_tuning.jobs.list_events(job_id, limit=1000))[::-1]  # oldest first
+
+
+def _wait_event(client, job_id, test, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not any(test(e) for e in _events(client, job_id)):
+        assert time.monotonic() < deadline, [e.message for e in _events(client, job_id)]
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_stops_between_steps(tmp_path, tiny_model_dir):
+    import os
+    import signal
+
+    import psutil
+    import yaml
+
+    openai = pytest.importorskip("openai")
+    cfg = {"registry": f"sqlite:///{tmp_path / 'reg.db'}", "engine": {"device": "cpu", "dtype": "fp32"},
+           "jobs": {"home": str(tmp_path / "home"), "base_models": {"tiny": tiny_model_dir},
+                    "run_defaults": TINY_RUN, "save_every": 4}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    port, log = _free_port(), tmp_path / "server.log"
+    server = _start_server(tmp_path / "serve.yaml", port, log)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        train = client.files.create(file=("orders.jsonl", jsonl(chat_rows(20))), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 60})
+        _wait_event(client, job.id, lambda e: e.message.startswith("Checkpoint created at step")
+                    and e.data["step"] >= 8)
+        run_dir = jobdb(tmp_path).run(lambda s: s.get(JobRow, job.id).run_dir)
+        job_dir = str(Path(run_dir).parent)
+        trainers = [p for p in psutil.process_iter(["cmdline"]) if job_dir in " ".join(p.info["cmdline"] or [])]
+        assert len(trainers) == 1
+        server.send_signal(signal.SIGKILL)  # no shutdown hook runs
+        server.wait()
+        psutil.wait_procs(trainers, timeout=10)
+        assert not trainers[0].is_running()  # the trainer died with the server (PR_SET_PDEATHSIG)
+        assert client_status_in_db(tmp_path, job.id) == "running"  # what the dead server left
+
+        server = _start_server(tmp_path / "serve.yaml", port, log)
+        done = wait_for(client, job.id, ("succeeded", "failed"), timeout=400)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in _events(client, job.id)]
+        resumed = [m for m in messages if m.startswith("The server stopped while this job was running")]
+        assert len(resumed) == 1 and "resume from checkpoint step" in resumed[0]
+        assert any(m.startswith("Resuming training from checkpoint step") for m in messages)
+        rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 241))  # every step once
+        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
+                                               messages=[{"role": "user", "content": "Order: 2 pens"}])
+        assert reply.model == done.fine_tuned_model
+
+        # Cancel mid-training: SIGINT stops the trainer long before its last step; no model is made.
+        long = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 300})
+        _wait_event(client, long.id, lambda e: e.type == "metrics" and e.data.get("step", 0) >= 3)
+        long_dir = Path(jobdb(tmp_path).run(lambda s: s.get(JobRow, long.id).run_dir))
+        trainers = [p for p in psutil.process_iter(["cmdline"])
+                    if str(long_dir.parent) in " ".join(p.info["cmdline"] or [])]
+        client.fine_tuning.jobs.cancel(long.id)
+        _wait_event(client, long.id, lambda e: e.message.startswith("Job cancelled"))
+        psutil.wait_procs(trainers, timeout=10)
+        assert trainers and not any(p.is_running() for p in trainers)
+        trained = [json.loads(x)["step"] for x in (long_dir / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(x)["kind"] == "train"]
+        assert 3 <= trained[-1] < 1200 and not (long_dir / "adapter").exists()
+        assert client.fine_tuning.jobs.retrieve(long.id).status == "cancelled" and len(client.models.list().data) == 3
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait(timeout=120)
+
+
+def client_status_in_db(tmp_path, job_id) -> str:
+    return jobdb(tmp_path).run(lambda s: s.get(JobRow, job_id).status)
