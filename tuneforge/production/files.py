@@ -13,6 +13,7 @@ reads; the upload itself is kept byte for byte (GET .../content returns it).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -138,6 +139,12 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
             form = await request.form()
         except Exception as e:  # noqa: BLE001 - starlette's parser errors are all 'bad request' to the client
             raise ApiError(400, f"the request is not multipart/form-data with 'file' and 'purpose' ({e})") from None
+        try:
+            return await _store(form)
+        finally:
+            await form.close()  # the spooled upload's temp file goes now, not at garbage collection
+
+    async def _store(form) -> dict:
         upload, purpose = form.get("file"), form.get("purpose")
         if purpose != "fine-tune":
             raise ApiError(400, f"purpose must be 'fine-tune' (got {purpose!r}); this server stores fine-tuning files only")
@@ -146,7 +153,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
         root.mkdir(parents=True, exist_ok=True)
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         fd, tmp = tempfile.mkstemp(prefix=f".{file_id}.", suffix=".jsonl", dir=root)
-        size = 0
+        size, train_path = 0, None
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := await upload.read(1 << 20):
@@ -157,18 +164,21 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
                     out.write(chunk)
             name = upload.filename or "upload.jsonl"
             try:
-                checked = check_jsonl(Path(tmp), name)
+                # In a thread: a large file takes seconds to check, and chat requests must not wait on it.
+                checked = await asyncio.to_thread(check_jsonl, Path(tmp), name)
             except FileInvalid as e:
                 raise ApiError(400, str(e)) from None
             path = root / f"{file_id}.jsonl"
-            train_path = path
             if checked.converted is not None:
                 train_path = root / f"{file_id}.train.jsonl"
                 atomic_write_text(train_path, checked.converted)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            for p in (Path(tmp), train_path):
+                if p is not None:
+                    p.unlink(missing_ok=True)
             raise
+        train_path = train_path or path
         row = FileRow(id=file_id, created_at=int(time.time()), filename=name, purpose="fine-tune", bytes=size,
                       path=str(path), train_path=str(train_path), kind=checked.kind, format=checked.format,
                       rows=checked.rows)

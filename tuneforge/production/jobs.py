@@ -446,7 +446,8 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
             req = CreateJob.model_validate(body)
         except ValidationError as e:
             err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"])
+            # loc names union members too (n_epochs.int, n_epochs.literal['auto']): keep the field path.
+            param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "float", "literal")))
             raise _param_error(ApiError, 400, f"'{param}': {err['msg']}", param) from None
         if req.integrations:
             raise _param_error(ApiError, 400, "integrations are not supported by this server", "integrations")
