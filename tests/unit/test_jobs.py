@@ -140,6 +140,11 @@ def test_job_requests_are_checked_before_they_are_queued(tmp_path, tiny_model_di
     assert row.run_config["data"]["train"][0].endswith(".train.jsonl")  # the converted preference rows
 
 
+def test_run_defaults_are_checked_when_the_server_config_loads():
+    with pytest.raises(ValueError, match="did you mean 'train.lr'"):
+        ServeConfig.model_validate({"jobs": {"run_defaults": {"train": {"lrr": 1e-4}}}})
+
+
 def test_queue_pagination_cancel_and_file_in_use(tmp_path, tiny_model_dir):
     app, _ = make_app(tmp_path, tiny_model_dir)
     c = TestClient(app)
@@ -344,6 +349,7 @@ def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_stops_betw
 
     import psutil
     import yaml
+    from sqlalchemy import select
 
     openai = pytest.importorskip("openai")
     cfg = {"registry": f"sqlite:///{tmp_path / 'reg.db'}", "engine": {"device": "cpu", "dtype": "fp32"},
@@ -395,6 +401,16 @@ def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_stops_betw
                    if json.loads(x)["kind"] == "train"]
         assert 3 <= trained[-1] < 1200 and not (long_dir / "adapter").exists()
         assert client.fine_tuning.jobs.retrieve(long.id).status == "cancelled" and len(client.models.list().data) == 2
+
+        # A clean stop (SIGTERM) puts the running job back in the queue for the next start.
+        last = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 300})
+        _wait_event(client, last.id, lambda e: e.type == "metrics" and e.data.get("step", 0) >= 2)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=180)
+        assert client_status_in_db(tmp_path, last.id) == "queued"
+        stopped = jobdb(tmp_path).run(lambda s: s.scalars(select(JobEventRow.message).where(
+            JobEventRow.job_id == last.id).order_by(JobEventRow.id.desc())).first())
+        assert stopped.startswith("The server is stopping; the job will resume from checkpoint step")
     finally:
         if server.poll() is None:
             os.kill(server.pid, signal.SIGTERM)

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -42,6 +42,17 @@ class JobsConfig(Strict):
     busy_timeout_s: float = Field(5.0, gt=0, description="SQLite: how long one attempt waits for another writer's lock")
     busy_attempts: int = Field(3, gt=0, description="attempts before answering 503 'database locked'")
     cancel_grace_s: float = Field(120, gt=0, description="after a cancel, wait this long for a checkpoint, then kill")
+
+    @model_validator(mode="after")
+    def _run_defaults_make_a_run(self):
+        # Checked when the server starts, not at the first job: a typo here would refuse every job.
+        from tuneforge.config import ConfigError, deep_merge, validate_config
+
+        try:
+            validate_config(deep_merge({"data": {"train": ["upload.jsonl"]}}, self.run_defaults))
+        except ConfigError as e:
+            raise ValueError(f"jobs.run_defaults is not a valid run config part: {'; '.join(e.problems)}") from None
+        return self
 
 
 def jobs_home(cfg: JobsConfig) -> Path:
