@@ -261,7 +261,7 @@ TINY_RUN = {"data": {"max_length": 160, "val_size": 0.2}, "train": {"dtype": "fp
             "method": {"r": 4, "alpha": 8}}
 
 
-def test_openai_client_uploads_trains_cancels_and_chats_with_the_result(tmp_path, tiny_model_dir):
+def test_openai_client_uploads_trains_and_chats_with_the_result(tmp_path, tiny_model_dir):
     openai = pytest.importorskip("openai")
     from tuneforge.deploy.engines import LocalEngine
 
@@ -274,8 +274,6 @@ def test_openai_client_uploads_trains_cancels_and_chats_with_the_result(tmp_path
             client.files.create(file=("bad.jsonl", b'{"messages": []}\n'), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, suffix="orders", seed=1,
                                              hyperparameters={"n_epochs": 2, "batch_size": 4})
-        # One job at a time: the second waits in the queue.
-        long = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 300})
         done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
         assert done.status == "succeeded", done.error
         assert done.fine_tuned_model.startswith("ft-tiny-llama") and done.fine_tuned_model.endswith(":v1")
@@ -293,17 +291,8 @@ def test_openai_client_uploads_trains_cancels_and_chats_with_the_result(tmp_path
                                                messages=[{"role": "user", "content": "Order: 2 pens"}])
         assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens > 0
         assert reg.resolve(done.fine_tuned_model).run_dir.endswith(f"{job.id}/run")
+        assert done.fine_tuned_model in [m.id for m in client.models.list().data]
 
-        # Cancelled while its trainer starts: the trainer is stopped, nothing is registered.
-        wait_for(client, long.id, ("running",))
-        assert client.fine_tuning.jobs.cancel(long.id).status == "cancelled"
-        deadline = time.monotonic() + 120
-        while not client.fine_tuning.jobs.list_events(long.id, limit=1).data[0].message.startswith("Job cancelled"):
-            assert time.monotonic() < deadline, "the trainer did not stop"
-            time.sleep(0.3)
-        stopped = client.fine_tuning.jobs.retrieve(long.id)
-        assert stopped.status == "cancelled" and stopped.fine_tuned_model is None
-        assert len(reg.models()) == 1  # only the finished job was registered
     import asyncio
 
     asyncio.run(engine.close())
@@ -343,7 +332,7 @@ def _wait_event(client, job_id, test, timeout=240):
 
 
 @pytest.mark.slow
-def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_stops_between_steps(tmp_path, tiny_model_dir):
+def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_and_clean_stop_lose_nothing(tmp_path, tiny_model_dir):
     import os
     import signal
 
@@ -419,3 +408,113 @@ def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_stops_betw
 
 def client_status_in_db(tmp_path, job_id) -> str:
     return jobdb(tmp_path).run(lambda s: s.get(JobRow, job_id).status)
+
+
+def test_a_job_whose_trainer_cannot_start_fails_with_the_reason_and_the_queue_goes_on(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    import subprocess
+
+    app, reg = make_app(tmp_path, tiny_model_dir)
+    c = TestClient(app)
+    fid = upload(c, jsonl(chat_rows(8))).json()["id"]
+    ids = [c.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": fid}).json()["id"] for _ in range(2)]
+
+    def no_python(*a, **kw):
+        raise OSError("[Errno 2] No such file or directory: 'python'")
+
+    monkeypatch.setattr(subprocess, "Popen", no_python)
+    worker = Worker(jobdb(tmp_path), reg, JobsConfig())
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while any(c.get(f"/v1/fine_tuning/jobs/{i}").json()["status"] != "failed" for i in ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        worker.close()
+    job = c.get(f"/v1/fine_tuning/jobs/{ids[1]}").json()
+    assert job["error"] == {"code": "internal_error", "param": None,
+                            "message": "OSError: [Errno 2] No such file or directory: 'python'"}
+    assert c.get(f"/v1/fine_tuning/jobs/{ids[1]}/events").json()["data"][0]["level"] == "error"
+
+
+# --- the worker's signals, with a stand-in trainer (starts in 0.1 s instead of ~10 s) ------------
+FAKE_TRAINER = r"""
+import json, signal, sys, time, pathlib, yaml
+args = sys.argv[2:]
+if args[0] == "--resume":
+    run = pathlib.Path(args[1])
+    step = max(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*"))
+else:
+    cfg = yaml.safe_load(open(args[0]))
+    run = pathlib.Path(cfg["output_dir"]) / cfg["run_name"]
+    step = 0
+(run / "checkpoints").mkdir(parents=True, exist_ok=True)
+(run / "pid").write_text(str(__import__("os").getpid()))
+def checkpoint():
+    (run / "checkpoints" / f"step-{step:06d}").mkdir(exist_ok=True)
+def stop(*_):  # what tuneforge train does on SIGINT: a checkpoint at the step reached, exit 130
+    checkpoint()
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+while True:
+    step += 1
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": step, "loss": 1.0 / step}) + "\n")
+    if step % 2 == 0:
+        checkpoint()
+    time.sleep(0.05)
+"""
+
+
+def test_cancel_and_a_clean_stop_signal_the_trainer_and_a_restart_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import psutil
+
+    from tuneforge.production import jobs
+
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setattr(jobs, "TRAINER", [jobs.sys.executable, str(tmp_path / "fake_trainer.py")])
+    app, reg = make_app(tmp_path, tiny_model_dir)
+    c = TestClient(app)
+    fid = upload(c, jsonl(chat_rows(8))).json()["id"]
+    a, b = (c.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": fid}).json()["id"] for _ in range(2))
+    events = lambda i: [e["message"] for e in c.get(f"/v1/fine_tuning/jobs/{i}/events",  # noqa: E731
+                                                       params={"limit": 1000}).json()["data"]]
+
+    def wait(test, what):
+        deadline = time.monotonic() + 60
+        while not test():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    def run_dir(i):
+        return Path(jobdb(tmp_path).run(lambda s: s.get(JobRow, i).run_dir))
+
+    worker = Worker(jobdb(tmp_path), reg, JobsConfig())
+    worker.start()
+    try:
+        wait(lambda: any(m.startswith("Step 3:") for m in events(a)), "job a reports steps")
+        trainer = psutil.Process(int((run_dir(a) / "pid").read_text()))
+        assert c.post(f"/v1/fine_tuning/jobs/{a}/cancel").json()["status"] == "cancelled"
+        wait(lambda: events(a)[0].startswith("Job cancelled; training stopped at step"), "job a cancelled")
+        assert not trainer.is_running()
+        # The queue goes on: b runs next, and a clean stop sends it back to the queue.
+        wait(lambda: any(m.startswith("Step 3:") for m in events(b)), "job b reports steps")
+    finally:
+        worker.close()
+    assert c.get(f"/v1/fine_tuning/jobs/{b}").json()["status"] == "queued"
+    assert events(b)[0].startswith("The server is stopping; the job will resume from checkpoint step")
+    stopped_at = max(int(d.name[5:]) for d in (run_dir(b) / "checkpoints").glob("step-*"))
+
+    worker = Worker(jobdb(tmp_path), reg, JobsConfig())
+    worker.start()  # the next server start
+    try:
+        wait(lambda: f"Resuming training from checkpoint step {stopped_at}" in events(b), "job b resumes")
+        wait(lambda: any(m.startswith(f"Step {stopped_at + 2}:") for m in events(b)), "b trains on")
+        c.post(f"/v1/fine_tuning/jobs/{b}/cancel")
+        wait(lambda: events(b)[0].startswith("Job cancelled"), "job b cancelled")
+    finally:
+        worker.close()
+    steps = [m for m in events(b) if m.startswith("Step ")]
+    assert len(steps) == len(set(steps))  # steps redone after the resume are not reported twice
+    assert reg.models() == [] and c.get(f"/v1/fine_tuning/jobs/{a}").json()["status"] == "cancelled"

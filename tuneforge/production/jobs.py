@@ -39,6 +39,7 @@ from tuneforge.production.jobstore import (DatabaseBusy, FileRow, JobDB, JobEven
 from tuneforge.registry.store import Registry, RegistryError
 
 ACTIVE = ("queued", "running")
+TRAINER = [sys.executable, "-m", "tuneforge"]  # + ["train", CONFIG] or ["train", "--resume", RUN_DIR]
 
 
 # --- the request --------------------------------------------------------------------------
@@ -259,8 +260,8 @@ class Worker:
             try:
                 self._run(job)
             except Exception as e:  # noqa: BLE001 - a bug in one job must not stop the queue
-                self._patiently(lambda: self._finish(job.id, "failed", error={
-                    "code": "internal_error", "param": None, "message": f"{type(e).__name__}: {e}"}))
+                self._finish(job.id, "failed", error={"code": "internal_error", "param": None,
+                                                      "message": f"{type(e).__name__}: {e}"})
 
     def _claim(self) -> JobRow | None:
         def take(s):
@@ -285,7 +286,7 @@ class Worker:
             self._event(job.id, "Fine-tuning job started")
         log_path = job_dir / "train.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *cmd], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([*TRAINER, *cmd], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         tail = _Tail(run_dir, self._last_steps(job.id))
         cancelled = stopped = False

@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import Field, model_validator
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.config import Strict
-from tuneforge.registry.store import Base, _now
+from tuneforge.registry.store import Base
 
 T = TypeVar("T")
 
@@ -107,7 +106,6 @@ class JobEventRow(Base):
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(10), default="message")  # message | metrics
     data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    at: Mapped[datetime] = mapped_column(DateTime, default=_now)
 
 
 class DatabaseBusy(RuntimeError):
