@@ -518,3 +518,30 @@ def test_cancel_and_a_clean_stop_signal_the_trainer_and_a_restart_resumes(tmp_pa
     steps = [m for m in events(b) if m.startswith("Step ")]
     assert len(steps) == len(set(steps))  # steps redone after the resume are not reported twice
     assert reg.models() == [] and c.get(f"/v1/fine_tuning/jobs/{a}").json()["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_dpo_job_trains_on_openai_preference_rows(tmp_path, tiny_model_dir):
+    openai = pytest.importorskip("openai")
+    app, reg = make_app(tmp_path, tiny_model_dir, run_defaults=TINY_RUN | {"train": {"dtype": "fp32", "max_steps": 3}})
+    rows = [{"input": {"messages": [{"role": "user", "content": f"Order: {n} pens"}]},
+             "preferred_output": [{"role": "assistant", "content": f'{{"item": "pen", "qty": {n}}}'}],
+             "non_preferred_output": [{"role": "assistant", "content": f"You want {n} pens."}]} for n in range(2, 12)]
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        f = client.files.create(file=("prefs.jsonl", jsonl(rows)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                             method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}})
+        done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        losses = [e.data["train_loss"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                  if e.type == "metrics" and "train_loss" in e.data]
+        assert len(losses) == 3
+        run = yaml_load(Path(reg.resolve(done.fine_tuned_model).run_dir) / "config.yaml")
+        assert run["objective"]["name"] == "dpo" and run["objective"]["beta"] == 0.2
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
