@@ -292,6 +292,9 @@ def test_openai_client_uploads_trains_and_chats_with_the_result(tmp_path, tiny_m
         assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens > 0
         assert reg.resolve(done.fine_tuned_model).run_dir.endswith(f"{job.id}/run")
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+        csv = client.files.content(done.result_files[0]).text.splitlines()
+        assert csv[0] == "step,train_loss,valid_loss" and [int(x.split(",")[0]) for x in csv[1:]] == list(range(1, 9))
+        assert client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
 
     import asyncio
 

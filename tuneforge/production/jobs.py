@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from tuneforge.config import ConfigError, TrainConfig, deep_merge, validate_config
+from tuneforge.io import atomic_write_text
 from tuneforge.production.files import answer_503_when_locked, files_router, q_page
 from tuneforge.production.jobstore import (DatabaseBusy, FileRow, JobDB, JobEventRow, JobRow, JobsConfig,
                                            jobs_home)
@@ -135,7 +136,7 @@ def job_object(j: JobRow) -> dict:
     return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
             "status": j.status, "error": j.error, "fine_tuned_model": j.fine_tuned_model,
             "finished_at": j.finished_at, "hyperparameters": _hp(j), "method": j.method,
-            "organization_id": "tuneforge", "result_files": [], "seed": j.seed, "trained_tokens": j.trained_tokens,
+            "organization_id": "tuneforge", "result_files": j.result_files or [], "seed": j.seed, "trained_tokens": j.trained_tokens,
             "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
             "integrations": [], "metadata": j.metadata_, "user_provided_suffix": j.suffix}
 
@@ -326,10 +327,26 @@ class Worker:
             self._finish(job.id, "failed", error={"code": "registration_failed", "param": None,
                                                   "message": f"trained, but registering {run_dir} failed: {e}"})
             return
-        tokens = sum(r.get("trained_tokens", 0) for r in _metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+        metrics = _metrics(run_dir / "metrics.jsonl")
+        tokens = sum(r.get("trained_tokens", 0) for r in metrics if r["kind"] == "train")
+        results = self._results_file(job.id, metrics)
         self._event(job.id, f"New fine-tuned model created: {ref}")
-        self._finish(job.id, "succeeded", fine_tuned_model=ref, trained_tokens=tokens or None)
+        self._finish(job.id, "succeeded", add=[results], fine_tuned_model=ref, trained_tokens=tokens or None,
+                     result_files=[results.id])
         self._event(job.id, "The job has successfully completed")
+
+    def _results_file(self, job_id: str, metrics: list[dict]) -> FileRow:
+        """OpenAI's result file: per-step losses as CSV, served by /v1/files like an upload."""
+        valid = {r["step"]: r.get("val_loss") for r in metrics if r["kind"] == "eval"}
+        lines = ["step,train_loss,valid_loss"] + [
+            f"{r['step']},{r['loss']},{'' if valid.get(r['step']) is None else valid[r['step']]}"
+            for r in metrics if r["kind"] == "train"]
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        path = jobs_home(self.cfg) / "files" / f"{file_id}.csv"
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        return FileRow(id=file_id, created_at=int(time.time()), filename=f"{job_id}-results.csv",
+                       purpose="fine-tune-results", bytes=path.stat().st_size, path=str(path), train_path=str(path),
+                       kind="results", format="csv", rows=len(lines) - 1)
 
     def _register(self, name: str, run_dir: Path) -> str:
         # Idempotent: a server that died between registering and marking the job reuses the version.
@@ -339,13 +356,16 @@ class Worker:
                     return v.ref
         return self.registry.add(run_dir, name).ref
 
-    def _finish(self, job_id: str, status: str, **fields) -> None:
+    def _finish(self, job_id: str, status: str, add: list = (), **fields) -> None:
+        """Set the job's final status (and add ``add`` rows) in one transaction."""
+
         def done(s):
             j = s.get(JobRow, job_id)
             if j.status in ACTIVE:  # a cancel that came first wins
                 j.status, j.finished_at = status, int(time.time())
                 for k, v in fields.items():
                     setattr(j, k, v)
+                s.add_all(add)
 
         self._patiently(lambda: self.db.run(done))
         if status == "failed":

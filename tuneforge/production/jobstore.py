@@ -67,7 +67,7 @@ class FileRow(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1000))  # the upload as received
     train_path: Mapped[str] = mapped_column(String(1000))  # what the data stage reads (converted if needed)
-    kind: Mapped[str] = mapped_column(String(20))  # sft | preference
+    kind: Mapped[str] = mapped_column(String(20))  # sft | preference (uploads) | results (a job's metrics CSV)
     format: Mapped[str] = mapped_column(String(40))
     rows: Mapped[int] = mapped_column(Integer)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -94,6 +94,7 @@ class JobRow(Base):
     finished_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     restarts: Mapped[int] = mapped_column(Integer, default=0)  # server stops survived (resumed)
+    result_files: Mapped[list | None] = mapped_column(JSON, nullable=True)  # file ids: per-step metrics CSV
     key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
