@@ -56,9 +56,9 @@ class RequestRecord:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -84,7 +84,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type, getattr(exc, "param", None))
+        return _error(exc.status, exc.message, exc.type, exc.param)
 
     def authenticate(request: Request) -> KeyInfo | None:
         header = request.headers.get("authorization", "")

@@ -469,9 +469,9 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
             err = e.errors()[0]
             # loc names union members too (n_epochs.int, n_epochs.literal['auto']): keep the field path.
             param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "float", "literal")))
-            raise _param_error(ApiError, 400, f"'{param}': {err['msg']}", param) from None
+            raise ApiError(400, f"'{param}': {err['msg']}", param=param) from None
         if req.integrations:
-            raise _param_error(ApiError, 400, "integrations are not supported by this server", "integrations")
+            raise ApiError(400, "integrations are not supported by this server", param="integrations")
         kind = "preference" if req.method.type == "dpo" else "sft"
 
         def file(s, file_id: str | None, param: str) -> FileRow | None:
@@ -479,11 +479,11 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
                 return None
             f = s.get(FileRow, file_id)
             if f is None or f.deleted:
-                raise _param_error(ApiError, 404, f"{param} '{file_id}' does not exist (upload it to /v1/files)",
-                                   param, "not_found_error")
+                raise ApiError(404, f"{param} '{file_id}' does not exist (upload it to /v1/files)", "not_found_error",
+                               param)
             if f.kind != kind:
-                raise _param_error(ApiError, 400, f"{param} {file_id} ({f.filename}) holds {f.kind} rows ({f.format});"
-                                   f" method '{req.method.type}' trains on {kind} rows", param)
+                raise ApiError(400, f"{param} {file_id} ({f.filename}) holds {f.kind} rows ({f.format}); method "
+                                    f"'{req.method.type}' trains on {kind} rows", param=param)
             return f
 
         files = busy(lambda s: (file(s, req.training_file, "training_file"),
@@ -491,7 +491,7 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
         try:
             base, parent = resolve_base(req.model, registry, cfg)
         except LookupError as e:
-            raise _param_error(ApiError, 404, str(e), "model", "not_found_error") from None
+            raise ApiError(404, str(e), "not_found_error", "model") from None
         job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
         job_dir = jobs_home(cfg) / "jobs" / job_id
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
@@ -575,9 +575,3 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
     router.include_router(files_router(db, cfg, authenticate, ApiError))
     router.worker = worker
     return router
-
-
-def _param_error(ApiError, status: int, message: str, param: str, type_: str = "invalid_request_error"):  # noqa: N803
-    e = ApiError(status, message, type_)
-    e.param = param
-    return e
