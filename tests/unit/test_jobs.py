@@ -548,3 +548,24 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_files_and_jobs_belong_to_the_key_that_made_them(tmp_path, tiny_model_dir):
+    app, reg = make_app(tmp_path, tiny_model_dir)
+    _, key_a = reg.create_key("app-a", [])
+    _, key_b = reg.create_key("app-b", [])
+    c = TestClient(app)
+    a, b = ({"Authorization": f"Bearer {k}"} for k in (key_a, key_b))
+    assert c.get("/v1/files").status_code == 401  # keys exist: a key is needed
+    fid = c.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_rows(8)))}, data={"purpose": "fine-tune"},
+                 headers=a).json()["id"]
+    job = c.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": fid}, headers=a).json()["id"]
+    assert c.get(f"/v1/files/{fid}", headers=b).status_code == 404
+    assert c.get(f"/v1/files/{fid}/content", headers=b).status_code == 404
+    assert c.delete(f"/v1/files/{fid}", headers=b).status_code == 404
+    assert c.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": fid}, headers=b).status_code == 404
+    assert c.post(f"/v1/fine_tuning/jobs/{job}/cancel", headers=b).status_code == 404
+    assert c.get("/v1/fine_tuning/jobs", headers=b).json()["data"] == []
+    assert c.get("/v1/files", headers=b).json()["data"] == []
+    assert [j["id"] for j in c.get("/v1/fine_tuning/jobs", headers=a).json()["data"]] == [job]
+    assert c.post(f"/v1/fine_tuning/jobs/{job}/cancel", headers=a).json()["status"] == "cancelled"

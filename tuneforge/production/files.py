@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from tuneforge.data.load import DataError, load_rows
 from tuneforge.io import atomic_write_text
-from tuneforge.production.jobstore import DatabaseBusy, FileRow, JobDB, JobRow, JobsConfig, jobs_home
+from tuneforge.production.jobstore import DatabaseBusy, FileRow, JobDB, JobRow, JobsConfig, jobs_home, visible
 
 # Data-stage field names -> the names in an OpenAI preference upload (for error messages).
 _PREF_FIELDS = {"prompt": "input.messages", "chosen": "preferred_output", "rejected": "non_preferred_output"}
@@ -124,15 +124,15 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
     root = jobs_home(cfg) / "files"
     limit = int(cfg.max_file_mb * 1024 * 1024)
 
-    def get(file_id: str) -> FileRow:
+    def get(file_id: str, key) -> FileRow:
         f = run(lambda s: s.get(FileRow, file_id))
-        if f is None or f.deleted:
+        if f is None or f.deleted or not visible(f, key):
             raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
         return f
 
     @router.post("/v1/files")
     async def upload(request: Request):
-        authenticate(request)
+        key = authenticate(request)
         if int(request.headers.get("content-length") or 0) > limit + 65536:  # before reading any of it
             raise ApiError(413, f"the upload is larger than the {cfg.max_file_mb:g} MB limit (jobs.max_file_mb)")
         try:
@@ -140,14 +140,15 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
         except Exception as e:  # noqa: BLE001 - starlette's parser errors are all 'bad request' to the client
             raise ApiError(400, f"the request is not multipart/form-data with 'file' and 'purpose' ({e})") from None
         try:
-            return await _store(form)
+            return await _store(form, key)
         finally:
             await form.close()  # the spooled upload's temp file goes now, not at garbage collection
 
-    async def _store(form) -> dict:
+    async def _store(form, key) -> dict:
         upload, purpose = form.get("file"), form.get("purpose")
         if purpose != "fine-tune":
-            raise ApiError(400, f"purpose must be 'fine-tune' (got {purpose!r}); this server stores fine-tuning files only")
+            raise ApiError(400, f"purpose must be 'fine-tune' (got {purpose!r}); this server stores fine-tuning "
+                                "files only")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "'file' must be an uploaded file (multipart form field 'file')")
         root.mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
         train_path = train_path or path
         row = FileRow(id=file_id, created_at=int(time.time()), filename=name, purpose="fine-tune", bytes=size,
                       path=str(path), train_path=str(train_path), kind=checked.kind, format=checked.format,
-                      rows=checked.rows)
+                      rows=checked.rows, key_id=key.id if key else None)
         try:
             run(lambda s: s.add(row))
         except BaseException:
@@ -193,10 +194,12 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
     @router.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None,
                          order: str = "desc"):
-        authenticate(request)
+        key = authenticate(request)
 
         def q(s):
             stmt = select(FileRow).where(FileRow.deleted.is_(False))
+            if key is not None:
+                stmt = stmt.where(FileRow.key_id == key.id)
             if purpose:
                 stmt = stmt.where(FileRow.purpose == purpose)
             return list(s.scalars(stmt.order_by(FileRow.created_at, FileRow.id)))
@@ -207,21 +210,20 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
 
     @router.get("/v1/files/{file_id}")
     async def retrieve(request: Request, file_id: str):
-        authenticate(request)
-        return file_object(get(file_id))
+        return file_object(get(file_id, authenticate(request)))
 
     @router.get("/v1/files/{file_id}/content")
     async def content(request: Request, file_id: str):
-        authenticate(request)
-        return Response(Path(get(file_id).path).read_bytes(), media_type="application/octet-stream")
+        f = get(file_id, authenticate(request))
+        return Response(Path(f.path).read_bytes(), media_type="application/octet-stream")
 
     @router.delete("/v1/files/{file_id}")
     async def delete(request: Request, file_id: str):
-        authenticate(request)
+        key = authenticate(request)
 
         def mark(s):
             f = s.get(FileRow, file_id)
-            if f is None or f.deleted:
+            if f is None or f.deleted or not visible(f, key):
                 raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
             users = s.scalars(select(JobRow.id).where(
                 (JobRow.training_file == file_id) | (JobRow.validation_file == file_id),

@@ -36,7 +36,7 @@ from tuneforge.config import ConfigError, TrainConfig, deep_merge, validate_conf
 from tuneforge.io import atomic_write_text
 from tuneforge.production.files import answer_503_when_locked, files_router, q_page
 from tuneforge.production.jobstore import (DatabaseBusy, FileRow, JobDB, JobEventRow, JobRow, JobsConfig,
-                                           jobs_home)
+                                           jobs_home, visible)
 from tuneforge.registry.store import Registry, RegistryError
 
 ACTIVE = ("queued", "running")
@@ -136,7 +136,8 @@ def job_object(j: JobRow) -> dict:
     return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
             "status": j.status, "error": j.error, "fine_tuned_model": j.fine_tuned_model,
             "finished_at": j.finished_at, "hyperparameters": _hp(j), "method": j.method,
-            "organization_id": "tuneforge", "result_files": j.result_files or [], "seed": j.seed, "trained_tokens": j.trained_tokens,
+            "organization_id": "tuneforge", "result_files": j.result_files or [], "seed": j.seed,
+            "trained_tokens": j.trained_tokens,
             "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
             "integrations": [], "metadata": j.metadata_, "user_provided_suffix": j.suffix}
 
@@ -329,13 +330,13 @@ class Worker:
             return
         metrics = _metrics(run_dir / "metrics.jsonl")
         tokens = sum(r.get("trained_tokens", 0) for r in metrics if r["kind"] == "train")
-        results = self._results_file(job.id, metrics)
+        results = self._results_file(job, metrics)
         self._event(job.id, f"New fine-tuned model created: {ref}")
         self._finish(job.id, "succeeded", add=[results], fine_tuned_model=ref, trained_tokens=tokens or None,
                      result_files=[results.id])
         self._event(job.id, "The job has successfully completed")
 
-    def _results_file(self, job_id: str, metrics: list[dict]) -> FileRow:
+    def _results_file(self, job: JobRow, metrics: list[dict]) -> FileRow:
         """OpenAI's result file: per-step losses as CSV, served by /v1/files like an upload."""
         valid = {r["step"]: r.get("val_loss") for r in metrics if r["kind"] == "eval"}
         lines = ["step,train_loss,valid_loss"] + [
@@ -344,7 +345,7 @@ class Worker:
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         path = jobs_home(self.cfg) / "files" / f"{file_id}.csv"
         atomic_write_text(path, "\n".join(lines) + "\n")
-        return FileRow(id=file_id, created_at=int(time.time()), filename=f"{job_id}-results.csv",
+        return FileRow(id=file_id, created_at=int(time.time()), filename=f"{job.id}-results.csv", key_id=job.key_id,
                        purpose="fine-tune-results", bytes=path.stat().st_size, path=str(path), train_path=str(path),
                        kind="results", format="csv", rows=len(lines) - 1)
 
@@ -450,9 +451,9 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
 
     busy = answer_503_when_locked(db, ApiError)
 
-    def get_job(s, job_id: str) -> JobRow:
+    def get_job(s, job_id: str, key) -> JobRow:
         j = s.get(JobRow, job_id)
-        if j is None:
+        if j is None or not visible(j, key):
             raise ApiError(404, f"no fine-tuning job with id '{job_id}'", "invalid_request_error")
         return j
 
@@ -478,7 +479,7 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
             if file_id is None:
                 return None
             f = s.get(FileRow, file_id)
-            if f is None or f.deleted:
+            if f is None or f.deleted or not visible(f, key):
                 raise ApiError(404, f"{param} '{file_id}' does not exist (upload it to /v1/files)", "not_found_error",
                                param)
             if f.kind != kind:
@@ -524,22 +525,23 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
 
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
-        authenticate(request)
-        rows = busy(lambda s: list(s.scalars(select(JobRow).order_by(JobRow.seq))))
+        key = authenticate(request)
+        stmt = select(JobRow).order_by(JobRow.seq)
+        rows = busy(lambda s: list(s.scalars(stmt if key is None else stmt.where(JobRow.key_id == key.id))))
         page, more = q_page(rows, after, limit)
         return {"object": "list", "data": [job_object(j) for j in page], "has_more": more}
 
     @router.get("/v1/fine_tuning/jobs/{job_id}")
     async def retrieve(request: Request, job_id: str):
-        authenticate(request)
-        return job_object(busy(lambda s: get_job(s, job_id)))
+        key = authenticate(request)
+        return job_object(busy(lambda s: get_job(s, job_id, key)))
 
     @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel(request: Request, job_id: str):
-        authenticate(request)
+        key = authenticate(request)
 
         def stop(s):
-            j = get_job(s, job_id)
+            j = get_job(s, job_id, key)
             if j.status not in ACTIVE:
                 raise ApiError(400, f"job {job_id} has already finished ({j.status}); only queued or running "
                                     "jobs can be cancelled")
@@ -555,10 +557,10 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def events(request: Request, job_id: str, after: str | None = None, limit: int = 20):
-        authenticate(request)
+        key = authenticate(request)
 
         def q(s):
-            get_job(s, job_id)
+            get_job(s, job_id, key)
             return list(s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)))
 
         page, more = q_page([event_object(e) for e in busy(q)], after, limit, key=lambda e: e["id"])
@@ -566,8 +568,8 @@ def jobs_router(serve_cfg, registry: Registry, authenticate) -> APIRouter:
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def list_checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = 10):
-        authenticate(request)
-        page, more = q_page(checkpoints(busy(lambda s: get_job(s, job_id))), after, limit, reverse=False,
+        key = authenticate(request)
+        page, more = q_page(checkpoints(busy(lambda s: get_job(s, job_id, key))), after, limit, reverse=False,
                             key=lambda c: c["id"])
         return {"object": "list", "data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None}

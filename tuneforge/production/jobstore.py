@@ -30,13 +30,15 @@ class JobsConfig(Strict):
     """serve.yaml `jobs:` — the OpenAI-compatible /v1/files and /v1/fine_tuning/jobs endpoints."""
 
     enabled: bool = True
-    home: str | None = Field(None, description="files/ and jobs/ go here; default $TUNEFORGE_HOME or ~/.cache/tuneforge")
+    home: str | None = Field(
+        None, description="files/ and jobs/ go here; default $TUNEFORGE_HOME or ~/.cache/tuneforge")
     max_file_mb: float = Field(512, gt=0, description="larger uploads get 413")
     base_models: dict[str, str] = Field(
         {}, description="extra base models a job may name: public name -> model.name (a local folder or hub id)")
     run_defaults: dict[str, Any] = Field(
         {}, description="run-config keys applied to every job before its own (e.g. {data: {max_length: 1024}})")
-    save_every: int = Field(20, gt=0, description="checkpoint every N steps, so a restart resumes close to where it was")
+    save_every: int = Field(
+        20, gt=0, description="checkpoint every N steps, so a restart resumes close to where it was")
     max_restarts: int = Field(2, ge=0, description="a job interrupted by more server stops than this is failed")
     busy_timeout_s: float = Field(5.0, gt=0, description="SQLite: how long one attempt waits for another writer's lock")
     busy_attempts: int = Field(3, gt=0, description="attempts before answering 503 'database locked'")
@@ -71,6 +73,12 @@ class FileRow(Base):
     format: Mapped[str] = mapped_column(String(40))
     rows: Mapped[int] = mapped_column(Integer)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the API key that uploaded it
+
+
+def visible(row, key) -> bool:
+    """Files and jobs belong to the API key that made them; without keys everything is shared."""
+    return key is None or row.key_id == key.id
 
 
 class JobRow(Base):
@@ -95,7 +103,7 @@ class JobRow(Base):
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     restarts: Mapped[int] = mapped_column(Integer, default=0)  # server stops survived (resumed)
     result_files: Mapped[list | None] = mapped_column(JSON, nullable=True)  # file ids: per-step metrics CSV
-    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the API key that created it
 
 
 class JobEventRow(Base):
