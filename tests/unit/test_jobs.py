@@ -140,6 +140,23 @@ def test_job_requests_are_checked_before_they_are_queued(tmp_path, tiny_model_di
     assert row.run_config["data"]["train"][0].endswith(".train.jsonl")  # the converted preference rows
 
 
+def test_a_job_on_a_registered_model_continues_that_version(tmp_path, tiny_model_dir):
+    from deploy_helpers import fake_run
+
+    app, reg = make_app(tmp_path, tiny_model_dir)
+    run = fake_run(tiny_model_dir, tmp_path / "support-run", seed=1, system_prompt="Be brief.")
+    reg.add(run, "support")
+    reg.promote("support:v1", "prod")
+    c = TestClient(app)
+    fid = upload(c, jsonl(chat_rows(8))).json()["id"]
+    job = c.post("/v1/fine_tuning/jobs", json={"model": "support@prod", "training_file": fid, "suffix": "v2"}).json()
+    row = jobdb(tmp_path).run(lambda s: s.get(JobRow, job["id"]))
+    cfg = row.run_config
+    assert cfg["model"]["name"] == tiny_model_dir and cfg["train"]["init_from"] == str(run.resolve())
+    assert cfg["data"]["system_prompt"] == "Be brief." and cfg["method"]["name"] == "lora"
+    assert row.registry_name.startswith("ft-support-v2-")
+
+
 def test_run_defaults_are_checked_when_the_server_config_loads():
     with pytest.raises(ValueError, match="did you mean 'train.lr'"):
         ServeConfig.model_validate({"jobs": {"run_defaults": {"train": {"lrr": 1e-4}}}})
