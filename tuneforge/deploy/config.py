@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
 from tuneforge.production.config import LoggingConfig
+from tuneforge.production.jobstore import JobsConfig
 
 
 class EngineConfig(Strict):
@@ -55,6 +56,7 @@ class ServeConfig(Strict):
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
     logging: LoggingConfig = LoggingConfig()  # request log, PII redaction, retention, opt-out
+    jobs: JobsConfig = JobsConfig()
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -57,13 +57,14 @@ class RequestRecord:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
+        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def _error(status: int, message: str, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
+                        status_code=status)
 
 
 def create_app(cfg: ServeConfig, registry: Registry, engine,
@@ -84,7 +85,7 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.type)
+        return _error(exc.status, exc.message, exc.type, exc.param)
 
     def authenticate(request: Request) -> KeyInfo | None:
         header = request.headers.get("authorization", "")
@@ -253,6 +254,10 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
         return {"status": "ok"}
 
     app.include_router(review_router(registry, authenticate))
+    if cfg.jobs.enabled:  # /v1/files and /v1/fine_tuning/jobs (their worker starts with the app)
+        from tuneforge.production.jobs import jobs_router
+
+        app.include_router(jobs_router(cfg, registry, authenticate))
     app.state.registry, app.state.engine = registry, engine
     return app
 

@@ -179,6 +179,7 @@ class Registry:
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)
         import tuneforge.production.store  # noqa: F401 - registers the production tables on Base
+        import tuneforge.production.jobstore  # noqa: F401 - and the fine-tuning jobs' tables
         Base.metadata.create_all(self.engine)
 
     # --- models and versions ---------------------------------------------------------------
