@@ -256,3 +256,12 @@ def test_graceful_shutdown_lets_a_running_stream_finish(reg):
     assert len(chunks) == 9 and [x for x in after if x][-1] == "data: [DONE]"
     with pytest.raises(httpx.ConnectError):  # and it stopped accepting
         httpx.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_body_limit_spares_file_uploads(reg):
+    c = TestClient(create_app(ServeConfig(max_request_bytes=200), reg, ScriptedEngine({})))
+    big = {"model": "bot:v1", "messages": [{"role": "user", "content": "x" * 300}]}
+    assert c.post("/v1/chat/completions", json=big).status_code == 413
+    # /v1/files has its own limit (jobs.max_file_mb): a 300-byte upload is judged by that route
+    r = c.post("/v1/files", files={"file": ("a.jsonl", b"y" * 300)}, data={"purpose": "fine-tune"})
+    assert r.status_code != 413, r.text

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
 from tuneforge.production.config import LoggingConfig
+from tuneforge.production.jobstore import JobsConfig
 
 
 class VLLMLaunch(Strict):
@@ -117,6 +118,7 @@ class ServeConfig(Strict):
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
     logging: LoggingConfig = LoggingConfig()  # request log, PII redaction, retention, opt-out
+    jobs: JobsConfig = JobsConfig()
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -88,11 +88,14 @@ class BodyLimit:
     answers a declared-too-long body in plain text, where OpenAI clients expect their shape.
     """
 
+    # File uploads for fine-tuning jobs have their own, much larger limit (jobs.max_file_mb).
+    EXEMPT = ("/v1/files",)
+
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(self.EXEMPT):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
@@ -390,6 +393,10 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
     app.include_router(admin_routes(registry, engine, lambda request: authenticate(request, admin=True),
                                     lambda v: _gen_request(v, {})))
     app.include_router(review_router(registry, authenticate))
+    if cfg.jobs.enabled:  # /v1/files and /v1/fine_tuning/jobs (their worker starts with the app)
+        from tuneforge.production.jobs import jobs_router
+
+        app.include_router(jobs_router(cfg, registry, authenticate))
     app.state.registry, app.state.engine = registry, engine
     return app
 
