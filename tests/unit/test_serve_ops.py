@@ -258,8 +258,9 @@ def test_graceful_shutdown_lets_a_running_stream_finish(reg):
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 
 
-def test_body_limit_spares_file_uploads(reg):
-    c = TestClient(create_app(ServeConfig(max_request_bytes=200), reg, ScriptedEngine({})))
+def test_body_limit_spares_file_uploads(reg, tmp_path):
+    cfg = ServeConfig(max_request_bytes=200, jobs={"home": str(tmp_path)})
+    c = TestClient(create_app(cfg, reg, ScriptedEngine({})))
     big = {"model": "bot:v1", "messages": [{"role": "user", "content": "x" * 300}]}
     assert c.post("/v1/chat/completions", json=big).status_code == 413
     # /v1/files has its own limit (jobs.max_file_mb): a 300-byte upload is judged by that route
