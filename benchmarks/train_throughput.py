@@ -18,8 +18,9 @@ invocation, so the shared machine's speed of the day cancels out.
     python benchmarks/train_throughput.py --max-length 512 --method full
     python benchmarks/train_throughput.py --runners tuneforge,tuneforge:data.packing=false
 
-Runners: ``tuneforge`` (defaults), ``tuneforge:KEY=VALUE,...`` (defaults with config
-overrides: how each speed-up is measured), ``trainer`` (transformers Trainer + peft, fp32
+Runners: ``tuneforge`` (defaults, with tcmalloc preloaded when installed, as ``tuneforge
+train`` does), ``tuneforge:KEY=VALUE,...`` (defaults with config overrides: how each speed-up
+is measured; ``allocator=off`` runs it on glibc malloc), ``trainer`` (transformers Trainer + peft, fp32
 weights, bf16=True), ``trainer_tcmalloc`` (same with tcmalloc preloaded, when installed),
 ``sft_trainer`` (trl SFTTrainer + peft, bf16=True). ``--model`` takes any model spec
 tuneforge accepts (default: the embedded SmolLM2-135M-Instruct).
@@ -122,7 +123,10 @@ def run_tuneforge(a, overrides: list[str]) -> dict:
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
     trained = [m for m in metrics if m["kind"] == "train"]
-    return {"seconds": summary["train_seconds"], "final_loss": trained[-1]["loss"],
+    # tokens_per_s is taken at the last step, before the final validation and checkpoint, as the
+    # peers' figures are (their timers stop when train() returns, before evaluation).
+    return {"seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
+            "final_loss": trained[-1]["loss"],
             "eval_loss": [m["val_loss"] for m in metrics if m["kind"] == "eval"][-1], "steps": len(trained)}
 
 
@@ -221,6 +225,9 @@ def model_shape(model: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in m.parameters()), cfg.hidden_size, cfg.intermediate_size
 
 
+from tuneforge.train.launch import ONEDNN_CACHE  # noqa: E402 - the launcher's oneDNN cache cap
+
+
 def find_tcmalloc() -> str | None:
     from tuneforge.train.launch import find_allocator
 
@@ -258,7 +265,13 @@ def main() -> None:
     results = {}
     for runner in a.runners.split(","):
         env = dict(os.environ)
-        name = runner.partition(":")[0]
+        name, _, sets = runner.partition(":")
+        if name == "tuneforge" and "allocator=off" not in sets.split(","):
+            lib = find_tcmalloc()  # what `tuneforge train` does by default (train/launch.py)
+            if lib:
+                env |= {"LD_PRELOAD": lib, "TUNEFORGE_ALLOCATOR_SET": lib}
+            env.setdefault(*ONEDNN_CACHE)
+        child = ",".join(s for s in sets.split(",") if s and s != "allocator=off")
         if name == "trainer_tcmalloc":
             lib = find_tcmalloc()
             if lib is None:
@@ -268,7 +281,7 @@ def main() -> None:
         if name == "sft_trainer" and a.method != "lora":
             continue
         gflops = matmul_gflops(hidden, inter)  # right before each runner: the host's speed drifts
-        cmd = [sys.executable, __file__, "--only", runner, "--model", a.model, "--method", a.method,
+        cmd = [sys.executable, __file__, "--only", f"{name}:{child}", "--model", a.model, "--method", a.method,
                "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
                "--lr", str(a.lr), "--workdir", workdir]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -277,7 +290,7 @@ def main() -> None:
             print(f"{runner} failed:\n{out.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(line[7:])
-        r["tokens_per_s"] = work["real_tokens"] / r["seconds"]
+        r.setdefault("tokens_per_s", work["real_tokens"] / r["seconds"])
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (gflops * 1e9)
         r["matmul_gflops"] = gflops
         results[runner] = r

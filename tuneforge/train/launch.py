@@ -5,6 +5,12 @@ re-executes itself once with ``LD_PRELOAD`` when tcmalloc (or jemalloc) is insta
 the many short-lived activation tensors of a CPU training step make glibc malloc a
 bottleneck (tcmalloc measured +30% training throughput on the 2-core machines here).
 ``TUNEFORGE_ALLOCATOR=off`` disables it; without the library training works as before.
+
+The same re-exec caps oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, read
+when the library starts). Padding-free batches change shape every step, and the default
+cache of 1024 primitives keeps each shape's kernels and scratch memory: peak RSS of the
+benchmark job grew 1.5 -> 2.35 GB over 30 steps. 128 keeps one step's shapes (same speed,
+2.0 GB); 32 halved the speed (benchmarks/train_throughput.py, docs/speed.md).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import sys
 
 CANDIDATES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
 MARK = "TUNEFORGE_ALLOCATOR_SET"
+ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 
 def find_allocator() -> str | None:
@@ -36,12 +43,14 @@ def reexec_with_allocator(argv: list[str]) -> None:
     if sys.platform != "linux":
         return
     lib = find_allocator()
+    env = dict(os.environ, **{MARK: lib or "system malloc"})
+    env.setdefault(*ONEDNN_CACHE)
     if lib is None:
-        print("note: no tcmalloc/jemalloc found; CPU training is ~30% faster with it "
+        print("note: no tcmalloc/jemalloc found; CPU training is ~70% faster with it "
               "(Debian/Ubuntu: apt-get install libtcmalloc-minimal4)", file=sys.stderr)
-        return
-    preload = os.environ.get("LD_PRELOAD", "")
-    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, **{MARK: lib})
+    else:
+        preload = os.environ.get("LD_PRELOAD", "")
+        env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "tuneforge", *argv], env)
