@@ -195,3 +195,36 @@ def test_example_serve_yaml_is_valid_and_bad_keys_are_reported(tmp_path):
         load_serve_config(bad)
     text = str(e.value)
     assert "timeout_s" in text and "engine" in text and "arms" in text
+
+
+def test_cut_at_stop_catches_a_stop_string_split_across_chunks():
+    from tuneforge.deploy.engines import cut_at_stop
+
+    async def chunks():
+        for c in [Chunk("Hello wo"), Chunk("rld. EN"), Chunk("D more"), Chunk("", "length", 7, 9)]:
+            yield c
+
+    async def run(stops):
+        return [c async for c in cut_at_stop(chunks(), stops)]
+
+    out = asyncio.run(run(["END", "zzz"]))
+    assert "".join(c.text for c in out) == "Hello world. "
+    assert out[-1].finish_reason == "stop" and out[-1].completion_tokens == 9  # counts read to the end
+    out = asyncio.run(run(["nowhere"]))
+    assert "".join(c.text for c in out) == "Hello world. END more" and out[-1].finish_reason == "length"
+
+
+def test_stop_and_seed_reach_the_answer_and_the_engine(reg):
+    engine = FakeEngine()
+    c = client(reg, engine=engine)
+    r = chat(c, "bot:v2", stop=" by", seed=7, temperature=0.5)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "served" and choice["finish_reason"] == "stop"
+    assert engine.seen[-1].seed == 7
+    with c.stream("POST", "/v1/chat/completions", json={"model": "bot:v2", "stream": True, "stop": ["v2"],
+                                                        "messages": [{"role": "user", "content": "hi"}]}) as s:
+        events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "served by bot:"
+    bad = chat(c, "bot:v2", stop=["a", "b", "c", "d", "e"])
+    assert bad.status_code == 400 and "stop" in bad.json()["error"]["message"]

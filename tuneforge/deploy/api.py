@@ -38,6 +38,8 @@ class _Sampling(_Open):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool | None = False
     user: str | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
+    seed: int | None = Field(None, description="sampling seed: the same seed gives the same sampled answer")
 
 
 class ChatRequest(_Sampling):

@@ -33,6 +33,7 @@ class GenRequest:
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass
@@ -49,6 +50,34 @@ class EngineError(RuntimeError):
 
 class PromptTooLong(EngineError):
     """The prompt has more tokens than the server allows (max_prompt_tokens): the client's to fix."""
+
+
+async def cut_at_stop(chunks: AsyncIterator[Chunk], stops: list[str]) -> AsyncIterator[Chunk]:
+    """OpenAI's ``stop``: the answer ends before the first stop string, finish_reason "stop".
+
+    The last len(longest stop) - 1 characters are held back, so a stop string split across
+    chunks is still caught. After a hit the rest of the engine's stream is read (not sent) for
+    its token counts: the engines generate up to max_tokens either way.
+    """
+    hold = max(len(s) for s in stops) - 1
+    buf = ""
+    async for c in chunks:
+        buf += c.text
+        hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
+        if hits:
+            last = c
+            async for last in chunks:  # noqa: B007 - only the final counts are wanted
+                pass
+            yield Chunk(buf[: min(hits)], "stop", last.prompt_tokens, last.completion_tokens)
+            return
+        if c.finish_reason is not None:
+            yield Chunk(buf, c.finish_reason, c.prompt_tokens, c.completion_tokens)
+            return
+        if len(buf) > hold:
+            out, buf = buf[: len(buf) - hold], buf[len(buf) - hold :]
+            yield Chunk(out)
+    if buf:  # a stream that ended without a finish reason
+        yield Chunk(buf)
 
 
 async def collect(stream: AsyncIterator[Chunk]) -> Chunk:
@@ -306,6 +335,8 @@ class LocalEngine:
         r = jobs[0].req
         sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p) if r.temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if r.temperature > 0 and r.seed is not None:
+            torch.manual_seed(r.seed)  # jobs with a seed batch only with the same seed (_groups)
         adapters = [j.req.adapter for j in jobs]
         self.batches.append(adapters)
         autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else _null()
@@ -320,7 +351,8 @@ def _groups(jobs: list[_Job]) -> list[list[_Job]]:
     """Jobs that can share one generate call: same base model and sampling settings."""
     out: dict[tuple, list[_Job]] = {}
     for j in jobs:
-        key = (j.req.base_model, j.req.temperature if j.req.temperature > 0 else 0.0, j.req.top_p)
+        sampled = j.req.temperature > 0
+        key = (j.req.base_model, j.req.temperature if sampled else 0.0, j.req.top_p, j.req.seed if sampled else None)
         out.setdefault(key, []).append(j)
     return list(out.values())
 
@@ -347,6 +379,8 @@ class VLLMEngine:
 
         body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
                 "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if req.seed is not None:
+            body["seed"] = req.seed
         if req.messages is not None:
             path, body["messages"] = "/v1/chat/completions", with_system(req.messages, req.system_prompt)
         else:

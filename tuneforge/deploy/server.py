@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.deploy import metrics
 from tuneforge.deploy.api import ChatRequest, CompletionRequest
 from tuneforge.deploy.config import FixedReply, ServeConfig
-from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
+from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect, cut_at_stop
 from tuneforge.deploy.routing import RateLimiter, guard_failure, plan
 from tuneforge.production.review import review_router
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
@@ -232,8 +232,14 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
             asked = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
             params = dict(messages=_text_messages(record.messages) if chat else None, prompt=None if chat else body.prompt,
                           max_tokens=min(asked, cfg.max_tokens), temperature=body.temperature or 0.0,
-                          top_p=body.top_p or 1.0)
+                          top_p=body.top_p or 1.0, seed=body.seed)
+            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            if len(stops) > 4 or "" in stops:
+                raise ApiError(400, "'stop' takes up to 4 non-empty strings")
             version, stream, first = await start(p.targets, params, record, p.guards)
+            if stops:
+                stream = cut_at_stop(_chain(first, stream), stops)
+                first = await stream.__anext__()
         except ApiError as e:
             record.status, record.error = e.status, e.message
             e.request_id = rid
@@ -417,6 +423,13 @@ async def _no_more():
 def _joined(first: Chunk, rest: Chunk) -> Chunk:
     return Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
                  rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
+
+
+async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    if first.finish_reason is None:
+        async for c in rest:
+            yield c
 
 
 def _gen_request(v: VersionInfo, params: dict) -> GenRequest:
