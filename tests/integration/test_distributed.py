@@ -33,8 +33,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ra
     m1, m2 = ([json.loads(x) for x in (runs / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
     assert [r["kind"] for r in m1] == [r["kind"] for r in m2]
     for a, b in zip(m1, m2):
-        key = "loss" if a["kind"] == "train" else "val_loss"
-        assert a[key] == pytest.approx(b[key], abs=1e-4)
+        if a["kind"] == "train":
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        else:  # padded validation batches on weights equal to ~1e-6: float noise of the sum order
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=2e-4)
         if a["kind"] == "train":
             assert a["trained_tokens"] == b["trained_tokens"]  # the same global batch
     w1, w2 = (load_file(str(runs / d / "adapter/adapter_model.safetensors")) for d in ("one", "two"))

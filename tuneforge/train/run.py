@@ -137,7 +137,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         console.print(f"continuing from {cfg.train.init_from} ({n} tensors)")
     n_train, n_total = count_trainable(model)
     console.print(f"[bold]{cfg.method.name}[/]: {n_train:,} trainable of {n_total:,} parameters "
-                  f"({100 * n_train / n_total:.3f}%)")
+                  f"({100 * n_train / n_total:.3f}%)"
+                  + ("; batches padding-free" if padding_free else "; packed" if cfg.data.packing else ""))
     hidden_path = cfg.train.logits_at_trained_only and getattr(method, "supports_hidden_path", True)
 
     # --- optimizer and schedule --------------------------------------------------------
