@@ -107,3 +107,10 @@ def test_varlen_segments_follow_position_resets():
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     assert segments(pos) == [(0, 0, 3), (0, 3, 5), (0, 5, 9)]
+
+
+def test_rows_laid_end_to_end_never_predict_the_next_examples_first_token():
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    b = packed_batch([rows], pad_id=0)
+    targets = b["labels"][0, 1:]
+    assert int((targets != IGNORE).sum()) == 2 + 1  # 3-token row: 2 targets, 2-token row: 1, none across

@@ -133,6 +133,10 @@ def packed_batch(bins: list[list[dict]], pad_id: int) -> dict:
             n = len(r["input_ids"])
             ids[i, at : at + n] = torch.tensor(r["input_ids"])
             labels[i, at : at + n] = torch.tensor(r["labels"])
+            # Position t is trained to predict labels[t + 1]: an example's first label would make
+            # the previous example's last token predict it. Alone in a row that label is never a
+            # target (objectives with loss on every token, e.g. cpt, have one there).
+            labels[i, at] = IGNORE
             pos[i, at : at + n] = torch.arange(n)
             at += n
         # Tail padding continues the last example's positions: a reset there would start a
