@@ -1,9 +1,10 @@
-"""Serving throughput of the local engine: one request at a time vs micro-batched with one
-adapter vs micro-batched with 8 different adapters in the same forward passes.
+"""Serving throughput of the local engine: one request at a time (what a naive server does)
+vs 16 concurrent clients micro-batched over 1, 4 and 16 different adapters in the same
+forward passes. Prints generated tokens/s, requests/s and p50/p95 latency per mode.
 
     python benchmarks/serve_throughput.py RUN_DIR --prompts 16 --tokens 32
 
-RUN_DIR is a LoRA run folder; its adapter is loaded under 8 names for the mixed case (the
+RUN_DIR is a LoRA run folder; its adapter is loaded under 16 names for the mixed cases (the
 work per token is what is measured, and identical weights keep output lengths equal).
 Prints generated tokens/s for each mode and ratios against one-at-a-time.
 """
@@ -26,13 +27,20 @@ def prompts(run, n: int) -> list[str]:
     return [texts[i % len(texts)] + ("" if i < len(texts) else f" (#{i})") for i in range(n)]
 
 
-async def run_mode(engine: LocalEngine, reqs: list[GenRequest], concurrent: bool) -> tuple[float, int]:
+async def timed(engine: LocalEngine, req: GenRequest):
+    t0 = time.perf_counter()
+    out = await collect(engine.stream(req))
+    return out, time.perf_counter() - t0
+
+
+async def run_mode(engine: LocalEngine, reqs: list[GenRequest], concurrent: bool):
     t0 = time.perf_counter()
     if concurrent:
-        outs = await asyncio.gather(*(collect(engine.stream(r)) for r in reqs))
+        outs = await asyncio.gather(*(timed(engine, r) for r in reqs))
     else:
-        outs = [await collect(engine.stream(r)) for r in reqs]
-    return time.perf_counter() - t0, sum(o.completion_tokens for o in outs)
+        outs = [await timed(engine, r) for r in reqs]
+    lat = sorted(s for _, s in outs)
+    return time.perf_counter() - t0, sum(o.completion_tokens for o, _ in outs), lat
 
 
 async def main(args) -> None:
@@ -45,15 +53,16 @@ async def main(args) -> None:
                            max_tokens=args.tokens) for i, t in enumerate(texts)]
 
     engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50)
-    await collect(engine.stream(reqs(8)[0]))  # load the base and warm up
-    for i in range(8):
-        await collect(engine.stream(GenRequest(**{**reqs(8)[i].__dict__, "max_tokens": 1})))  # load all 8 adapters
+    await collect(engine.stream(reqs(16)[0]))  # load the base and warm up
+    for i in range(16):
+        await collect(engine.stream(GenRequest(**{**reqs(16)[i].__dict__, "max_tokens": 1})))  # load 16 adapters
     results = {}
-    for label, n_adapters, concurrent in (("one at a time", 1, False), ("batched, 1 adapter", 1, True),
-                                          ("batched, 8 mixed adapters", 8, True)):
-        secs, toks = await run_mode(engine, reqs(n_adapters), concurrent)
+    for label, n_adapters, concurrent in (("one at a time", 1, False), ("16 clients, 1 adapter", 1, True),
+                                          ("16 clients, 4 adapters", 4, True), ("16 clients, 16 adapters", 16, True)):
+        secs, toks, lat = await run_mode(engine, reqs(n_adapters), concurrent)
         results[label] = toks / secs
-        print(f"{label:<28} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  "
+        print(f"{label:<26} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  {len(lat) / secs:5.2f} req/s  "
+              f"p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s  "
               f"x{toks / secs / results['one at a time']:.2f} vs one at a time", flush=True)
     await engine.close()
     print(json.dumps({"device": engine.device, "dtype": str(engine.dtype), "prompts": args.prompts,
