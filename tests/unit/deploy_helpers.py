@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app):
+def serve_in_thread(app, stop_timeout: float = 10):
     """Run ``app`` under uvicorn on a free 127.0.0.1 port; yields its base URL."""
     import uvicorn
 
@@ -56,4 +56,4 @@ def serve_in_thread(app):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=stop_timeout)

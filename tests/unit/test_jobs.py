@@ -5,13 +5,13 @@ fine-tuned model then answers on /v1/chat/completions."""
 
 import contextlib
 import json
-import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from deploy_helpers import free_port, serve_in_thread
 from fastapi.testclient import TestClient
 
 from tuneforge.data.builtin import orders
@@ -240,30 +240,6 @@ def test_restart_resumes_a_job_that_was_running_or_fails_it_with_the_reason(tmp_
 
 
 # --- a real server, a real training subprocess, the official client ----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_in_thread(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
 def wait_for(client, job_id, statuses, timeout=240):
     deadline = time.monotonic() + timeout
     while True:
@@ -284,7 +260,7 @@ def test_openai_client_uploads_trains_and_chats_with_the_result(tmp_path, tiny_m
 
     engine = LocalEngine("cpu", "fp32", max_batch=4, batch_wait_ms=5)
     app, reg = make_app(tmp_path, tiny_model_dir, engine, run_defaults=TINY_RUN, save_every=2)
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app, stop_timeout=60) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         train = client.files.create(file=("orders.jsonl", jsonl(chat_rows(20))), purpose="fine-tune")
         with pytest.raises(openai.BadRequestError, match="line 1"):
@@ -365,7 +341,7 @@ def test_server_killed_mid_job_resumes_from_its_checkpoint_and_cancel_and_clean_
            "jobs": {"home": str(tmp_path / "home"), "base_models": {"tiny": tiny_model_dir},
                     "run_defaults": TINY_RUN, "save_every": 4}}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    port, log = _free_port(), tmp_path / "server.log"
+    port, log = free_port(), tmp_path / "server.log"
     server = _start_server(tmp_path / "serve.yaml", port, log)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     try:
@@ -547,7 +523,7 @@ def test_a_dpo_job_trains_on_openai_preference_rows(tmp_path, tiny_model_dir):
     rows = [{"input": {"messages": [{"role": "user", "content": f"Order: {n} pens"}]},
              "preferred_output": [{"role": "assistant", "content": f'{{"item": "pen", "qty": {n}}}'}],
              "non_preferred_output": [{"role": "assistant", "content": f"You want {n} pens."}]} for n in range(2, 12)]
-    with serve_in_thread(app) as url:
+    with serve_in_thread(app, stop_timeout=60) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         f = client.files.create(file=("prefs.jsonl", jsonl(rows)), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
