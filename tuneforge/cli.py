@@ -55,7 +55,8 @@ def cmd_sequence(args) -> int:
 def cmd_sweep(args) -> int:
     from tuneforge.train.sweep import load_space, run_sweep
 
-    run_sweep(args.config, args.overrides, load_space(args.space), args.trials, console=_console(), seed=args.seed)
+    run_sweep(args.config, args.overrides, load_space(args.space), args.trials, console=_console(), seed=args.seed,
+              sampler=args.sampler)
     return 0
 
 
@@ -431,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--space", required=True, help="YAML: config key -> {low, high, log} or {choices}")
     w.add_argument("--trials", type=int, default=10)
     w.add_argument("--seed", type=int, default=0, help="sampler seed")
+    w.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe",
+                   help="tpe (default), random, or grid (every combination of the choices, once)")
     w.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("rlhf", help="chain SFT -> reward model -> policy optimisation (GRPO/RLOO), one run per stage")

@@ -1,6 +1,6 @@
 """Hyper-parameter search with Optuna: TPE sampling, median pruning on the validation loss.
 
-``tuneforge sweep CONFIG --space SPACE.yaml --trials N``. The space maps config keys to
+``tuneforge sweep CONFIG --space SPACE.yaml --trials N [--sampler tpe|random|grid]``. The space maps config keys to
 ranges or choices::
 
     train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
@@ -82,8 +82,31 @@ def suggest(trial, space: dict[str, Dimension]) -> list[str]:
     return out
 
 
+def make_sampler(name: str, space: dict[str, Dimension], seed: int):
+    import optuna
+
+    if name == "grid":
+        ranges = [k for k, d in space.items() if d.choices is None]
+        if ranges:
+            raise ConfigError([f"--sampler grid needs choices for every key; {', '.join(ranges)} "
+                               f"{'is a range' if len(ranges) == 1 else 'are ranges'} (use tpe or random)"])
+        return optuna.samplers.GridSampler({k: d.choices for k, d in space.items()}, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def earlier_twin(study, params: dict):
+    """A finished trial with exactly these parameters. Samplers propose a point again once a
+    discrete space is mostly explored; a seeded run would only repeat the same numbers."""
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return next((t for t in study.get_trials(deepcopy=False, states=done) if t.params == params), None)
+
+
 def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], trials: int,
-              console: Console | None = None, seed: int = 0) -> Path:
+              console: Console | None = None, seed: int = 0, sampler: str = "tpe") -> Path:
     import optuna
 
     from tuneforge.train.callbacks import TrainingDiverged
@@ -93,17 +116,26 @@ def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], tr
     base = load_config(config, overrides)  # fail on a bad config before any trial
     if not base.data.validation and base.data.val_size == 0:
         raise ConfigError(["a sweep is scored on the validation loss: set data.val_size > 0 or data.validation"])
+    picker = make_sampler(sampler, space, seed)
     root = Path(base.output_dir) / (base.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-sweep")
     root.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name="tuneforge", storage=f"sqlite:///{root / 'study.db'}", load_if_exists=True, direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=picker,
         # No pruning before 2 trials finished or before a trial's second validation.
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
 
     def objective(trial) -> float:
         choice = suggest(trial, space)
+        twin = earlier_twin(study, trial.params)
+        if twin is not None:
+            trial.set_user_attr("run_dir", twin.user_attrs.get("run_dir"))
+            trial.set_user_attr("duplicate_of", twin.number)
+            console.print(f"trial {trial.number}: {' '.join(choice)} is trial {twin.number} again: not retrained")
+            if twin.value is None:
+                raise optuna.TrialPruned(f"same parameters as failed trial {twin.number}")
+            return twin.value
         cfg = load_config(config, [*overrides, *choice, f"output_dir={root}", f"run_name=trial-{trial.number:03d}"])
         trial.set_user_attr("run_dir", str(root / cfg.run_name))
         console.rule(f"trial {trial.number}: {' '.join(choice)}")
@@ -127,7 +159,8 @@ def summarize(study, root: Path, console: Console) -> None:
     import optuna
 
     rows = [{"trial": t.number, "state": t.state.name.lower(), "val_loss": t.value, "params": t.params,
-             "run_dir": t.user_attrs.get("run_dir")} for t in study.trials]
+             "run_dir": t.user_attrs.get("run_dir"), "duplicate_of": t.user_attrs.get("duplicate_of")}
+            for t in study.trials]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     result = {"trials": rows, "best": None}
     if done:
@@ -145,7 +178,7 @@ def summarize(study, root: Path, console: Console) -> None:
         mark = "*" if result["best"] and r["trial"] == result["best"]["trial"] else ""
         table.add_row(f"{r['trial']}{mark}", r["state"], "" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
                       *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r["params"].values()),
-                      Path(r["run_dir"] or "").name)
+                      Path(r["run_dir"] or "").name + ("" if r["duplicate_of"] is None else " (same params)"))
     console.print(table)
     if result["best"]:
         console.print(f"best: trial {result['best']['trial']} -> {root / 'best_config.yaml'}")
