@@ -1,5 +1,6 @@
 """--resume for the recipes with a loop of their own: the pair and head recipes (common.fit)
-end an interrupted run with the same weights as an uninterrupted one."""
+end an interrupted run with the same weights as an uninterrupted one; so does the policy
+recipe, through trl's checkpoints."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from tuneforge.config import validate_config
 from tuneforge.train import common
+from tuneforge.train import policy as policy_mod
 from tuneforge.train.run import load_run_config, train
 
 PAIRS = {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200, "val_size": 0.1, "test_size": 0.2}
@@ -82,3 +84,46 @@ def test_interrupted_reward_run_resumes_to_the_same_weights_and_head(tiny_raw_cf
     assert any("score" in k for k in resumed)  # the reward head is trained, checkpointed and resumed
     _assert_same_weights(ref, resumed)
     assert _steps(cut_dir) == list(range(1, 7))
+
+
+def _reward_run(raw: dict) -> Path:
+    raw = raw | {"objective": {"name": "reward"}, "data": PAIRS, "run_name": "rm"}
+    raw["train"] = raw["train"] | {"max_steps": 2, "eval_every": 0, "save_every": 0}
+    return train(validate_config(raw))
+
+
+def _policy_raw(raw: dict, reward_run: Path | str) -> dict:
+    raw = raw | {"objective": {"name": "policy", "reward_run": str(reward_run), "num_generations": 2,
+                               "max_completion_length": 8},
+                 "data": PAIRS | {"train": ["builtin:orders_preference?n=40&seed=2"]}, "run_name": "pol",
+                 "eval": {"metric": "none", "limit": 2}}
+    raw["method"] = raw["method"] | {"dropout": 0.0}
+    raw["train"] = raw["train"] | {"max_steps": 4, "batch_size": 2, "save_every": 2, "eval_every": 0}
+    return raw
+
+
+def test_interrupted_policy_run_continues_from_trls_checkpoint(tiny_raw_cfg, monkeypatch):
+    raw = _policy_raw(tiny_raw_cfg, _reward_run(tiny_raw_cfg))
+    ref = _adapter(train(validate_config(raw | {"run_name": "ref"})))
+    real = policy_mod.hacking_alarm
+
+    def killed_in_step_3(row, *args):  # called after step 3's row is logged, before anything else
+        if row["step"] == 3:
+            raise RuntimeError("killed")
+        return real(row, *args)
+
+    monkeypatch.setattr(policy_mod, "hacking_alarm", killed_in_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(validate_config(raw))
+    monkeypatch.undo()
+    run_dir = Path(raw["output_dir"]) / "pol"
+    assert _steps(run_dir) == [1, 2, 3]
+    assert [p.name for p in (run_dir / "trl").glob("checkpoint-*")] == ["checkpoint-2"]
+    _resume(run_dir)
+    # Continued from step 2: a restart from scratch would log steps 1 and 2 again.
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    _assert_same_weights(ref, _adapter(run_dir))  # trl restores sampling RNG and data order too
+    state = json.loads((run_dir / "trl/checkpoint-4/trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert (run_dir / "adapter/adapter_model.safetensors").exists() and not (run_dir / "adapter/ref").exists()
