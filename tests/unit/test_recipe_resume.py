@@ -1,6 +1,7 @@
 """--resume for the recipes with a loop of their own: the pair and head recipes (common.fit)
-end an interrupted run with the same weights as an uninterrupted one; so does the policy
-recipe, through trl's checkpoints."""
+end an interrupted run with the same weights as an uninterrupted one; the policy recipe
+continues trl's run from its checkpoint step; a reward_run that is not a finished reward
+model is a config problem found before any weights load."""
 
 import json
 from pathlib import Path
@@ -9,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.config import validate_config
+from tuneforge.config import ConfigError, to_yaml, validate_config
 from tuneforge.train import common
 from tuneforge.train import policy as policy_mod
-from tuneforge.train.run import load_run_config, train
+from tuneforge.train.run import load_run_config, preflight, train
 
 PAIRS = {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200, "val_size": 0.1, "test_size": 0.2}
 
@@ -127,3 +128,34 @@ def test_interrupted_policy_run_continues_from_trls_checkpoint(tiny_raw_cfg, mon
     state = json.loads((run_dir / "trl/checkpoint-4/trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert (run_dir / "adapter/adapter_model.safetensors").exists() and not (run_dir / "adapter/ref").exists()
+
+
+def _fake_run(path: Path, raw: dict) -> Path:
+    """A run folder's config.yaml, as a finished or interrupted run leaves it (no weights)."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(to_yaml(validate_config(raw)))
+    return path
+
+
+def test_a_reward_run_that_is_not_a_reward_model_is_a_config_problem(tiny_raw_cfg, tmp_path):
+    sft = _fake_run(tmp_path / "sft", tiny_raw_cfg)
+    classify = _fake_run(tmp_path / "cls", tiny_raw_cfg | {"objective": {"name": "classify"}})
+    (classify / "head").mkdir()
+    (classify / "head/config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b", "2": "c"}}))
+    unfinished = _fake_run(tmp_path / "rm", tiny_raw_cfg | {"objective": {"name": "reward"}})
+    (tmp_path / "random").mkdir()
+    cases = {tmp_path / "missing": "does not exist",
+             tmp_path / "random": "has no config.yaml: not a tuneforge run folder",
+             sft: "is a 'sft' run, not a reward model: train one with objective: {name: reward}",
+             classify: "is a classify run with 3 labels; a reward model has 1 score",
+             unfinished: f"is an unfinished reward run (no head/config.json or summary.json): finish it with "
+                         f"tuneforge train --resume {unfinished}"}
+    for path, message in cases.items():
+        cfg = validate_config(_policy_raw(tiny_raw_cfg, path))
+        with pytest.raises(ConfigError) as e:
+            preflight(cfg)
+        assert len(e.value.problems) == 1
+        assert e.value.problems[0].startswith(f"objective.reward_run: {path} {message}")
+    with pytest.raises(ConfigError):  # the policy run stops before its run folder or any weights
+        train(validate_config(_policy_raw(tiny_raw_cfg, sft)))
+    assert not (Path(tiny_raw_cfg["output_dir"]) / "pol").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig
+from tuneforge.config import RunConfig
 from tuneforge.data.render import with_system
 from tuneforge.io import write_json
 from tuneforge.methods import METHODS, count_trainable
@@ -95,9 +95,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     # --- setup and prompts ---------------------------------------------------------------
     run = start_run(cfg, resume, console)
     method, opts, t = METHODS[cfg.method.name], cfg.objective, cfg.train
-    reward_dir = Path(opts.reward_run)
-    if not (reward_dir / "head" / "config.json").exists():
-        raise ConfigError([f"objective.reward_run: {reward_dir} is not a finished reward run (no head/config.json)"])
+    reward_dir = Path(opts.reward_run)  # checked by preflight (objectives/policy.py)
     prompts = {s: [with_system(r["prompt"], cfg.data.system_prompt) for r in getattr(run.splits, s)]
                for s in ("train", "test")}
 

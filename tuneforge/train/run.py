@@ -52,6 +52,7 @@ def preflight(cfg: RunConfig) -> None:
     except Exception as e:  # noqa: BLE001 - reported as a config problem, with the loader's message
         raise ConfigError([f"model.name: {e}"]) from None
     problems += METHODS[cfg.method.name].check(cfg.method, names)
+    problems += OBJECTIVES[cfg.objective.name].check(cfg.objective)
     tasks = [t for t, _ in task_configs(cfg)]
     for spec in [s for t in tasks for s in (*t.train, *t.validation, *t.test)]:
         if not spec.startswith("builtin:") and not Path(spec).exists():
