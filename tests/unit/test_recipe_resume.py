@@ -65,7 +65,12 @@ def test_killed_dpo_run_resumes_to_the_same_weights(tiny_raw_cfg, monkeypatch):
     assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     _assert_same_weights(ref, _adapter(cut_dir))
     assert _steps(cut_dir) == list(range(1, 7)) and _steps(cut_dir, "eval") == [3, 6]  # step 4 not logged twice
-    assert json.loads((cut_dir / "summary.json").read_text())["steps"] == 6
+    summary = json.loads((cut_dir / "summary.json").read_text())
+    assert summary["steps"] == 6
+    _resume(cut_dir)  # a finished run: nothing is trained again, the last validation is kept
+    assert _steps(cut_dir) == list(range(1, 7)) and _steps(cut_dir, "eval") == [3, 6]
+    assert json.loads((cut_dir / "summary.json").read_text())["validation"] == summary["validation"] != {}
+    _assert_same_weights(ref, _adapter(cut_dir))
 
 
 def test_interrupted_reward_run_resumes_to_the_same_weights_and_head(tiny_raw_cfg, monkeypatch):
