@@ -27,6 +27,11 @@ class Objective:
     def loss(self, model, batch: dict, opts, *, hidden_path: bool):
         raise NotImplementedError
 
+    def check(self, opts) -> list[str]:
+        """Problems with the options that only the file system shows (a run folder they name),
+        found by preflight before any weights load; the option types are checked earlier."""
+        return []
+
     def encode(self, tok, rows: list[dict], data_cfg):
         """Rows -> token ids and labels for the token-loss loop (chat rendering by default)."""
         from tuneforge.data.render import encode_rows

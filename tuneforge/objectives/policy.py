@@ -6,6 +6,7 @@ model, which also halves the memory on small machines.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -34,3 +35,11 @@ class Policy(Objective):
     options = PolicyOptions
     data_kind = "preference"  # prompts come from preference rows (chosen/rejected unused)
     recipe = "tuneforge.train.policy"
+
+    def check(self, opts) -> list[str]:
+        # Here, not in PolicyOptions: `tuneforge rlhf` validates the policy config before its
+        # reward stage has written the reward run.
+        from tuneforge.train.heads import reward_run_problem
+
+        problem = reward_run_problem(Path(opts.reward_run))
+        return [f"objective.reward_run: {problem}"] if problem else []

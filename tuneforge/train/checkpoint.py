@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge.io import atomic_dir
+from tuneforge.io import atomic_dir, atomic_write_text
 
 
 @dataclass
@@ -74,3 +74,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[Position, 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return Position(**json.loads((path / "position.json").read_text())), state["rng"]
+
+
+def restore_latest(run_dir: Path, model, optimizer, scheduler, metrics: Path | None) -> tuple[Position, Path] | None:
+    """Load the latest checkpoint of ``run_dir`` (weights, optimizer, scheduler, RNG) and drop
+    the rows of ``metrics`` logged after it; None when the run has no checkpoint yet."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return None
+    pos, rng = load_checkpoint(last, model, optimizer, scheduler)
+    set_rng_state(rng)
+    if metrics is not None:
+        truncate_metrics(metrics, pos.step)
+    return pos, last
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))

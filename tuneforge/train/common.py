@@ -1,7 +1,7 @@
 """The parts every objective recipe shares: a run folder, its data, an optimizer, and a
-plain loop that logs what the objective reports. The token-loss recipe (run.py) has its
-own loop (resume, token-weighted accumulation); recipes whose loss is a mean over pairs,
-examples or prompts use this one.
+plain loop that logs what the objective reports and checkpoints for an exact resume. The
+token-loss recipe (run.py) has its own loop (token-weighted accumulation, NaN rollback);
+recipes whose loss is a mean over pairs, examples or prompts use this one.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig, to_yaml
+from tuneforge.config import RunConfig, to_yaml
 from tuneforge.data.prepare import Splits, build_splits
 from tuneforge.io import atomic_write_text, write_json
+from tuneforge.train import checkpoint as ckpt
 from tuneforge.train.hardware import environment, pick_device, pick_dtype
 from tuneforge.train.loop import autocast, to_device, total_steps
 
@@ -30,19 +31,18 @@ class RunStart:
     device: str
     dtype: torch.dtype
     splits: Splits
+    resume: bool = False  # continue run_dir from its latest checkpoint
     t_start: float = field(default_factory=time.perf_counter)
 
 
 def start_run(cfg: RunConfig, resume: Path | None, console: Console) -> RunStart:
-    """Validate, make the run folder, record config and environment, load and split the data."""
+    """Validate, make the run folder (or reuse ``resume``'s), record config and environment,
+    load and split the data."""
     from tuneforge.objectives import OBJECTIVES
     from tuneforge.train.run import new_run_dir, preflight
 
-    if resume is not None:
-        raise ConfigError([f"--resume is supported for token-loss objectives (sft, cpt, distill), not "
-                           f"'{cfg.objective.name}': start a new run"])
     preflight(cfg)
-    run_dir = new_run_dir(cfg)
+    run_dir = resume or new_run_dir(cfg)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
@@ -61,7 +61,7 @@ def start_run(cfg: RunConfig, resume: Path | None, console: Console) -> RunStart
         for reason, n in r.dropped.items():
             console.print(f"  [yellow]dropped {n}[/] ({reason}), e.g. {r.examples[reason][0]}")
     console.print(f"splits: train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)}")
-    return RunStart(cfg, run_dir, device, dtype, splits)
+    return RunStart(cfg, run_dir, device, dtype, splits, resume=resume is not None)
 
 
 def fit(model, batches: Callable[[int], list], step_loss: Callable[[dict], tuple[torch.Tensor, dict]],
@@ -71,6 +71,8 @@ def fit(model, batches: Callable[[int], list], step_loss: Callable[[dict], tuple
     ``step_loss(batch) -> (mean loss, {metric: float})``; accumulated micro-batches are
     averaged (these losses are means over pairs/examples, not sums over tokens).
     ``evaluate() -> {metric: float}`` runs every train.eval_every steps and at the end.
+    A checkpoint is saved every train.save_every steps, at the end and on Ctrl-C; with
+    ``run.resume`` training continues from the latest one.
     Returns the last evaluation (empty without one).
     """
     from transformers import get_scheduler
@@ -78,46 +80,88 @@ def fit(model, batches: Callable[[int], list], step_loss: Callable[[dict], tuple
     t, device, dtype = run.cfg.train, run.device, run.dtype
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    epoch, micro, cache = 0, 0, batches(0)
+    cache = batches(0)
     steps = total_steps(len(cache), t.grad_accum, t.epochs, t.max_steps)
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    last_eval: dict = {}
+
+    pos = ckpt.Position()
+    metrics_path = run.run_dir / "metrics.jsonl"
+    # Called only after model, optimizer and scheduler exist: the recipe's reference copy
+    # (preference.py) was taken from the starting weights, before these are restored.
+    restored = ckpt.restore_latest(run.run_dir, model, optimizer, scheduler, metrics_path) if run.resume else None
+    if restored is not None:
+        pos, last = restored
+        cache = batches(pos.epoch)
+        console.print(f"resumed from {last} (step {pos.step}, epoch {pos.epoch}, batch {pos.micro})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+    last_eval = last_logged_eval(metrics_path)
+
+    def save(at: ckpt.Position, rng: dict) -> Path:
+        return ckpt.save_checkpoint(run.run_dir / "checkpoints", at, model, optimizer, scheduler, rng,
+                                    t.keep_checkpoints)
+
     model.train()
-    with open(run.run_dir / "metrics.jsonl", "w") as log:
-        for step in range(1, steps + 1):
-            sums: dict[str, float] = {}
-            for _ in range(t.grad_accum):
-                if micro == len(cache):
-                    epoch, micro, cache = epoch + 1, 0, batches(epoch + 1)
-                with autocast(device, dtype):
-                    loss, metrics = step_loss(to_device(cache[micro], device))
-                micro += 1
-                (loss / t.grad_accum).backward()
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
-            if not all(map(lambda v: v == v and abs(v) != float("inf"), sums.values())):
-                raise FloatingPointError(f"non-finite metrics at step {step}: {sums}; lower train.lr or use fp32")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {"kind": "train", "step": step, "epoch": epoch, **{k: round(v, 5) for k, v in sums.items()},
-                   "lr": scheduler.get_last_lr()[0]}
+    with open(metrics_path, "a") as log:
+        while pos.step < steps:
+            # Weights change only at optimizer.step(), so the position and RNG at the start
+            # of the step are a consistent point to resume from on Ctrl-C.
+            step_start, rng_before = ckpt.Position(**vars(pos)), ckpt.rng_state()
+            try:
+                sums: dict[str, float] = {}
+                for _ in range(t.grad_accum):
+                    if pos.micro == len(cache):
+                        pos.epoch, pos.micro, cache = pos.epoch + 1, 0, batches(pos.epoch + 1)
+                    with autocast(device, dtype):
+                        loss, metrics = step_loss(to_device(cache[pos.micro], device))
+                    pos.micro += 1
+                    (loss / t.grad_accum).backward()
+                    for k, v in {"loss": loss.item(), **metrics}.items():
+                        sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                if not all(map(lambda v: v == v and abs(v) != float("inf"), sums.values())):
+                    raise FloatingPointError(f"non-finite metrics at step {pos.step + 1}: {sums}; "
+                                             "lower train.lr or use fp32")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            except KeyboardInterrupt:
+                optimizer.zero_grad(set_to_none=True)
+                path = save(step_start, rng_before)
+                console.print(f"[yellow]interrupted[/]: checkpoint {path}. Continue with: "
+                              f"tuneforge train --resume {run.run_dir}")
+                raise SystemExit(130) from None
+            pos.step += 1
+            row = {"kind": "train", "step": pos.step, "epoch": pos.epoch,
+                   **{k: round(v, 5) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0]}
             if grad_norm is not None:
                 row["grad_norm"] = round(float(grad_norm), 4)
             log.write(json.dumps(row) + "\n")
             shown = "  ".join(f"{k} {v:.4f}" for k, v in sums.items())
-            console.print(f"step {step}/{steps}  {shown}")
-            if evaluate and ((t.eval_every and step % t.eval_every == 0) or step == steps):
+            console.print(f"step {pos.step}/{steps}  {shown}")
+            is_last = pos.step == steps
+            if evaluate and ((t.eval_every and pos.step % t.eval_every == 0) or is_last):
                 model.eval()
                 with torch.no_grad(), autocast(device, dtype):
                     last_eval = evaluate()
                 model.train()
-                log.write(json.dumps({"kind": "eval", "step": step, **last_eval}) + "\n")
-                console.print(f"step {step} validation: " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            log.flush()
+                log.write(json.dumps({"kind": "eval", "step": pos.step, **last_eval}) + "\n")
+                console.print(f"step {pos.step} validation: "
+                              + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            log.flush()  # before the checkpoint: every row it covers is on disk
+            if (t.save_every and pos.step % t.save_every == 0) or is_last:
+                save(pos, ckpt.rng_state())
     return last_eval | {"steps": steps}
+
+
+def last_logged_eval(metrics_path: Path) -> dict:
+    """The last evaluation in metrics.jsonl (a run resumed at its final step does not redo it)."""
+    if not metrics_path.exists():
+        return {}
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    return {k: v for k, v in evals[-1].items() if k not in ("kind", "step")} if evals else {}
 
 
 def finish(run: RunStart, summary: dict, console: Console) -> Path:

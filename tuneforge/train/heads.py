@@ -7,10 +7,12 @@ embedded all-MiniLM-L6-v2 (the head reads the pooled [CLS] token).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig
@@ -205,6 +207,30 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                                             if k in results}
     return finish(run, {"steps": last_val.pop("steps"), "trainable_params": n_train, "total_params": n_total,
                         "labels": names, "data_notes": notes, "validation": last_val, "eval": summary_eval}, console)
+
+
+def reward_run_problem(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a finished reward-model run, or None. Reads its files only
+    (config.yaml, head/config.json, summary.json), so it is cheap enough for preflight."""
+    train_one = "train one with objective: {name: reward}"
+    if not run_dir.is_dir():
+        return f"{run_dir} does not exist; give the folder of a reward run ({train_one})"
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} has no config.yaml: not a tuneforge run folder ({train_one})"
+    try:
+        objective = yaml.safe_load((run_dir / "config.yaml").read_text())["objective"]["name"]
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        return f"{run_dir}/config.yaml names no objective ({type(e).__name__}: {e}): not a tuneforge run config"
+    head = run_dir / "head" / "config.json"
+    if objective == "classify":
+        n = f" with {len(json.loads(head.read_text())['id2label'])} labels" if head.is_file() else ""
+        return f"{run_dir} is a classify run{n}; a reward model has 1 score: {train_one}"
+    if objective != "reward":
+        return f"{run_dir} is a '{objective}' run, not a reward model: {train_one}"
+    if not head.is_file() or not (run_dir / "summary.json").is_file():
+        return (f"{run_dir} is an unfinished reward run (no head/config.json or summary.json): "
+                f"finish it with tuneforge train --resume {run_dir}")
+    return None
 
 
 def load_head(run_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -2,10 +2,10 @@
 prompts -> policy (method applied) + reward model (a reward run, merged) -> trl GRPO/RLOO
 with a KL penalty -> save -> held-out reward before/after.
 
-trl runs the loop (sampling, group advantages, clipped policy loss, KL to the reference);
-tuneforge adds the run folder and a watch for reward hacking: every logged step writes
-KL, reward and answer length to metrics.jsonl, and training stops with a warning when
-the KL explodes or the answers collapse in length.
+trl runs the loop (sampling, group advantages, clipped policy loss, KL to the reference)
+and checkpoints it for --resume; tuneforge adds the run folder and a watch for reward
+hacking: every logged step writes KL, reward and answer length to metrics.jsonl, and
+training stops with a warning when the KL explodes or the answers collapse in length.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig
+from tuneforge.config import RunConfig
 from tuneforge.data.render import with_system
 from tuneforge.io import write_json
 from tuneforge.methods import METHODS, count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
+from tuneforge.train.checkpoint import truncate_metrics
 from tuneforge.train.common import finish, start_run
 
 
@@ -85,6 +86,7 @@ def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[di
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from tuneforge.train.heads import load_head
@@ -93,9 +95,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     # --- setup and prompts ---------------------------------------------------------------
     run = start_run(cfg, resume, console)
     method, opts, t = METHODS[cfg.method.name], cfg.objective, cfg.train
-    reward_dir = Path(opts.reward_run)
-    if not (reward_dir / "head" / "config.json").exists():
-        raise ConfigError([f"objective.reward_run: {reward_dir} is not a finished reward run (no head/config.json)"])
+    reward_dir = Path(opts.reward_run)  # checked by preflight (objectives/policy.py)
     prompts = {s: [with_system(r["prompt"], cfg.data.system_prompt) for r in getattr(run.splits, s)]
                for s in ("train", "test")}
 
@@ -121,25 +121,39 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- train (trl) ---------------------------------------------------------------------
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
+    trl_dir = run.run_dir / "trl"
     args = config_cls(
-        output_dir=str(run.run_dir / "trl"), learning_rate=t.lr, max_steps=t.max_steps or -1,
+        output_dir=str(trl_dir), learning_rate=t.lr, max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,  # < 1: a ratio
         # train.batch_size counts prompts; trl's batch counts answers (num_generations per prompt).
         per_device_train_batch_size=t.batch_size * opts.num_generations, gradient_accumulation_steps=t.grad_accum,
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
         temperature=opts.temperature, beta=opts.beta, max_grad_norm=t.max_grad_norm or 0.0, seed=t.seed,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=run.device == "cpu",
+        logging_steps=1, report_to=[], use_cpu=run.device == "cpu",
         bf16=run.dtype == torch.bfloat16, fp16=run.dtype == torch.float16,
+        # trl's checkpoints (adapter, optimizer, scheduler, RNG, data position) land in
+        # run/trl/checkpoint-N for --resume. With save_every=0 there are none: the finished
+        # adapter is saved below, and a checkpoint at the last step would resume nothing.
+        **({"save_strategy": "steps", "save_steps": t.save_every, "save_total_limit": t.keep_checkpoints}
+           if t.save_every else {"save_strategy": "no"}),
     )
     watch: dict = {}
     metrics_path = run.run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    last = get_last_checkpoint(str(trl_dir)) if run.resume and trl_dir.is_dir() else None
+    if last is not None:
+        truncate_metrics(metrics_path, int(last.rsplit("-", 1)[1]))  # checkpoint-N: N steps done
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        if rows:  # the collapse alarm compares with the first step's length, not the resumed one's
+            watch["first_length"] = rows[0].get("completions/mean_length")
+        console.print(f"resumed from {last}")
+    else:
+        metrics_path.unlink(missing_ok=True)
     trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts["train"]]),
                           processing_class=tok, reward_processing_classes=reward_tok,
                           callbacks=[_watch_callback(metrics_path, opts, console, watch)])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
 
     # --- save and evaluate ---------------------------------------------------------------
     if "ref" in getattr(model, "peft_config", {}):  # trl's frozen copy of the starting adapter

@@ -52,6 +52,7 @@ def preflight(cfg: RunConfig) -> None:
     except Exception as e:  # noqa: BLE001 - reported as a config problem, with the loader's message
         raise ConfigError([f"model.name: {e}"]) from None
     problems += METHODS[cfg.method.name].check(cfg.method, names)
+    problems += OBJECTIVES[cfg.objective.name].check(cfg.objective)
     tasks = [t for t, _ in task_configs(cfg)]
     for spec in [s for t in tasks for s in (*t.train, *t.validation, *t.test)]:
         if not spec.startswith("builtin:") and not Path(spec).exists():
@@ -178,14 +179,12 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                       f"{cfg.privacy.max_grad_norm}, sample rate {private.sample_rate:.4f}")
     step_optimizer = private.optimizer if private else optimizer
 
-    pos = ckpt.Position()
+    pos, last = ckpt.Position(), None
     metrics_path = run_dir / "metrics.jsonl"
-    last = ckpt.latest_checkpoint(run_dir) if resume else None
-    if last is not None:
-        pos, rng = ckpt.load_checkpoint(last, model, optimizer, scheduler)
-        ckpt.set_rng_state(rng)
-        if main:
-            _truncate_metrics(metrics_path, pos.step)
+    restored = (ckpt.restore_latest(run_dir, model, optimizer, scheduler, metrics_path if main else None)
+                if resume else None)
+    if restored is not None:
+        pos, last = restored
         console.print(f"resumed from {last} (step {pos.step}, epoch {pos.epoch}, batch {pos.micro})")
     elif main and metrics_path.exists():
         metrics_path.unlink()
@@ -224,13 +223,9 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         early stopper as it was at that checkpoint."""
         step_optimizer.zero_grad(set_to_none=True)
         bad_step = pos.step + 1
-        good = ckpt.latest_checkpoint(run_dir)
-        loaded, rng = ckpt.load_checkpoint(good, model, optimizer, scheduler)
-        ckpt.set_rng_state(rng)
+        loaded, good = ckpt.restore_latest(run_dir, model, optimizer, scheduler, metrics_path if main else None)
         vars(pos).update(vars(loaded))
         scale_lr(optimizer, scheduler, t.nan_lr_factor)
-        if main:
-            _truncate_metrics(metrics_path, pos.step)
         log({"kind": "rollback", "step": pos.step, "bad_step": bad_step, "loss": str(loss),
              "lr_factor": t.nan_lr_factor})
         console.print(f"[yellow]loss {loss} at step {bad_step}[/]: rolled back to {good.name}, LR x{t.nan_lr_factor}")
@@ -457,14 +452,6 @@ def _eval_history(path: Path) -> list[tuple[int, float]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
