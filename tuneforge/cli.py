@@ -483,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--forgetting-texts", type=int, help="general-domain texts for the forgetting probe (0: skip)")
     e.add_argument("--forgetting-threshold", type=float, help="flag a relative perplexity rise above this (0.1)")
     e.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (if installed)")
+    e.add_argument("--harness-include", metavar="DIR", help="a folder of local lm-evaluation-harness task YAMLs")
     e.set_defaults(fn=cmd_eval)
 
     cp = sub.add_parser("compare", help="zero-shot vs few-shot vs RAG vs fine-tuning (+RAG) on one task")

@@ -1,6 +1,8 @@
 """`tuneforge eval` and `tuneforge compare` through the real CLI on the tiny Llama."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +13,10 @@ pytestmark = pytest.mark.integration
 
 
 def tf(*args):
+    # Offline like CI: lm-evaluation-harness must say its hub tasks are unavailable, not hang retrying.
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "tuneforge", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +55,52 @@ def test_eval_run_against_zero_and_few_shot_base(tiny_run, tmp_path):
     assert res["forgetting"]["texts"] == 12 and res["forgetting"]["perplexity_before"] > 1
     assert res["diagnosis"] and res["lineage"]["data_manifest_sha256"] == json.loads(
         (run / "data_report.json").read_text())["manifest_sha256"]
-    assert "lm-evaluation-harness is not installed" in r.stdout.replace("\n", " ")
+    said = " ".join(r.stdout.split())
+    if importlib.util.find_spec("lm_eval"):
+        assert "the data of hellaswag is not available locally" in said
+        assert res["harness"]["skipped"].startswith("task data not available")
+    else:
+        assert "lm-evaluation-harness is not installed" in said
     assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 15
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Forgetting probe" in html and "Lineage" in html
     assert "tuned - base zero-shot" in (out / "report.md").read_text()
+
+
+HARNESS_TASK = """task: tf_capitals
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness not installed "
+                    "(pip install 'tuneforge[harness]')")
+def test_harness_scores_a_local_task_on_the_tuned_model(tiny_run, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [("France", ["Paris", "Berlin", "Madrid"], 0), ("Germany", ["Rome", "Berlin", "Oslo"], 1),
+            ("Italy", ["Lisbon", "Vienna", "Rome"], 2), ("Spain", ["Madrid", "Paris", "Prague"], 0)]
+    (tasks / "capitals.jsonl").write_text("".join(
+        json.dumps({"question": f"What is the capital of {c}?", "choices": ch, "answer": a}) + "\n" for c, ch, a in rows))
+    (tasks / "capitals.yaml").write_text(HARNESS_TASK.format(data=tasks / "capitals.jsonl"))
+    _, run = tiny_run
+    r = tf("eval", run, "--data", "test", "--limit", "2", "--max-new-tokens", "2", "--forgetting-texts", "0",
+           "--harness", "tf_capitals", "--harness-include", tasks, "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr
+    harness = json.loads((tmp_path / "ev" / "eval_results.json").read_text())["harness"]
+    acc = harness["results"]["tf_capitals"]["acc,none"]
+    assert harness["tasks"] == ["tf_capitals"] and acc in (0.0, 0.25, 0.5, 0.75, 1.0)  # scored all 4 questions
+    assert "lm-evaluation-harness tf_capitals" in r.stdout
+    bad = tf("eval", run, "--data", "test", "--harness", "tf_capitals", "--harness-include", tmp_path / "nope")
+    assert bad.returncode != 0 and "not a folder of lm-evaluation-harness task YAMLs" in bad.stderr + bad.stdout
 
 
 def test_eval_model_on_a_label_file_with_baseline(tiny_model_dir, tmp_path):

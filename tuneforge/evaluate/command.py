@@ -49,6 +49,7 @@ class EvalOptions(BaseModel):
     forgetting_texts: int = Field(100, ge=0, description="general-domain texts for the forgetting probe (0: skip)")
     forgetting_threshold: float = Field(0.10, gt=0, description="flag a relative perplexity rise above this")
     harness: str | None = Field(None, description="comma-separated lm-evaluation-harness tasks")
+    harness_include: Path | None = Field(None, description="a folder of lm-evaluation-harness task YAMLs")
 
 
 def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
@@ -65,6 +66,8 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     rows, train_rows, lineage = load_eval_rows(opts.data, cfg, target)
     if opts.few_shot and not train_rows:
         raise DataError("--few-shot draws its examples from a run's train split: pass a run folder")
+    if opts.harness_include is not None and not opts.harness_include.is_dir():
+        raise DataError(f"--harness-include {opts.harness_include}: not a folder of lm-evaluation-harness task YAMLs")
     model, tok, system_prompt, device, dtype = load_for_inference(opts.target, opts.device)
     gen = GenSettings(max_new_tokens=opts.max_new_tokens or (cfg.eval.max_new_tokens if cfg else 64),
                       batch_size=opts.batch_size or (cfg.eval.batch_size if cfg else 16), device=device,
@@ -137,7 +140,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
         findings = [f.model_dump() for f in diagnose(*read_curves(target / "metrics.jsonl"))]
 
     # --- lm-evaluation-harness (optional) ----------------------------------------------
-    harness = run_harness(model, tok, opts.harness, console) if opts.harness else None
+    harness = run_harness(model, tok, opts.harness, opts.harness_include, console) if opts.harness else None
 
     # --- write -------------------------------------------------------------------------
     results = {"target": opts.target, "data": opts.data, "n": len(convs), "kind": kind, "labels": labels,
@@ -206,20 +209,42 @@ def compare_systems(base: dict, tuned: dict, opts: EvalOptions) -> dict:
     return out
 
 
-def run_harness(model, tok, tasks: str, console: Console) -> dict | None:
-    """lm-evaluation-harness on the in-memory model, when installed (it is not a dependency)."""
+def run_harness(model, tok, tasks: str, include: Path | None, console: Console) -> dict:
+    """lm-evaluation-harness on the in-memory model, when installed (it is not a dependency).
+
+    A harness failure (unknown task, task data not reachable offline) is reported and the
+    rest of the evaluation is kept: the harness is an extra, not the evaluation itself."""
     if importlib.util.find_spec("lm_eval") is None:
         console.print("[yellow]--harness skipped[/]: lm-evaluation-harness is not installed "
-                      "(pip install lm-eval; its tasks download their data from the Hugging Face hub)")
+                      "(pip install 'tuneforge[harness]'; its tasks download their data from the Hugging Face hub)")
         return {"skipped": "lm_eval is not installed"}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=str(include) if include else None)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        console.print(f"[yellow]--harness skipped[/]: unknown lm-evaluation-harness task(s) {', '.join(unknown)} "
+                      f"(`lm-eval ls tasks` lists them; local task YAMLs go in a folder given to --harness-include)")
+        return {"skipped": f"unknown tasks: {', '.join(unknown)}"}
     # HFLM takes a transformers PreTrainedModel; a peft model's base model still holds the
     # (enabled) LoRA layers, so it scores the tuned model without merging anything.
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    res = lm_eval.simple_evaluate(model=HFLM(pretrained=hf_model, tokenizer=tok), tasks=tasks.split(","))
-    return {"results": res.get("results", {})}
+    try:
+        res = lm_eval.simple_evaluate(model=HFLM(pretrained=hf_model, tokenizer=tok), tasks=names,
+                                      task_manager=manager)
+    except (ConnectionError, OSError) as e:  # hub unreachable: datasets/huggingface_hub raise OSError subclasses
+        console.print(f"[yellow]--harness skipped[/]: the data of {', '.join(names)} is not available locally and the "
+                      f"Hugging Face hub cannot be reached ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                      f"Run once with the hub reachable (it caches), or give a local task with --harness-include")
+        return {"skipped": f"task data not available: {type(e).__name__}"}
+    results = res.get("results", {})
+    for task, scores in results.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
+        console.print(f"lm-evaluation-harness {task}: {shown}")
+    return {"tasks": names, "results": results}
 
 
 def fmt(name: str, v: float | None) -> str:
