@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 data.packing=true")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on GPU)")
+                   help="data-parallel processes on this machine (torchrun; gloo on CPU, nccl on GPU); "
+                        "the model is replicated, or sharded with train.distributed=fsdp")
     t.add_argument("--force", action="store_true", help="train even if `tuneforge plan` says it will not fit")
     t.set_defaults(fn=cmd_train)
 

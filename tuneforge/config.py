@@ -108,6 +108,11 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 on CUDA and on CPUs with bf16 units, else fp32"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with --nproc N: ddp replicates the model on every process and sums gradients; fsdp "
+        "shards weights, gradients and optimizer state across the processes (FSDP2, per decoder layer)",
+    )
     eval_every: int = Field(50, ge=0, description="validation loss every N optimizer steps (0: only at the end)")
     save_every: int = Field(100, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0)
@@ -325,9 +330,29 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
             problems += format_errors(err, opts_cls, prefix=(section,),
                                       owners=methods_taking if section == "method" else None)
 
+    if cfg is not None and cfg.train.distributed == "fsdp":
+        problems += _fsdp_problems(cfg, plugged)
     if problems:
         raise ConfigError(problems, source)
     return cfg.model_copy(update=plugged)
+
+
+def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
+    """Combinations the sharded loop (train/distributed.py) does not run."""
+    from tuneforge.methods import METHODS
+    from tuneforge.objectives import OBJECTIVES
+
+    problems = []
+    if "method" in plugged and not METHODS[plugged["method"].name].shardable:
+        problems.append(f"train.distributed=fsdp with method '{plugged['method'].name}': its weights cannot be "
+                        f"sharded; use train.distributed=ddp")
+    if "objective" in plugged and OBJECTIVES[plugged["objective"].name].recipe:
+        problems.append(f"train.distributed=fsdp with objective '{plugged['objective'].name}': it trains in a loop "
+                        f"of its own, which does not shard; use train.distributed=ddp")
+    if cfg.continual.ewc_lambda:
+        problems.append("train.distributed=fsdp with continual.ewc_lambda: the EWC penalty needs every weight whole "
+                        "on every process; use train.distributed=ddp")
+    return problems
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -32,6 +32,22 @@ def test_unknown_method_and_top_level_key():
     assert "did you mean 'train'?" in str(e.value)
 
 
+def test_fsdp_refuses_what_cannot_be_sharded_all_at_once():
+    assert validate_config(base()).train.distributed == "ddp"
+    assert validate_config(base() | {"train": {"distributed": "fsdp"}, "method": {"name": "full"}})
+    with pytest.raises(ConfigError, match="train.distributed"):
+        validate_config(base() | {"train": {"distributed": "zero3"}})
+    raw = base() | {"train": {"distributed": "fsdp"}, "method": {"name": "hft"}, "objective": {"name": "dpo"},
+                    "continual": {"ewc_lambda": 10.0, "previous": [{"name": "old", "train": ["builtin:orders"]}]}}
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    problems = e.value.problems
+    assert len(problems) == 3
+    assert "method 'hft'" in problems[0] and "objective 'dpo'" in problems[1] and "ewc_lambda" in problems[2]
+    assert all("use train.distributed=ddp" in p for p in problems)
+    assert validate_config(raw | {"train": {"distributed": "ddp"}})  # the same run replicated is fine
+
+
 def test_missing_data_is_named():
     with pytest.raises(ConfigError, match="'data' is required"):
         validate_config({})

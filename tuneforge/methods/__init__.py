@@ -21,6 +21,8 @@ from tuneforge.config import Strict
 class Method:
     name: ClassVar[str]
     options: ClassVar[type[Strict]]
+    # train.distributed=fsdp splits every weight across processes (train/distributed.py).
+    shardable: ClassVar[bool] = True
 
     def check(self, opts, module_names: list[str]) -> list[str]:
         """Problems with ``opts`` for a model with these module names (read from a meta model)."""

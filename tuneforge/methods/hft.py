@@ -75,6 +75,8 @@ class HftState:
 class HFT(Method):
     name = "hft"
     options = HftOptions
+    # Its gradient hooks sit on the whole parameters that FSDP replaces with shards.
+    shardable = False
 
     def check(self, opts, module_names):
         return [] if block_names(module_names) else ["method hft: found no transformer blocks in this model"]

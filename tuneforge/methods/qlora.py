@@ -37,6 +37,8 @@ class QLoRA(LoRA):
     name = "qlora"
     options = QloraOptions
     fast_bf16_inputs = False
+    # bitsandbytes' packed 4-bit weights (Params4bit) are not plain tensors that FSDP2 can split.
+    shardable = False
 
     def check(self, opts, module_names):
         problem = bitsandbytes_problem()

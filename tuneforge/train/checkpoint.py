@@ -2,7 +2,8 @@
 
 Trainable weights go to safetensors; optimizer/scheduler/RNG state to a torch file read
 back with ``weights_only=True`` (plain tensors and containers, never arbitrary pickles).
-Each checkpoint is written to a temp folder and renamed into place.
+Each checkpoint is written to a temp folder and renamed into place. Under FSDP the files are
+the same: the shards are gathered into whole tensors to write, and cut again when read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.io import atomic_dir, atomic_write_text
+from tuneforge.train import distributed
 
 
 @dataclass
@@ -40,16 +42,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Trained weights by name, whole, on the CPU. Under FSDP every rank must call this (it
+    gathers the shards); ranks with ``keep=False`` drop each tensor once gathered."""
+    state = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = distributed.whole(p.detach())
+            if keep:
+                state[n] = t.contiguous().cpu()
+    return state
 
 
-def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler, rng: dict, keep: int) -> Path:
+def optimizer_state(optimizer, keep: bool = True) -> dict:
+    """``optimizer.state_dict()`` with whole tensors (gathered like ``trainable_state``)."""
+    state = optimizer.state_dict()
+    per_param = {}
+    for i, s in state["state"].items():
+        whole = {k: distributed.whole(v) for k, v in s.items()}
+        if keep:
+            per_param[i] = whole
+    return state | {"state": per_param} if keep else {}
+
+
+def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler, rng: dict, keep: int,
+                    write: bool = True) -> Path | None:
+    """``write=False``: only take part in gathering FSDP shards (the ranks other than 0)."""
+    weights, optim = trainable_state(model, keep=write), optimizer_state(optimizer, keep=write)
+    if not write:
+        return None
     target = ckpt_root / f"step-{pos.step:06d}"
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                   tmp / "state.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(pos)))
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -69,9 +94,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[Position, 
         raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}...)")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t)
+            params[n].copy_(distributed.like(t, params[n]))
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(_cut_like_params(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     return Position(**json.loads((path / "position.json").read_text())), state["rng"]
 
@@ -95,3 +120,11 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+def _cut_like_params(optim_state: dict, optimizer) -> dict:
+    """Whole per-parameter tensors (moments) cut to this rank's shard of their parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return optim_state | {"state": {
+        i: {k: distributed.like(v, params[i]) if v.shape == params[i].shape else v for k, v in s.items()}
+        for i, s in optim_state["state"].items()}}

@@ -95,19 +95,21 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     console = (console or Console()) if main else Console(quiet=True)
     if world.size > 1 and cfg.privacy is not None:
         raise ConfigError(["privacy with --nproc > 1 is not supported (Opacus needs DPDDP); train on one process"])
+    sharded = world.size > 1 and cfg.train.distributed == "fsdp"  # one process: nothing to shard
     dtype = pick_dtype(cfg.train.dtype, device)
     if not force:  # the estimate of `tuneforge plan`: refuse, with the fix, a run that cannot fit
         ensure_fits(cfg, device)
     run_dir = resume or new_run_dir(cfg, create=main)
     if main:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        write_json(run_dir / "environment.json", environment(device, dtype) | {"world_size": world.size})
+        write_json(run_dir / "environment.json", environment(device, dtype)
+                   | {"world_size": world.size, "distributed": cfg.train.distributed if world.size > 1 else None})
     distributed.barrier(world)
     method, objective = METHODS[cfg.method.name], OBJECTIVES[cfg.objective.name]
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     console.print(f"[bold]run[/] {run_dir}  device={device} dtype={str(dtype).replace('torch.', '')}"
-                  + (f"  processes={world.size}" if world.size > 1 else ""))
+                  + (f"  processes={world.size} ({cfg.train.distributed})" if world.size > 1 else ""))
 
     # --- data --------------------------------------------------------------------------
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
@@ -122,17 +124,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         report_tasks(run_dir, tasks, mixture, console)
 
     # --- model -------------------------------------------------------------------------
-    model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, dtype), device,
-                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
-                           method.quantization_config(cfg.method, dtype))
-    fix_chat_tokenizer(tok, model)
-    # Rows laid end to end (padding-free batches, packing) attend per example (train/varlen.py).
-    per_example_attention = ((cfg.train.padding_free or cfg.data.packing) and getattr(method, "padding_free", True)
-                             and cfg.privacy is None and varlen.enable(model))
+    model, per_example_attention = load_model(cfg, method, dtype, device, tok)
     padding_free = cfg.train.padding_free and per_example_attention and not cfg.data.packing
-    if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, cfg.method)
     if cfg.train.init_from:
         n = init_from(model, cfg.train.init_from)
         console.print(f"continuing from {cfg.train.init_from} ({n} tensors)")
@@ -141,6 +134,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                   f"({100 * n_train / n_total:.3f}%)"
                   + ("; batches padding-free" if padding_free else "; packed" if cfg.data.packing else ""))
     hidden_path = cfg.train.logits_at_trained_only and getattr(method, "supports_hidden_path", True)
+    # Under FSDP the loss runs through the root that gathers the weights (train/distributed.py).
+    loss_of = distributed.shard(model, objective) if sharded else objective
 
     # --- optimizer and schedule --------------------------------------------------------
     from transformers import get_scheduler
@@ -212,9 +207,9 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     def save(rng=None, at: ckpt.Position | None = None):
         path = None
-        if main:
+        if main or sharded:  # under FSDP every rank takes part in gathering the shards
             path = ckpt.save_checkpoint(run_dir / "checkpoints", at or pos, model, optimizer, scheduler,
-                                        rng or ckpt.rng_state(), t.keep_checkpoints)
+                                        rng or ckpt.rng_state(), t.keep_checkpoints, write=main)
         distributed.barrier(world)
         return path
 
@@ -256,11 +251,12 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 loss_total = 0.0
                 for b in window[world.rank :: world.size]:
                     with autocast(device, dtype):
-                        loss_sum, _ = objective.loss(model, to_device(b, device), opts, hidden_path=hidden_path)
+                        loss_sum, _ = loss_of.loss(model, to_device(b, device), opts, hidden_path=hidden_path)
                     (loss_sum * scale).backward()
                     loss_total += loss_sum.item()
                 loss = distributed.all_sum(world, loss_total) / max(n_tok, 1)
-                distributed.sum_gradients(world, params)
+                if not sharded:  # FSDP has reduce-scattered them during backward
+                    distributed.sum_gradients(world, params)
                 penalty = None
                 if extra_loss is not None:
                     penalty = extra_loss()
@@ -285,14 +281,15 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
             tps = tokens_seen / (time.perf_counter() - t_loop)
             lr = scheduler.get_last_lr()[0]
             row = {"kind": "train", "step": pos.step, "epoch": pos.epoch, "loss": round(loss, 5), "lr": lr,
-                   "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tps, 1), "trained_tokens": n_tok}
+                   "grad_norm": round(float(distributed.whole(grad_norm)), 4), "tokens_per_s": round(tps, 1),
+                   "trained_tokens": n_tok}
             if penalty is not None:
                 row["ewc_penalty"] = round(penalty.item(), 6)
             log(row)
             progress.update(bar, advance=1, info=f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
             is_last = pos.step == steps
             if val_batches and ((t.eval_every and pos.step % t.eval_every == 0) or is_last):
-                per_task = {name: validation_loss(model, objective, opts, vb, device=device, dtype=dtype,
+                per_task = {name: validation_loss(model, loss_of, opts, vb, device=device, dtype=dtype,
                                                   hidden_path=hidden_path) for name, vb in val_batches.items()}
                 vl = sum(per_task[n] for n in selected) / max(len(selected), 1)
                 row = {"kind": "eval", "step": pos.step, "val_loss": round(vl, 5)}
@@ -303,8 +300,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 log(row)
                 progress.console.print(f"step {pos.step}: train loss {loss:.4f}  validation loss {vl:.4f}"
                                        + "".join(f"  {n} {v:.4f}" for n, v in per_task.items() if len(per_task) > 1))
-                if stopper.update(pos.step, vl) and t.early_stopping_patience and main:
-                    save_file(ckpt.trainable_state(model), str(best_path))
+                if stopper.update(pos.step, vl) and t.early_stopping_patience and (main or sharded):
+                    best = ckpt.trainable_state(model, keep=main)
+                    if main:
+                        save_file(best, str(best_path))
                 if on_eval is not None:
                     on_eval(pos.step, vl)
                 if stopper.should_stop and not is_last:
@@ -319,9 +318,13 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     if private:
         private.close()
     distributed.barrier(world)
+    trained = ckpt.trainable_state(model, keep=main) if sharded else None
     if not main:
         distributed.teardown(world)
         return run_dir
+    if sharded:  # rank 0 goes on alone (save, evaluate), so with whole weights in an unsharded model
+        model, _ = load_model(cfg, method, dtype, device, tok)
+        restore_trainable(model, trained)
 
     # --- save --------------------------------------------------------------------------
     summary = {"steps": pos.step, "train_seconds": round(train_seconds, 1), "tokens_per_s": round(tps, 1),
@@ -355,6 +358,20 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     distributed.teardown(world)
     console.print(f"[bold green]done[/] in {summary['total_seconds']:.0f}s: {run_dir}")
     return run_dir
+
+
+def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
+    """The base model prepared for the method; also whether rows laid end to end (padding-free
+    batches, packing) attend per example (train/varlen.py)."""
+    model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, dtype), device,
+                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
+                           method.quantization_config(cfg.method, dtype))
+    fix_chat_tokenizer(tok, model)
+    per_example_attention = ((cfg.train.padding_free or cfg.data.packing) and getattr(method, "padding_free", True)
+                             and cfg.privacy is None and varlen.enable(model))
+    if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return method.apply(model, cfg.method), per_example_attention
 
 
 def fisher_batches(tasks: list[Task], cfg: RunConfig, pad_id: int) -> list[dict]:
