@@ -46,6 +46,13 @@ def test_too_high_lr_spikes_divergence_and_nan():
     assert "not finite" in diagnose(curve([1.0, 0.8, math.nan]), [])[0].evidence
 
 
+def test_near_zero_loss_wobble_is_not_a_spike():
+    """A converged run's 0.002 -> 0.007 is 3.5x the median but 0.005 nats: noise, not a high LR."""
+    converged = [0.5 * 0.7 ** i + 0.002 for i in range(40)]
+    converged[35] = 0.007
+    assert kinds(curve(converged), []) == ["ok"]
+
+
 def test_read_curves_from_metrics_jsonl(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [{"kind": "train", "step": 1, "loss": 1.0},

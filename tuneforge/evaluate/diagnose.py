@@ -20,7 +20,8 @@ class Finding(BaseModel):
 
 
 class Thresholds(BaseModel):
-    spike_ratio: float = 2.0  # a train loss this many times the recent median is a spike
+    spike_ratio: float = 2.0  # a train loss this many times the recent median is a spike...
+    spike_min_rise: float = 0.1  # ...and this many nats above it: 0.002 -> 0.007 near zero loss is noise
     overfit_rise: float = 0.05  # val loss this much (relative) above its minimum, at the end
     flat_drop: float = 0.10  # train loss fell by less than this share: the model barely learned
     high_loss: float = 2.0  # nats per token: still this high at the end is under-fitting
@@ -58,7 +59,7 @@ def lr_too_high(train: Curve, th: Thresholds) -> Finding | None:
     spikes = []
     for i in range(5, len(train)):
         med = _median([v for _, v in train[max(0, i - 10):i]])
-        if train[i][1] > th.spike_ratio * med:
+        if train[i][1] > th.spike_ratio * med and train[i][1] - med > th.spike_min_rise:
             spikes.append((train[i][0], train[i][1], med))
     start, end = _window_mean(train)
     if len(train) >= 5 and end > start:
