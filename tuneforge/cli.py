@@ -36,8 +36,16 @@ def cmd_train(args) -> int:
         raise SystemExit("tuneforge train: give a CONFIG file (see examples/), or --resume RUN_DIR")
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
+        from tuneforge.objectives import OBJECTIVES
         from tuneforge.train.distributed import launch
         from tuneforge.train.run import new_run_dir
+
+        if OBJECTIVES[cfg.objective.name].recipe:
+            # Their loops (pairs, heads, trl's policy trainer) do not split batches across
+            # ranks: N processes would each train the whole run and write the same folder.
+            raise SystemExit(f"--nproc {args.nproc}: data-parallel training covers the token-loss objectives "
+                             f"(sft, cpt, distill); objective '{cfg.objective.name}' trains on one process "
+                             f"(drop --nproc)")
 
         return launch([*(["--force"] if args.force else []), args.config, *args.overrides], args.nproc,
                       new_run_dir(cfg, create=False).name)

@@ -21,3 +21,13 @@ def test_rlhf_example_validates():
     cfgs = stage_configs(yaml.safe_load((EXAMPLES / "rlhf.yaml").read_text()))
     assert [c.objective.name for c in cfgs.values()] == ["sft", "reward", "policy"]
     assert cfgs["policy"].objective.algorithm == "grpo"
+
+
+def test_nproc_is_refused_for_objectives_with_their_own_loop(monkeypatch):
+    from tuneforge.cli import main
+
+    monkeypatch.setenv("TUNEFORGE_ALLOCATOR", "off")  # no re-exec of the test process with tcmalloc
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--nproc", "2", str(EXAMPLES / "dpo.yaml")])
+    assert "objective 'dpo' trains on one process" in str(e.value)
