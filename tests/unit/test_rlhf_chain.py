@@ -18,8 +18,10 @@ def _chain_cfg(tiny_model_dir, tmp_path):
             "data": {"train": ["builtin:orders_preference?n=40&seed=2"], "max_length": 200},
             "output_dir": str(tmp_path / "runs"), "run_name": "chain",
             "stages": {"sft": {"data": {"train": ["builtin:orders?n=40&seed=2"]}},
+                       # bf16 like the embedded model: the base in bf16, LoRA in fp32, and trl
+                       # generating outside its own autocast (a dtype clash it once hit).
                        "policy": {"objective": {"max_completion_length": 8, "num_generations": 2},
-                                  "train": {"batch_size": 2}}}}
+                                  "train": {"batch_size": 2, "dtype": "bf16"}}}}
 
 
 def test_stage_configs_link_the_stages_and_report_all_problems(tiny_model_dir, tmp_path):

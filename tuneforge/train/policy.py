@@ -24,6 +24,7 @@ from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.train.checkpoint import truncate_metrics
 from tuneforge.train.common import finish, start_run
+from tuneforge.train.loop import autocast
 
 
 def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_length_ratio: float) -> str | None:
@@ -67,14 +68,14 @@ def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict)
 
 @torch.no_grad()
 def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[dict]], max_new_tokens: int,
-                    device: str) -> dict:
+                    device: str, dtype: torch.dtype) -> dict:
     """Mean reward-model score of greedy answers to held-out prompts, and their mean length."""
     from tuneforge.evaluate.generate import generate_texts
 
     ids = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
            for p in prompts]
     answers = generate_texts(policy, tok, ids, max_new_tokens=max_new_tokens, batch_size=8, device=device,
-                             autocast_dtype=None)
+                             autocast_dtype=None if dtype == torch.float32 else dtype)
     texts = [reward_tok.apply_chat_template([*p, {"role": "assistant", "content": a}], tokenize=False)
              for p, a in zip(prompts, answers)]
     enc = reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -117,7 +118,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     if n_test and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
-                                              opts.max_completion_length, run.device)
+                                              opts.max_completion_length, run.device, run.dtype)
 
     # --- train (trl) ---------------------------------------------------------------------
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
@@ -153,7 +154,11 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts["train"]]),
                           processing_class=tok, reward_processing_classes=reward_tok,
                           callbacks=[_watch_callback(metrics_path, opts, console, watch)])
-    trainer.train(resume_from_checkpoint=last)
+    # Under autocast like every tuneforge loop: a bf16 base with fp32 LoRA weights runs its
+    # adapters on bf16 inputs (methods/lora.py skips peft's input up-cast), and trl generates
+    # its completions outside the Trainer's own autocast.
+    with autocast(run.device, run.dtype):
+        trainer.train(resume_from_checkpoint=last)
 
     # --- save and evaluate ---------------------------------------------------------------
     if "ref" in getattr(model, "peft_config", {}):  # trl's frozen copy of the starting adapter
@@ -162,7 +167,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     tok.save_pretrained(run.run_dir / "adapter")
     if n_test:
         results["tuned"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
-                                           opts.max_completion_length, run.device)
+                                           opts.max_completion_length, run.device, run.dtype)
         write_json(run.run_dir / "eval.json", results)
         if "base" in results:
             console.print(f"held-out prompts ({n_test}): reward {results['base']['reward']:.3f} -> "
