@@ -80,7 +80,8 @@ def test_admin_endpoints_need_an_admin_key_and_change_things_live(reg, run_dirs,
         r = _admin(c, "adapters/unload", admin, model="bot:v2")
         assert r.json()["unloaded"] == "bot:v2" and "bot:v2" not in r.json()["resident"]
         assert _admin(c, "adapters/unload", admin, model="bot:v2").json()["unloaded"] is None
-        assert c.get("/admin/adapters", headers={"Authorization": f"Bearer {admin}"}).json()["resident"][-1] == "bot:v3"
+        listed = c.get("/admin/adapters", headers={"Authorization": f"Bearer {admin}"}).json()
+        assert listed["resident"][-1] == "bot:v3" and listed["paths"] == {"bot:v1": "gathered", "bot:v3": "gathered"}
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         hdr = {"Authorization": f"Bearer {app_key}"}
         assert c.post("/v1/chat/completions", json={"model": "bot:v2", **chat}, headers=hdr).json()["model"] == "bot:v2"

@@ -37,9 +37,10 @@ def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_r
 
     @router.get("/adapters")
     async def resident():
-        """Adapters loaded in the engine, least recently used first."""
+        """Adapters loaded in the engine, least recently used first, and how each is served
+        ("gathered": plain LoRA batched by multilora.py; "peft": any other adapter type)."""
         needs("resident")
-        return {"resident": engine.resident()}
+        return {"resident": engine.resident(), "paths": engine.paths()}
 
     @router.post("/adapters/load")
     async def load(body: AdapterRef):

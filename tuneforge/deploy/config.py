@@ -34,6 +34,9 @@ class EngineConfig(Strict):
     max_batch: int = Field(16, gt=0, description="most requests run in one forward pass")
     batch_wait_ms: float = Field(10, ge=0, description="how long the first request waits for others to batch with")
     max_adapters: int | None = Field(None, gt=0, description="LRU bound on resident adapters (default: no bound)")
+    lora: Literal["gathered", "peft"] = Field(
+        "gathered", description="how plain LoRA adapters share a batch: gathered (all of a batch's adapters in "
+                                "three ops per layer) or peft (adapter_names=, one sub-batch per adapter per layer)")
     # vllm: a running OpenAI-compatible vLLM server (url), or one tuneforge starts (launch)
     url: str | None = None
     api_key: str | None = None

@@ -2,8 +2,9 @@
 on which base, the prompt, sampling) into a stream of text chunks.
 
 local  one base model per base name in this process, every registry version a named
-       LoRA adapter on it; concurrent requests are micro-batched and requests for
-       different adapters run in one forward pass (peft ``adapter_names=`` batches).
+       adapter on it; concurrent requests are micro-batched and requests for different
+       plain LoRA adapters run in one forward pass (multilora.py; other adapter types
+       through peft).
 vllm   forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
        --lora-modules NAME:vN=RUN_DIR/adapter per version).
 """
@@ -11,15 +12,22 @@ vllm   forwards to a vLLM OpenAI-compatible server (started with --enable-lora a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from tuneforge.deploy.multilora import LoraBank
+
+log = logging.getLogger("tuneforge.serve")
 
 
 @dataclass(frozen=True)
@@ -142,26 +150,43 @@ class _RowStreamer:
         job.loop.call_soon_threadsafe(job.out.put_nowait, chunk)
 
 
+@dataclass
+class _Base:
+    """One base model and its adapters. Plain LoRA adapters live in ``bank`` and run together in
+    one batch (multilora.py); any other adapter is loaded into ``peft``, a PeftModel made on the
+    first such adapter, which wraps the same model's modules in place."""
+
+    model: Any  # the transformers model
+    tok: Any
+    bank: LoraBank
+    peft: Any = None
+    paths: dict[str, str] = field(default_factory=dict)  # resident adapter -> "gathered" | "peft"
+
+
 class LocalEngine:
     """One worker thread runs the batches; requests wait at most ``batch_wait_ms`` to be batched.
 
     Adapters change (load, unload, LRU eviction) only under ``models_lock``, which a batch
     holds from its first forward pass to its last token, so a running request never loses
     its adapter; an unloaded adapter is loaded again by the next request that needs it.
+
+    ``lora="gathered"`` serves plain LoRA adapters through multilora.LoraBank (every adapter of
+    a batch in the same three ops per layer); ``lora="peft"`` serves every adapter through peft
+    (mixed batches with ``adapter_names=``), the path the benchmark compares against.
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
-                 max_adapters: int | None = None, max_prompt_tokens: int | None = None):
+                 max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered"):
         from tuneforge.train.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
-        self.max_adapters, self.max_prompt_tokens = max_adapters, max_prompt_tokens
-        self.bases: dict[str, tuple] = {}  # base model name -> (peft model, tokenizer)
+        self.max_adapters, self.max_prompt_tokens, self.lora = max_adapters, max_prompt_tokens, lora
+        self.bases: dict[str, _Base] = {}  # base model name -> its model and adapters
         self.lru: OrderedDict[str, str] = OrderedDict()  # resident adapter -> its base, least recent first
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.batches: list[list[str]] = []  # adapters of each batch run (for tests and stats)
+        self.batches: list[list[str]] = []  # adapters of each generate call (for tests and stats)
         self.evicted: list[str] = []  # adapters unloaded by the LRU bound, in order (for tests and stats)
         self.worker: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -197,6 +222,11 @@ class LocalEngine:
         with self.models_lock:
             return list(self.lru)
 
+    def paths(self) -> dict[str, str]:
+        """How each loaded adapter is served: "gathered" (plain LoRA, multilora.py) or "peft"."""
+        with self.models_lock:
+            return {a: self.bases[b].paths[a] for a, b in self.lru.items()}
+
     async def close(self) -> None:
         if self.worker is not None:
             self.jobs.put(None)
@@ -231,11 +261,11 @@ class LocalEngine:
                     for j in group:
                         j.loop.call_soon_threadsafe(j.out.put_nowait, e)
 
-    def _locked_model(self, req: GenRequest):
+    def _locked_model(self, req: GenRequest) -> _Base:
         with self.models_lock:
-            model = self._model(req)
+            base = self._model(req)
             self._evict(keep={req.adapter})
-            return model
+            return base
 
     def _unload(self, adapter: str) -> bool:
         with self.models_lock:
@@ -247,12 +277,15 @@ class LocalEngine:
     def _delete(self, adapter: str) -> None:
         import warnings
 
-        model, _ = self.bases[self.lru.pop(adapter)]
+        base = self.bases[self.lru.pop(adapter)]
+        if base.paths.pop(adapter) == "gathered":
+            base.bank.unload(adapter)
+            return
         with warnings.catch_warnings():
-            # peft warns when the deleted adapter was the active one; batches name their
-            # adapters per row (adapter_names=), so the active one does not matter here.
+            # peft warns when the deleted adapter was the active one; each batch sets the
+            # adapters it needs, so the active one does not matter here.
             warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-            model.delete_adapter(adapter)
+            base.peft.delete_adapter(adapter)
 
     def _evict(self, keep: set[str]) -> None:
         """Unload least recently used adapters beyond ``max_adapters``, never one in ``keep``
@@ -264,7 +297,7 @@ class LocalEngine:
             self._delete(adapter)
             self.evicted.append(adapter)
 
-    def _model(self, req: GenRequest):
+    def _model(self, req: GenRequest) -> _Base:
         """The base model (loaded once) with ``req``'s adapter loaded under its version name
         (call with ``models_lock`` held)."""
         from peft import PeftModel
@@ -274,33 +307,38 @@ class LocalEngine:
 
         if req.base_model not in self.bases:
             tok = load_tokenizer(req.base_model)
-            base = load_causal_lm(req.base_model, self.dtype, self.device)
-            fix_chat_tokenizer(tok, base)
-            model = PeftModel.from_pretrained(base, req.adapter_dir, adapter_name=req.adapter).eval()
-            self.bases[req.base_model] = (model, tok)
-        model, tok = self.bases[req.base_model]
-        if req.adapter not in model.peft_config:
-            model.load_adapter(req.adapter_dir, adapter_name=req.adapter)
-            if model.active_adapter not in model.peft_config:
-                # every adapter was unloaded before this one: peft still names a deleted one active
-                model.set_adapter(req.adapter)
-            model.eval()
+            model = load_causal_lm(req.base_model, self.dtype, self.device).eval()
+            fix_chat_tokenizer(tok, model)
+            self.bases[req.base_model] = _Base(model, tok, LoraBank(model))
+        base = self.bases[req.base_model]
+        if req.adapter not in base.paths:
+            why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"
+            if why is None:
+                base.paths[req.adapter] = "gathered"
+            else:
+                if base.peft is None:
+                    base.peft = PeftModel.from_pretrained(base.model, req.adapter_dir, adapter_name=req.adapter)
+                else:
+                    base.peft.load_adapter(req.adapter_dir, adapter_name=req.adapter)
+                base.peft.eval()
+                base.paths[req.adapter] = "peft"
+            log.info("adapter loaded", extra={"adapter": req.adapter, "path": base.paths[req.adapter],
+                                              "why_peft": why})
         self.lru[req.adapter] = req.base_model
         self.lru.move_to_end(req.adapter)
-        return model, tok
+        return base
 
     def _run(self, jobs: list[_Job]) -> None:
         with self.models_lock:  # no adapter changes while this batch generates
             for j in jobs:
-                model, tok = self._model(j.req)
+                base = self._model(j.req)
             self._evict(keep={j.req.adapter for j in jobs})
-            jobs, prompts = self._prompts(jobs, tok)
+            jobs, prompts = self._prompts(jobs, base.tok)
             try:
-                if jobs:
-                    self._generate(model, tok, jobs, prompts)
+                for how, part in _by_path(base, jobs).items():
+                    self._generate(base, how, [jobs[i] for i in part], [prompts[i] for i in part])
             finally:
                 self._evict(keep=set())  # back within the bound if this batch needed more adapters
-
     def _prompts(self, jobs: list[_Job], tok) -> tuple[list[_Job], list[list[int]]]:
         """Token ids of each job's prompt; a job over ``max_prompt_tokens`` is answered with
         PromptTooLong and left out of the batch."""
@@ -324,7 +362,10 @@ class LocalEngine:
         return kept, prompts
 
     @torch.no_grad()
-    def _generate(self, model, tok, jobs: list[_Job], prompts: list[list[int]]) -> None:
+    def _generate(self, base: _Base, how: str, jobs: list[_Job], prompts: list[list[int]]) -> None:
+        """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
+        "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
+        tok = base.tok
         # Left padding: every row's next token sits in the last column. [batch, width]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
@@ -339,16 +380,27 @@ class LocalEngine:
             torch.manual_seed(r.seed)  # jobs with a seed batch only with the same seed (_groups)
         adapters = [j.req.adapter for j in jobs]
         self.batches.append(adapters)
-        autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else _null()
-        with autocast:
+        model, extra, adapters_on = base.model, {}, contextlib.nullcontext()
+        if how == "gathered":
+            adapters_on = base.bank.rows(adapters)
+            if base.peft is not None and base.peft.peft_config:
+                adapters_on = _both(base.peft.disable_adapter(), adapters_on)  # peft's adapters stay out of it
+        elif how == "peft-mixed":  # peft runs each layer once per adapter sub-batch
+            model, extra = base.peft, {"adapter_names": adapters}
+        else:
+            model = base.peft
+            model.set_adapter(adapters[0])
+        autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else \
+            contextlib.nullcontext()
+        with autocast, adapters_on:
             model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                            max_new_tokens=max(j.req.max_tokens for j in jobs), eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, adapter_names=adapters,
-                           streamer=_RowStreamer(jobs, [len(p) for p in prompts], tok), **sampling)
+                           pad_token_id=tok.pad_token_id, streamer=_RowStreamer(jobs, [len(p) for p in prompts], tok),
+                           **extra, **sampling)
 
 
 def _groups(jobs: list[_Job]) -> list[list[_Job]]:
-    """Jobs that can share one generate call: same base model and sampling settings."""
+    """Jobs that can share one batch: same base model and sampling settings."""
     out: dict[tuple, list[_Job]] = {}
     for j in jobs:
         sampled = j.req.temperature > 0
@@ -357,10 +409,27 @@ def _groups(jobs: list[_Job]) -> list[list[_Job]]:
     return list(out.values())
 
 
-def _null():
-    import contextlib
+def _by_path(base: _Base, jobs: list[_Job]) -> dict[str, list[int]]:
+    """How each set of jobs that shares one generate call runs -> the jobs' indices: all
+    gathered adapters together; peft's LoRA adapters (not DoRA) together, as peft's
+    ``adapter_names=`` batches; any other peft adapter alone: peft cannot mix DoRA rows and
+    applies its active adapter to every row for other types (IA3, prompt tuning, ...)."""
+    out: dict[str, list[int]] = {}
+    for i, j in enumerate(jobs):
+        a = j.req.adapter
+        if base.paths[a] == "gathered":
+            key = "gathered"
+        else:
+            cfg = base.peft.peft_config[a]
+            key = "peft-mixed" if cfg.peft_type == "LORA" and not cfg.use_dora else f"peft-one:{a}"
+        out.setdefault(key, []).append(i)
+    return out
 
-    return contextlib.nullcontext()
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 # --- vllm: an OpenAI-compatible server over HTTP ------------------------------------------------

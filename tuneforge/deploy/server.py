@@ -469,7 +469,8 @@ def build_engine(cfg: ServeConfig):
         return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc)
     if e.kind == "vllm":
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
-    return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens)
+    return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens,
+                       lora=e.lora)
 
 
 def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
