@@ -115,10 +115,6 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
     results = {}
-    if n_test and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
-                                              opts.max_completion_length, run.device, run.dtype)
 
     # --- train (trl) ---------------------------------------------------------------------
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
@@ -166,6 +162,14 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     method.save(model, run.run_dir / "adapter")
     tok.save_pretrained(run.run_dir / "adapter")
     if n_test:
+        # Base and tuned are both scored after training: trl prepares the reward model for its
+        # own mixed precision (accelerate patches its forward), so scores taken before and after
+        # training would differ for identical answers (seen here: 5.47 vs 4.57 on the same text).
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok,
+                                                  prompts["test"][:n_test], opts.max_completion_length, run.device,
+                                                  run.dtype)
         results["tuned"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
                                            opts.max_completion_length, run.device, run.dtype)
         write_json(run.run_dir / "eval.json", results)
