@@ -5,6 +5,8 @@ model that ranks held-out pairs above chance."""
 import json
 import random
 
+import pytest
+
 import torch
 
 from tuneforge.config import validate_config
@@ -55,3 +57,18 @@ def test_reward_model_ranks_held_out_pairs_above_chance(tiny_raw_cfg):
     ev = json.loads((run_dir / "eval.json").read_text())["tuned"]
     assert ev["pairwise_accuracy"] > 0.5 and ev["margin"] > 0
     assert json.loads((run_dir / "head/config.json").read_text())["id2label"] == {"0": "reward"}
+
+
+def test_labels_unseen_in_training_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from tuneforge.config import ConfigError
+    from tuneforge.train.heads import label_names
+
+    rows = lambda *labels: [{"text": f"t{i}", "label": x} for i, x in enumerate(labels)]  # noqa: E731
+    splits = SimpleNamespace(train=rows("bug", "billing", "bug"), validation=rows("bug"), test=rows("refund", "bug"))
+    with pytest.raises(ConfigError, match=r"labels \['refund'\] occur in the data but not in the training split"):
+        label_names(SimpleNamespace(labels=None), splits)
+    with pytest.raises(ConfigError, match=r"\['refund'\] .* not in objective.labels"):
+        label_names(SimpleNamespace(labels=["bug", "billing"]), splits)
+    assert label_names(SimpleNamespace(labels=["bug", "billing", "refund"]), splits) == ["bug", "billing", "refund"]
