@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-
 import torch
 
 from tuneforge.config import validate_config
