@@ -100,6 +100,12 @@ def test_padding_free_attention_leaves_padded_batches_and_generation_unchanged(t
                               atol=1e-5)
         assert torch.equal(plain.generate(prompt, max_new_tokens=6, do_sample=False),
                            fast.generate(prompt, max_new_tokens=6, do_sample=False))
+        # Several full-length rows (CPT blocks): no padding, so transformers drops the mask and
+        # passes one [1, L] row of positions for the whole batch; every row must still attend.
+        full = batch["input_ids"][:, :10]
+        ones = torch.ones_like(full)
+        assert torch.allclose(plain(input_ids=full, attention_mask=ones).logits,
+                              fast(input_ids=full, attention_mask=ones).logits, atol=1e-5)
 
 
 def test_varlen_segments_follow_position_resets():

@@ -41,6 +41,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if plain:  # padded batch, decoding with a cache: nothing to split
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    # Without a padding mask transformers passes one [1, L] row of default positions for a
+    # whole batch of full-length rows (CPT blocks): each row is then one example.
+    position_ids = position_ids.expand(query.shape[0], -1)
     groups = getattr(module, "num_key_value_groups", 1)
     out = torch.empty_like(query)
     for b, s, e in segments(position_ids):
