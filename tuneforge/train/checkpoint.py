@@ -81,6 +81,12 @@ def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler,
     return target
 
 
+def exit_interrupted(path: Path | None, run_dir: Path, console) -> None:
+    """After Ctrl-C saved ``path``: say how to continue, and exit with the shell's 130."""
+    console.print(f"[yellow]interrupted[/]: checkpoint {path}. Continue with: tuneforge train --resume {run_dir}")
+    raise SystemExit(130) from None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("step-*"))
     return found[-1] if found else None

@@ -128,10 +128,7 @@ def fit(model, batches: Callable[[int], list], step_loss: Callable[[dict], tuple
                 optimizer.zero_grad(set_to_none=True)
             except KeyboardInterrupt:
                 optimizer.zero_grad(set_to_none=True)
-                path = save(step_start, rng_before)
-                console.print(f"[yellow]interrupted[/]: checkpoint {path}. Continue with: "
-                              f"tuneforge train --resume {run.run_dir}")
-                raise SystemExit(130) from None
+                ckpt.exit_interrupted(save(step_start, rng_before), run.run_dir, console)
             pos.step += 1
             row = {"kind": "train", "step": pos.step, "epoch": pos.epoch,
                    **{k: round(v, 5) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0]}

@@ -272,10 +272,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 step_optimizer.zero_grad(set_to_none=True)
             except KeyboardInterrupt:
                 step_optimizer.zero_grad(set_to_none=True)
-                path = save(rng_before, window_start)
-                console.print(f"[yellow]interrupted[/]: checkpoint {path}. Continue with: "
-                              f"tuneforge train --resume {run_dir}")
-                raise SystemExit(130) from None
+                ckpt.exit_interrupted(save(rng_before, window_start), run_dir, console)
             pos.step += 1
             tokens_seen += sum(int(b["n_real"]) for b in window)
             tps = tokens_seen / (time.perf_counter() - t_loop)
