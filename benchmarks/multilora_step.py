@@ -30,14 +30,18 @@ from tuneforge.train.hardware import pick_device, pick_dtype
 def timed(model, ids, steps: int, ctx, dtype, device, **kw) -> tuple[float, float]:
     """(prefill seconds, seconds per decode step) with the KV cache, as generate runs them."""
     autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # GPU kernels run asynchronously
     with torch.no_grad(), autocast, ctx():
+        sync()
         t = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, **kw)
+        sync()
         prefill = time.perf_counter() - t
         nxt, past = ids[:, -1:], out.past_key_values
         t = time.perf_counter()
         for _ in range(steps):
             past = model(input_ids=nxt, past_key_values=past, use_cache=True, **kw).past_key_values
+        sync()
         return prefill, (time.perf_counter() - t) / steps
 
 

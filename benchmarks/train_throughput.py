@@ -24,6 +24,14 @@ is measured; ``allocator=off`` runs it on glibc malloc), ``trainer`` (transforme
 weights, bf16=True), ``trainer_tcmalloc`` (same with tcmalloc preloaded, when installed),
 ``sft_trainer`` (trl SFTTrainer + peft, bf16=True). ``--model`` takes any model spec
 tuneforge accepts (default: the embedded SmolLM2-135M-Instruct).
+
+On a GPU (``--device cuda``) every runner trains there in bf16 autocast, peak GPU memory is
+printed beside RSS, MFU is against the GPU's measured bf16 matrix rate, and tcmalloc is not
+preloaded. Without hub access, build a model of a known architecture with random weights
+(``benchmarks/random_model.py``): throughput does not depend on the weights.
+
+    python benchmarks/random_model.py smollm2-1.7b /tmp/sm17
+    python benchmarks/train_throughput.py --device cuda --model /tmp/sm17 --batch 16 --max-length 512 --epochs 3
 """
 
 from __future__ import annotations
@@ -91,9 +99,9 @@ def eval_loss(model, rows: list[dict], pad_id: int) -> float:
 
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16):
         for i in range(0, len(rows), 8):
-            b = pad_batch(rows[i : i + 8], pad_id)
+            b = {k: v.to(model.device) for k, v in pad_batch(rows[i : i + 8], pad_id).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             labels = b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -115,7 +123,7 @@ def run_tuneforge(a, overrides: list[str]) -> dict:
                "data": {"train": [f"{a.workdir}/train.jsonl"], "validation": [f"{a.workdir}/eval.jsonl"],
                         "format": "instruction", "test_size": 0.0, "max_length": a.max_length},
                "method": method,
-               "train": {"lr": a.lr, "batch_size": a.batch, "epochs": 1, "eval_every": 0, "save_every": 0,
+               "train": {"lr": a.lr, "batch_size": a.batch, "epochs": a.epochs, "device": a.device, "eval_every": 0, "save_every": 0,
                          "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
                "eval": {"metric": "none"}, "output_dir": out, "run_name": "bench"}
         cfg = validate_config(deep_merge(raw, parse_overrides(overrides)))
@@ -139,9 +147,9 @@ def _hf_model(a, dtype):
 
     if a.method == "qlora":
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        model = prepare_model_for_kbit_training(load_causal_lm(a.model, torch.bfloat16, "cpu", quantization_config=q))
+        model = prepare_model_for_kbit_training(load_causal_lm(a.model, torch.bfloat16, a.device, quantization_config=q))
         return get_peft_model(model, LoraConfig(**LORA))
-    model = load_causal_lm(a.model, dtype, "cpu")
+    model = load_causal_lm(a.model, dtype, a.device)
     return model if a.method == "full" else get_peft_model(model, LoraConfig(**LORA))
 
 
@@ -155,9 +163,10 @@ def run_trainer(a, overrides: list[str]) -> dict:
     tok = load_tokenizer(a.model)
     train_rows = tokenized(a, "train", tok)
     model = _hf_model(a, torch.float32)  # the Trainer's documented bf16=True path: fp32 weights + autocast
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=1,
-                             learning_rate=a.lr, lr_scheduler_type="constant", bf16=True, logging_steps=1,
-                             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch,
+                             num_train_epochs=a.epochs, learning_rate=a.lr, lr_scheduler_type="constant", bf16=True,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=a.device == "cpu",
+                             dataloader_num_workers=0,
                              max_grad_norm=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
@@ -184,9 +193,10 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
     raw = [json.loads(x) for x in (Path(a.workdir) / "train.jsonl").read_text().splitlines()]
     convs = [FORMATS["instruction"].convert(r, {})["messages"] for r in raw]
     data = [{"prompt": m[:-1], "completion": m[-1:]} for m in convs]
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=1,
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=a.epochs,
                      learning_rate=a.lr, lr_scheduler_type="constant", bf16=True, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, max_length=a.max_length, max_grad_norm=0.0)
+                     save_strategy="no", report_to=[], use_cpu=a.device == "cpu", max_length=a.max_length,
+                     max_grad_norm=0.0)
     trainer = SFTTrainer(model=resolve(a.model).path, args=args, train_dataset=datasets.Dataset.from_list(data),
                          processing_class=tok, peft_config=LoraConfig(**LORA))
     t0 = time.perf_counter()
@@ -198,17 +208,24 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
 
 
 # --- machine figures ---------------------------------------------------------------------------------
-def matmul_gflops(hidden: int, inter: int, tokens: int = 1024, seconds: float = 3.0) -> float:
-    """bf16 matrix-product rate of this model's MLP shapes on these cores, right now."""
+def matmul_gflops(hidden: int, inter: int, device: str, tokens: int = 1024, seconds: float = 3.0) -> float:
+    """bf16 matrix-product rate of this model's MLP shapes on this device, right now."""
     import torch
 
-    x, w = torch.randn(tokens, hidden, dtype=torch.bfloat16), torch.randn(hidden, inter, dtype=torch.bfloat16)
+    if device == "cuda":
+        tokens *= 8  # a GPU needs more rows than a CPU to reach its rate on these shapes
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=device)
+    w = torch.randn(hidden, inter, dtype=torch.bfloat16, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(5):
         x @ w
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        x @ w
-        n += 1
+        for _ in range(10):
+            x @ w
+        n += 10
+        sync()
     return 2 * tokens * hidden * inter * n / (time.perf_counter() - t0) / 1e9
 
 
@@ -243,15 +260,25 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--eval-rows", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the rows (more on a GPU, where 30 steps are short)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--runners", default=DEFAULT_RUNNERS)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process: one runner, prints RESULT json
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    from tuneforge.train.hardware import pick_device
+
+    a.device = pick_device(a.device)
     if a.only:
         name, _, sets = a.only.partition(":")
         result = globals()[f"run_{name}"](a, [s for s in sets.split(",") if s])
-        print("RESULT " + json.dumps(result | {"peak_rss_mb": peak_rss_mb()}), flush=True)
+        extra = {"peak_rss_mb": peak_rss_mb()}
+        if a.device == "cuda":
+            import torch
+
+            extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        print("RESULT " + json.dumps(result | extra), flush=True)
         return
 
     workdir = tempfile.mkdtemp(prefix="tf-bench-")
@@ -259,6 +286,7 @@ def main() -> None:
     work = write_workload(a, Path(workdir))
     params, hidden, inter = model_shape(a.model)
     flops_per_token = (6 if a.method == "full" else 4) * params
+    print(f"device {a.device}" + (f" ({__import__('torch').cuda.get_device_name()})" if a.device == "cuda" else ""))
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
           f"real tokens are response), method {a.method}, batch {a.batch}, max_length {a.max_length}", flush=True)
@@ -266,12 +294,14 @@ def main() -> None:
     for runner in a.runners.split(","):
         env = dict(os.environ)
         name, _, sets = runner.partition(":")
-        if name == "tuneforge" and "allocator=off" not in sets.split(","):
+        if name == "tuneforge" and "allocator=off" not in sets.split(",") and a.device == "cpu":
             lib = find_tcmalloc()  # what `tuneforge train` does by default (train/launch.py)
             if lib:
                 env |= {"LD_PRELOAD": lib, "TUNEFORGE_ALLOCATOR_SET": lib}
             env.setdefault(*ONEDNN_CACHE)
         child = ",".join(s for s in sets.split(",") if s and s != "allocator=off")
+        if name == "trainer_tcmalloc" and a.device == "cuda":
+            continue  # the allocator matters for CPU training only
         if name == "trainer_tcmalloc":
             lib = find_tcmalloc()
             if lib is None:
@@ -280,29 +310,32 @@ def main() -> None:
             env["LD_PRELOAD"] = lib
         if name == "sft_trainer" and a.method != "lora":
             continue
-        gflops = matmul_gflops(hidden, inter)  # right before each runner: the host's speed drifts
+        gflops = matmul_gflops(hidden, inter, a.device)  # right before each runner: the host's speed drifts
         cmd = [sys.executable, __file__, "--only", f"{name}:{child}", "--model", a.model, "--method", a.method,
                "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
-               "--lr", str(a.lr), "--workdir", workdir]
+               "--lr", str(a.lr), "--epochs", str(a.epochs), "--device", a.device, "--workdir", workdir]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{runner} failed:\n{out.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(line[7:])
-        r.setdefault("tokens_per_s", work["real_tokens"] / r["seconds"])
+        r.setdefault("tokens_per_s", a.epochs * work["real_tokens"] / r["seconds"])
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (gflops * 1e9)
         r["matmul_gflops"] = gflops
         results[runner] = r
         print(f"{runner:34s} {r['tokens_per_s']:7.1f} real tok/s  MFU {100 * r['mfu']:4.1f}% (of {gflops:.0f} "
-              f"GFLOP/s)  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  train loss {r['final_loss']:.4f}  "
+              f"GFLOP/s)  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
+              + (f"  peak GPU {r['peak_gpu_mb'] / 1024:5.2f} GB" if "peak_gpu_mb" in r else "")
+              + f"  train loss {r['final_loss']:.4f}  "
               f"eval loss {r['eval_loss']:.4f}", flush=True)
     if "tuneforge" in results:
         base = results["tuneforge"]
         for runner, r in results.items():
             if runner != "tuneforge":
                 print(f"tuneforge vs {runner}: {base['tokens_per_s'] / r['tokens_per_s']:.2f}x tokens/s, "
-                      f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS")
+                      f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS"
+                      + (f", {base['peak_gpu_mb'] / r['peak_gpu_mb']:.2f}x peak GPU memory" if "peak_gpu_mb" in r else ""))
     if a.json:
         Path(a.json).write_text(json.dumps({"workload": work, "args": vars(a), "results": results}, indent=1))
 

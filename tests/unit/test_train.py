@@ -106,3 +106,17 @@ def test_padding_free_batches_train_the_same_weights_as_padded_ones(tiny_raw_cfg
     wa, wb = (load_file(str(d / "adapter/adapter_model.safetensors")) for d in (a, b))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_picking_cuda_turns_off_cudnn_attention(monkeypatch):
+    # cuDNN attention plans every new sequence length (6x slower padding-free steps on an H200):
+    # choosing the GPU must switch it off for the process, and choosing the CPU must not.
+    from tuneforge.train.hardware import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        assert pick_device("cpu") == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()
+        assert pick_device("auto") == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

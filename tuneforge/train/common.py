@@ -162,11 +162,11 @@ def last_logged_eval(metrics_path: Path) -> dict:
 
 
 def finish(run: RunStart, summary: dict, console: Console) -> Path:
-    from tuneforge.train.hardware import peak_rss_mb
+    from tuneforge.train.hardware import peak_memory
     from tuneforge.train.plots import plot_losses
 
     plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
-    summary = {"objective": run.cfg.objective.name, **summary, "peak_rss_mb": round(peak_rss_mb()),
+    summary = {"objective": run.cfg.objective.name, **summary, **peak_memory(run.device),
                "data_manifest_sha256": run.splits.manifest_hash(),
                "total_seconds": round(time.perf_counter() - run.t_start, 1)}
     if run.cfg.parent_run:

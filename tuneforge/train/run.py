@@ -35,7 +35,7 @@ from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
-from tuneforge.train.hardware import environment, peak_rss_mb, pick_device, pick_dtype
+from tuneforge.train.hardware import environment, peak_memory, pick_device, pick_dtype
 from tuneforge.train import varlen
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
 from tuneforge.train.multitask import Task, load_tasks, task_configs, training_mixture
@@ -325,7 +325,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- save --------------------------------------------------------------------------
     summary = {"steps": pos.step, "train_seconds": round(train_seconds, 1), "tokens_per_s": round(tps, 1),
-               "peak_rss_mb": round(peak_rss_mb()), "trainable_params": n_train, "total_params": n_total,
+               **peak_memory(device), "trainable_params": n_train, "total_params": n_total,
                "data_manifest_sha256": _manifest_hash(tasks), "world_size": world.size}
     if t.early_stopping_patience and best_path.exists():
         # Keep-best: the adapter users get is the one with the lowest validation loss.

@@ -1,0 +1,88 @@
+"""Where a LoRA training step's time goes: torch.profiler over a few steps of tuneforge's own
+step (the model, method, batches and loss exactly as `tuneforge train` builds them), after
+warm-up steps. Prints ms per step and the top operators by self time on the device (CUDA) and
+on the CPU. Read this before guessing what to speed up.
+
+    python benchmarks/profile_step.py --model smollm2-135m-instruct --batch 4 --max-length 256
+    python benchmarks/profile_step.py --device cuda --model /tmp/sm17 --batch 16 --max-length 512 --no-padding-free
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main(a) -> None:
+    from tuneforge.config import validate_config
+    from tuneforge.data.builtin import chatterbot_instructions
+    from tuneforge.data.formats import FORMATS
+    from tuneforge.data.render import encode_rows
+    from tuneforge.methods import METHODS
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.objectives import OBJECTIVES
+    from tuneforge.train.hardware import pick_device, pick_dtype
+    from tuneforge.train.loop import autocast, epoch_batches, to_device
+    from tuneforge.train.run import load_model
+
+    device = pick_device(a.device)
+    dtype = pick_dtype("auto", device)
+    cfg = validate_config({"model": {"name": a.model}, "data": {"train": ["-"], "max_length": a.max_length},
+                           "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+                           "train": {"padding_free": a.padding_free, "batch_size": a.batch}})
+    tok = load_tokenizer(a.model)
+    method = METHODS[cfg.method.name]
+    model, per_example = load_model(cfg, method, dtype, device, tok)
+    rows = [FORMATS["instruction"].convert(r, {}) for r in chatterbot_instructions(seed=0)]
+    enc = encode_rows(tok, rows, a.max_length, "drop").rows
+    batches = epoch_batches(enc, 0, 0, a.batch, False, a.max_length, tok.pad_token_id,
+                            padding_free=a.padding_free and per_example)
+    sft = OBJECTIVES["sft"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(b):
+        with autocast(device, dtype):
+            loss, n = sft.loss(model, to_device(b, device), sft.options(), hidden_path=True)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    it = iter(batches)
+    for _ in range(a.warmup):
+        step(next(it))
+    sync()
+    t0, tokens = time.perf_counter(), 0
+    for _ in range(a.steps):
+        b = next(it)
+        tokens += int(b["n_real"])
+        step(b)
+    sync()
+    dt = time.perf_counter() - t0
+    print(f"{device} {dtype}, padding-free {a.padding_free and per_example}: {1000 * dt / a.steps:.1f} ms/step, "
+          f"{tokens / dt:.0f} real tok/s over {a.steps} steps after {a.warmup} warm-up")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda"
+                                                          else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(a.profile_steps):
+            step(next(it))
+        sync()
+    keys = ["self_cuda_time_total", "self_cpu_time_total"] if device == "cuda" else ["self_cpu_time_total"]
+    for key in keys:
+        print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=15, help="operators shown per table")
+    p.add_argument("--no-padding-free", dest="padding_free", action="store_false")
+    main(p.parse_args())
