@@ -34,7 +34,8 @@ def test_classify_trains_head_and_reports_metrics(tiny_raw_cfg, tmp_path):
     run_dir = train(validate_config(raw))
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["labels"] == sorted(LABELS) and len(ev["confusion_matrix"]) == 3
-    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"] == 20
+    # 20% of 100 rows, per label; a group of equal prompts stays whole, so a label's share can run over
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"] and 20 <= ev["n"] <= 24
     assert ev["accuracy"] > ev["majority_baseline_accuracy"]
     head = json.loads((run_dir / "head/config.json").read_text())
     assert head["id2label"] == {"0": "coffee mug", "1": "desk lamp", "2": "teapot"}
