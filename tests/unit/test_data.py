@@ -109,3 +109,19 @@ def test_split_of_classification_rows_gives_each_part_its_share_of_every_label()
     assert (count(val, "rare"), count(test, "rare"), count(train, "rare")) == (20, 40, 140)
     assert not {r["text"] for r in test} & {r["text"] for r in train}  # equal prompts stay together
 
+
+def test_chatterbot_topics_keeps_each_opener_once_and_drops_ambiguous_ones():
+    from tuneforge.data.builtin import topic_rows
+
+    convs = [("support", ["My printer is not printing.", "Restart it."])] * 50
+    convs += [("support", ["my  printer is NOT printing.", "Check the paper."])]  # same opener up to case/spacing
+    convs += [("support", [f"Ticket {i}", "ok"]) for i in range(3)]
+    convs += [("greetings", ["Hello", "Hi"]), ("chat", ["Hello", "Hey there"])]
+    convs += [("chat", [f"How was day {i}?", "fine"]) for i in range(4)]
+    rows, stats = topic_rows(convs, min_count=4)
+    assert sorted((r["label"], r["text"]) for r in rows) == sorted(
+        [("support", "My printer is not printing.")] + [("support", f"Ticket {i}") for i in range(3)]
+        + [("chat", f"How was day {i}?") for i in range(4)])
+    assert stats["conversations_with_a_repeated_opener"] == 51 and stats["openers_under_several_categories"] == 1
+    assert stats["categories_kept"] == {"chat": 4, "support": 4}
+    assert stats["categories_below_min_count"] == {} and stats["rows"] == 8
