@@ -96,3 +96,32 @@ def test_build_splits_from_builtin():
     assert len(s.manifest_hash()) == 64
     with pytest.raises(DataError, match="unknown built-in task"):
         build_splits(DataConfig(train=["builtin:nope"]), seed=0)
+
+
+def test_split_of_classification_rows_gives_each_part_its_share_of_every_label():
+    # 10 distinct "rare" texts each repeated 20 times, 100 distinct "common" ones: unstratified,
+    # whole groups of 20 decide the held-out mix; per label, each part gets about its share.
+    rows = [{"text": f"rare {i % 10}", "label": "rare"} for i in range(200)]
+    rows += [{"text": f"common {i}", "label": "common"} for i in range(100)]
+    val, test, train = split_by_prompt(rows, [0.1, 0.2], seed=0)
+    count = lambda part, label: sum(r["label"] == label for r in part)  # noqa: E731
+    assert (count(val, "common"), count(test, "common"), count(train, "common")) == (10, 20, 70)
+    assert (count(val, "rare"), count(test, "rare"), count(train, "rare")) == (20, 40, 140)
+    assert not {r["text"] for r in test} & {r["text"] for r in train}  # equal prompts stay together
+
+
+def test_chatterbot_topics_keeps_each_opener_once_and_drops_ambiguous_ones():
+    from tuneforge.data.builtin import topic_rows
+
+    convs = [("support", ["My printer is not printing.", "Restart it."])] * 50
+    convs += [("support", ["my  printer is NOT printing.", "Check the paper."])]  # same opener up to case/spacing
+    convs += [("support", [f"Ticket {i}", "ok"]) for i in range(3)]
+    convs += [("greetings", ["Hello", "Hi"]), ("chat", ["Hello", "Hey there"])]
+    convs += [("chat", [f"How was day {i}?", "fine"]) for i in range(4)]
+    rows, stats = topic_rows(convs, min_count=4)
+    assert sorted((r["label"], r["text"]) for r in rows) == sorted(
+        [("support", "My printer is not printing.")] + [("support", f"Ticket {i}") for i in range(3)]
+        + [("chat", f"How was day {i}?") for i in range(4)])
+    assert stats["conversations_with_a_repeated_opener"] == 51 and stats["openers_under_several_categories"] == 1
+    assert stats["categories_kept"] == {"chat": 4, "support": 4}
+    assert stats["categories_below_min_count"] == {} and stats["rows"] == 8

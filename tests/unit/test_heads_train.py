@@ -34,7 +34,8 @@ def test_classify_trains_head_and_reports_metrics(tiny_raw_cfg, tmp_path):
     run_dir = train(validate_config(raw))
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["labels"] == sorted(LABELS) and len(ev["confusion_matrix"]) == 3
-    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"] == 20
+    # 20% of 100 rows, per label; a group of equal prompts stays whole, so a label's share can run over
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"] and 20 <= ev["n"] <= 24
     assert ev["accuracy"] > ev["majority_baseline_accuracy"]
     head = json.loads((run_dir / "head/config.json").read_text())
     assert head["id2label"] == {"0": "coffee mug", "1": "desk lamp", "2": "teapot"}
@@ -45,6 +46,45 @@ def test_classify_trains_head_and_reports_metrics(tiny_raw_cfg, tmp_path):
     saved = (run_dir / "adapter/adapter_model.safetensors")
     from safetensors.torch import load_file
     assert any("score" in k for k in load_file(str(saved)))  # the new head is saved with the adapter
+
+
+def test_balanced_class_weights_make_each_class_count_equally():
+    import torch.nn.functional as F
+
+    from tuneforge.objectives.classify import balanced_class_weights
+    from tuneforge.train.heads import classify_step
+
+    y = [0] * 6 + [1] * 2 + [2]  # 6:2:1
+    w = balanced_class_weights(y, 4)  # class 3 has no rows
+    assert w == pytest.approx([9 / 24, 9 / 8, 9 / 4, 1.0])
+    logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    model = lambda input_ids, attention_mask: type("Out", (), {"logits": logits})()  # noqa: E731
+    batch = {"input_ids": None, "attention_mask": None, "labels": torch.tensor(y)}
+    plain, _ = classify_step(model, batch)
+    weighted, _ = classify_step(model, batch, torch.tensor(w))
+    ce = F.cross_entropy(logits, torch.tensor(y), reduction="none")
+    per_class_means = [ce[torch.tensor(y) == c].mean() for c in range(3)]
+    assert plain == pytest.approx(float(ce.mean()))
+    # over the training distribution the weighted loss is the mean of the per-class mean losses
+    assert weighted == pytest.approx(float(sum(per_class_means) / 3))
+
+
+def test_classify_class_weights_are_validated_and_recorded(tiny_raw_cfg, tmp_path):
+    from tuneforge.config import ConfigError
+
+    raw = tiny_raw_cfg | {"objective": {"name": "classify", "class_weights": "balancd"}, "run_name": "cw"}
+    with pytest.raises(ConfigError, match="class_weights"):
+        validate_config(raw)
+    rows = [{"text": f"please send {i} mugs", "label": "mug"} for i in range(60)]
+    rows += [{"text": f"please send {i} lamps", "label": "lamp"} for i in range(20)]
+    path = tmp_path / "imbalanced.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    raw["objective"]["class_weights"] = "balanced"
+    raw["data"] = {"train": [str(path)], "max_length": 32, "val_size": 0.1, "test_size": 0.2}
+    raw["train"] = raw["train"] | {"lr": 1e-2, "max_steps": 4, "batch_size": 8, "eval_every": 0, "save_every": 0}
+    summary = json.loads((train(validate_config(raw)) / "summary.json").read_text())
+    w = summary["class_weights"]
+    assert w == pytest.approx({"lamp": 2.0, "mug": 2 / 3}, abs=1e-4)  # train: 42 mug, 14 lamp (stratified split)
 
 
 def test_reward_model_ranks_held_out_pairs_above_chance(tiny_raw_cfg):

@@ -26,7 +26,7 @@ from tuneforge.data.load import DataError, LoadReport, load_rows
 from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry,
                                      timed)
 from tuneforge.data.pii import PIIOptions, pii_rows
-from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices
+from tuneforge.data.split import SplitOptions, _targets, leakage_stage, prompt_signatures, split_indices
 from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
 from tuneforge.io import atomic_dir, sha256_file, write_json
 
@@ -62,21 +62,35 @@ def _prompt_key(row: dict) -> str:
 
 def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[list[dict]]:
     """Seeded split into len(sizes)+1 parts; rows sharing a prompt stay on one side
-    (otherwise a duplicated prompt in train and test leaks the answer)."""
+    (otherwise a duplicated prompt in train and test leaks the answer).
+
+    Classification rows (they carry a ``label``) are split per label, each part taking
+    its share of every class: unstratified, a small held-out split can miss a class or
+    take most of one, and its accuracy then says little about the model. A group of equal
+    prompts counts under its first row's label (one prompt under two labels is rare).
+    Other rows form a single stratum, which is the plain seeded split."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(_prompt_key(r), []).append(r)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    parts: list[list[dict]] = [[] for _ in range(len(sizes) + 1)]
-    targets = [round(s * len(rows)) for s in sizes]
+    stratified = bool(rows) and all("label" in r for r in rows)
+    strata: dict[str, list[str]] = {}
     for k in keys:
-        for i, t in enumerate(targets):
-            if len(parts[i]) < t:
-                parts[i].extend(groups[k])
-                break
-        else:
-            parts[-1].extend(groups[k])
+        strata.setdefault(str(groups[k][0]["label"]) if stratified else "", []).append(k)
+    counts = {s: sum(len(groups[k]) for k in ks) for s, ks in strata.items()}
+    targets = [_targets(size, len(rows), counts) for size in sizes]  # per stratum, summing to size * rows
+    parts: list[list[dict]] = [[] for _ in range(len(sizes) + 1)]
+    for s in sorted(strata):
+        got = [0] * len(sizes)
+        for k in strata[s]:
+            for i, t in enumerate(targets):
+                if got[i] < t[s]:
+                    parts[i].extend(groups[k])
+                    got[i] += len(groups[k])
+                    break
+            else:
+                parts[-1].extend(groups[k])
     return parts
 
 

@@ -19,7 +19,7 @@ from tuneforge.config import ConfigError, RunConfig
 from tuneforge.io import write_json
 from tuneforge.methods import METHODS, count_trainable
 from tuneforge.models.load import load_sequence_classifier, load_tokenizer
-from tuneforge.objectives.classify import classification_metrics
+from tuneforge.objectives.classify import balanced_class_weights, classification_metrics
 from tuneforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
 from tuneforge.train.common import finish, fit, start_run
 from tuneforge.train.loop import autocast
@@ -78,9 +78,10 @@ def class_batch(items: list[tuple], pad_id: int) -> dict:
     return pad_ids([ids for ids, _ in items], pad_id) | {"labels": torch.tensor([y for _, y in items])}
 
 
-def classify_step(model, batch):
+def classify_step(model, batch, weight: torch.Tensor | None = None):
+    """Cross-entropy (class-weighted when ``weight`` is given: a weighted mean over the batch)."""
     logits = scores(model, batch)
-    loss = F.cross_entropy(logits, batch["labels"])
+    loss = F.cross_entropy(logits, batch["labels"], weight=None if weight is None else weight.to(logits.device))
     return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
 
 
@@ -133,6 +134,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     s = run.splits
     data, notes = {}, {}
+    weight, class_weights = None, None  # classify with class_weights: balanced
     if is_reward:
         names = ["reward"]
         for split in ("train", "validation", "test"):
@@ -148,6 +150,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
             if truncated:
                 notes[f"{split}_truncated"] = truncated
         make_batch = class_batch
+        if opts.class_weights == "balanced":
+            w = balanced_class_weights([y for _, y in data["train"]], len(names))
+            weight, class_weights = torch.tensor(w, dtype=torch.float32), {n: round(x, 4) for n, x in zip(names, w)}
+            console.print(f"class weights (balanced): {class_weights}")
     for k, v in notes.items():
         console.print(f"  [yellow]{k}[/]: {v}")
     if not data["train"]:
@@ -167,7 +173,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         step = lambda b: reward_step(model, b, opts.center_coef)  # noqa: E731
         evaluate = lambda k: reward_eval(model, held[k], run.device, opts.center_coef)  # noqa: E731
     else:
-        step = lambda b: classify_step(model, b)  # noqa: E731
+        step = lambda b: classify_step(model, b, weight)  # noqa: E731
 
         def evaluate(k):
             y_true, y_pred, loss = predict(model, held[k], run.device)
@@ -206,7 +212,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     summary_eval = results.get("tuned") or {k: results[k] for k in ("accuracy", "macro", "majority_baseline_accuracy")
                                             if k in results}
     return finish(run, {"steps": last_val.pop("steps"), "trainable_params": n_train, "total_params": n_total,
-                        "labels": names, "data_notes": notes, "validation": last_val, "eval": summary_eval}, console)
+                        "labels": names, "data_notes": notes,
+                        **({"class_weights": class_weights} if class_weights else {}), "validation": last_val, "eval": summary_eval}, console)
 
 
 def reward_run_problem(run_dir: Path) -> str | None:
