@@ -26,7 +26,7 @@ from tuneforge.data.load import DataError, LoadReport, load_rows
 from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry,
                                      timed)
 from tuneforge.data.pii import PIIOptions, pii_rows
-from tuneforge.data.split import SplitOptions, _targets, leakage_stage, prompt_signatures, split_indices
+from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
 from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
 from tuneforge.io import atomic_dir, sha256_file, write_json
 
@@ -79,7 +79,7 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
     for k in keys:
         strata.setdefault(str(groups[k][0]["label"]) if stratified else "", []).append(k)
     counts = {s: sum(len(groups[k]) for k in ks) for s, ks in strata.items()}
-    targets = [_targets(size, len(rows), counts) for size in sizes]  # per stratum, summing to size * rows
+    targets = [stratum_targets(size, len(rows), counts) for size in sizes]  # per stratum, summing to size * rows
     parts: list[list[dict]] = [[] for _ in range(len(sizes) + 1)]
     for s in sorted(strata):
         got = [0] * len(sizes)

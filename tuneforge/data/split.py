@@ -48,7 +48,7 @@ def prompt_groups(rows: list[dict], threshold: float, seed: int = 0, sig: np.nda
     return components(n, np.concatenate([i, idx]), np.concatenate([j, exact]))
 
 
-def _targets(size: float, n_total: int, strata: dict[str, int]) -> dict[str, int]:
+def stratum_targets(size: float, n_total: int, strata: dict[str, int]) -> dict[str, int]:
     """Rows each stratum gives to a held-out split: a share of each, or a fixed total
     divided in proportion (largest remainders, so the parts sum to the total)."""
     total = round(size * n_total) if size < 1 else int(size)
@@ -87,7 +87,7 @@ def split_indices(rows: list[dict], opts: SplitOptions, sig: np.ndarray | None =
     for g in sorted(groups):
         strata[rows[g].get("label", "") if stratify else ""].append(g)
     sizes = {s: sum(len(groups[g]) for g in gs) for s, gs in strata.items()}
-    want = {name: _targets(getattr(opts, name), n, sizes) for name in ("test", "validation")}
+    want = {name: stratum_targets(getattr(opts, name), n, sizes) for name in ("test", "validation")}
     parts: dict[str, list[int]] = {name: [] for name in SPLITS}
     rng = random.Random(opts.seed)
     for s in sorted(strata):
