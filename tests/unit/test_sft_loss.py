@@ -29,6 +29,53 @@ def test_logits_only_at_trained_positions_gives_the_same_loss():
     assert int(na) == int(nb) and torch.allclose(a, b, atol=1e-5)
 
 
+def _head_ce_pair(autocast: bool, monkeypatch):
+    """(loss, d loss/d hidden) from the chunked path (several chunks) and from the plain one."""
+    from tuneforge.objectives import sft as sft_mod
+
+    monkeypatch.setattr(sft_mod, "CHUNK_VALUES", 4 * 13)  # 4 rows a chunk: 17 trained rows -> 5 chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False).requires_grad_(False)
+    hidden = torch.randn(3, 7, 8)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[:, :1] = IGNORE
+    labels[0, 4] = IGNORE
+    out = []
+    for chunked in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if chunked:
+                assert sft_mod.chunkable(head)
+                loss, n = masked_ce_from_hidden(h, labels, head)
+            else:
+                loss, n = masked_ce_from_logits(head(h), labels)
+        (loss * 0.5).backward()  # a scaled loss, as the training loop's 1/tokens
+        out.append((loss.detach(), h.grad, int(n)))
+    return out
+
+
+def test_chunked_head_ce_matches_the_plain_loss_and_gradient(monkeypatch):
+    (a, ga, na), (b, gb, nb) = _head_ce_pair(False, monkeypatch)
+    assert na == nb == 17
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ga, gb, atol=1e-6)
+    assert ga.abs().sum() > 0 and (ga[:, -1] == 0).all()  # the last position predicts nothing
+
+
+def test_chunked_head_ce_under_bf16_autocast_stays_within_rounding(monkeypatch):
+    (a, ga, _), (b, gb, _) = _head_ce_pair(True, monkeypatch)
+    assert torch.allclose(a, b, rtol=1e-3) and torch.allclose(ga, gb, atol=2e-3, rtol=2e-2)
+
+
+def test_a_trained_head_keeps_the_plain_path_and_gets_its_gradient():
+    from tuneforge.objectives.sft import chunkable
+
+    head = torch.nn.Linear(8, 13, bias=False)
+    assert not chunkable(head) and not chunkable(torch.nn.Linear(8, 13).requires_grad_(False))
+    loss, _ = masked_ce_from_hidden(torch.randn(2, 5, 8), torch.randint(0, 13, (2, 5)), head)
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
 def _rows(tok, n=6):
     convert = FORMATS["instruction"].convert
     return encode_rows(tok, [convert(r, {}) for r in orders(n=n, seed=5)], 512, "drop").rows
