@@ -37,8 +37,10 @@ CHUNK_VALUES = 2**23
 def chunkable(head: torch.nn.Module) -> bool:
     """A frozen, bias-free Linear head (every PEFT method's): its chunked CE needs no weight
     gradient. A trained head (full fine-tuning; DP-SGD's per-example hooks on it) keeps the
-    plain path."""
-    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    plain path, and so does a head sharded by FSDP (a DTensor weight is gathered by the module's
+    own call only)."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and type(head.weight.data) is torch.Tensor)
 
 
 class ChunkedHeadCE(torch.autograd.Function):
