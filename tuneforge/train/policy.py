@@ -109,7 +109,8 @@ def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[di
     scores = reward_model(**enc).logits[:, 0].float()
     lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
     return {"reward": round(float(scores.mean()), 4), "answer_tokens": round(sum(lengths) / len(lengths), 2),
-            "examples": [{"prompt": p[-1]["content"][:200], "answer": a} for p, a in list(zip(prompts, answers))[:3]]}
+            "examples": [{"prompt": p[-1]["content"], "answer": a, "reward": round(float(r), 4)}
+                         for p, a, r in zip(prompts, answers, scores)]}
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
@@ -141,7 +142,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                   f"reward model {reward_dir}")
 
     n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
-    results = {}
+    results, changed = {}, None
 
     # --- train (trl) ---------------------------------------------------------------------
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
@@ -203,10 +204,13 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                                            opts.max_completion_length, run.device, run.dtype)
         write_json(run.run_dir / "eval.json", results)
         if "base" in results:
+            changed = sum(b["answer"] != t["answer"] for b, t in zip(results["base"]["examples"],
+                                                                     results["tuned"]["examples"]))
             console.print(f"held-out prompts ({n_test}): reward {results['base']['reward']:.3f} -> "
                           f"{results['tuned']['reward']:.3f}, answer tokens {results['base']['answer_tokens']:.1f} -> "
-                          f"{results['tuned']['answer_tokens']:.1f}")
+                          f"{results['tuned']['answer_tokens']:.1f}, {changed} greedy answers changed")
     return finish(run, {"steps": trainer.state.global_step, "trainable_params": n_train, "total_params": n_total,
                         "reward_run": str(reward_dir), "stopped_early": watch.get("stopped"),
+                        "held_out_answers_changed": changed,
                         "eval": {k: {m: v for m, v in r.items() if m != "examples"} for k, r in results.items()}},
                   console)
