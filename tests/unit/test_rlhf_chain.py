@@ -21,7 +21,7 @@ def _chain_cfg(tiny_model_dir, tmp_path):
                        # bf16 like the embedded model: the base in bf16, LoRA in fp32, and trl
                        # generating outside its own autocast (a dtype clash it once hit).
                        "policy": {"objective": {"max_completion_length": 8, "num_generations": 2},
-                                  "train": {"batch_size": 2, "dtype": "bf16"}}}}
+                                  "train": {"batch_size": 2, "dtype": "bf16", "lr": 5e-2}}}}
 
 
 def test_stage_configs_link_the_stages_and_report_all_problems(tiny_model_dir, tmp_path):
@@ -51,5 +51,9 @@ def test_rlhf_chain_runs_end_to_end(tiny_model_dir, tmp_path):
     rows = [json.loads(x) for x in (root / "policy/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all({"kl", "reward", "completions/mean_length"} <= set(r) for r in rows)
+    # Step 1 trains (warm-up counted as round(0.03 x 2) = 0 steps, as in tuneforge's loops) and
+    # step 2 samples from the updated bf16 policy: autocast's cached step-1 weight casts once
+    # kept the policy equal to the reference, with KL exactly 0 at every step.
+    assert rows[0]["learning_rate"] == 5e-2 and rows[1]["kl"] > 0
     assert (root / "policy/adapter/adapter_model.safetensors").exists()
     assert not (root / "policy/adapter/ref").exists()  # trl's frozen reference adapter is not shipped

@@ -66,6 +66,33 @@ def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict)
     return Watch()
 
 
+def _fresh_autocast_weights_callback():
+    from transformers import TrainerCallback
+
+    class FreshAutocastWeights(TrainerCallback):
+        """Drops autocast's cached low-precision copies of the weights after each update.
+
+        torch.autocast casts an fp32 parameter (the LoRA weights on a bf16 base) once and
+        reuses that copy until the outermost autocast region exits. trl.train() runs inside
+        one region here (see below), so without this every forward - sampling, the
+        reference, the loss - kept using the step-1 weights: the policy never moved
+        (KL exactly 0, held-out answers unchanged) while the fp32 adapter still trained."""
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            torch.clear_autocast_cache()
+
+    return FreshAutocastWeights()
+
+
+def warmup_steps(t) -> int | float:
+    """Warm-up as tuneforge's own loops count it: ``round(warmup_ratio x steps)``. Passed on
+    as a ratio (< 1), transformers rounds up instead, so a 10-step run spent its first step
+    at learning rate 0. Without ``max_steps`` the step count is trl's, and so is the rounding."""
+    if t.warmup_steps is not None:
+        return t.warmup_steps
+    return round(t.warmup_ratio * t.max_steps) if t.max_steps else t.warmup_ratio
+
+
 @torch.no_grad()
 def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[dict]], max_new_tokens: int,
                     device: str, dtype: torch.dtype) -> dict:
@@ -82,7 +109,8 @@ def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[di
     scores = reward_model(**enc).logits[:, 0].float()
     lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
     return {"reward": round(float(scores.mean()), 4), "answer_tokens": round(sum(lengths) / len(lengths), 2),
-            "examples": [{"prompt": p[-1]["content"][:200], "answer": a} for p, a in list(zip(prompts, answers))[:3]]}
+            "examples": [{"prompt": p[-1]["content"], "answer": a, "reward": round(float(r), 4)}
+                         for p, a, r in zip(prompts, answers, scores)]}
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
@@ -114,7 +142,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                   f"reward model {reward_dir}")
 
     n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
-    results = {}
+    results, changed = {}, None
 
     # --- train (trl) ---------------------------------------------------------------------
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
@@ -122,7 +150,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     args = config_cls(
         output_dir=str(trl_dir), learning_rate=t.lr, max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,  # < 1: a ratio
+        warmup_steps=warmup_steps(t), gradient_checkpointing=t.gradient_checkpointing,  # trl's default is on
         # train.batch_size counts prompts; trl's batch counts answers (num_generations per prompt).
         per_device_train_batch_size=t.batch_size * opts.num_generations, gradient_accumulation_steps=t.grad_accum,
         num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
@@ -149,10 +177,12 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts["train"]]),
                           processing_class=tok, reward_processing_classes=reward_tok,
-                          callbacks=[_watch_callback(metrics_path, opts, console, watch)])
+                          callbacks=[_fresh_autocast_weights_callback(),
+                                     _watch_callback(metrics_path, opts, console, watch)])
     # Under autocast like every tuneforge loop: a bf16 base with fp32 LoRA weights runs its
     # adapters on bf16 inputs (methods/lora.py skips peft's input up-cast), and trl generates
-    # its completions outside the Trainer's own autocast.
+    # its completions outside the Trainer's own autocast. One region around all of training
+    # also keeps autocast's weight casts alive across steps: FreshAutocastWeights drops them.
     with autocast(run.device, run.dtype):
         trainer.train(resume_from_checkpoint=last)
 
@@ -174,10 +204,13 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                                            opts.max_completion_length, run.device, run.dtype)
         write_json(run.run_dir / "eval.json", results)
         if "base" in results:
+            changed = sum(b["answer"] != t["answer"] for b, t in zip(results["base"]["examples"],
+                                                                     results["tuned"]["examples"]))
             console.print(f"held-out prompts ({n_test}): reward {results['base']['reward']:.3f} -> "
                           f"{results['tuned']['reward']:.3f}, answer tokens {results['base']['answer_tokens']:.1f} -> "
-                          f"{results['tuned']['answer_tokens']:.1f}")
+                          f"{results['tuned']['answer_tokens']:.1f}, {changed} greedy answers changed")
     return finish(run, {"steps": trainer.state.global_step, "trainable_params": n_train, "total_params": n_total,
                         "reward_run": str(reward_dir), "stopped_early": watch.get("stopped"),
+                        "held_out_answers_changed": changed,
                         "eval": {k: {m: v for m, v in r.items() if m != "examples"} for k, r in results.items()}},
                   console)
