@@ -36,7 +36,8 @@ from tuneforge.train import distributed
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.hardware import environment, peak_memory, pick_device, pick_dtype
-from tuneforge.train import varlen
+from tuneforge.train.launch import free_memory_releaser
+from tuneforge.train import lean, varlen
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
 from tuneforge.train.multitask import Task, load_tasks, task_configs, training_mixture
 from tuneforge.train.plots import plot_losses
@@ -232,6 +233,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), console=console)
+    release = free_memory_releaser() if t.release_memory and device == "cpu" else None
     tokens_seen, tps, t_loop = 0, 0.0, time.perf_counter()
     with progress:
         bar = progress.add_task("train", total=steps, completed=pos.step, info="")
@@ -270,6 +272,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 step_optimizer.step()
                 scheduler.step()
                 step_optimizer.zero_grad(set_to_none=True)
+                if release:
+                    release()
             except KeyboardInterrupt:
                 step_optimizer.zero_grad(set_to_none=True)
                 ckpt.exit_interrupted(save(rng_before, window_start), run_dir, console)
@@ -366,6 +370,8 @@ def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
     fix_chat_tokenizer(tok, model)
     per_example_attention = ((cfg.train.padding_free or cfg.data.packing) and getattr(method, "padding_free", True)
                              and cfg.privacy is None and varlen.enable(model))
+    if cfg.train.lean_activations:
+        lean.enable(model)
     if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return method.apply(model, cfg.method), per_example_attention
