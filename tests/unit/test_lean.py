@@ -34,8 +34,8 @@ def test_rmsnorm_matches_the_reference_forward_and_gradients(dtype, tol):
         assert torch.allclose(u.float(), v.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_silu_mul_matches_the_reference_forward_and_gradients(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_the_reference_forward_and_gradients(dtype):
     torch.manual_seed(0)
     gate, up = torch.randn(3, 7, 12, dtype=dtype, requires_grad=True), torch.randn(3, 7, 12, dtype=dtype,
                                                                                   requires_grad=True)
@@ -43,7 +43,7 @@ def test_silu_mul_matches_the_reference_forward_and_gradients(dtype, tol):
     b, gb = _grads(lambda g, u: torch.nn.functional.silu(g) * u, gate, up)
     assert torch.equal(a, b)
     for u, v in zip(ga, gb, strict=True):
-        assert torch.allclose(u.float(), v.float(), atol=tol, rtol=tol)
+        assert torch.equal(u, v)  # autograd's own kernels, silu recomputed
 
 
 def test_a_lean_model_gives_the_same_loss_and_gradients(tiny_model_dir):
