@@ -286,7 +286,9 @@ def main() -> None:
     work = write_workload(a, Path(workdir))
     params, hidden, inter = model_shape(a.model)
     flops_per_token = (6 if a.method == "full" else 4) * params
-    print(f"device {a.device}" + (f" ({__import__('torch').cuda.get_device_name()})" if a.device == "cuda" else ""))
+    import torch
+
+    print(f"device {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""))
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
           f"real tokens are response), method {a.method}, batch {a.batch}, max_length {a.max_length}", flush=True)

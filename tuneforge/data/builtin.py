@@ -217,8 +217,8 @@ def topic_rows(convs, min_count: int = 40) -> tuple[list[dict], dict]:
     60% majority class of 10 sentences; a held-out split then measured how 2 or 3 of
     those sentences were classified, not the model (see docs/objectives.md). An opener
     found under several categories ("Hello" in greetings and in conversations, "Who are
-    you?" in ai and in conversations) cannot be classified from its text, so it is dropped. ``min_count`` applies to the distinct
-    openers a category keeps."""
+    you?" in ai and in conversations) cannot be classified from its text, so it is dropped.
+    ``min_count`` applies to the distinct openers a category keeps."""
     from tuneforge.data.dedup import text_key
 
     first: dict[bytes, tuple[str, str]] = {}  # opener key -> (text as first seen, category)

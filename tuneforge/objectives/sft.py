@@ -64,15 +64,18 @@ class ChunkedHeadCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = max(1, CHUNK_VALUES // weight.shape[0])
+        # The head's matmul dtype (autocast's when it is on), cast once rather than per chunk.
+        device = h.device.type
+        w = weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
         for s in range(0, h.shape[0], step):
-            logits = F.linear(h[s : s + step], weight)  # autocast dtype when autocast is on
+            logits = F.linear(h[s : s + step], w)
             t = targets[s : s + step]
             logp = torch.log_softmax(logits.float(), dim=-1)
             total += -logp.gather(1, t[:, None]).sum()
             if need_grad:
                 g = logp.exp_()  # softmax, in place of the log-probabilities
                 g[torch.arange(len(t), device=g.device), t] -= 1
-                grad_h[s : s + step] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(h.dtype)
+                grad_h[s : s + step] = (g.to(w.dtype) @ w).to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total
 

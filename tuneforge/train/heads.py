@@ -213,7 +213,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                                             if k in results}
     return finish(run, {"steps": last_val.pop("steps"), "trainable_params": n_train, "total_params": n_total,
                         "labels": names, "data_notes": notes,
-                        **({"class_weights": class_weights} if class_weights else {}), "validation": last_val, "eval": summary_eval}, console)
+                        **({"class_weights": class_weights} if class_weights else {}),
+                        "validation": last_val, "eval": summary_eval}, console)
 
 
 def reward_run_problem(run_dir: Path) -> str | None:

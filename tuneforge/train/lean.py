@@ -6,8 +6,9 @@ input, twice the bf16 input's size, 61 times per SmolLM2 forward; the MLP keeps 
 beside gate and up although it is one elementwise op away. Here RMSNorm keeps its input in
 the input's dtype plus one fp32 scale per token, and the MLP's silu(gate) * up keeps only gate
 and up; both recompute the rest in backward. Same forward arithmetic (the same ops in the
-same dtypes); backward differs from autograd's only in rounding. Measured on SmolLM2-135M at
-a 755-token step: ~120 MB less at the step's peak (docs/speed.md). Written by hand because
+same dtypes); the MLP's backward runs autograd's own kernels (bit-identical), RMSNorm's
+differs from autograd's only in rounding. Measured on SmolLM2-135M at a 755-token step:
+~120 MB less at the step's peak (docs/speed.md). Written by hand because
 the maintained fused versions (Liger kernels) are Triton-only and tuneforge trains on CPUs.
 
 Only the architectures whose RMSNorm and MLP are exactly this code are changed (NORMS, MLPS);
