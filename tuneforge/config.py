@@ -127,6 +127,11 @@ class TrainConfig(Strict):
         description="RMSNorm and the SiLU MLP keep less for backward and recompute the rest (llama, mistral, "
         "qwen2/3 blocks): same forward, 70-120 MB less peak memory on SmolLM2",
     )
+    fused_lora: bool = Field(
+        True,
+        description="each plain LoRA layer runs as one autograd node (base and rank-r products and the scale "
+        "fused) instead of peft's chain of modules: same result to bf16 rounding, fewer ops a step",
+    )
     release_memory: bool = Field(
         True,
         description="with tcmalloc, hand freed pages back to the system after each step: lower peak RSS "

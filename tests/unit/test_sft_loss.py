@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -167,3 +168,32 @@ def test_rows_laid_end_to_end_never_predict_the_next_examples_first_token():
     b = packed_batch([rows], pad_id=0)
     targets = b["labels"][0, 1:]
     assert int((targets != IGNORE).sum()) == 2 + 1  # 3-token row: 2 targets, 2-token row: 1, none across
+
+
+@pytest.mark.parametrize("explicit_max", [0, 10_000], ids=["flash-backward", "explicit-backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_attention_gradients_match_float64_attention(monkeypatch, explicit_max, dtype):
+    """VarlenAttentionFn's two backward paths against autograd through plain causal softmax
+    attention in float64, per example, with grouped-query heads (6 query heads on 2 keys)."""
+    from tuneforge.train import varlen
+
+    monkeypatch.setattr(varlen, "EXPLICIT_BACKWARD_MAX", explicit_max)
+    gen = torch.Generator().manual_seed(0)
+    bounds = ((0, 0, 7), (0, 7, 19), (1, 0, 19))
+    q, k, v = (torch.randn(2, h, 19, 16, generator=gen).to(dtype).requires_grad_() for h in (6, 2, 2))
+    grad = torch.randn(2, 19, 6, 16, generator=gen).to(dtype)
+    out = varlen.VarlenAttentionFn.apply(q, k, v, bounds, 0.25)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.zeros(2, 19, 6, 16, dtype=torch.float64)
+    for b, s, e in bounds:
+        kk, vv = (t[b, :, s:e].repeat_interleave(3, 0) for t in (k64, v64))
+        scores = (q64[b, :, s:e] @ kk.transpose(1, 2)) * 0.25
+        scores = scores.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+        ref[b, s:e] = (scores.softmax(-1) @ vv).transpose(0, 1)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert (out.double() - ref).abs().max() < tol
+    for got, want in ((dq, rq), (dk, rk), (dv, rv)):
+        assert (got.double() - want).abs().max() < tol * max(1.0, float(want.abs().max()))

@@ -37,7 +37,7 @@ from tuneforge.train.callbacks import EarlyStopping, NanGuard, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.hardware import environment, peak_memory, pick_device, pick_dtype
 from tuneforge.train.launch import free_memory_releaser
-from tuneforge.train import lean, varlen
+from tuneforge.train import fused_lora, lean, varlen
 from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
 from tuneforge.train.multitask import Task, load_tasks, task_configs, training_mixture
 from tuneforge.train.plots import plot_losses
@@ -374,7 +374,10 @@ def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
         lean.enable(model)
     if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return method.apply(model, cfg.method), per_example_attention
+    model = method.apply(model, cfg.method)
+    if cfg.train.fused_lora:
+        fused_lora.enable(model)
+    return model, per_example_attention
 
 
 def fisher_batches(tasks: list[Task], cfg: RunConfig, pad_id: int) -> list[dict]:
