@@ -16,6 +16,7 @@ invocation, so the shared machine's speed of the day cancels out.
 
     python benchmarks/train_throughput.py                      # LoRA, 30 steps x 4 rows, 256 tokens
     python benchmarks/train_throughput.py --max-length 512 --method full
+    python benchmarks/train_throughput.py --max-length 1024 --max-items 20   # rows of up to ~1000 tokens
     python benchmarks/train_throughput.py --runners tuneforge,tuneforge:data.packing=false
 
 Runners: ``tuneforge`` (defaults, with tcmalloc preloaded when installed, as ``tuneforge
@@ -60,7 +61,7 @@ def write_workload(a, folder: Path) -> dict:
 
     tok = load_tokenizer(a.model)
     keep = []
-    for r in chatterbot_instructions(seed=0):
+    for r in chatterbot_instructions(seed=0, max_items=a.max_items):
         enc = encode_rows(tok, [FORMATS["instruction"].convert(r, {})], a.max_length, "drop").rows
         if enc:
             keep.append((r, len(enc[0]["input_ids"]), sum(x != -100 for x in enc[0]["labels"])))
@@ -259,6 +260,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--eval-rows", type=int, default=40)
+    p.add_argument("--max-items", type=int, default=6,
+                   help="exchanges per row, 1..N (longer rows for --max-length 1024: e.g. 20)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=int, default=1, help="passes over the rows (more on a GPU, where 30 steps are short)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -57,3 +59,23 @@ def serve_in_thread(app, stop_timeout: float = 10):
     finally:
         server.should_exit = True
         thread.join(timeout=stop_timeout)
+
+
+POSTGRES = os.environ.get("TUNEFORGE_TEST_POSTGRES")  # e.g. postgresql+psycopg://tf:tf@127.0.0.1/tfreg
+
+
+def fresh_url(kind: str, tmp_path) -> str:
+    """A new empty registry database: a SQLite file, or the PostgreSQL database named by
+    TUNEFORGE_TEST_POSTGRES (a throwaway one: its public schema is dropped first)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'reg.db'}"
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL: set TUNEFORGE_TEST_POSTGRES to a throwaway database's URL "
+                    "(postgresql+psycopg://USER:PASSWORD@HOST/DB; pip install 'psycopg[binary]')")
+    from sqlalchemy import create_engine
+
+    engine = create_engine(POSTGRES)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    return POSTGRES

@@ -9,7 +9,7 @@ import sys
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from deploy_helpers import fake_run
+from deploy_helpers import fake_run, fresh_url
 from sqlalchemy import create_engine, inspect
 
 from tuneforge.registry.migrate import all_tables, current, head
@@ -99,9 +99,10 @@ def test_old_keys_are_not_admin_after_upgrade(tmp_path):
         "SELECT version_num FROM alembic_version").scalar() == head()
 
 
-def test_processes_opening_a_new_registry_at_once_all_succeed(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_registry_at_once_all_succeed(kind, tmp_path):
     # Without the migration lock, 3 of 4 failed here ("table ... already exists").
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    url = fresh_url(kind, tmp_path)
     code = "import sys; from tuneforge.registry.store import Registry; Registry(sys.argv[1]).create_key('k', [])"
     procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     errors = [p.communicate(timeout=300)[1] for p in procs]

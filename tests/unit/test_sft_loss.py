@@ -132,6 +132,28 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, 
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
 
 
+def test_padding_free_batch_under_bf16_autocast_with_fp32_weights(tiny_model_dir, tiny_tok):
+    """Full fine-tuning's set-up (fp32 weights, bf16 autocast): mixed-dtype queries and keys reach
+    the attention; the padding-free loss still matches the padded one to bf16 precision."""
+    from tuneforge.train import varlen
+
+    rows = _rows(tiny_tok)
+    sft = OBJECTIVES["sft"]
+    losses = []
+    for padding_free in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        batch = pad_batch(rows, tiny_tok.pad_token_id)
+        if padding_free:
+            assert varlen.enable(model)
+            batch = packed_batch([rows], tiny_tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = sft.loss(model, batch, None, hidden_path=True)
+        loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+        losses.append(float(loss) / int(n))
+    assert abs(losses[0] - losses[1]) < 0.02 * abs(losses[0])
+
+
 def test_padding_free_attention_leaves_padded_batches_and_generation_unchanged(tiny_model_dir, tiny_tok):
     from tuneforge.train import varlen
 

@@ -68,20 +68,25 @@ def upgrade(engine: Engine) -> None:
         return
     # Two processes opening a new registry at once (two CLI commands, the server) would both
     # create its tables and one would fail: the upgrade is serialised, then re-checked.
-    with _migration_lock(engine):
+    # (SQLite's DDL is not one transaction here: hence a file lock there.)
+    with file_lock(engine, "migrate"):
         if current(engine) == head():
             return
         cfg = _config()
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(80010001)")  # held until commit
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK})")  # held until commit
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
 
-def _migration_lock(engine: Engine):
-    """A file lock beside a SQLite database (SQLite's DDL is not one transaction here);
-    other databases lock inside the migration transaction (see upgrade)."""
+# pg_advisory_xact_lock keys: schema upgrades, and the registry's writes (store.Registry._write).
+MIGRATE_LOCK, WRITE_LOCK = 80010001, 80010002
+
+
+def file_lock(engine: Engine, what: str):
+    """A lock file beside a SQLite database file (``registry.db.WHAT.lock``); a no-op for other
+    databases (they lock inside the transaction) and in-memory SQLite."""
     import contextlib
 
     from filelock import FileLock
@@ -89,7 +94,7 @@ def _migration_lock(engine: Engine):
     path = engine.url.database if engine.dialect.name == "sqlite" else None
     if not path or path == ":memory:":
         return contextlib.nullcontext()
-    return FileLock(f"{path}.migrate.lock", timeout=300)
+    return FileLock(f"{path}.{what}.lock", timeout=300)
 
 
 def revision(message: str) -> None:

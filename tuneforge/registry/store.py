@@ -8,6 +8,7 @@ transaction: a failed promotion leaves no half-moved alias behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine,
-                        false, select)
+                        false, select, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tuneforge.registry.runinfo import read_run
@@ -189,10 +190,25 @@ class Registry:
 
         upgrade(self.engine)  # alembic: creates a new database, brings an older one to the current schema
 
+    @contextlib.contextmanager
+    def _write(self):
+        """A session in one transaction that no other writer (another CLI process, the server)
+        runs beside. Writes read before they write (the next version number, the alias being
+        replaced, its history) and two interleaved ones would number two versions alike or
+        record a promotion from a version the alias no longer pointed at. Writes are rare and
+        short, so one lock for the whole registry: a file lock beside a SQLite file, a
+        transaction-scoped advisory lock on PostgreSQL."""
+        from tuneforge.registry.migrate import WRITE_LOCK, file_lock
+
+        with file_lock(self.engine, "write"), Session(self.engine) as s, s.begin():
+            if self.engine.dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK})
+            yield s
+
     # --- models and versions ---------------------------------------------------------------
     def add(self, run_dir: str | Path, name: str) -> VersionInfo:
         run = read_run(run_dir)
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             model = s.scalar(select(Model).where(Model.name == name))
             if model is None:
                 model = Model(name=name)
@@ -247,7 +263,7 @@ class Registry:
         name, a, number = parse_ref(ref)
         if a is not None or number is None:
             raise RegistryError(f"promote takes a version (e.g. {name}:v2), not '{ref}'")
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             model = self._model(s, name)
             new = self._version(s, model.id, name, number)
             row = self._alias_row(s, model.id, alias)
@@ -265,7 +281,7 @@ class Registry:
             return f"{name}@{alias} -> v{number}" + (f" ({note})" if note else "")
 
     def rollback(self, name: str, alias: str) -> str:
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             model = self._model(s, name)
             row = self._alias_row(s, model.id, alias)
             events = s.execute(select(AliasEvent.action, AliasEvent.to_version)
@@ -292,7 +308,7 @@ class Registry:
                    admin: bool = False) -> tuple[int, str]:
         """(key id, the key itself). Only its hash is stored: the key is shown once."""
         key = "tf-" + secrets.token_urlsafe(32)
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:8], models=models or ["*"],
                          requests_per_minute=requests_per_minute, admin=admin)
             s.add(row)
@@ -300,7 +316,7 @@ class Registry:
             return row.id, key
 
     def revoke_key(self, key_id: int) -> None:
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = s.get(ApiKey, key_id)
             if row is None:
                 raise RegistryError(f"no API key with id {key_id}")
@@ -332,7 +348,7 @@ class Registry:
         arms = [Arm.model_validate(a).model_dump() for a in arms]  # the same rules as serve.yaml
         if not arms:
             raise RegistryError(f"route {route}: an override needs at least one arm (clear it instead)")
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = s.scalar(select(RouteOverride).where(RouteOverride.route == route))
             if row is None:
                 s.add(RouteOverride(route=route, arms=arms, note=note))
@@ -354,7 +370,7 @@ class Registry:
             return s.scalar(select(RouteOverride.arms).where(RouteOverride.route == route))
 
     def clear_route_arms(self, route: str) -> bool:
-        with Session(self.engine) as s, s.begin():
+        with self._write() as s:
             row = s.scalar(select(RouteOverride).where(RouteOverride.route == route))
             if row is not None:
                 s.delete(row)

@@ -56,6 +56,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     bounds = segments(position_ids)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if query.device.type == "cpu" and not (dropout and module.training):
+        # The kernel is called below autocast, so cast as autocast casts SDPA: fp32 weights
+        # under bf16 autocast (full fine-tuning) give bf16 queries beside fp32 rotated keys.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+        query, key, value = (t.to(dtype) for t in (query, key, value))
         return VarlenAttentionFn.apply(query, key, value, tuple(bounds), scale), None
     groups = getattr(module, "num_key_value_groups", 1)
     out = torch.empty_like(query)
