@@ -6,6 +6,8 @@ baseline). Prints generated tokens/s, requests/s and p50/p95 latency per mode, a
 ratios against one-at-a-time and against the same path's single-adapter batches.
 
     python benchmarks/serve_throughput.py RUN_DIR --prompts 16 --tokens 32
+    python benchmarks/serve_throughput.py RUN_DIR --naive --lora gathered   # vs the hand-written peft server
+    python benchmarks/serve_throughput.py RUN_DIR --lora "" --vllm /opt/vllm/bin/python   # through vLLM
 
 RUN_DIR is a LoRA run folder; its adapter is loaded under 16 names for the mixed cases (the
 work per token is what is measured, and identical weights keep output lengths equal). The
@@ -46,9 +48,77 @@ async def run_mode(engine: LocalEngine, reqs: list[GenRequest], concurrent: bool
     return time.perf_counter() - t0, sum(o.completion_tokens for o, _ in outs), lat
 
 
+def naive_server(run, texts: list[str], max_tokens: int, device: str, dtype: str) -> tuple[float, int, list[float]]:
+    """The server users write by hand: transformers + peft, every adapter loaded, one request at
+    a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin."""
+    import torch
+    from peft import PeftModel
+
+    from tuneforge.data.render import with_system
+    from tuneforge.models.load import load_causal_lm, load_tokenizer
+    from tuneforge.models.tokenizer import fix_chat_tokenizer
+    from tuneforge.train.hardware import pick_device, pick_dtype
+
+    device = pick_device(device)
+    tok = load_tokenizer(run.base_model)
+    base = load_causal_lm(run.base_model, pick_dtype(dtype, device), device).eval()
+    fix_chat_tokenizer(tok, base)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir), adapter_name="a0")
+    for i in range(1, 16):
+        model.load_adapter(str(run.adapter_dir), adapter_name=f"a{i}")
+
+    def answer(i: int, text: str) -> int:
+        model.set_adapter(f"a{i % 16}")
+        ids = tok.apply_chat_template(with_system([{"role": "user", "content": text}], run.system_prompt),
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids.to(device), max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        return len(new) - (new[-1] == tok.eos_token_id)
+
+    answer(0, texts[0])  # warm-up, as for the engine
+    t0, lat, tokens = time.perf_counter(), [], 0
+    for i, text in enumerate(texts):
+        t = time.perf_counter()
+        tokens += answer(i, text)
+        lat.append(time.perf_counter() - t)
+    # Requests queue behind each other: a client's latency includes the wait for those before it.
+    waits = [sum(lat[: i + 1]) for i in range(len(lat))]
+    return time.perf_counter() - t0, tokens, sorted(waits)
+
+
+def vllm_engine(run, python: str):
+    """tuneforge's vLLM engine on a throwaway registry holding the run under 16 names: vLLM is
+    started with --enable-lora and the 16 adapters (docs/deploy.md has its set-up)."""
+    import socket
+    import tempfile
+
+    from tuneforge.deploy.config import ServeConfig
+    from tuneforge.deploy.server import build_engine
+    from tuneforge.registry.store import Registry
+
+    reg = Registry(f"sqlite:///{tempfile.mkdtemp(prefix='tf-serve-bench-')}/reg.db")
+    for i in range(16):
+        reg.add(run.run_dir, f"a{i}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = ServeConfig.model_validate({"registry": str(reg.engine.url), "engine": {"kind": "vllm", "launch": {
+        "python": python, "port": port, "args": ["--max-model-len", "1024"], "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}})
+    return build_engine(cfg)
+
+
 async def main(args) -> None:
     run = read_run(args.run_dir)
     texts = prompts(run, args.prompts)
+    naive = None
+    if args.naive:
+        secs, toks, lat = naive_server(run, texts, args.tokens, args.device, args.dtype)
+        print(f"{'naive':<8} {'peft, one at a time':<26} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  "
+              f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s",
+              flush=True)
+        naive = toks / secs
 
     def reqs(n_adapters: int):
         return [GenRequest(adapter=f"a{i % n_adapters}", adapter_dir=str(run.adapter_dir), base_model=run.base_model,
@@ -56,14 +126,21 @@ async def main(args) -> None:
                            max_tokens=args.tokens) for i, t in enumerate(texts)]
 
     results, single = {}, None
-    for path in args.lora.split(","):
-        engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path)
-        await collect(engine.stream(reqs(16)[0]))  # load the base and warm up
-        for i in range(16):
-            await collect(engine.stream(GenRequest(**{**reqs(16)[i].__dict__, "max_tokens": 1})))  # load 16 adapters
+
+    async def measure(engine, path: str, refs: list[str]) -> None:
+        """One warm-up batch, then each mode; ``refs``: the 16 adapter names as the engine knows them."""
+        nonlocal single
+
+        def reqs(n_adapters: int, max_tokens: int = args.tokens):
+            return [GenRequest(adapter=refs[i % n_adapters], adapter_dir=str(run.adapter_dir),
+                               base_model=run.base_model, messages=[{"role": "user", "content": t}],
+                               system_prompt=run.system_prompt, max_tokens=max_tokens) for i, t in enumerate(texts)]
+
+        for r in reqs(16, 1):  # the base and all 16 adapters resident before timing
+            await collect(engine.stream(r))
         # One concurrent batch first: the first batch of a shape pays the kernels' set-up
         # (oneDNN primitives), which would otherwise land on whichever mode runs first.
-        await run_mode(engine, [GenRequest(**{**r.__dict__, "max_tokens": 4}) for r in reqs(16)], True)
+        await run_mode(engine, reqs(16, 4), True)
         modes = [("one at a time", 1, False)] if single is None and not args.skip_single else []
         modes += [("16 clients, 1 adapter", 1, True), ("16 clients, 4 adapters", 4, True),
                   ("16 clients, 16 adapters", 16, True)]
@@ -78,10 +155,22 @@ async def main(args) -> None:
                   f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  "
                   f"p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s"
                   + (f"  x{rate / single:.2f} vs one at a time" if single else "")
-                  + (f"  x{rate / one:.2f} vs 1 adapter" if concurrent else ""), flush=True)
+                  + (f"  x{rate / one:.2f} vs 1 adapter" if concurrent else "")
+                  + (f"  x{rate / naive:.2f} vs naive" if naive else ""), flush=True)
+
+    info = {}
+    for path in [p for p in args.lora.split(",") if p]:
+        engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path)
+        await measure(engine, path, [f"a{i}" for i in range(16)])
         await engine.close()
         info = {"device": engine.device, "dtype": str(engine.dtype)}
         del engine  # the next path loads its own copy of the base
+    if args.vllm:
+        engine = vllm_engine(run, args.vllm)
+        try:
+            await measure(engine, "vllm", [f"a{i}:v1" for i in range(16)])
+        finally:
+            await engine.close()
     print(json.dumps({**info, "prompts": args.prompts, "max_tokens": args.tokens,
                       "tokens_per_s": {k: round(v, 1) for k, v in results.items()}}))
 
@@ -95,4 +184,8 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="auto")
     p.add_argument("--lora", default="gathered,peft", help="the engine's mixed-batch paths to measure, in order")
     p.add_argument("--skip-single", action="store_true", help="leave out one-at-a-time (the slowest mode)")
+    p.add_argument("--vllm", metavar="PYTHON",
+                   help="also through tuneforge's vLLM engine, launched with this python (vLLM's own venv)")
+    p.add_argument("--naive", action="store_true",
+                   help="first, the hand-written server: peft, set_adapter per request, one request at a time")
     asyncio.run(main(p.parse_args()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from datetime import datetime
@@ -33,7 +34,7 @@ from tuneforge.objectives import OBJECTIVES
 from tuneforge.plan import ensure_fits
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
-from tuneforge.train.callbacks import EarlyStopping, NanGuard, scale_lr
+from tuneforge.train.callbacks import EarlyStopping, NanGuard, TrainingDiverged, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.hardware import environment, peak_memory, pick_device, pick_dtype
 from tuneforge.train.launch import free_memory_releaser
@@ -301,6 +302,12 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                 log(row)
                 progress.console.print(f"step {pos.step}: train loss {loss:.4f}  validation loss {vl:.4f}"
                                        + "".join(f"  {n} {v:.4f}" for n, v in per_task.items() if len(per_task) > 1))
+                if not math.isfinite(vl):
+                    # Weights blown up enough that held-out rows overflow while the training
+                    # loss still looks finite: the run is lost either way, so say so (a sweep
+                    # marks the trial failed instead of keeping its earlier score).
+                    raise TrainingDiverged(f"validation loss is {vl} at step {pos.step}: lower train.lr, use "
+                                           "train.dtype=fp32, or check the data")
                 if stopper.update(pos.step, vl) and t.early_stopping_patience and (main or sharded):
                     best = ckpt.trainable_state(model, keep=main)
                     if main:
@@ -375,7 +382,7 @@ def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
     if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, cfg.method)
-    if cfg.train.fused_lora:
+    if cfg.train.fused_lora and cfg.privacy is None:  # DP-SGD's per-example gradients hook lora_A/lora_B
         fused_lora.enable(model)
     return model, per_example_attention
 
