@@ -4,6 +4,7 @@ warm-up steps. Prints ms per step and the top operators by self time on the devi
 on the CPU. Read this before guessing what to speed up.
 
     python benchmarks/profile_step.py --model smollm2-135m-instruct --batch 4 --max-length 256
+    python benchmarks/profile_step.py --method full
     python benchmarks/profile_step.py --device cuda --model /tmp/sm17 --batch 16 --max-length 512 --no-padding-free
 """
 
@@ -30,7 +31,8 @@ def main(a) -> None:
     device = pick_device(a.device)
     dtype = pick_dtype("auto", device)
     cfg = validate_config({"model": {"name": a.model}, "data": {"train": ["-"], "max_length": a.max_length},
-                           "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+                           "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0} if a.method == "lora"
+                           else {"name": a.method},
                            "train": {"padding_free": a.padding_free, "batch_size": a.batch}})
     tok = load_tokenizer(a.model)
     method = METHODS[cfg.method.name]
@@ -40,7 +42,7 @@ def main(a) -> None:
     batches = epoch_batches(enc, 0, 0, a.batch, False, a.max_length, tok.pad_token_id,
                             padding_free=a.padding_free and per_example)
     sft = OBJECTIVES["sft"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as run.py
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(b):
@@ -85,4 +87,5 @@ if __name__ == "__main__":
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=15, help="operators shown per table")
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false")
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
     main(p.parse_args())
