@@ -48,6 +48,12 @@ async def run_mode(engine: LocalEngine, reqs: list[GenRequest], concurrent: bool
     return time.perf_counter() - t0, sum(o.completion_tokens for o, _ in outs), lat
 
 
+def stats(path: str, label: str, secs: float, toks: int, lat: list[float]) -> str:
+    """One result line: generated tokens/s, requests/s, p50/p95 latency (``lat`` sorted)."""
+    return (f"{path:<8} {label:<26} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  "
+            f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s")
+
+
 def naive_server(run, texts: list[str], max_tokens: int, device: str, dtype: str) -> tuple[float, int, list[float]]:
     """The server users write by hand: transformers + peft, every adapter loaded, one request at
     a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin."""
@@ -115,15 +121,8 @@ async def main(args) -> None:
     naive = None
     if args.naive:
         secs, toks, lat = naive_server(run, texts, args.tokens, args.device, args.dtype)
-        print(f"{'naive':<8} {'peft, one at a time':<26} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  "
-              f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s",
-              flush=True)
+        print(stats("naive", "peft, one at a time", secs, toks, lat), flush=True)
         naive = toks / secs
-
-    def reqs(n_adapters: int):
-        return [GenRequest(adapter=f"a{i % n_adapters}", adapter_dir=str(run.adapter_dir), base_model=run.base_model,
-                           messages=[{"role": "user", "content": t}], system_prompt=run.system_prompt,
-                           max_tokens=args.tokens) for i, t in enumerate(texts)]
 
     results, single = {}, None
 
@@ -151,9 +150,7 @@ async def main(args) -> None:
                 single = rate
             results[f"{path}: {label}"] = rate
             one = results.get(f"{path}: 16 clients, 1 adapter", rate)
-            print(f"{path:<8} {label:<26} {toks:>5} tokens in {secs:6.1f}s  {rate:7.1f} tok/s  "
-                  f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  "
-                  f"p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s"
+            print(stats(path, label, secs, toks, lat)
                   + (f"  x{rate / single:.2f} vs one at a time" if single else "")
                   + (f"  x{rate / one:.2f} vs 1 adapter" if concurrent else "")
                   + (f"  x{rate / naive:.2f} vs naive" if naive else ""), flush=True)

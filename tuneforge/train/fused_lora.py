@@ -37,13 +37,14 @@ class LoraLinearFn(torch.autograd.Function):
         y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         y.addmm_(a, b_w.t(), alpha=scale)
         ctx.save_for_backward(xd2, weight, a_w, b_w, a)
-        ctx.scale, ctx.dropout, ctx.shapes = scale, xd is not None, (x.shape, lora_a.dtype, lora_b.dtype)
+        ctx.scale, ctx.dropout = scale, xd is not None
+        ctx.x_shape, ctx.a_dtype, ctx.b_dtype = x.shape, lora_a.dtype, lora_b.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         xd2, weight, a_w, b_w, a = ctx.saved_tensors
-        x_shape, a_dtype, b_dtype = ctx.shapes
+        x_shape, a_dtype, b_dtype = ctx.x_shape, ctx.a_dtype, ctx.b_dtype
         g2 = grad.reshape(-1, grad.shape[-1])
         gb = (g2 @ b_w).mul_(ctx.scale)  # d loss / d (x A^T): [tokens, r]
         dx = dxd = None

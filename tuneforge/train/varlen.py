@@ -54,8 +54,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # whole batch of full-length rows (CPT blocks): each row is then one example.
     position_ids = position_ids.expand(query.shape[0], -1)
     bounds = segments(position_ids)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if query.device.type == "cpu" and not (dropout and module.training):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         # The kernel is called below autocast, so cast as autocast casts SDPA: fp32 weights
         # under bf16 autocast (full fine-tuning) give bf16 queries beside fp32 rotated keys.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
