@@ -333,8 +333,7 @@ class Worker:
         results = self._results_file(job, metrics)
         self._event(job.id, f"New fine-tuned model created: {ref}")
         self._finish(job.id, "succeeded", add=[results], fine_tuned_model=ref, trained_tokens=tokens or None,
-                     result_files=[results.id])
-        self._event(job.id, "The job has successfully completed")
+                     result_files=[results.id], event="The job has successfully completed")
 
     def _results_file(self, job: JobRow, metrics: list[dict]) -> FileRow:
         """OpenAI's result file: per-step losses as CSV, served by /v1/files like an upload."""
@@ -357,8 +356,11 @@ class Worker:
                     return v.ref
         return self.registry.add(run_dir, name).ref
 
-    def _finish(self, job_id: str, status: str, add: list = (), **fields) -> None:
-        """Set the job's final status (and add ``add`` rows) in one transaction."""
+    def _finish(self, job_id: str, status: str, add: list = (), event: str | None = None, **fields) -> None:
+        """Set the job's final status (and add ``add`` rows and the closing event) in one
+        transaction: a client that sees the final status also sees the event that says so."""
+        if status == "failed":
+            event = f"Job failed: {fields['error']['message']}"
 
         def done(s):
             j = s.get(JobRow, job_id)
@@ -367,10 +369,11 @@ class Worker:
                 for k, v in fields.items():
                     setattr(j, k, v)
                 s.add_all(add)
+                if event is not None:
+                    s.add(JobEventRow(job_id=job_id, created_at=j.finished_at, message=event,
+                                      level="error" if status == "failed" else "info"))
 
         self._patiently(lambda: self.db.run(done))
-        if status == "failed":
-            self._event(job_id, f"Job failed: {fields['error']['message']}", level="error")
 
     def _status(self, job_id: str) -> str | None:
         try:
