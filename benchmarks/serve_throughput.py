@@ -11,7 +11,10 @@ ratios against one-at-a-time and against the same path's single-adapter batches.
 
 RUN_DIR is a LoRA run folder; its adapter is loaded under 16 names for the mixed cases (the
 work per token is what is measured, and identical weights keep output lengths equal). The
-paths run back to back in one process, so machine load affects both alike.
+paths run back to back in one process, so machine load affects both alike. Prompts are the
+run's eval prompts, and every mode gets prompts no earlier mode sent: the engine's prefix cache
+then reuses only what real traffic shares (system prompt, chat template, an instruction common
+to the task), never a whole repeated prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
 
 from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
@@ -54,9 +58,12 @@ def stats(path: str, label: str, secs: float, toks: int, lat: list[float]) -> st
             f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s")
 
 
-def naive_server(run, texts: list[str], max_tokens: int, device: str, dtype: str) -> tuple[float, int, list[float]]:
+def naive_server(run_dir: str, texts: list[str], max_tokens: int, device: str, dtype: str) \
+        -> tuple[float, int, list[float]]:
     """The server users write by hand: transformers + peft, every adapter loaded, one request at
-    a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin."""
+    a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin.
+    Run in a process of its own, as such a server is: torch's OpenMP pools are per thread, and a
+    second pool in the engine's process slows the engine's thread down (engines.py, _on_worker)."""
     import torch
     from peft import PeftModel
 
@@ -65,6 +72,7 @@ def naive_server(run, texts: list[str], max_tokens: int, device: str, dtype: str
     from tuneforge.models.tokenizer import fix_chat_tokenizer
     from tuneforge.train.hardware import pick_device, pick_dtype
 
+    run = read_run(run_dir)
     device = pick_device(device)
     tok = load_tokenizer(run.base_model)
     base = load_causal_lm(run.base_model, pick_dtype(dtype, device), device).eval()
@@ -117,10 +125,12 @@ def vllm_engine(run, python: str):
 
 async def main(args) -> None:
     run = read_run(args.run_dir)
-    texts = prompts(run, args.prompts)
+    texts = prompts(run, args.prompts * 6)  # warm-up, warm batch, one at a time, 1 / 4 / 16 adapters
+    sets = [texts[i * args.prompts:(i + 1) * args.prompts] for i in range(6)]
     naive = None
     if args.naive:
-        secs, toks, lat = naive_server(run, texts, args.tokens, args.device, args.dtype)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            secs, toks, lat = pool.apply(naive_server, (args.run_dir, sets[2], args.tokens, args.device, args.dtype))
         print(stats("naive", "peft, one at a time", secs, toks, lat), flush=True)
         naive = toks / secs
 
@@ -130,21 +140,21 @@ async def main(args) -> None:
         """One warm-up batch, then each mode; ``refs``: the 16 adapter names as the engine knows them."""
         nonlocal single
 
-        def reqs(n_adapters: int, max_tokens: int = args.tokens):
+        def reqs(texts: list[str], n_adapters: int, max_tokens: int = args.tokens):
             return [GenRequest(adapter=refs[i % n_adapters], adapter_dir=str(run.adapter_dir),
                                base_model=run.base_model, messages=[{"role": "user", "content": t}],
                                system_prompt=run.system_prompt, max_tokens=max_tokens) for i, t in enumerate(texts)]
 
-        for r in reqs(16, 1):  # the base and all 16 adapters resident before timing
+        for r in reqs(sets[0], 16, 1):  # the base and all 16 adapters resident before timing
             await collect(engine.stream(r))
         # One concurrent batch first: the first batch of a shape pays the kernels' set-up
         # (oneDNN primitives), which would otherwise land on whichever mode runs first.
-        await run_mode(engine, reqs(16, 4), True)
-        modes = [("one at a time", 1, False)] if single is None and not args.skip_single else []
-        modes += [("16 clients, 1 adapter", 1, True), ("16 clients, 4 adapters", 4, True),
-                  ("16 clients, 16 adapters", 16, True)]
-        for label, n_adapters, concurrent in modes:
-            secs, toks, lat = await run_mode(engine, reqs(n_adapters), concurrent)
+        await run_mode(engine, reqs(sets[1], 16, 4), True)
+        modes = [("one at a time", 1, False, 2)] if single is None and not args.skip_single else []
+        modes += [("16 clients, 1 adapter", 1, True, 3), ("16 clients, 4 adapters", 4, True, 4),
+                  ("16 clients, 16 adapters", 16, True, 5)]
+        for label, n_adapters, concurrent, texts_set in modes:
+            secs, toks, lat = await run_mode(engine, reqs(sets[texts_set], n_adapters), concurrent)
             rate = toks / secs
             if not concurrent:
                 single = rate
@@ -157,10 +167,13 @@ async def main(args) -> None:
 
     info = {}
     for path in [p for p in args.lora.split(",") if p]:
-        engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path)
+        engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path,
+                             prefix_cache_mb=args.prefix_cache_mb)
         await measure(engine, path, [f"a{i}" for i in range(16)])
         await engine.close()
-        info = {"device": engine.device, "dtype": str(engine.dtype)}
+        info = {"device": engine.device, "dtype": str(engine.dtype), "prefix_cache_mb": args.prefix_cache_mb}
+        if engine.prefix is not None:
+            print(f"{path:<8} prefix cache: {engine.prefix.reused_tokens} prompt tokens reused", flush=True)
         del engine  # the next path loads its own copy of the base
     if args.vllm:
         engine = vllm_engine(run, args.vllm)
@@ -180,6 +193,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--lora", default="gathered,peft", help="the engine's mixed-batch paths to measure, in order")
+    p.add_argument("--prefix-cache-mb", type=float, default=256, help="the local engine's prefix cache (0: off)")
     p.add_argument("--skip-single", action="store_true", help="leave out one-at-a-time (the slowest mode)")
     p.add_argument("--vllm", metavar="PYTHON",
                    help="also through tuneforge's vLLM engine, launched with this python (vLLM's own venv)")

@@ -4,6 +4,7 @@ talks to the gateway over a real socket on 127.0.0.1."""
 
 import asyncio
 import json
+import threading
 
 import pytest
 from deploy_helpers import fake_run, serve_in_thread as _serve
@@ -130,3 +131,32 @@ def test_a_sampling_seed_makes_the_sampled_answer_repeatable(runs, tiny_model_di
     outs = [asyncio.run(_run_all(LocalEngine("cpu", "fp32", max_batch=1), [r]))[0].text for r in seeded]
     assert outs[0] == outs[1]
     assert outs[2] != outs[0]  # another seed samples another answer (12 tokens from a random tiny model)
+
+
+def test_loads_unloads_and_batches_all_run_on_the_engine_thread(runs, tiny_model_dir, monkeypatch):
+    # One thread for every torch op (LocalEngine._on_worker says why), model loading included.
+    engine = LocalEngine("cpu", "fp32", max_batch=1)
+    threads = []
+
+    def on(name):
+        fn = getattr(engine, name)
+
+        def wrapper(*args):
+            threads.append((name, threading.current_thread().name))
+            return fn(*args)
+        monkeypatch.setattr(engine, name, wrapper)
+
+    for name in ("_model", "_delete", "_generate"):
+        on(name)
+
+    async def go():
+        await engine.load(_req(runs, 0, "hello", tiny_model_dir))
+        out = await collect(engine.stream(_req(runs, 1, "hello", tiny_model_dir)))
+        unloaded = await engine.unload("bot:v1")
+        await engine.close()
+        return out, unloaded
+
+    out, unloaded = asyncio.run(go())
+    assert out.completion_tokens > 0 and unloaded and engine.resident() == ["bot:v2"]
+    assert {n for n, _ in threads} == {"_model", "_delete", "_generate"}
+    assert {t for _, t in threads} == {"tuneforge-engine"}

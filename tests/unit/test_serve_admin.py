@@ -124,14 +124,14 @@ def test_unload_and_load_while_a_request_streams_do_not_fail_it(reg, run_dirs, t
                 events.append(f"{name} end")
         return wrapper
 
-    # Note when each admin call reaches the engine (before it waits for the running batch).
+    # Note when each admin call reaches the engine (queued for its worker, which runs it after
+    # the running batch).
     reached = {"unload": threading.Event(), "load": threading.Event()}
+    on_worker = engine._on_worker
 
-    def arriving(name, fn):
-        def wrapper(*args):
-            reached[name].set()
-            return fn(*args)
-        return wrapper
+    async def arriving(fn, *args):
+        reached["unload" if fn == engine._unload else "load"].set()
+        return await on_worker(fn, *args)
 
     chat = {"model": "bot:v1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
     with serve_in_thread(app) as url:
@@ -141,8 +141,7 @@ def test_unload_and_load_while_a_request_streams_do_not_fail_it(reg, run_dirs, t
         monkeypatch.setattr(engines._RowStreamer, "put", held_put)
         monkeypatch.setattr(engine, "_generate", recording("generate", engine._generate))
         monkeypatch.setattr(engine, "_delete", recording("delete", engine._delete))
-        monkeypatch.setattr(engine, "_unload", arriving("unload", engine._unload))
-        monkeypatch.setattr(engine, "_locked_model", arriving("load", engine._locked_model))
+        monkeypatch.setattr(engine, "_on_worker", arriving)
         admin_calls = {}
 
         def call(name, model):

@@ -37,6 +37,9 @@ class EngineConfig(Strict):
     lora: Literal["gathered", "peft"] = Field(
         "gathered", description="how plain LoRA adapters share a batch: gathered (all of a batch's adapters in "
                                 "three ops per layer) or peft (adapter_names=, one sub-batch per adapter per layer)")
+    prefix_cache_mb: float = Field(
+        256, ge=0, description="memory for the attention keys/values of served sequences, per adapter, reused by "
+                               "prompts that start with the same tokens (system prompt, earlier turns); 0: off")
     # vllm: a running OpenAI-compatible vLLM server (url), or one tuneforge starts (launch)
     url: str | None = None
     api_key: str | None = None

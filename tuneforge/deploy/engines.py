@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from tuneforge.deploy.multilora import LoraBank
+from tuneforge.deploy.prefix_cache import PrefixCache
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -98,6 +100,31 @@ async def collect(stream: AsyncIterator[Chunk]) -> Chunk:
 
 # --- local: transformers + peft in this process -----------------------------------------------
 @dataclass
+class _Call:
+    """Work for the engine's worker thread other than a request (a load or an unload)."""
+    fn: Any
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+    def run(self) -> None:
+        try:
+            result = self.fn()
+        except Exception as e:  # noqa: BLE001 - raised in the caller's task
+            self.loop.call_soon_threadsafe(_settle, self.done, None, e)
+        else:
+            self.loop.call_soon_threadsafe(_settle, self.done, result, None)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():  # the caller gave up waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+@dataclass
 class _Job:
     req: GenRequest
     loop: asyncio.AbstractEventLoop
@@ -161,6 +188,7 @@ class _Base:
     bank: LoraBank
     peft: Any = None
     paths: dict[str, str] = field(default_factory=dict)  # resident adapter -> "gathered" | "peft"
+    prefix_ok: bool = False  # its KV cache is one plain layer per decoder layer (no sliding window)
 
 
 class LocalEngine:
@@ -173,19 +201,24 @@ class LocalEngine:
     ``lora="gathered"`` serves plain LoRA adapters through multilora.LoraBank (every adapter of
     a batch in the same three ops per layer); ``lora="peft"`` serves every adapter through peft
     (mixed batches with ``adapter_names=``), the path the benchmark compares against.
+
+    ``prefix_cache_mb``: memory for the KV of served sequences, per adapter, that later prompts
+    starting with the same tokens reuse instead of computing again (prefix_cache.py; 0: off).
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
-                 max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered"):
+                 max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
+                 prefix_cache_mb: float = 256):
         from tuneforge.train.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
         self.max_adapters, self.max_prompt_tokens, self.lora = max_adapters, max_prompt_tokens, lora
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.bases: dict[str, _Base] = {}  # base model name -> its model and adapters
         self.lru: OrderedDict[str, str] = OrderedDict()  # resident adapter -> its base, least recent first
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.jobs: queue.Queue[_Job | _Call | None] = queue.Queue()
         self.batches: list[list[str]] = []  # adapters of each generate call (for tests and stats)
         self.evicted: list[str] = []  # adapters unloaded by the LRU bound, in order (for tests and stats)
         self.worker: threading.Thread | None = None
@@ -211,11 +244,24 @@ class LocalEngine:
 
     async def load(self, req: GenRequest) -> None:
         """Load ``req``'s base and adapter now (loading twice is a no-op); waits for a running batch."""
-        await asyncio.to_thread(self._locked_model, req)
+        await self._on_worker(self._locked_model, req)
 
     async def unload(self, adapter: str) -> bool:
         """Unload an adapter after the running batch (if any) ends; False if it was not loaded."""
-        return await asyncio.to_thread(self._unload, adapter)
+        return await self._on_worker(self._unload, adapter)
+
+    async def _on_worker(self, fn, *args):
+        """Run ``fn(*args)`` on the worker thread, between batches. Every torch op of the engine
+        runs on that one thread: with GNU OpenMP (torch's CPU builds) each thread that runs a
+        parallel op keeps its own pool of worker threads, and once the pools of a process hold
+        more threads than there are cores, OpenMP stops spinning between parallel regions. A
+        decode step is ~1,000 small parallel ops, and it then ran 1.7x slower (SmolLM2-135M, 2
+        cores: 85-92 instead of 49-56 ms a token, after a model load on another thread)."""
+        self._start()
+        loop = asyncio.get_running_loop()
+        call = _Call(functools.partial(fn, *args), loop, loop.create_future())
+        self.jobs.put(call)
+        return await call.done
 
     def resident(self) -> list[str]:
         """Loaded adapters, least recently used first."""
@@ -244,7 +290,10 @@ class LocalEngine:
             first = self.jobs.get()
             if first is None:
                 return
-            batch, deadline = [first], time.monotonic() + self.wait
+            if isinstance(first, _Call):
+                first.run()
+                continue
+            batch, calls, deadline = [first], [], time.monotonic() + self.wait
             while len(batch) < self.max_batch:
                 try:
                     nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -253,6 +302,9 @@ class LocalEngine:
                 if nxt is None:
                     self.jobs.put(None)  # stop after this batch
                     break
+                if isinstance(nxt, _Call):
+                    calls.append(nxt)  # after this batch, as a load or unload waits for a running batch
+                    continue
                 batch.append(nxt)
             for group in _groups([j for j in batch if not j.cancelled]):
                 try:
@@ -260,6 +312,8 @@ class LocalEngine:
                 except Exception as e:  # noqa: BLE001 - handed to each request; the worker lives on
                     for j in group:
                         j.loop.call_soon_threadsafe(j.out.put_nowait, e)
+            for call in calls:
+                call.run()
 
     def _locked_model(self, req: GenRequest) -> _Base:
         with self.models_lock:
@@ -278,6 +332,8 @@ class LocalEngine:
         import warnings
 
         base = self.bases[self.lru.pop(adapter)]
+        if self.prefix is not None:
+            self.prefix.drop(adapter)
         if base.paths.pop(adapter) == "gathered":
             base.bank.unload(adapter)
             return
@@ -309,7 +365,7 @@ class LocalEngine:
             tok = load_tokenizer(req.base_model)
             model = load_causal_lm(req.base_model, self.dtype, self.device).eval()
             fix_chat_tokenizer(tok, model)
-            self.bases[req.base_model] = _Base(model, tok, LoraBank(model))
+            self.bases[req.base_model] = _Base(model, tok, LoraBank(model), prefix_ok=_plain_kv(model))
         base = self.bases[req.base_model]
         if req.adapter not in base.paths:
             why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"
@@ -366,13 +422,6 @@ class LocalEngine:
         """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
         "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
         tok = base.tok
-        # Left padding: every row's next token sits in the last column. [batch, width]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
         r = jobs[0].req
         sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p) if r.temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -390,13 +439,74 @@ class LocalEngine:
         else:
             model = base.peft
             model.set_adapter(adapters[0])
+        from transformers import DynamicCache
+
+        # Prefix cache: only where each row's KV comes from its own adapter in the plain model
+        # (peft's prompt-learning adapters put their own entries in the cache).
+        cache = self.prefix if how == "gathered" and base.prefix_ok else None
+        reuse, past = 0, None
+        if cache is not None:
+            found = [cache.match(a, p) for a, p in zip(adapters, prompts, strict=True)]
+            reuse = min(n for n, _ in found)
+            if reuse:
+                past = DynamicCache(ddp_cache_data=[
+                    (torch.stack([e.kv[layer][0][:, :reuse] for _, e in found]),
+                     torch.stack([e.kv[layer][1][:, :reuse] for _, e in found]))
+                    for layer in range(len(found[0][1].kv))], config=base.model.config)
+                cache.reused_tokens += reuse * len(jobs)
+        ids, mask = _layout(prompts, reuse, tok.pad_token_id)
+        streamer = _RowStreamer(jobs, [len(p) for p in prompts], tok)
         autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else \
             contextlib.nullcontext()
         with autocast, adapters_on:
-            model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                           max_new_tokens=max(j.req.max_tokens for j in jobs), eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, streamer=_RowStreamer(jobs, [len(p) for p in prompts], tok),
-                           **extra, **sampling)
+            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 past_key_values=past, max_new_tokens=max(j.req.max_tokens for j in jobs),
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
+                                 return_dict_in_generate=cache is not None, **extra, **sampling)
+        if cache is not None:
+            _remember(cache, adapters, prompts, reuse, streamer.tokens, out.past_key_values)
+
+
+def _layout(prompts: list[list[int]], reuse: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask [batch, width] for generate: each row's first ``reuse`` tokens
+    (their KV comes from the prefix cache), then padding, then the rest of its prompt, so every
+    row's next token sits in the last column. Without reuse this is plain left padding. Position
+    ids follow the mask (generate counts only unmasked tokens), so padding in the middle leaves
+    each token at its own position."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, :reuse], mask[row, :reuse] = torch.tensor(p[:reuse], dtype=torch.long), 1
+        ids[row, width - len(p) + reuse:] = torch.tensor(p[reuse:], dtype=torch.long)
+        mask[row, width - len(p) + reuse:] = 1
+    return ids, mask
+
+
+def _remember(cache: PrefixCache, adapters: list[str], prompts: list[list[int]], reuse: int,
+              answers: list[list[int]], past) -> None:
+    """Put each row's sequence (prompt and answer) with its KV from the batch's final cache into
+    ``cache``; ``_layout`` placed row r's tokens at columns [0, reuse) and [width - len + reuse,
+    width), and its answer follows from ``width`` (KV exists for every token fed back, so not
+    for the last one generated)."""
+    width, held = max(len(p) for p in prompts), past.get_seq_length()
+    for row, (adapter, p) in enumerate(zip(adapters, prompts, strict=True)):
+        answer = answers[row][:max(0, held - width)]
+        tokens = tuple(p) + tuple(answer)
+        if len(tokens) < cache.min_tokens or cache.covers(adapter, tokens):
+            continue
+        cols = torch.cat([torch.arange(reuse), torch.arange(width - len(p) + reuse, width + len(answer))])
+        cols = cols.to(past.layers[0].keys.device)
+        cache.put(adapter, tokens, [(layer.keys[row][:, cols], layer.values[row][:, cols]) for layer in past.layers])
+
+
+def _plain_kv(model) -> bool:
+    """The model's KV cache is a plain growing tensor per layer, which cached prefixes can seed
+    (sliding-window and hybrid models keep other state)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 def _groups(jobs: list[_Job]) -> list[list[_Job]]:
