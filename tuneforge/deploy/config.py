@@ -40,6 +40,9 @@ class EngineConfig(Strict):
     prefix_cache_mb: float = Field(
         256, ge=0, description="memory for the attention keys/values of served sequences, per adapter, reused by "
                                "prompts that start with the same tokens (system prompt, earlier turns); 0: off")
+    prepack: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 Linear weights packed once for oneDNN on a CPU (faster decode; a second copy of "
+                            "those weights in RAM): auto packs when that copy fits in half the available RAM")
     # vllm: a running OpenAI-compatible vLLM server (url), or one tuneforge starts (launch)
     url: str | None = None
     api_key: str | None = None

@@ -28,6 +28,7 @@ import torch
 
 from tuneforge.deploy.multilora import LoraBank
 from tuneforge.deploy.prefix_cache import PrefixCache
+from tuneforge.deploy.prepack import prepack
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -189,6 +190,7 @@ class _Base:
     peft: Any = None
     paths: dict[str, str] = field(default_factory=dict)  # resident adapter -> "gathered" | "peft"
     prefix_ok: bool = False  # its KV cache is one plain layer per decoder layer (no sliding window)
+    packed: bool = False  # its Linear layers run on prepacked weights (prepack.py)
 
 
 class LocalEngine:
@@ -204,17 +206,20 @@ class LocalEngine:
 
     ``prefix_cache_mb``: memory for the KV of served sequences, per adapter, that later prompts
     starting with the same tokens reuse instead of computing again (prefix_cache.py; 0: off).
+    ``prepack``: "auto", "on" or "off", bf16 Linear weights packed once for oneDNN on a CPU
+    (prepack.py).
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
-                 prefix_cache_mb: float = 256):
+                 prefix_cache_mb: float = 256, prepack: str = "auto"):
         from tuneforge.train.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
         self.max_adapters, self.max_prompt_tokens, self.lora = max_adapters, max_prompt_tokens, lora
+        self.prepack = prepack
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.bases: dict[str, _Base] = {}  # base model name -> its model and adapters
         self.lru: OrderedDict[str, str] = OrderedDict()  # resident adapter -> its base, least recent first
@@ -365,7 +370,9 @@ class LocalEngine:
             tok = load_tokenizer(req.base_model)
             model = load_causal_lm(req.base_model, self.dtype, self.device).eval()
             fix_chat_tokenizer(tok, model)
-            self.bases[req.base_model] = _Base(model, tok, LoraBank(model), prefix_ok=_plain_kv(model))
+            bank = LoraBank(model)
+            self.bases[req.base_model] = _Base(model, tok, bank, prefix_ok=_plain_kv(model),
+                                               packed=prepack(list(bank.linears.values()), self.prepack))
         base = self.bases[req.base_model]
         if req.adapter not in base.paths:
             why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"
