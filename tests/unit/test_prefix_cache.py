@@ -135,3 +135,30 @@ def test_unloading_an_adapter_drops_its_cached_prefixes(runs, tiny_model_dir):
     assert {e.adapter for e in engine.prefix.entries.values()} == {"bot:v1", "bot:v2"}
     assert asyncio.run(engine.unload("bot:v1"))
     assert {e.adapter for e in engine.prefix.entries.values()} == {"bot:v2"}
+
+
+def test_gateway_metrics_show_what_the_prefix_cache_saved(runs, tiny_model_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.deploy.config import ServeConfig
+    from tuneforge.deploy.server import create_app
+    from tuneforge.registry.store import Registry
+
+    reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}")
+    reg.add(fake_run(tiny_model_dir, tmp_path / "run", seed=5, system_prompt=SYSTEM), "bot")
+    _, key = reg.create_key("app", ["bot"])
+    engine = LocalEngine("cpu", "fp32", max_batch=1)
+
+    def metric(page: str, name: str) -> float:
+        return float(next(line.split()[1] for line in page.splitlines() if line.startswith(name + " ")))
+
+    with TestClient(create_app(ServeConfig(), reg, engine)) as c:
+        for q in QUESTIONS[:2]:
+            r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "bot", "messages": [{"role": "user", "content": q}], "max_tokens": 4})
+            assert r.status_code == 200
+        page = c.get("/metrics").text
+    asyncio.run(engine.close())
+    # The second request took the run's system prompt (and the chat template) from the cache.
+    assert metric(page, "tuneforge_prefix_cache_reused_tokens") == engine.prefix.reused_tokens >= 16
+    assert metric(page, "tuneforge_prefix_cache_bytes") == engine.prefix.bytes > 0

@@ -20,6 +20,9 @@ FALLBACKS = Counter("tuneforge_fallbacks", "targets skipped down a fallback chai
                     "(unknown_model, timeout, error, guard_empty, guard_json_object, guard_blocklist)",
                     ("route", "reason"))
 RESIDENT_ADAPTERS = Gauge("tuneforge_resident_adapters", "adapters loaded in the local engine")
+PREFIX_REUSED = Gauge("tuneforge_prefix_cache_reused_tokens",
+                      "prompt tokens the local engine took from its prefix cache instead of computing, since start")
+PREFIX_BYTES = Gauge("tuneforge_prefix_cache_bytes", "memory held by the local engine's prefix cache")
 
 
 def observe(record) -> None:

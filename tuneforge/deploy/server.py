@@ -392,6 +392,9 @@ def create_app(cfg: ServeConfig, registry: Registry, engine,
 
         if hasattr(engine, "resident"):
             metrics.RESIDENT_ADAPTERS.set(len(engine.resident()))
+        if getattr(engine, "prefix", None) is not None:
+            metrics.PREFIX_REUSED.set(engine.prefix.reused_tokens)
+            metrics.PREFIX_BYTES.set(engine.prefix.bytes)
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     from tuneforge.deploy.admin import admin_routes
