@@ -57,6 +57,7 @@ def prepack(linears: list[nn.Linear], mode: str) -> bool:
     for lin in linears:
         packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach())
         lin.forward = functools.partial(_packed_linear, packed, lin.bias)
+    log.info("linear weights prepacked", extra={"linears": len(linears)})
     return True
 
 
