@@ -428,6 +428,8 @@ class LocalEngine:
     def _generate(self, base: _Base, how: str, jobs: list[_Job], prompts: list[list[int]]) -> None:
         """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
         "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
+        from transformers import DynamicCache
+
         tok = base.tok
         r = jobs[0].req
         sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p) if r.temperature > 0 else \
@@ -446,8 +448,6 @@ class LocalEngine:
         else:
             model = base.peft
             model.set_adapter(adapters[0])
-        from transformers import DynamicCache
-
         # Prefix cache: only where each row's KV comes from its own adapter in the plain model
         # (peft's prompt-learning adapters put their own entries in the cache).
         cache = self.prefix if how == "gathered" and base.prefix_ok else None
