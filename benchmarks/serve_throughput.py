@@ -33,7 +33,9 @@ def prompts(run, n: int) -> list[str]:
     rows = [json.loads(x) for x in (run.run_dir / "eval_samples.jsonl").read_text().splitlines() if x.strip()] \
         if (run.run_dir / "eval_samples.jsonl").exists() else []
     texts = list(dict.fromkeys(r["prompt"] for r in rows if r.get("prompt"))) or ["Tell me about apples."]
-    return [texts[i % len(texts)] + ("" if i < len(texts) else f" (#{i})") for i in range(n)]
+    # Past the distinct prompts, repeats are marked at the start, so that a repeat shares no
+    # more with its original than the system prompt and chat template (the prefix cache's due).
+    return [("" if i < len(texts) else f"(#{i}) ") + texts[i % len(texts)] for i in range(n)]
 
 
 async def timed(engine: LocalEngine, req: GenRequest):
