@@ -1,7 +1,8 @@
 """Gathered multi-LoRA batches (tuneforge/deploy/multilora.py): rows of different LoRA adapters
 (ranks 2/4/8, rsLoRA, per-module rank and alpha, different target modules) and a base row in
-one batch give what peft gives each adapter alone; the engine reuses and frees adapters on
-load, unload and LRU eviction; adapters that are not plain LoRA are served by peft."""
+one batch, laid out side by side or row by row, give what peft gives each adapter alone; the
+engine reuses and frees adapters on load, unload and LRU eviction; adapters that are not plain
+LoRA are served by peft."""
 
 import asyncio
 
@@ -62,7 +63,8 @@ def _batch(tok, prompts):
     return x, mask
 
 
-def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_model_dir, tiny_tok):
+@pytest.mark.parametrize("layout", ["cat", "rows"])
+def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_model_dir, tiny_tok, layout):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +87,7 @@ def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_mod
 
     ids, mask = _batch(tiny_tok, PROMPTS)
     with torch.no_grad():
-        with bank.rows(rows):
+        with bank.rows(rows, layout):
             mixed = model(input_ids=ids, attention_mask=mask).logits
         plain = model(input_ids=ids, attention_mask=mask).logits  # the hooks are gone after the batch
         for i, name in enumerate(rows):
@@ -96,7 +98,7 @@ def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_mod
         assert torch.equal(plain[3], mixed[3])
 
         greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tiny_tok.pad_token_id, eos_token_id=None)
-        with bank.rows(rows):
+        with bank.rows(rows, layout):
             out = model.generate(input_ids=ids, attention_mask=mask, **greedy)[:, ids.shape[1]:]
         for i, name in enumerate(rows):  # each row alone, unpadded, through peft
             one, one_mask = _batch(tiny_tok, [PROMPTS[i]])

@@ -3,22 +3,32 @@
 peft serves a mixed batch (``adapter_names=``) by running every LoRA layer once per adapter
 sub-batch (row selection, two small matmuls, scaling, scatter back): with 16 adapters that is
 ~80 small ops per layer per token, and 16 adapters ran at 0.22x the throughput of one.
-Here each target Linear of a batch takes the batch's adapters side by side,
-A_cat [in, sum r] and B_cat [sum r, out] (each adapter's scale folded into its B), and every
-row keeps its own adapter's columns with a 0/1 mask:
+Here each target Linear gets two or three ops per forward pass however many adapters the
+batch holds, in one of two layouts built once per generate call (each adapter's scale folded
+into its B):
 
-    y = base(x) + ((x @ A_cat) * mask[row]) @ B_cat
+- side by side, for a batch of few adapters: A_cat [in, sum r], B_cat [sum r, out], and a
+  0/1 mask keeping each row's own adapter's columns, ``y = base(x) + ((x @ A_cat) * mask) @
+  B_cat``. The products grow with the number of adapters (every row multiplies by all of
+  them), so this wins only while they are few;
+- row by row, for a batch of many: A_rows [rows, in, r], B_rows [rows, r, out] (row i holds
+  its own adapter, zeros for the base model), ``y = base(x) + bmm(bmm(x, A_rows), B_rows)``:
+  each row multiplies only by its own adapter, at the cost of one copy of an adapter per row.
 
-Three ops per layer however many adapters the batch holds (ranks may differ; a row without
-an adapter has an all-zero mask). This is the batched multi-LoRA idea of punica/S-LoRA/vLLM
-(BGMV) written with plain torch ops, because torch has no segmented-gather LoRA kernel and
-peft no other batched path. Gathering each row's A and B and multiplying per row (``A[idx]``
-+ ``bmm``) does fewer multiplications but measured slower on CPU: see docs/deploy.md.
+This is the batched multi-LoRA idea of punica/S-LoRA/vLLM (BGMV), written with plain torch
+ops because torch has no segmented-gather LoRA kernel and peft no other batched path.
+Measured on SmolLM2-135M with r=16 adapters on all seven Linear kinds (2 cores, bf16 base, no
+AMX), the LoRA ops of a 16-row decode step: side by side 9.5 / 17.8 / 24.3 / 38.9 ms for 1 /
+4 / 8 / 16 adapters, row by row ~23-25 ms for any of them; a 30-token prefill of 16 rows over
+16 adapters 382 vs 87 ms. Hence side by side up to rows/4 adapters, row by row above.
 
-The side-by-side copies are made once per generate call from the resident adapters (each
-kept at its own rank, so no padding and no fixed slots to recycle): a batch owns its copies,
-and loading, unloading or evicting an adapter never touches a running batch's weights. The
-copy costs one pass over the batch's adapter weights, which every decode step reads anyway.
+The LoRA products run in float32 (autocast off), as peft keeps adapter weights
+(``autocast_adapter_dtype``): at these shapes bf16 products on a CPU without AMX ran 2x
+slower than fp32 ones (the 16-row, one-adapter ops above: 19.6 ms in bf16).
+
+A batch owns its copies (adapters are kept each at its own rank, so no padding and no fixed
+slots to recycle), so loading, unloading or evicting an adapter never touches a running
+batch's weights. Building them costs one pass over the batch's adapter weights.
 """
 
 from __future__ import annotations
@@ -28,9 +38,13 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _PREFIX = "base_model.model."  # peft's prefix on every saved key
+# Row-by-row copies of a batch's adapters beyond this size are not made (side by side instead):
+# a 16-row batch of r=16 all-linear adapters on a 7B base would need ~2.5 GB of them.
+_ROW_BYTES = 2**30
 # LoraConfig settings that change the forward pass beyond x @ A @ B * scale; an adapter using
 # any of them is served by peft itself.
 _PEFT_ONLY = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "target_parameters",
@@ -40,14 +54,13 @@ _PEFT_ONLY = ("use_dora", "modules_to_save", "layer_replication", "lora_bias", "
 
 class LoraBank:
     """The plain LoRA adapters resident on one base model, per target Linear: A [in, r] and
-    scale * B [r, out] in the model's dtype and device."""
+    scale * B [r, out] in float32 on the model's device."""
 
     def __init__(self, model: nn.Module):
         # Taken before peft wraps any module for an adapter that it serves: peft keeps each
         # Linear as its layer's ``base_layer``, so hooks on these objects see every base output.
         self.linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-        p = next(model.parameters())
-        self.dtype, self.device = p.dtype, p.device
+        self.device = next(model.parameters()).device
         self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -83,8 +96,8 @@ class LoraBank:
             r = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), mod), cfg.r)
             alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), mod), cfg.lora_alpha)
             scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-            modules[mod] = (a.t().to(self.device, self.dtype).contiguous(),
-                            (b.float() * scale).t().to(self.device, self.dtype).contiguous())
+            modules[mod] = (a.float().t().to(self.device).contiguous(),
+                            (b.float() * scale).t().to(self.device).contiguous())
         if not modules:
             return "no lora_A/lora_B weights"
         self.adapters[name] = modules
@@ -94,36 +107,56 @@ class LoraBank:
         del self.adapters[name]
 
     @contextlib.contextmanager
-    def rows(self, names: list[str | None]) -> Iterator[None]:
+    def rows(self, names: list[str | None], layout: str | None = None) -> Iterator[None]:
         """Within: row i of every forward pass of the model gets adapter ``names[i]`` (None: the
-        base alone). The engine's single worker runs one batch at a time, so the hooks are
-        registered for this batch and removed after it, even when generation fails."""
+        base alone). ``layout``: "cat" (side by side) or "rows" (row by row); by default the
+        faster one for this batch (module docstring). The engine's single worker runs one
+        batch at a time, so the hooks are registered for this batch and removed after it, even
+        when generation fails."""
         used = list(dict.fromkeys(n for n in names if n is not None))
+        if layout is None:
+            layout = "rows" if 4 * len(used) > len(names) and self._row_bytes(names) <= _ROW_BYTES else "cat"
         masks: dict[tuple, torch.Tensor | None] = {}
         handles = []
         try:
             for mod, lin in self.linears.items():
-                here = tuple(n for n in used if mod in self.adapters[n])
-                if not here:
+                parts = {n: self.adapters[n][mod] for n in used if mod in self.adapters[n]}
+                if not parts:
                     continue
-                parts = [self.adapters[n][mod] for n in here]
-                a = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
-                b = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=0)
-                key = tuple((n, p[0].shape[1]) for n, p in zip(here, parts, strict=True))  # ranks vary by module
-                if key not in masks:
-                    masks[key] = self._mask(names, key)
-                handles.append(lin.register_forward_hook(_add_lora(a, b, masks[key])))
+                if layout == "rows":
+                    hook = _add_rows(*self._stack(names, parts, lin))
+                else:
+                    a = torch.cat([a for a, _ in parts.values()], dim=1)
+                    b = torch.cat([b for _, b in parts.values()], dim=0)
+                    key = tuple((n, a.shape[1]) for n, (a, _) in parts.items())  # ranks vary by module
+                    if key not in masks:
+                        masks[key] = self._mask(names, key)
+                    hook = _add_cat(a, b, masks[key])
+                handles.append(lin.register_forward_hook(hook))
             yield
         finally:
             for h in handles:
                 h.remove()
+
+    def _row_bytes(self, names: list[str | None]) -> int:
+        return sum(a.nbytes + b.nbytes for n in names if n is not None for a, b in self.adapters[n].values())
+
+    def _stack(self, names: list[str | None], parts: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows, in, r], [rows, r, out]: each row's adapter, zero-padded to the largest rank
+        here; zeros for a row without one."""
+        r = max(a.shape[1] for a, _ in parts.values())
+        none = (torch.zeros(lin.in_features, r, device=self.device), torch.zeros(r, lin.out_features, device=self.device))
+        padded = {n: (F.pad(a, (0, r - a.shape[1])), F.pad(b, (0, 0, 0, r - b.shape[0]))) for n, (a, b) in parts.items()}
+        rows = [padded.get(n, none) for n in names]
+        return torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
 
     def _mask(self, names: list[str | None], ranks: tuple[tuple[str, int], ...]) -> torch.Tensor | None:
         """[rows, 1, sum of ranks]: 1 on each row's own adapter's columns (adapters side by side
         in ``ranks`` order); None when every row uses the one adapter (nothing to mask)."""
         if len(ranks) == 1 and all(n == ranks[0][0] for n in names):
             return None
-        mask = torch.zeros(len(names), 1, sum(r for _, r in ranks), dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(names), 1, sum(r for _, r in ranks), device=self.device)
         cols, start = {}, 0
         for n, r in ranks:
             cols[n], start = slice(start, start + r), start + r
@@ -133,12 +166,21 @@ class LoraBank:
         return mask
 
 
-def _add_lora(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None):
-    # As few ops as possible: at decode shapes each op costs more in dispatch (and in thread
-    # hand-offs on a busy machine) than in arithmetic; the add rides in addmm.
+# Hooks: as few ops as possible, because at decode shapes each op costs more in dispatch than
+# in arithmetic. The products run in float32 with autocast off (module docstring); the sum is
+# added into the base output in place (a fresh tensor of the base Linear's).
+def _add_cat(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None):
     def hook(module, args, out):
-        h = args[0] @ a  # [rows, tokens, sum r]
-        if mask is not None:
-            h = h * mask
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b).view(out.shape)
+        with torch.autocast(out.device.type, enabled=False):
+            h = args[0].float() @ a  # [rows, tokens, sum r]
+            if mask is not None:
+                h = h * mask
+            return out.add_((h @ b).to(out.dtype))
+    return hook
+
+
+def _add_rows(a: torch.Tensor, b: torch.Tensor):
+    def hook(module, args, out):
+        with torch.autocast(out.device.type, enabled=False):
+            return out.add_(torch.bmm(torch.bmm(args[0].float(), a), b).to(out.dtype))
     return hook
