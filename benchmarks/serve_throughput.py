@@ -170,7 +170,8 @@ async def main(args) -> None:
     info = {}
     for path in [p for p in args.lora.split(",") if p]:
         engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path,
-                             prefix_cache_mb=args.prefix_cache_mb, prepack=args.prepack)
+                             prefix_cache_mb=args.prefix_cache_mb, prepack=args.prepack,
+                             fp32_prefill=args.fp32_prefill)
         await measure(engine, path, [f"a{i}" for i in range(16)])
         await engine.close()
         info = {"device": engine.device, "dtype": str(engine.dtype), "prefix_cache_mb": args.prefix_cache_mb,
@@ -198,6 +199,8 @@ if __name__ == "__main__":
     p.add_argument("--lora", default="gathered,peft", help="the engine's mixed-batch paths to measure, in order")
     p.add_argument("--prefix-cache-mb", type=float, default=256, help="the local engine's prefix cache (0: off)")
     p.add_argument("--prepack", default="auto", choices=["auto", "on", "off"], help="the local engine's prepack")
+    p.add_argument("--fp32-prefill", default="auto", choices=["auto", "on", "off"],
+                   help="the local engine's fp32_prefill")
     p.add_argument("--skip-single", action="store_true", help="leave out one-at-a-time (the slowest mode)")
     p.add_argument("--vllm", metavar="PYTHON",
                    help="also through tuneforge's vLLM engine, launched with this python (vLLM's own venv)")

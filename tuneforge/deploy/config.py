@@ -36,13 +36,16 @@ class EngineConfig(Strict):
     max_adapters: int | None = Field(None, gt=0, description="LRU bound on resident adapters (default: no bound)")
     lora: Literal["gathered", "peft"] = Field(
         "gathered", description="how plain LoRA adapters share a batch: gathered (all of a batch's adapters in "
-                                "three ops per layer) or peft (adapter_names=, one sub-batch per adapter per layer)")
+                                "two or three ops per layer) or peft (adapter_names=, one sub-batch per adapter per layer)")
     prefix_cache_mb: float = Field(
         256, ge=0, description="memory for the attention keys/values of served sequences, per adapter, reused by "
                                "prompts that start with the same tokens (system prompt, earlier turns); 0: off")
     prepack: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 Linear weights packed once for oneDNN on a CPU (faster decode; a second copy of "
                             "those weights in RAM): auto packs when that copy fits in half the available RAM")
+    fp32_prefill: Literal["auto", "on", "off"] = Field(
+        "auto", description="with prepacked weights, products of 64+ rows (prefill) on a float32 copy (twice the "
+                            "bf16 weights' RAM): faster on CPUs without AMX; auto times one product both ways at load")
     # vllm: a running OpenAI-compatible vLLM server (url), or one tuneforge starts (launch)
     url: str | None = None
     api_key: str | None = None

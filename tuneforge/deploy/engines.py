@@ -201,25 +201,26 @@ class LocalEngine:
     its adapter; an unloaded adapter is loaded again by the next request that needs it.
 
     ``lora="gathered"`` serves plain LoRA adapters through multilora.LoraBank (every adapter of
-    a batch in the same three ops per layer); ``lora="peft"`` serves every adapter through peft
-    (mixed batches with ``adapter_names=``), the path the benchmark compares against.
+    a batch in the same two or three ops per layer); ``lora="peft"`` serves every adapter
+    through peft (mixed batches with ``adapter_names=``), the path the benchmark compares against.
 
     ``prefix_cache_mb``: memory for the KV of served sequences, per adapter, that later prompts
     starting with the same tokens reuse instead of computing again (prefix_cache.py; 0: off).
-    ``prepack``: "auto", "on" or "off", bf16 Linear weights packed once for oneDNN on a CPU
+    ``prepack``: "auto", "on" or "off", bf16 Linear weights packed once for oneDNN on a CPU;
+    ``fp32_prefill``: "auto", "on" or "off", many-row products of packed models in float32
     (prepack.py).
     """
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
-                 prefix_cache_mb: float = 256, prepack: str = "auto"):
+                 prefix_cache_mb: float = 256, prepack: str = "auto", fp32_prefill: str = "auto"):
         from tuneforge.train.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
         self.max_adapters, self.max_prompt_tokens, self.lora = max_adapters, max_prompt_tokens, lora
-        self.prepack = prepack
+        self.prepack, self.fp32_prefill = prepack, fp32_prefill
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.bases: dict[str, _Base] = {}  # base model name -> its model and adapters
         self.lru: OrderedDict[str, str] = OrderedDict()  # resident adapter -> its base, least recent first
@@ -372,7 +373,8 @@ class LocalEngine:
             fix_chat_tokenizer(tok, model)
             bank = LoraBank(model)
             self.bases[req.base_model] = _Base(model, tok, bank, prefix_ok=_plain_kv(model),
-                                               packed=prepack(list(bank.linears.values()), self.prepack))
+                                               packed=prepack(list(bank.linears.values()), self.prepack,
+                                                              self.fp32_prefill))
         base = self.bases[req.base_model]
         if req.adapter not in base.paths:
             why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"

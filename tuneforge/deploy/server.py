@@ -473,7 +473,8 @@ def build_engine(cfg: ServeConfig):
     if e.kind == "vllm":
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
     return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens,
-                       lora=e.lora, prefix_cache_mb=e.prefix_cache_mb, prepack=e.prepack)
+                       lora=e.lora, prefix_cache_mb=e.prefix_cache_mb, prepack=e.prepack,
+                       fp32_prefill=e.fp32_prefill)
 
 
 def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
