@@ -9,6 +9,11 @@ ratios against one-at-a-time and against the same path's single-adapter batches.
     python benchmarks/serve_throughput.py RUN_DIR --naive --lora gathered   # vs the hand-written peft server
     python benchmarks/serve_throughput.py RUN_DIR --lora "" --vllm /opt/vllm/bin/python   # through vLLM
 
+Every mode runs ``--rounds`` times (default 3) and the summary gives each mode's median and
+range: on a shared machine one batch's figure moves by 10-30% from minute to minute. With
+--naive, each round of the first path runs right after a round of the naive server, so both
+see the same minutes of the machine's load.
+
 RUN_DIR is a LoRA run folder; its adapter is loaded under 16 names for the mixed cases (the
 work per token is what is measured, and identical weights keep output lengths equal). The
 paths run back to back in one process, so machine load affects both alike. Prompts are the
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import statistics
 import time
 
 from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
@@ -60,16 +66,47 @@ def stats(path: str, label: str, secs: float, toks: int, lat: list[float]) -> st
             f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s")
 
 
+_NAIVE: dict = {}  # the naive server's model, loaded once per process
+
+
 def naive_server(run_dir: str, texts: list[str], max_tokens: int, device: str, dtype: str) \
         -> tuple[float, int, list[float]]:
     """The server users write by hand: transformers + peft, every adapter loaded, one request at
     a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin.
     Run in a process of its own, as such a server is: torch's OpenMP pools are per thread, and a
     second pool in the engine's process slows the engine's thread down (engines.py, _on_worker)."""
+    if not _NAIVE:
+        _NAIVE.update(_naive_load(run_dir, device, dtype))
+        _naive_answer(0, texts[0], max_tokens)  # warm-up, as for the engine
+    t0, lat, tokens = time.perf_counter(), [], 0
+    for i, text in enumerate(texts):
+        t = time.perf_counter()
+        tokens += _naive_answer(i, text, max_tokens)
+        lat.append(time.perf_counter() - t)
+    # Requests queue behind each other: a client's latency includes the wait for those before it.
+    waits = [sum(lat[: i + 1]) for i in range(len(lat))]
+    return time.perf_counter() - t0, tokens, sorted(waits)
+
+
+def _naive_answer(i: int, text: str, max_tokens: int) -> int:
     import torch
-    from peft import PeftModel
 
     from tuneforge.data.render import with_system
+
+    run, tok, model, device = _NAIVE["run"], _NAIVE["tok"], _NAIVE["model"], _NAIVE["device"]
+    model.set_adapter(f"a{i % 16}")
+    ids = tok.apply_chat_template(with_system([{"role": "user", "content": text}], run.system_prompt),
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids.to(device), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    return len(new) - (new[-1] == tok.eos_token_id)
+
+
+def _naive_load(run_dir: str, device: str, dtype: str) -> dict:
+    from peft import PeftModel
+
     from tuneforge.models.load import load_causal_lm, load_tokenizer
     from tuneforge.models.tokenizer import fix_chat_tokenizer
     from tuneforge.train.hardware import pick_device, pick_dtype
@@ -82,26 +119,7 @@ def naive_server(run_dir: str, texts: list[str], max_tokens: int, device: str, d
     model = PeftModel.from_pretrained(base, str(run.adapter_dir), adapter_name="a0")
     for i in range(1, 16):
         model.load_adapter(str(run.adapter_dir), adapter_name=f"a{i}")
-
-    def answer(i: int, text: str) -> int:
-        model.set_adapter(f"a{i % 16}")
-        ids = tok.apply_chat_template(with_system([{"role": "user", "content": text}], run.system_prompt),
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids.to(device), max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
-        return len(new) - (new[-1] == tok.eos_token_id)
-
-    answer(0, texts[0])  # warm-up, as for the engine
-    t0, lat, tokens = time.perf_counter(), [], 0
-    for i, text in enumerate(texts):
-        t = time.perf_counter()
-        tokens += answer(i, text)
-        lat.append(time.perf_counter() - t)
-    # Requests queue behind each other: a client's latency includes the wait for those before it.
-    waits = [sum(lat[: i + 1]) for i in range(len(lat))]
-    return time.perf_counter() - t0, tokens, sorted(waits)
+    return {"run": run, "tok": tok, "model": model, "device": device}
 
 
 def vllm_engine(run, python: str):
@@ -125,22 +143,25 @@ def vllm_engine(run, python: str):
     return build_engine(cfg)
 
 
+MODES = [("one at a time", 1, False), ("16 clients, 1 adapter", 1, True), ("16 clients, 4 adapters", 4, True),
+         ("16 clients, 16 adapters", 16, True)]
+
+
 async def main(args) -> None:
     run = read_run(args.run_dir)
-    texts = prompts(run, args.prompts * 6)  # warm-up, warm batch, one at a time, 1 / 4 / 16 adapters
-    sets = [texts[i * args.prompts:(i + 1) * args.prompts] for i in range(6)]
-    naive = None
-    if args.naive:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            secs, toks, lat = pool.apply(naive_server, (args.run_dir, sets[2], args.tokens, args.device, args.dtype))
-        print(stats("naive", "peft, one at a time", secs, toks, lat), flush=True)
-        naive = toks / secs
+    n_sets = 2 + len(MODES) * args.rounds  # warm-up, warm batch, then a set per mode per round
+    texts = prompts(run, args.prompts * n_sets)
+    sets = [texts[i * args.prompts:(i + 1) * args.prompts] for i in range(n_sets)]
+    rates: dict[str, list[float]] = {}  # "path: mode" -> tok/s per round
+    naive_pool = multiprocessing.get_context("spawn").Pool(1) if args.naive else None
 
-    results, single = {}, None
+    def report(path: str, label: str, secs: float, toks: int, lat: list[float], rnd: int) -> None:
+        rates.setdefault(f"{path}: {label}", []).append(toks / secs)
+        print(f"round {rnd + 1}  " + stats(path, label, secs, toks, lat), flush=True)
 
-    async def measure(engine, path: str, refs: list[str]) -> None:
-        """One warm-up batch, then each mode; ``refs``: the 16 adapter names as the engine knows them."""
-        nonlocal single
+    async def measure(engine, path: str, refs: list[str], naive: bool) -> None:
+        """One warm-up batch, then each round's modes; ``refs``: the 16 adapter names as the
+        engine knows them; ``naive``: a round of the naive server before each round."""
 
         def reqs(texts: list[str], n_adapters: int, max_tokens: int = args.tokens):
             return [GenRequest(adapter=refs[i % n_adapters], adapter_dir=str(run.adapter_dir),
@@ -152,27 +173,23 @@ async def main(args) -> None:
         # One concurrent batch first: the first batch of a shape pays the kernels' set-up
         # (oneDNN primitives), which would otherwise land on whichever mode runs first.
         await run_mode(engine, reqs(sets[1], 16, 4), True)
-        modes = [("one at a time", 1, False, 2)] if single is None and not args.skip_single else []
-        modes += [("16 clients, 1 adapter", 1, True, 3), ("16 clients, 4 adapters", 4, True, 4),
-                  ("16 clients, 16 adapters", 16, True, 5)]
-        for label, n_adapters, concurrent, texts_set in modes:
-            secs, toks, lat = await run_mode(engine, reqs(sets[texts_set], n_adapters), concurrent)
-            rate = toks / secs
-            if not concurrent:
-                single = rate
-            results[f"{path}: {label}"] = rate
-            one = results.get(f"{path}: 16 clients, 1 adapter", rate)
-            print(stats(path, label, secs, toks, lat)
-                  + (f"  x{rate / single:.2f} vs one at a time" if single else "")
-                  + (f"  x{rate / one:.2f} vs 1 adapter" if concurrent else "")
-                  + (f"  x{rate / naive:.2f} vs naive" if naive else ""), flush=True)
+        for rnd in range(args.rounds):
+            first = 2 + rnd * len(MODES)
+            if naive:  # the same prompts as the engine's one at a time
+                report("naive", "peft, one at a time", *naive_pool.apply(
+                    naive_server, (args.run_dir, sets[first], args.tokens, args.device, args.dtype)), rnd)
+            for k, (label, n_adapters, concurrent) in enumerate(MODES):
+                if label == "one at a time" and args.skip_single:
+                    continue
+                report(path, label, *await run_mode(engine, reqs(sets[first + k], n_adapters), concurrent), rnd)
 
-    info = {}
+    info, naive_pending = {}, args.naive
     for path in [p for p in args.lora.split(",") if p]:
         engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path,
                              prefix_cache_mb=args.prefix_cache_mb, prepack=args.prepack,
                              fp32_prefill=args.fp32_prefill)
-        await measure(engine, path, [f"a{i}" for i in range(16)])
+        await measure(engine, path, [f"a{i}" for i in range(16)], naive_pending)
+        naive_pending = False
         await engine.close()
         info = {"device": engine.device, "dtype": str(engine.dtype), "prefix_cache_mb": args.prefix_cache_mb,
                 "prepacked": any(b.packed for b in engine.bases.values())}
@@ -182,11 +199,30 @@ async def main(args) -> None:
     if args.vllm:
         engine = vllm_engine(run, args.vllm)
         try:
-            await measure(engine, "vllm", [f"a{i}:v1" for i in range(16)])
+            await measure(engine, "vllm", [f"a{i}:v1" for i in range(16)], naive_pending)
         finally:
             await engine.close()
-    print(json.dumps({**info, "prompts": args.prompts, "max_tokens": args.tokens,
-                      "tokens_per_s": {k: round(v, 1) for k, v in results.items()}}))
+    if naive_pool is not None:
+        naive_pool.close()
+    summary(rates, args.rounds)
+    print(json.dumps({**info, "prompts": args.prompts, "max_tokens": args.tokens, "rounds": args.rounds,
+                      "tokens_per_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()}}))
+
+
+def summary(rates: dict[str, list[float]], rounds: int) -> None:
+    """Each mode's median tok/s over the rounds (and range), with the ratios of the medians: to
+    the same path's one at a time and 1-adapter batches, and to the naive server."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    naive = med.get("naive: peft, one at a time")
+    print(f"\nmedian of {rounds} round(s), generated tok/s:")
+    for key, values in rates.items():
+        path, label = key.split(": ", 1)
+        single, one = med.get(f"{path}: one at a time"), med.get(f"{path}: 16 clients, 1 adapter")
+        line = f"{path:<8} {label:<26} {med[key]:7.1f}  ({min(values):.1f}-{max(values):.1f})"
+        if label.startswith("16 clients"):
+            line += (f"  x{med[key] / single:.2f} vs one at a time" if single else "") + \
+                f"  x{med[key] / one:.2f} vs 1 adapter" + (f"  x{med[key] / naive:.2f} vs naive" if naive else "")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
@@ -201,9 +237,11 @@ if __name__ == "__main__":
     p.add_argument("--prepack", default="auto", choices=["auto", "on", "off"], help="the local engine's prepack")
     p.add_argument("--fp32-prefill", default="auto", choices=["auto", "on", "off"],
                    help="the local engine's fp32_prefill")
+    p.add_argument("--rounds", type=int, default=3, help="times each mode runs (the summary gives medians)")
     p.add_argument("--skip-single", action="store_true", help="leave out one-at-a-time (the slowest mode)")
     p.add_argument("--vllm", metavar="PYTHON",
                    help="also through tuneforge's vLLM engine, launched with this python (vLLM's own venv)")
     p.add_argument("--naive", action="store_true",
-                   help="first, the hand-written server: peft, set_adapter per request, one request at a time")
+                   help="also the hand-written server (peft, set_adapter per request, one request at a time), "
+                        "a round of it before each round of the first path")
     asyncio.run(main(p.parse_args()))
