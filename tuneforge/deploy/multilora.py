@@ -128,7 +128,7 @@ class LoraBank:
                 else:
                     a = torch.cat([a for a, _ in parts.values()], dim=1)
                     b = torch.cat([b for _, b in parts.values()], dim=0)
-                    key = tuple((n, a.shape[1]) for n, (a, _) in parts.items())  # ranks vary by module
+                    key = tuple((n, pa.shape[1]) for n, (pa, _) in parts.items())  # ranks vary by module
                     if key not in masks:
                         masks[key] = self._mask(names, key)
                     hook = _add_cat(a, b, masks[key])
