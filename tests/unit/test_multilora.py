@@ -112,6 +112,34 @@ def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_mod
     assert len({tuple(r) for r in out.tolist()}) == 4
 
 
+@pytest.mark.parametrize("layout", ["cat", "rows"])
+def test_batches_after_batches_refill_the_held_copies(adapters, tiny_model_dir, tiny_tok, layout):
+    """The bank keeps each layout's copies from batch to batch: a later batch of the same
+    shapes with the rows in another order, and a batch of one adapter beside base rows (no
+    copy at all), give each row what it got in the first batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    bank = LoraBank(model)
+    for name in LORAS:
+        assert bank.load(name, adapters[name]) is None
+    rows, order = ["r2", "r4", "r8", None], [2, 3, 0, 1]
+
+    def logits(names, prompts):
+        ids, mask = _batch(tiny_tok, prompts)
+        with torch.no_grad(), bank.rows(names, layout):
+            out = model(input_ids=ids, attention_mask=mask).logits
+        return [o[m.bool()] for o, m in zip(out, mask)]  # each row's own tokens (padding differs)
+
+    first = logits(rows, PROMPTS)
+    again = logits([rows[i] for i in order], [PROMPTS[i] for i in order])
+    one = logits(["r4", None, "r4", None], [PROMPTS[1], PROMPTS[3], PROMPTS[0], PROMPTS[1]])
+    for k, i in enumerate(order):
+        assert torch.allclose(again[k], first[i], atol=1e-5), rows[i]
+    assert torch.allclose(one[0], first[1], atol=1e-5) and torch.allclose(one[1], first[3], atol=1e-5)
+    assert (one[3] - one[0]).abs().max() > 1e-2  # the same prompt with and without r4: the adapter counts
+
+
 def test_adapters_that_are_not_plain_lora_are_left_to_peft(adapters, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

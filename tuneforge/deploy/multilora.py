@@ -26,9 +26,12 @@ The LoRA products run in float32 (autocast off), as peft keeps adapter weights
 (``autocast_adapter_dtype``): at these shapes bf16 products on a CPU without AMX ran 2x
 slower than fp32 ones (the 16-row, one-adapter ops above: 19.6 ms in bf16).
 
-A batch owns its copies (adapters are kept each at its own rank, so no padding and no fixed
-slots to recycle), so loading, unloading or evicting an adapter never touches a running
-batch's weights. Building them costs one pass over the batch's adapter weights.
+Each batch copies its adapters into its layout at its start (a batch of one adapter uses the
+bank's tensors as they are), so loading, unloading or evicting an adapter never touches a
+running batch's weights; adapters are kept each at its own rank, so there is no padding and
+no fixed slots to recycle. The copies cost one pass over the batch's adapter weights, into
+tensors the bank keeps from batch to batch (``_buffers``): the last row-by-row batch's copies
+(at most 1 GiB, ``_ROW_BYTES``) and the last side-by-side batch's stay allocated.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class LoraBank:
         self.linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.device = next(model.parameters()).device
         self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # The last batch's copies per (target Linear, layout), refilled by the next batch of the
+        # same shapes. Fresh tensors for every batch cost page faults: 16 rows of r=16
+        # all-linear adapters on SmolLM2-135M are 314 MB, which took 350-480 ms a batch to stack
+        # into new memory inside the engine against ~85 ms into memory already mapped.
+        self._held: dict[tuple[str, str], tuple[torch.Tensor, ...]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.adapters
@@ -124,13 +132,18 @@ class LoraBank:
                 if not parts:
                     continue
                 if layout == "rows":
-                    hook = _add_rows(*self._stack(names, parts, lin))
+                    hook = _add_rows(*self._stack(names, parts, mod, lin))
                 else:
-                    a = torch.cat([a for a, _ in parts.values()], dim=1)
-                    b = torch.cat([b for _, b in parts.values()], dim=0)
                     key = tuple((n, pa.shape[1]) for n, (pa, _) in parts.items())  # ranks vary by module
                     if key not in masks:
                         masks[key] = self._mask(names, key)
+                    if len(parts) == 1:  # one adapter: its own tensors, no copy
+                        (a, b), = parts.values()
+                    else:
+                        r = sum(pa.shape[1] for pa, _ in parts.values())
+                        a, b = self._buffers(mod, "cat", ((lin.in_features, r), (r, lin.out_features)))
+                        torch.cat([pa for pa, _ in parts.values()], dim=1, out=a)
+                        torch.cat([pb for _, pb in parts.values()], dim=0, out=b)
                     hook = _add_cat(a, b, masks[key])
                 handles.append(lin.register_forward_hook(hook))
             yield
@@ -142,14 +155,29 @@ class LoraBank:
         return sum(a.nbytes + b.nbytes for n in names if n is not None for a, b in self.adapters[n].values())
 
     def _stack(self, names: list[str | None], parts: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+               mod: str, lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """[rows, in, r], [rows, r, out]: each row's adapter, zero-padded to the largest rank
-        here; zeros for a row without one."""
+        here; zeros for a row without one; in ``mod``'s held tensors (_buffers)."""
         r = max(a.shape[1] for a, _ in parts.values())
         none = (torch.zeros(lin.in_features, r, device=self.device), torch.zeros(r, lin.out_features, device=self.device))
-        padded = {n: (F.pad(a, (0, r - a.shape[1])), F.pad(b, (0, 0, 0, r - b.shape[0]))) for n, (a, b) in parts.items()}
+        # Only lower ranks are padded: F.pad copies even when it adds nothing, and the stack
+        # below already copies every adapter once.
+        padded = {n: (a, b) if a.shape[1] == r else (F.pad(a, (0, r - a.shape[1])), F.pad(b, (0, 0, 0, r - b.shape[0])))
+                  for n, (a, b) in parts.items()}
         rows = [padded.get(n, none) for n in names]
-        return torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
+        a, b = self._buffers(mod, "rows", ((len(names), lin.in_features, r), (len(names), r, lin.out_features)))
+        torch.stack([a for a, _ in rows], out=a)
+        torch.stack([b for _, b in rows], out=b)
+        return a, b
+
+    def _buffers(self, mod: str, layout: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
+        """Float32 tensors of ``shapes`` for ``mod``'s copies in ``layout``: the last batch's,
+        when their shapes match (one batch runs at a time, and its hooks go before the next
+        batch refills them), else new ones that replace them."""
+        held = self._held.get((mod, layout))
+        if held is None or tuple(t.shape for t in held) != shapes:
+            held = self._held[(mod, layout)] = tuple(torch.empty(s, device=self.device) for s in shapes)
+        return held
 
     def _mask(self, names: list[str | None], ranks: tuple[tuple[str, int], ...]) -> torch.Tensor | None:
         """[rows, 1, sum of ranks]: 1 on each row's own adapter's columns (adapters side by side
