@@ -11,8 +11,14 @@ ratios against one-at-a-time and against the same path's single-adapter batches.
 
 Every mode runs ``--rounds`` times (default 3) and the summary gives each mode's median and
 range: on a shared machine one batch's figure moves by 10-30% from minute to minute. With
---naive, each round of the first path runs right after a round of the naive server, so both
-see the same minutes of the machine's load.
+--naive, each round of the first path runs right after a round of each naive server, so they
+see the same minutes of the machine's load. The naive server (naive_server.py: transformers +
+peft, ``set_adapter`` per request, one request at a time) is measured three ways: "in-process",
+its code in a loop on one thread (its best case: no HTTP, one OpenMP pool, one client after
+another), and as a FastAPI server under the same 16 concurrent clients as the engine, with a
+plain ``def`` endpoint ("fastapi-def", what FastAPI's documentation asks for around blocking
+code: requests run on its thread pool) or an ``async def`` one ("fastapi-async", requests block
+the event loop, all on one thread).
 
 RUN_DIR is a LoRA run folder; its adapter is loaded under 16 names for the mixed cases (the
 work per token is what is measured, and identical weights keep output lengths equal). The
@@ -26,11 +32,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import multiprocessing
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import naive_server
 from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
 from tuneforge.registry.runinfo import read_run
 
@@ -60,89 +71,151 @@ async def run_mode(engine: LocalEngine, reqs: list[GenRequest], concurrent: bool
     return time.perf_counter() - t0, sum(o.completion_tokens for o, _ in outs), lat
 
 
+def engine_sender(engine, run):
+    """``send(texts, adapter names, max_tokens, concurrent)`` for an engine in this process."""
+    async def send(texts: list[str], names: list[str], max_tokens: int, concurrent: bool):
+        return await run_mode(engine, [GenRequest(
+            adapter=name, adapter_dir=str(run.adapter_dir), base_model=run.base_model,
+            messages=[{"role": "user", "content": t}], system_prompt=run.system_prompt, max_tokens=max_tokens)
+            for name, t in zip(names, texts)], concurrent)
+    return send
+
+
 def stats(path: str, label: str, secs: float, toks: int, lat: list[float]) -> str:
     """One result line: generated tokens/s, requests/s, p50/p95 latency (``lat`` sorted)."""
     return (f"{path:<8} {label:<26} {toks:>5} tokens in {secs:6.1f}s  {toks / secs:7.1f} tok/s  "
             f"{len(lat) / secs:5.2f} req/s  p50 {lat[len(lat) // 2]:5.1f}s  p95 {lat[int(0.95 * (len(lat) - 1))]:5.1f}s")
 
 
-_NAIVE: dict = {}  # the naive server's model, loaded once per process
+_NAIVE: dict = {}  # the in-process naive server's model, loaded once per process
 
 
-def naive_server(run_dir: str, texts: list[str], max_tokens: int, device: str, dtype: str) \
+def naive_in_process(run_dir: str, texts: list[str], max_tokens: int, device: str, dtype: str) \
         -> tuple[float, int, list[float]]:
-    """The server users write by hand: transformers + peft, every adapter loaded, one request at
-    a time, ``set_adapter`` per request, ``generate`` (greedy). 16 adapter names, round-robin.
-    Run in a process of its own, as such a server is: torch's OpenMP pools are per thread, and a
-    second pool in the engine's process slows the engine's thread down (engines.py, _on_worker)."""
+    """The naive server's code (naive_server.py) called in a loop, one request after another, on
+    the one main thread of a process of its own: its best case, no HTTP and a single OpenMP pool
+    (a second pool in the engine's process would slow the engine's thread down)."""
     if not _NAIVE:
-        _NAIVE.update(_naive_load(run_dir, device, dtype))
-        _naive_answer(0, texts[0], max_tokens)  # warm-up, as for the engine
+        _NAIVE.update(naive_server.load(run_dir, device, dtype))
+        _naive_request(0, texts[0], max_tokens)  # warm-up, as for the engine
     t0, lat, tokens = time.perf_counter(), [], 0
     for i, text in enumerate(texts):
         t = time.perf_counter()
-        tokens += _naive_answer(i, text, max_tokens)
+        tokens += _naive_request(i, text, max_tokens)
         lat.append(time.perf_counter() - t)
     # Requests queue behind each other: a client's latency includes the wait for those before it.
     waits = [sum(lat[: i + 1]) for i in range(len(lat))]
     return time.perf_counter() - t0, tokens, sorted(waits)
 
 
-def _naive_answer(i: int, text: str, max_tokens: int) -> int:
-    import torch
-
-    from tuneforge.data.render import with_system
-
-    run, tok, model, device = _NAIVE["run"], _NAIVE["tok"], _NAIVE["model"], _NAIVE["device"]
-    model.set_adapter(f"a{i % 16}")
-    ids = tok.apply_chat_template(with_system([{"role": "user", "content": text}], run.system_prompt),
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**ids.to(device), max_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = out[0, ids["input_ids"].shape[1]:].tolist()
-    return len(new) - (new[-1] == tok.eos_token_id)
+def _naive_request(i: int, text: str, max_tokens: int) -> int:
+    return naive_server.answer(_NAIVE, f"a{i % 16}", [{"role": "user", "content": text}], max_tokens)[1]
 
 
-def _naive_load(run_dir: str, device: str, dtype: str) -> dict:
-    from peft import PeftModel
+class HTTPServer:
+    """A serving process on a free local port (naive_server.py or ``tuneforge serve``), driven
+    over HTTP by concurrent clients with OpenAI-shaped chat requests."""
 
-    from tuneforge.models.load import load_causal_lm, load_tokenizer
-    from tuneforge.models.tokenizer import fix_chat_tokenizer
-    from tuneforge.train.hardware import pick_device, pick_dtype
+    def __init__(self, cmd: list[str], log_path: str):
+        import subprocess
 
-    run = read_run(run_dir)
-    device = pick_device(device)
-    tok = load_tokenizer(run.base_model)
-    base = load_causal_lm(run.base_model, pick_dtype(dtype, device), device).eval()
-    fix_chat_tokenizer(tok, base)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir), adapter_name="a0")
-    for i in range(1, 16):
-        model.load_adapter(str(run.adapter_dir), adapter_name=f"a{i}")
-    return {"run": run, "tok": tok, "model": model, "device": device}
+        port = free_port()
+        self.url, self.name = f"http://127.0.0.1:{port}", Path(cmd[1]).name
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        self.log_path = log_path
+        atexit.register(self.close)  # a benchmark that fails midway leaves no server behind
+
+    async def ready(self, path: str) -> None:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            for _ in range(600):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+                try:
+                    if (await client.get(f"{self.url}{path}")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(1)
+        raise RuntimeError(f"{self.name} not ready within 10 minutes; see {self.log_path}")
+
+    async def send(self, texts: list[str], models: list[str], max_tokens: int, concurrent: bool) \
+            -> tuple[float, int, list[float]]:
+        import httpx
+
+        async def one(client, model: str, text: str) -> tuple[int, float]:
+            t = time.perf_counter()
+            r = await client.post(f"{self.url}/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens})
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"], time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(timeout=None) as client:
+            jobs = [one(client, m, t) for m, t in zip(models, texts)]
+            outs = await asyncio.gather(*jobs) if concurrent else [await j for j in jobs]
+        return time.perf_counter() - t0, sum(n for n, _ in outs), sorted(t for _, t in outs)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
-def vllm_engine(run, python: str):
+def naive_http(run_dir: str, endpoint: str, args, tmp: str) -> HTTPServer:
+    return HTTPServer([sys.executable, str(Path(__file__).with_name("naive_server.py")), run_dir,
+                       "--endpoint", endpoint, "--device", args.device, "--dtype", args.dtype],
+                      f"{tmp}/naive-{endpoint}.log")
+
+
+def serve_http(run, args, tmp: str) -> HTTPServer:
+    """``tuneforge serve`` over a throwaway registry holding the run under 16 names, with the
+    engine settings the in-process paths get."""
+    import yaml
+
+    cfg = Path(tmp) / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"registry": bench_registry(run, f"{tmp}/serve-reg.db"), "log_format": "text", "engine": {
+        "device": args.device, "dtype": args.dtype, "max_batch": args.prompts, "batch_wait_ms": 50,
+        "lora": "gathered", "prefix_cache_mb": args.prefix_cache_mb, "prepack": args.prepack,
+        "fp32_prefill": args.fp32_prefill}}))
+    return HTTPServer([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg)], f"{tmp}/serve.log")
+
+
+def vllm_engine(run, python: str, tmp: str):
     """tuneforge's vLLM engine on a throwaway registry holding the run under 16 names: vLLM is
     started with --enable-lora and the 16 adapters (docs/deploy.md has its set-up)."""
-    import socket
-    import tempfile
-
     from tuneforge.deploy.config import ServeConfig
     from tuneforge.deploy.server import build_engine
-    from tuneforge.registry.store import Registry
 
-    reg = Registry(f"sqlite:///{tempfile.mkdtemp(prefix='tf-serve-bench-')}/reg.db")
-    for i in range(16):
-        reg.add(run.run_dir, f"a{i}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cfg = ServeConfig.model_validate({"registry": str(reg.engine.url), "engine": {"kind": "vllm", "launch": {
-        "python": python, "port": port, "args": ["--max-model-len", "1024"], "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}})
+    cfg = ServeConfig.model_validate({"registry": bench_registry(run, f"{tmp}/vllm-reg.db"), "engine": {
+        "kind": "vllm", "launch": {"python": python, "port": free_port(), "args": ["--max-model-len", "1024"],
+                                   "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}})
     return build_engine(cfg)
 
 
+def bench_registry(run, path: str) -> str:
+    """A throwaway registry at ``path`` holding the run under 16 names, a0 .. a15; its URL."""
+    from tuneforge.registry.store import Registry
+
+    reg = Registry(f"sqlite:///{path}")
+    for i in range(16):
+        reg.add(run.run_dir, f"a{i}")
+    return str(reg.engine.url)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# in-process: naive_server.py's code called in a loop (no HTTP, one thread, the best case);
+# fastapi-def / fastapi-async: naive_server.py served with that --endpoint under 16 clients.
+NAIVE_VARIANTS = ("in-process", "fastapi-def", "fastapi-async")
 MODES = [("one at a time", 1, False), ("16 clients, 1 adapter", 1, True), ("16 clients, 4 adapters", 4, True),
          ("16 clients, 16 adapters", 16, True)]
 
@@ -153,42 +226,53 @@ async def main(args) -> None:
     texts = prompts(run, args.prompts * n_sets)
     sets = [texts[i * args.prompts:(i + 1) * args.prompts] for i in range(n_sets)]
     rates: dict[str, list[float]] = {}  # "path: mode" -> tok/s per round
-    naive_pool = multiprocessing.get_context("spawn").Pool(1) if args.naive else None
+    variants = [v for v in (args.naive or "").split(",") if v]
+    if set(variants) - set(NAIVE_VARIANTS):
+        raise SystemExit(f"--naive: unknown {sorted(set(variants) - set(NAIVE_VARIANTS))}; "
+                         f"choose from {', '.join(NAIVE_VARIANTS)}")
+    tmp = tempfile.mkdtemp(prefix="tf-serve-bench-")
+    naive_pool = multiprocessing.get_context("spawn").Pool(1) if "in-process" in variants else None
+    naives = {v: naive_http(args.run_dir, v.removeprefix("fastapi-"), args, tmp) for v in variants if v != "in-process"}
+    naive_16 = [f"a{i % 16}" for i in range(args.prompts)]
+    for server in naives.values():
+        await server.ready("/openapi.json")
+        await server.send(sets[0][:1], naive_16[:1], args.tokens, False)  # warm-up, as for the engine
 
     def report(path: str, label: str, secs: float, toks: int, lat: list[float], rnd: int) -> None:
         rates.setdefault(f"{path}: {label}", []).append(toks / secs)
         print(f"round {rnd + 1}  " + stats(path, label, secs, toks, lat), flush=True)
 
-    async def measure(engine, path: str, refs: list[str], naive: bool) -> None:
-        """One warm-up batch, then each round's modes; ``refs``: the 16 adapter names as the
-        engine knows them; ``naive``: a round of the naive server before each round."""
+    async def measure(send, path: str, refs: list[str], naive: bool) -> None:
+        """One warm-up batch, then each round's modes. ``send(texts, models, max_tokens,
+        concurrent)`` runs requests on the path; ``refs``: the 16 adapter names as the path
+        knows them; ``naive``: a round of each naive server before each round."""
 
-        def reqs(texts: list[str], n_adapters: int, max_tokens: int = args.tokens):
-            return [GenRequest(adapter=refs[i % n_adapters], adapter_dir=str(run.adapter_dir),
-                               base_model=run.base_model, messages=[{"role": "user", "content": t}],
-                               system_prompt=run.system_prompt, max_tokens=max_tokens) for i, t in enumerate(texts)]
+        def models(n_adapters: int, n: int = args.prompts) -> list[str]:
+            return [refs[i % n_adapters] for i in range(n)]
 
-        for r in reqs(sets[0], 16, 1):  # the base and all 16 adapters resident before timing
-            await collect(engine.stream(r))
+        await send(sets[0], models(16), 1, False)  # the base and all 16 adapters resident before timing
         # One concurrent batch first: the first batch of a shape pays the kernels' set-up
         # (oneDNN primitives), which would otherwise land on whichever mode runs first.
-        await run_mode(engine, reqs(sets[1], 16, 4), True)
+        await send(sets[1], models(16), 4, True)
         for rnd in range(args.rounds):
             first = 2 + rnd * len(MODES)
-            if naive:  # the same prompts as the engine's one at a time
-                report("naive", "peft, one at a time", *naive_pool.apply(
-                    naive_server, (args.run_dir, sets[first], args.tokens, args.device, args.dtype)), rnd)
+            if naive and naive_pool is not None:  # the same prompts as the engine's one at a time
+                report("naive", "in-process, one at a time", *naive_pool.apply(
+                    naive_in_process, (args.run_dir, sets[first], args.tokens, args.device, args.dtype)), rnd)
+            for variant, server in naives.items() if naive else ():  # those of its 16 clients, 1 adapter
+                report("naive", f"{variant}, 16 clients",
+                       *await server.send(sets[first + 1], naive_16, args.tokens, True), rnd)
             for k, (label, n_adapters, concurrent) in enumerate(MODES):
                 if label == "one at a time" and args.skip_single:
                     continue
-                report(path, label, *await run_mode(engine, reqs(sets[first + k], n_adapters), concurrent), rnd)
+                report(path, label, *await send(sets[first + k], models(n_adapters), args.tokens, concurrent), rnd)
 
-    info, naive_pending = {}, args.naive
+    info, naive_pending = {}, bool(variants)
     for path in [p for p in args.lora.split(",") if p]:
         engine = LocalEngine(args.device, args.dtype, max_batch=args.prompts, batch_wait_ms=50, lora=path,
                              prefix_cache_mb=args.prefix_cache_mb, prepack=args.prepack,
                              fp32_prefill=args.fp32_prefill)
-        await measure(engine, path, [f"a{i}" for i in range(16)], naive_pending)
+        await measure(engine_sender(engine, run), path, [f"a{i}" for i in range(16)], naive_pending)
         naive_pending = False
         await engine.close()
         info = {"device": engine.device, "dtype": str(engine.dtype), "prefix_cache_mb": args.prefix_cache_mb,
@@ -196,14 +280,24 @@ async def main(args) -> None:
         if engine.prefix is not None:
             print(f"{path:<8} prefix cache: {engine.prefix.reused_tokens} prompt tokens reused", flush=True)
         del engine  # the next path loads its own copy of the base
-    if args.vllm:
-        engine = vllm_engine(run, args.vllm)
+    if args.http:
+        server = serve_http(run, args, tmp)
         try:
-            await measure(engine, "vllm", [f"a{i}:v1" for i in range(16)], naive_pending)
+            await server.ready("/readyz")
+            await measure(server.send, "serve", [f"a{i}" for i in range(16)], naive_pending)
+            naive_pending = False
+        finally:
+            server.close()
+    if args.vllm:
+        engine = vllm_engine(run, args.vllm, tmp)
+        try:
+            await measure(engine_sender(engine, run), "vllm", [f"a{i}:v1" for i in range(16)], naive_pending)
         finally:
             await engine.close()
     if naive_pool is not None:
         naive_pool.close()
+    for server in naives.values():
+        server.close()
     summary(rates, args.rounds)
     print(json.dumps({**info, "prompts": args.prompts, "max_tokens": args.tokens, "rounds": args.rounds,
                       "tokens_per_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()}}))
@@ -211,17 +305,18 @@ async def main(args) -> None:
 
 def summary(rates: dict[str, list[float]], rounds: int) -> None:
     """Each mode's median tok/s over the rounds (and range), with the ratios of the medians: to
-    the same path's one at a time and 1-adapter batches, and to the naive server."""
+    the same path's one at a time and 1-adapter batches, and to each naive server measured."""
     med = {k: statistics.median(v) for k, v in rates.items()}
-    naive = med.get("naive: peft, one at a time")
+    naive = {k.split(": ", 1)[1].split(",")[0]: v for k, v in med.items() if k.startswith("naive: ")}
     print(f"\nmedian of {rounds} round(s), generated tok/s:")
     for key, values in rates.items():
         path, label = key.split(": ", 1)
         single, one = med.get(f"{path}: one at a time"), med.get(f"{path}: 16 clients, 1 adapter")
-        line = f"{path:<8} {label:<26} {med[key]:7.1f}  ({min(values):.1f}-{max(values):.1f})"
-        if label.startswith("16 clients"):
+        line = f"{path:<8} {label:<30} {med[key]:7.1f}  ({min(values):.1f}-{max(values):.1f})"
+        if path != "naive" and label.startswith("16 clients"):
             line += (f"  x{med[key] / single:.2f} vs one at a time" if single else "") + \
-                f"  x{med[key] / one:.2f} vs 1 adapter" + (f"  x{med[key] / naive:.2f} vs naive" if naive else "")
+                f"  x{med[key] / one:.2f} vs 1 adapter" + "".join(f"  x{med[key] / v:.2f} vs naive {k}"
+                                                                   for k, v in naive.items())
         print(line, flush=True)
 
 
@@ -239,9 +334,12 @@ if __name__ == "__main__":
                    help="the local engine's fp32_prefill")
     p.add_argument("--rounds", type=int, default=3, help="times each mode runs (the summary gives medians)")
     p.add_argument("--skip-single", action="store_true", help="leave out one-at-a-time (the slowest mode)")
+    p.add_argument("--http", action="store_true",
+                   help="also through `tuneforge serve` as its own process, over HTTP like the FastAPI naive servers")
     p.add_argument("--vllm", metavar="PYTHON",
                    help="also through tuneforge's vLLM engine, launched with this python (vLLM's own venv)")
-    p.add_argument("--naive", action="store_true",
-                   help="also the hand-written server (peft, set_adapter per request, one request at a time), "
-                        "a round of it before each round of the first path")
+    p.add_argument("--naive", nargs="?", const=",".join(NAIVE_VARIANTS), metavar="VARIANTS",
+                   help="also the hand-written server (naive_server.py: peft, set_adapter per request, one request "
+                        f"at a time), a round of it before each round of the first path; comma-separated of "
+                        f"{', '.join(NAIVE_VARIANTS)} (default all)")
     asyncio.run(main(p.parse_args()))
