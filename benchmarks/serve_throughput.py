@@ -116,11 +116,11 @@ class HTTPServer:
     """A serving process on a free local port (naive_server.py or ``tuneforge serve``), driven
     over HTTP by concurrent clients with OpenAI-shaped chat requests."""
 
-    def __init__(self, cmd: list[str], log_path: str):
+    def __init__(self, name: str, cmd: list[str], log_path: str):
         import subprocess
 
         port = free_port()
-        self.url, self.name = f"http://127.0.0.1:{port}", Path(cmd[1]).name
+        self.url, self.name = f"http://127.0.0.1:{port}", name
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
         self.log_path = log_path
@@ -165,9 +165,10 @@ class HTTPServer:
 
 
 def naive_http(run_dir: str, endpoint: str, args, tmp: str) -> HTTPServer:
-    return HTTPServer([sys.executable, str(Path(__file__).with_name("naive_server.py")), run_dir,
-                       "--endpoint", endpoint, "--device", args.device, "--dtype", args.dtype],
-                      f"{tmp}/naive-{endpoint}.log")
+    script = str(Path(__file__).with_name("naive_server.py"))
+    return HTTPServer(f"naive_server.py --endpoint {endpoint}",
+                      [sys.executable, script, run_dir, "--endpoint", endpoint, "--device", args.device,
+                       "--dtype", args.dtype], f"{tmp}/naive-{endpoint}.log")
 
 
 def serve_http(run, args, tmp: str) -> HTTPServer:
@@ -176,11 +177,13 @@ def serve_http(run, args, tmp: str) -> HTTPServer:
     import yaml
 
     cfg = Path(tmp) / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"registry": bench_registry(run, f"{tmp}/serve-reg.db"), "log_format": "text", "engine": {
+    registry = bench_registry(run, f"{tmp}/serve-reg.db")
+    cfg.write_text(yaml.safe_dump({"registry": registry, "log_format": "text", "engine": {
         "device": args.device, "dtype": args.dtype, "max_batch": args.prompts, "batch_wait_ms": 50,
         "lora": "gathered", "prefix_cache_mb": args.prefix_cache_mb, "prepack": args.prepack,
         "fp32_prefill": args.fp32_prefill}}))
-    return HTTPServer([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg)], f"{tmp}/serve.log")
+    return HTTPServer("tuneforge serve", [sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg)],
+                      f"{tmp}/serve.log")
 
 
 def vllm_engine(run, python: str, tmp: str):
