@@ -23,8 +23,8 @@ import torch
 
 from tuneforge.deploy.multilora import LoraBank
 from tuneforge.models.load import load_causal_lm
-from tuneforge.registry.runinfo import read_run
-from tuneforge.train.hardware import pick_device, pick_dtype
+from tuneforge.runs import read_run
+from tuneforge.hardware import pick_device, pick_dtype
 
 
 def timed(model, ids, steps: int, ctx, dtype, device, **kw) -> tuple[float, float]:

@@ -21,7 +21,7 @@ import threading
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from tuneforge.registry.runinfo import read_run
+from tuneforge.runs import read_run
 
 
 def load(run_dir: str, device: str = "auto", dtype: str = "auto") -> dict:
@@ -30,7 +30,7 @@ def load(run_dir: str, device: str = "auto", dtype: str = "auto") -> dict:
 
     from tuneforge.models.load import load_causal_lm, load_tokenizer
     from tuneforge.models.tokenizer import fix_chat_tokenizer
-    from tuneforge.train.hardware import pick_device, pick_dtype
+    from tuneforge.hardware import pick_device, pick_dtype
 
     run = read_run(run_dir)
     device = pick_device(device)

@@ -17,15 +17,16 @@ import torch
 
 
 def main(a) -> None:
-    from tuneforge.config import validate_config
+    from tuneforge.plugins import validate_config
     from tuneforge.data.builtin import chatterbot_instructions
     from tuneforge.data.formats import FORMATS
     from tuneforge.data.render import encode_rows
     from tuneforge.methods import METHODS
     from tuneforge.models.load import load_tokenizer
     from tuneforge.objectives import OBJECTIVES
-    from tuneforge.train.hardware import pick_device, pick_dtype
-    from tuneforge.train.loop import autocast, epoch_batches, to_device
+    from tuneforge.hardware import pick_device, pick_dtype
+    from tuneforge.train.loop import epoch_batches
+    from tuneforge.hardware import autocast, to_device
     from tuneforge.train.run import load_model
 
     device = pick_device(a.device)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import naive_server
 from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
-from tuneforge.registry.runinfo import read_run
+from tuneforge.runs import read_run
 
 
 def prompts(run, n: int) -> list[str]:

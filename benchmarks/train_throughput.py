@@ -113,7 +113,8 @@ def eval_loss(model, rows: list[dict], pad_id: int) -> float:
 
 # --- runners (each in its own process) -----------------------------------------------------------
 def run_tuneforge(a, overrides: list[str]) -> dict:
-    from tuneforge.config import deep_merge, parse_overrides, validate_config
+    from tuneforge.config import deep_merge, parse_overrides
+    from tuneforge.plugins import validate_config
     from tuneforge.train.run import train
 
     method = {"lora": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -243,11 +244,11 @@ def model_shape(model: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in m.parameters()), cfg.hidden_size, cfg.intermediate_size
 
 
-from tuneforge.train.launch import ONEDNN_CACHE  # noqa: E402 - the launcher's oneDNN cache cap
+from tuneforge.allocator import ONEDNN_CACHE  # noqa: E402 - the launcher's oneDNN cache cap
 
 
 def find_tcmalloc() -> str | None:
-    from tuneforge.train.launch import find_allocator
+    from tuneforge.allocator import find_allocator
 
     return find_allocator()
 
@@ -270,7 +271,7 @@ def main() -> None:
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process: one runner, prints RESULT json
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()
-    from tuneforge.train.hardware import pick_device
+    from tuneforge.hardware import pick_device
 
     a.device = pick_device(a.device)
     if a.only:
@@ -300,7 +301,7 @@ def main() -> None:
         env = dict(os.environ)
         name, _, sets = runner.partition(":")
         if name == "tuneforge" and "allocator=off" not in sets.split(",") and a.device == "cpu":
-            lib = find_tcmalloc()  # what `tuneforge train` does by default (train/launch.py)
+            lib = find_tcmalloc()  # what `tuneforge train` does by default (tuneforge/allocator.py)
             if lib:
                 env |= {"LD_PRELOAD": lib, "TUNEFORGE_ALLOCATOR_SET": lib}
             env.setdefault(*ONEDNN_CACHE)

@@ -21,8 +21,9 @@ def _console():
 
 
 def cmd_train(args) -> int:
-    from tuneforge.config import load_config
-    from tuneforge.train.run import load_run_config, train
+    from tuneforge.plugins import load_config
+    from tuneforge.train.run import train
+    from tuneforge.runs import load_run_config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -76,7 +77,8 @@ def cmd_rlhf(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from tuneforge.config import load_config, to_yaml
+    from tuneforge.config import to_yaml
+    from tuneforge.plugins import load_config
     from tuneforge.train.run import preflight
 
     cfg = load_config(args.config, args.overrides)
@@ -87,7 +89,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from tuneforge.config import load_config
+    from tuneforge.plugins import load_config
     from tuneforge.plan import print_plan
 
     print_plan(load_config(args.config, args.overrides), _console())
@@ -95,7 +97,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_merge_adapters(args) -> int:
-    from tuneforge.methods.merge import merge_adapters
+    from tuneforge.deploy.merge import merge_adapters
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
     out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
@@ -113,7 +115,7 @@ def _chat_prompt(tok, system, history):
 
 def cmd_generate(args) -> int:
     from tuneforge.evaluate.generate import generate_texts
-    from tuneforge.infer import load_for_inference
+    from tuneforge.runs import load_for_inference
 
     model, tok, system, device, dtype = load_for_inference(args.model, args.device)
     system = args.system or system
@@ -127,7 +129,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from tuneforge.evaluate.generate import generate_texts
-    from tuneforge.infer import load_for_inference
+    from tuneforge.runs import load_for_inference
 
     model, tok, system, device, dtype = load_for_inference(args.model, args.device)
     system = args.system or system
@@ -180,7 +182,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from tuneforge.evaluate.compare import CompareOptions, Prices, run_compare
+    from tuneforge.train.compare import CompareOptions, Prices, run_compare
 
     prices = Prices(input_per_1m=args.price_input, output_per_1m=args.price_output,
                     compute_per_hour=args.price_hour)
@@ -197,7 +199,7 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(args):
         from tuneforge.deploy.gguf_export import GGUFExportError
-        from tuneforge.registry.runinfo import RunError
+        from tuneforge.runs import RunError
         from tuneforge.registry.store import RegistryError
 
         try:
@@ -534,12 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command in ("train", "sequence", "sweep", "rlhf"):
-        from tuneforge.train.launch import reexec_with_allocator
+        from tuneforge.allocator import reexec_with_allocator
 
         reexec_with_allocator(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, RenderError, ModelLoadError, FileExistsError, FileNotFoundError,
+    except (ConfigError, DataError, RenderError, ModelLoadError, RunError, FileExistsError, FileNotFoundError,
             TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

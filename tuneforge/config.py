@@ -2,14 +2,13 @@
 
 A config is a YAML file plus ``key=value`` overrides. It is validated in full before any
 weights load, and every problem is reported at once with a suggested fix. The method and
-objective sections are plug points: their option classes come from the method and
-objective registries, keyed by ``name``.
+objective sections are plug points: this module is plain typed data and knows no plug-in;
+``tuneforge.plugins`` resolves their ``name`` to the method and objective option classes.
 """
 
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -197,7 +196,7 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
-    # Validated against the method/objective registries in `load_config`.
+    # Plug-in sections: validated against the method/objective registries by tuneforge.plugins.
     method: Any = Field(default_factory=lambda: {"name": "lora"})
     objective: Any = Field(default_factory=lambda: {"name": "sft"})
     train: TrainConfig = TrainConfig()
@@ -308,82 +307,6 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
         else:
             problems.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
     return problems
-
-
-def validate_config(raw: dict, source: str | None = None) -> RunConfig:
-    """Validate a raw dict; raise one ConfigError listing every problem."""
-    from tuneforge.methods import METHODS, methods_taking
-    from tuneforge.objectives import OBJECTIVES
-
-    problems: list[str] = []
-    cfg = None
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as err:
-        problems += format_errors(err, RunConfig)
-
-    plugged = {}
-    for section, registry in (("method", METHODS), ("objective", OBJECTIVES)):
-        default_name = RunConfig.model_fields[section].default_factory()["name"]
-        value = raw.get(section) or {}
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict):
-            problems.append(f"'{section}' must be a mapping, e.g. {section}: {{name: {default_name}}}")
-            continue
-        value = {"name": default_name, **value}
-        name = value["name"]
-        if name not in registry:
-            close = difflib.get_close_matches(str(name), list(registry), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(registry))}"
-            problems.append(f"unknown {section} '{name}': {hint}")
-            continue
-        opts_cls = registry[name].options
-        try:
-            plugged[section] = opts_cls.model_validate(value)
-        except ValidationError as err:
-            problems += format_errors(err, opts_cls, prefix=(section,),
-                                      owners=methods_taking if section == "method" else None)
-
-    if cfg is not None and cfg.train.distributed == "fsdp":
-        problems += _fsdp_problems(cfg, plugged)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg.model_copy(update=plugged)
-
-
-def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
-    """Combinations the sharded loop (train/distributed.py) does not run."""
-    from tuneforge.methods import METHODS
-    from tuneforge.objectives import OBJECTIVES
-
-    problems = []
-    if "method" in plugged and not METHODS[plugged["method"].name].shardable:
-        problems.append(f"train.distributed=fsdp with method '{plugged['method'].name}': its weights cannot be "
-                        f"sharded; use train.distributed=ddp")
-    if "objective" in plugged and OBJECTIVES[plugged["objective"].name].recipe:
-        problems.append(f"train.distributed=fsdp with objective '{plugged['objective'].name}': it trains in a loop "
-                        f"of its own, which does not shard; use train.distributed=ddp")
-    if cfg.continual.ewc_lambda:
-        problems.append("train.distributed=fsdp with continual.ewc_lambda: the EWC penalty needs every weight whole "
-                        "on every process; use train.distributed=ddp")
-    return problems
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist"])
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path} must hold a mapping at the top level"])
-    raw = deep_merge(raw, parse_overrides(list(overrides)))
-    return validate_config(raw, str(path) if path else None)
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -192,12 +192,12 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
 
     import psutil
 
-    from tuneforge.config import validate_config
+    from tuneforge.plugins import validate_config
     from tuneforge.methods import METHODS as REGISTRY
     from tuneforge.models.load import load_causal_lm, load_config
     from tuneforge.objectives import OBJECTIVES
-    from tuneforge.train.hardware import pick_dtype
-    from tuneforge.train.loop import autocast
+    from tuneforge.hardware import pick_dtype
+    from tuneforge.hardware import autocast
 
     opts = validate_config({"model": {"name": model}, "data": {"train": ["-"]}, "method": raw}).method
     method, sft = REGISTRY[opts.name], OBJECTIVES["sft"]
@@ -258,7 +258,7 @@ def comparison_methods(cfg, n_layers: int) -> dict[str, dict]:
 
 
 def validate_method(raw: dict):
-    from tuneforge.config import validate_config
+    from tuneforge.plugins import validate_config
 
     return validate_config({"data": {"train": ["-"]}, "method": raw}).method
 
@@ -288,7 +288,7 @@ def suggestions(cfg, est: Estimate, free: int, compute_dtype: torch.dtype) -> li
 
 def plan(cfg, device: str | None = None, probe: bool = True) -> dict:
     from tuneforge.models.load import load_config
-    from tuneforge.train.hardware import pick_device, pick_dtype
+    from tuneforge.hardware import pick_device, pick_dtype
 
     device = device or pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
@@ -310,7 +310,7 @@ def ensure_fits(cfg, device: str) -> None:
     """Refuse (with the fix) a run whose estimated peak does not fit free memory."""
     from tuneforge.config import ConfigError
     from tuneforge.models.load import load_config
-    from tuneforge.train.hardware import pick_dtype
+    from tuneforge.hardware import pick_dtype
 
     dtype = pick_dtype(cfg.train.dtype, device)
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,6 +1,8 @@
 import pytest
 
-from tuneforge.config import ConfigError, load_config, parse_overrides, validate_config
+from tuneforge.config import ConfigError, parse_overrides
+
+from tuneforge.plugins import load_config, validate_config
 
 
 def base():

@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.config import ConfigError, validate_config
+from tuneforge.config import ConfigError
+
+from tuneforge.plugins import validate_config
 from tuneforge.data.load import load_rows
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.train.continual import diagonal_fisher, ewc_penalty

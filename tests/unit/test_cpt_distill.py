@@ -3,7 +3,7 @@ token, perplexity before/after) and logit distillation from a teacher."""
 
 import json
 
-from tuneforge.config import validate_config
+from tuneforge.plugins import validate_config
 from tuneforge.data.builtin import orders
 from tuneforge.train.run import train
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tuneforge.evaluate.compare import Prices, cost_of_ownership, recommend
+from tuneforge.train.compare import Prices, cost_of_ownership, recommend
 from tuneforge.evaluate.forgetting import forgetting_verdict, general_texts
 from tuneforge.evaluate.incontext import BM25Retriever, MiniLMRetriever, draw_shots, query_text, with_examples
 from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize, text_rows

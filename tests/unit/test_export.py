@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.config import validate_config
+from tuneforge.plugins import validate_config
 from tuneforge.deploy.export import export
-from tuneforge.infer import load_for_inference
+from tuneforge.runs import load_for_inference
 from tuneforge.train.run import train
 
 
@@ -84,15 +84,14 @@ def test_gguf_export_reads_back_with_transformers(run_dir, tuned):
 
 
 def test_int8_export_reloads_exactly_and_reports_speed_and_quality(run_dir, tuned):
-    from tuneforge.deploy.export import load_merged
     from tuneforge.deploy.int8 import load_int8, quantize
-    from tuneforge.registry.runinfo import read_run
+    from tuneforge.runs import load_run
 
     model, tok = tuned
     out = export(run_dir, "int8")
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())  # nothing pickled
     loaded = load_int8(out)
-    ref = quantize(load_merged(read_run(run_dir))[0])
+    ref = quantize(load_run(run_dir, merge=True)[0])
     with torch.no_grad():
         a, b, f = loaded(input_ids=IDS).logits, ref(input_ids=IDS).logits, model(input_ids=IDS).logits
     assert torch.equal(a, b)  # the stored int8 weights are exactly the quantised ones

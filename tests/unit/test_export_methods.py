@@ -8,10 +8,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from tuneforge.config import ConfigError, to_yaml, validate_config
+from tuneforge.config import ConfigError, to_yaml
+
+from tuneforge.plugins import validate_config
 from tuneforge.deploy.export import export
 from tuneforge.methods import METHODS
-from tuneforge.methods.merge import merge_adapters
+from tuneforge.deploy.merge import merge_adapters
 from tuneforge.models.load import load_causal_lm
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 41, 7]])

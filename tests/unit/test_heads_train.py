@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from tuneforge.config import validate_config
-from tuneforge.train.heads import load_head
+from tuneforge.plugins import validate_config
+from tuneforge.runs import load_head
 from tuneforge.train.run import train
 
 LABELS = ["coffee mug", "desk lamp", "teapot"]

@@ -28,7 +28,7 @@ QUIET = Console(quiet=True)
 @pytest.fixture(scope="module")
 def base_run(tiny_model_dir, tmp_path_factory):
     """The current version: a short LoRA run of the tiny model on the orders task."""
-    from tuneforge.config import validate_config
+    from tuneforge.plugins import validate_config
     from tuneforge.train.run import train
 
     out = tmp_path_factory.mktemp("improve-base")

@@ -7,7 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from tuneforge.config import ConfigError, validate_config
+from tuneforge.config import ConfigError
+
+from tuneforge.plugins import validate_config
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm, meta_module_names
 from tuneforge.objectives import OBJECTIVES

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneforge.config import load_config
+from tuneforge.plugins import load_config
 from tuneforge.train.rlhf import stage_configs
 
 EXAMPLES = Path(__file__).parents[2] / "examples"

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.config import ConfigError, validate_config
+from tuneforge.config import ConfigError
+
+from tuneforge.plugins import validate_config
 from tuneforge.models.load import load_config
 from tuneforge.plan import GB, Memory, estimate, quantized_bytes
 

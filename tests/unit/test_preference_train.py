@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tuneforge.config import validate_config
+from tuneforge.plugins import validate_config
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives import OBJECTIVES

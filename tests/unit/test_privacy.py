@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from tuneforge.config import ConfigError, PrivacyConfig, validate_config
+from tuneforge.config import ConfigError, PrivacyConfig
+
+from tuneforge.plugins import validate_config
 from tuneforge.data.load import load_rows
 from tuneforge.data.render import encode_rows, pad_batch
 from tuneforge.methods import METHODS

@@ -10,10 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.config import ConfigError, to_yaml, validate_config
+from tuneforge.config import ConfigError, to_yaml
+
+from tuneforge.plugins import validate_config
 from tuneforge.train import common
 from tuneforge.train import policy as policy_mod
-from tuneforge.train.run import load_run_config, preflight, train
+from tuneforge.train.run import preflight, train
+from tuneforge.runs import load_run_config
 
 PAIRS = {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200, "val_size": 0.1, "test_size": 0.2}
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tuneforge.config import load_config
+from tuneforge.plugins import load_config
 from tuneforge.train.sequence import load_sequence
 from tuneforge.train.sweep import load_space
 

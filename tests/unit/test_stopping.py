@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.config import validate_config
+from tuneforge.plugins import validate_config
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.train import run as run_mod
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, TrainingDiverged

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tuneforge.config import validate_config
+from tuneforge.plugins import validate_config
+from tuneforge.runs import load_run_config
 from tuneforge.train import run as run_mod
 from tuneforge.train.run import train
 
@@ -71,7 +72,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny_raw_cfg, monkeypatch):
     monkeypatch.setattr(run_mod, "trained_tokens", real)
     cut_dir = ref_dir.parent / "cut"
     assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
-    cfg = run_mod.load_run_config(cut_dir)
+    cfg = load_run_config(cut_dir)
     train(cfg, resume=cut_dir)
     resumed = load_file(str(cut_dir / "adapter/adapter_model.safetensors"))
     assert ref.keys() == resumed.keys()
@@ -111,7 +112,7 @@ def test_padding_free_batches_train_the_same_weights_as_padded_ones(tiny_raw_cfg
 def test_picking_cuda_turns_off_cudnn_attention(monkeypatch):
     # cuDNN attention plans every new sequence length (6x slower padding-free steps on an H200):
     # choosing the GPU must switch it off for the process, and choosing the CPU must not.
-    from tuneforge.train.hardware import pick_device
+    from tuneforge.hardware import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     torch.backends.cuda.enable_cudnn_sdp(True)
@@ -128,7 +129,7 @@ def test_tcmalloc_free_pages_go_back_to_the_system_when_released():
     import subprocess
     import sys
 
-    from tuneforge.train.launch import find_allocator, free_memory_releaser
+    from tuneforge.allocator import find_allocator, free_memory_releaser
 
     assert free_memory_releaser() is None  # this test process runs on glibc malloc
     lib = find_allocator()
@@ -136,7 +137,7 @@ def test_tcmalloc_free_pages_go_back_to_the_system_when_released():
         pytest.skip("tcmalloc not installed (apt-get install libtcmalloc-minimal4)")
     code = (
         "import torch\n"
-        "from tuneforge.train.launch import free_memory_releaser\n"
+        "from tuneforge.allocator import free_memory_releaser\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
         "x = torch.ones(100 * 2**20); del x\n"
         "held = rss(); free_memory_releaser()(); print(held, rss())\n")

@@ -214,7 +214,7 @@ class LocalEngine:
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
                  prefix_cache_mb: float = 256, prepack: str = "auto", fp32_prefill: str = "auto"):
-        from tuneforge.train.hardware import pick_device, pick_dtype
+        from tuneforge.hardware import pick_device, pick_dtype
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)

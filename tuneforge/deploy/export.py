@@ -19,26 +19,9 @@ from pathlib import Path
 import torch
 
 from tuneforge.io import atomic_dir, write_json
-from tuneforge.registry.runinfo import RunInfo, model_weights_sha256, read_run
+from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
 
 FORMATS = ("merged", "gguf", "int8")
-
-
-def load_merged(run: RunInfo):
-    """(fp32 model with what the run trained folded in, fixed tokenizer), for any method
-    that can fold (LoRA/DoRA/IA3 via peft; full/freeze/hft are plain models already)."""
-    from tuneforge.methods import METHODS
-    from tuneforge.models.load import load_causal_lm, load_tokenizer
-    from tuneforge.models.tokenizer import fix_chat_tokenizer
-    from tuneforge.train.run import load_run_config
-
-    cfg = load_run_config(run.run_dir)
-    method = METHODS[cfg.method.name]
-    tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
-    base = load_causal_lm(cfg.model.name, torch.float32, "cpu", cfg.model.attn_implementation, cfg.model.revision)
-    model = method.merge(method.load(base, run.run_dir)).eval()
-    fix_chat_tokenizer(tok, model)  # eos = end of turn, in config and generation config
-    return model, tok
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +32,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
     run = read_run(run_dir)
     out = Path(out) if out else run.run_dir / "export" / fmt
-    model, tok = load_merged(run)
+    model, tok, _ = load_run(run.run_dir, merge=True)  # fp32 on the CPU: what every format starts from
     extra: dict = {}
     with atomic_dir(out) as tmp:
         if fmt == "merged":

@@ -53,8 +53,8 @@ class EvalOptions(BaseModel):
 
 
 def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
-    from tuneforge.infer import load_for_inference
-    from tuneforge.train.run import load_run_config
+    from tuneforge.runs import load_for_inference
+    from tuneforge.runs import load_run_config
 
     console = console or Console()
 
@@ -321,7 +321,7 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
                            f"({100 * f['relative_change']:+.1f}%; threshold +{100 * f['threshold']:.0f}%): "
                            + ("FLAGGED: the tuning hurt general language modelling." if f["flagged"] else "not flagged."))]
     if run_dir is not None:
-        from tuneforge.train.plots import plot_losses
+        from tuneforge.evaluate.plots import plot_losses
 
         curve = plot_losses(run_dir / "metrics.jsonl", out / "loss.png") if (run_dir / "metrics.jsonl").exists() else None
         blocks += [rp.heading("Training curves"), rp.image(curve)]

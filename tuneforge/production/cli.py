@@ -19,7 +19,7 @@ def _user_errors(fn):
     def wrapper(args):
         from tuneforge.production.improve import ImproveError
         from tuneforge.production.review import ReviewError
-        from tuneforge.registry.runinfo import RunError
+        from tuneforge.runs import RunError
         from tuneforge.registry.store import RegistryError
 
         from pydantic import ValidationError

@@ -135,7 +135,7 @@ def training_prompts(run_dir: str | Path) -> list[str]:
     from tuneforge.data.prepare import build_splits
     from tuneforge.objectives import OBJECTIVES
     from tuneforge.train.multitask import task_configs, task_data
-    from tuneforge.train.run import load_run_config
+    from tuneforge.runs import load_run_config
 
     cfg = load_run_config(Path(run_dir))
     kind = OBJECTIVES[cfg.objective.name].data_kind

@@ -36,7 +36,9 @@ from rich.console import Console
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, format_errors, validate_config
+from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, format_errors
+
+from tuneforge.plugins import validate_config
 from tuneforge.data.clean import CleanOptions
 from tuneforge.data.dedup import DedupOptions
 from tuneforge.data.pii import PIIOptions
@@ -170,7 +172,7 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
     that now appears in train."""
     from tuneforge.data.prepare import PrepareOptions, build_splits, prepare, split_by_prompt
     from tuneforge.data.split import SplitOptions
-    from tuneforge.train.run import load_run_config
+    from tuneforge.runs import load_run_config
 
     run_cfg = load_run_config(Path(current_run))
     items = reviewed_rows(reg)
@@ -263,7 +265,7 @@ def score_version(run_dir: str, sets: dict[str, list[dict]], ev: EvalConfig, lab
     from tuneforge.data.render import with_system
     from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize
     from tuneforge.evaluate.task import evaluate_rows
-    from tuneforge.infer import load_for_inference
+    from tuneforge.runs import load_for_inference
 
     model, tok, system_prompt, device, dtype = load_for_inference(run_dir)
     autocast = None if dtype == torch.float32 else dtype

@@ -32,7 +32,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
-from tuneforge.config import ConfigError, TrainConfig, deep_merge, validate_config
+from tuneforge.config import ConfigError, TrainConfig, deep_merge
+
+from tuneforge.plugins import validate_config
 from tuneforge.io import atomic_write_text
 from tuneforge.production.files import answer_503_when_locked, files_router, q_page
 from tuneforge.production.jobstore import (DatabaseBusy, FileRow, JobDB, JobEventRow, JobRow, JobsConfig,

@@ -47,7 +47,8 @@ class JobsConfig(Strict):
     @model_validator(mode="after")
     def _run_defaults_make_a_run(self):
         # Checked when the server starts, not at the first job: a typo here would refuse every job.
-        from tuneforge.config import ConfigError, deep_merge, validate_config
+        from tuneforge.config import ConfigError, deep_merge
+        from tuneforge.plugins import validate_config
 
         try:
             validate_config(deep_merge({"data": {"train": ["upload.jsonl"]}}, self.run_defaults))

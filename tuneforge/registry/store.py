@@ -20,7 +20,7 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, Str
                         false, select, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tuneforge.registry.runinfo import read_run
+from tuneforge.runs import read_run
 
 
 class RegistryError(ValueError):

@@ -20,8 +20,9 @@ from tuneforge.config import RunConfig, to_yaml
 from tuneforge.data.prepare import Splits, build_splits
 from tuneforge.io import atomic_write_text, write_json
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train.hardware import environment, pick_device, pick_dtype
-from tuneforge.train.loop import autocast, to_device, total_steps
+from tuneforge.hardware import environment, pick_device, pick_dtype
+from tuneforge.train.loop import total_steps
+from tuneforge.hardware import autocast, to_device
 
 
 @dataclass
@@ -162,8 +163,8 @@ def last_logged_eval(metrics_path: Path) -> dict:
 
 
 def finish(run: RunStart, summary: dict, console: Console) -> Path:
-    from tuneforge.train.hardware import peak_memory
-    from tuneforge.train.plots import plot_losses
+    from tuneforge.hardware import peak_memory
+    from tuneforge.evaluate.plots import plot_losses
 
     plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     summary = {"objective": run.cfg.objective.name, **summary, **peak_memory(run.device),

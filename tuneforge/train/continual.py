@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.train.loop import autocast, to_device, trained_tokens
+from tuneforge.train.loop import trained_tokens
+
+from tuneforge.hardware import autocast, to_device
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],

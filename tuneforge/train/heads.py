@@ -22,7 +22,7 @@ from tuneforge.models.load import load_sequence_classifier, load_tokenizer
 from tuneforge.objectives.classify import balanced_class_weights, classification_metrics
 from tuneforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
 from tuneforge.train.common import finish, fit, start_run
-from tuneforge.train.loop import autocast
+from tuneforge.hardware import autocast
 from tuneforge.train.preference import encode_pairs
 
 
@@ -239,19 +239,3 @@ def reward_run_problem(run_dir: Path) -> str | None:
         return (f"{run_dir} is an unfinished reward run (no head/config.json or summary.json): "
                 f"finish it with tuneforge train --resume {run_dir}")
     return None
-
-
-def load_head(run_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A trained classify/reward run -> (model with the adapter merged, tokenizer), for inference."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from tuneforge.models.load import resolve
-    from tuneforge.train.run import load_run_config
-
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve(cfg.model.name).path, config=AutoConfig.from_pretrained(run_dir / "head"), dtype=dtype)
-    model = METHODS[cfg.method.name].load(base, run_dir)
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(run_dir / "adapter")

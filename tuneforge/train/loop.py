@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
+from tuneforge.hardware import autocast, to_device
 from tuneforge.data.render import IGNORE, pack_rows, packed_batch, pad_batch
 
 
@@ -38,16 +38,6 @@ def total_steps(n_micro_per_epoch: int, grad_accum: int, epochs: float, max_step
     if max_steps:
         return max_steps
     return max(1, math.ceil(epochs * math.ceil(n_micro_per_epoch / grad_accum)))
-
-
-def autocast(device: str, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.train.checkpoint import truncate_metrics
 from tuneforge.train.common import finish, start_run
-from tuneforge.train.loop import autocast
+from tuneforge.hardware import autocast
 
 
 def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_length_ratio: float) -> str | None:
@@ -118,7 +118,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from tuneforge.train.heads import load_head
+    from tuneforge.runs import load_head
 
     console = console or Console()
     # --- setup and prompts ---------------------------------------------------------------

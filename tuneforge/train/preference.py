@@ -24,7 +24,7 @@ from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.preference import sequence_logps
 from tuneforge.objectives.sft import body_and_head
 from tuneforge.train.common import finish, fit, start_run
-from tuneforge.train.loop import autocast
+from tuneforge.hardware import autocast
 
 
 def encode_pairs(tok, rows: list[dict], max_length: int, system_prompt: str | None) -> tuple[list[dict], Counter]:

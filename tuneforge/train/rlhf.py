@@ -16,8 +16,11 @@ import torch
 import yaml
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, parse_overrides, validate_config
-from tuneforge.io import write_json
+from tuneforge.config import ConfigError, RunConfig, deep_merge, parse_overrides
+
+from tuneforge.plugins import validate_config
+from tuneforge.io import atomic_dir, write_json
+from tuneforge.runs import load_run
 
 STAGES = ("sft", "reward", "policy")
 
@@ -51,26 +54,15 @@ def stage_configs(raw: dict, source: str | None = None) -> dict[str, RunConfig]:
 
 def merge_run(run_dir: Path, out: Path, dtype: torch.dtype) -> Path:
     """A run's adapter merged into its base model: a plain HF folder the next stage loads."""
-    from tuneforge.io import atomic_dir
-    from tuneforge.methods import METHODS
-    from transformers import AutoTokenizer
-
-    from tuneforge.models.load import load_causal_lm
-    from tuneforge.train.run import load_run_config
-
-    cfg = load_run_config(run_dir)
-    base = load_causal_lm(cfg.model.name, dtype, "cpu", revision=cfg.model.revision,
-                          trust_remote_code=cfg.model.trust_remote_code)
-    model = METHODS[cfg.method.name].load(base, run_dir)
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    model, tok, _ = load_run(run_dir, "cpu", dtype, merge=True)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(run_dir / "adapter").save_pretrained(tmp)  # with the run's tokenizer fixes
+        tok.save_pretrained(tmp)  # with the run's tokenizer fixes
     return out
 
 
 def run_chain(path: str | Path, overrides: list[str] = (), console: Console | None = None) -> Path:
-    from tuneforge.train.hardware import pick_device, pick_dtype
+    from tuneforge.hardware import pick_device, pick_dtype
     from tuneforge.train.run import train
 
     console = console or Console()

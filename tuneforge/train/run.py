@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tuneforge.config import ConfigError, RunConfig, to_yaml, validate_config
+from tuneforge.config import ConfigError, RunConfig, to_yaml
+
+from tuneforge.plugins import validate_config
 from tuneforge.data.render import pad_batch
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.io import atomic_write_text, write_json
@@ -36,12 +38,13 @@ from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, TrainingDiverged, scale_lr
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
-from tuneforge.train.hardware import environment, peak_memory, pick_device, pick_dtype
-from tuneforge.train.launch import free_memory_releaser
+from tuneforge.hardware import environment, peak_memory, pick_device, pick_dtype
+from tuneforge.allocator import free_memory_releaser
 from tuneforge.train import fused_lora, lean, varlen
-from tuneforge.train.loop import autocast, epoch_batches, to_device, total_steps, trained_tokens, validation_loss
+from tuneforge.train.loop import epoch_batches, total_steps, trained_tokens, validation_loss
+from tuneforge.hardware import autocast, to_device
 from tuneforge.train.multitask import Task, load_tasks, task_configs, training_mixture
-from tuneforge.train.plots import plot_losses
+from tuneforge.evaluate.plots import plot_losses
 from tuneforge.train.privacy import dp_loss_scale, make_private
 
 
@@ -482,10 +485,3 @@ def _eval_history(path: Path) -> list[tuple[int, float]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
-
-
-def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
-    from tuneforge.config import deep_merge, parse_overrides
-
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return validate_config(deep_merge(raw, parse_overrides(list(overrides))), str(run_dir / "config.yaml"))

@@ -26,7 +26,9 @@ from pydantic import ValidationError, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import ConfigError, Strict, format_errors, load_config
+from tuneforge.config import ConfigError, Strict, format_errors
+
+from tuneforge.plugins import load_config
 from tuneforge.io import write_json
 
 

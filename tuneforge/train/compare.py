@@ -100,10 +100,10 @@ def recommend(rows: list[dict], tolerance: float) -> dict:
 
 
 def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
-    from tuneforge.config import load_config
+    from tuneforge.plugins import load_config
     from tuneforge.data.load import DataError
     from tuneforge.data.prepare import build_splits
-    from tuneforge.infer import load_for_inference
+    from tuneforge.runs import load_for_inference
     from tuneforge.train.run import train
 
     console = console or Console()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from functools import lru_cache
@@ -63,7 +64,7 @@ def environment(device: str, dtype: torch.dtype) -> dict:
     import transformers
 
     import tuneforge
-    from tuneforge.train.launch import allocator_in_use
+    from tuneforge.allocator import allocator_in_use
 
     info = {
         "tuneforge": tuneforge.__version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -95,3 +96,14 @@ def peak_memory(device: str) -> dict:
     if device == "cuda":
         peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return peaks
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """The mixed-precision region of every forward pass: none in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -47,7 +47,7 @@ def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, 
 
     from tuneforge.config import ConfigError
     from tuneforge.models.load import load_causal_lm, load_tokenizer
-    from tuneforge.train.run import load_run_config
+    from tuneforge.runs import load_run_config
 
     runs = [Path(r) for r in runs]
     cfgs = [(r, load_run_config(r)) for r in runs]

@@ -1,0 +1,95 @@
+"""Names in a config -> plug-ins: the one place where a run config's ``method`` and
+``objective`` sections are resolved to the registered method and objective, and their
+options validated. ``tuneforge.config`` stays plain typed data below the plug points;
+everything that loads a config (train, plan, the CLI, jobs, run folders) comes through here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from tuneforge.config import ConfigError, RunConfig, deep_merge, format_errors, parse_overrides
+from tuneforge.methods import METHODS, Method, methods_taking
+from tuneforge.objectives import OBJECTIVES, Objective
+
+
+def method_of(cfg: RunConfig) -> Method:
+    return METHODS[cfg.method.name]
+
+
+def objective_of(cfg: RunConfig) -> Objective:
+    return OBJECTIVES[cfg.objective.name]
+
+
+def validate_config(raw: dict, source: str | None = None) -> RunConfig:
+    """Validate a raw dict; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems += format_errors(err, RunConfig)
+
+    plugged = {}
+    for section, registry in (("method", METHODS), ("objective", OBJECTIVES)):
+        default_name = RunConfig.model_fields[section].default_factory()["name"]
+        value = raw.get(section) or {}
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            problems.append(f"'{section}' must be a mapping, e.g. {section}: {{name: {default_name}}}")
+            continue
+        value = {"name": default_name, **value}
+        name = value["name"]
+        if name not in registry:
+            close = difflib.get_close_matches(str(name), list(registry), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(registry))}"
+            problems.append(f"unknown {section} '{name}': {hint}")
+            continue
+        opts_cls = registry[name].options
+        try:
+            plugged[section] = opts_cls.model_validate(value)
+        except ValidationError as err:
+            problems += format_errors(err, opts_cls, prefix=(section,),
+                                      owners=methods_taking if section == "method" else None)
+
+    if cfg is not None and cfg.train.distributed == "fsdp":
+        problems += _fsdp_problems(cfg, plugged)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg.model_copy(update=plugged)
+
+
+def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
+    """Combinations the sharded loop (train/distributed.py) does not run."""
+    problems = []
+    if "method" in plugged and not METHODS[plugged["method"].name].shardable:
+        problems.append(f"train.distributed=fsdp with method '{plugged['method'].name}': its weights cannot be "
+                        f"sharded; use train.distributed=ddp")
+    if "objective" in plugged and OBJECTIVES[plugged["objective"].name].recipe:
+        problems.append(f"train.distributed=fsdp with objective '{plugged['objective'].name}': it trains in a loop "
+                        f"of its own, which does not shard; use train.distributed=ddp")
+    if cfg.continual.ewc_lambda:
+        problems.append("train.distributed=fsdp with continual.ewc_lambda: the EWC penalty needs every weight whole "
+                        "on every process; use train.distributed=ddp")
+    return problems
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path} must hold a mapping at the top level"])
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    return validate_config(raw, str(path) if path else None)
