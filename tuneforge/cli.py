@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.load import DataError
     from tuneforge.data.render import RenderError
     from tuneforge.models.load import ModelLoadError
+    from tuneforge.runs import RunError
     from tuneforge.train.callbacks import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import random
 
+from tuneforge.data.dedup import text_key
+
 FIRST = ["Maria", "James", "Aisha", "Chen", "Olga", "Diego", "Fatima", "Liam", "Priya", "Kenji", "Sofia",
          "Noah", "Amara", "Lucas", "Ingrid", "Omar", "Hannah", "Mateo", "Yuki", "Elena", "Kwame", "Zoe",
          "Ravi", "Clara", "Tomasz", "Leila", "Samuel", "Mei", "Jonas", "Isabel"]
@@ -219,8 +221,6 @@ def topic_rows(convs, min_count: int = 40) -> tuple[list[dict], dict]:
     found under several categories ("Hello" in greetings and in conversations, "Who are
     you?" in ai and in conversations) cannot be classified from its text, so it is dropped.
     ``min_count`` applies to the distinct openers a category keeps."""
-    from tuneforge.data.dedup import text_key
-
     first: dict[bytes, tuple[str, str]] = {}  # opener key -> (text as first seen, category)
     cats: dict[bytes, set[str]] = {}
     n_convs = 0

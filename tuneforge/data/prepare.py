@@ -28,6 +28,7 @@ from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_
 from tuneforge.data.pii import PIIOptions, pii_rows
 from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
 from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
+from tuneforge.data.report import plot_lengths, render_report
 from tuneforge.io import atomic_dir, sha256_file, write_json
 
 
@@ -344,8 +345,6 @@ def _accounting(stages: list[Stage], parts: dict, pools: dict) -> dict:
 
 
 def write_prepared(out_dir: Path, parts: dict, manifest: dict, lengths: dict) -> None:
-    from tuneforge.data.report import plot_lengths, render_report
-
     with atomic_dir(Path(out_dir)) as tmp:
         for name, part in parts.items():
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.data.render import with_system
 from tuneforge.io import atomic_dir, write_json
+from tuneforge.models.load import resolve
 from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
 
 FORMATS = ("merged", "gguf", "int8")
@@ -60,7 +62,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
 
 
 def manifest(run: RunInfo, fmt: str, folder: Path, extra: dict) -> dict:
-    from tuneforge.models.load import resolve
 
     base_dir = resolve(run.base_model).path
     return {"format": fmt, "source_run": str(run.run_dir), "base_model": run.base_model,
@@ -79,8 +80,6 @@ def _copy_in(model, dtype):
 
 def _probe_prompts(run: RunInfo, tok, n: int = 4) -> list[list[int]]:
     """Prompts for the int8 comparison: the run's held-out eval prompts, else fixed ones."""
-    from tuneforge.data.render import with_system
-
     texts = []
     samples = run.run_dir / "eval_samples.jsonl"
     if samples.is_file():

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.config import ConfigError
 from tuneforge.io import atomic_dir, write_json
+from tuneforge.models.load import load_causal_lm, load_tokenizer
+from tuneforge.runs import load_run_config
 
 HOWS = ("linear", "ties", "dare_linear", "dare_ties")
 MERGEABLE = ("lora", "qlora")
@@ -44,10 +47,6 @@ def check_runs(cfgs: list[tuple[Path, object]], weights: list[float], how: str) 
 def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, density: float = 0.5,
                    seed: int = 0) -> Path:
     from peft import PeftModel
-
-    from tuneforge.config import ConfigError
-    from tuneforge.models.load import load_causal_lm, load_tokenizer
-    from tuneforge.runs import load_run_config
 
     runs = [Path(r) for r in runs]
     cfgs = [(r, load_run_config(r)) for r in runs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.data.load import DataError, load_rows
+from tuneforge.data.prepare import build_splits
 from tuneforge.data.render import with_system
 from tuneforge.evaluate import report as rp
 from tuneforge.evaluate.diagnose import diagnose, read_curves
@@ -28,6 +30,7 @@ from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.perplexity import nll_per_row, summarize, text_rows
 from tuneforge.evaluate.stats import paired_bootstrap
 from tuneforge.io import write_json
+from tuneforge.runs import load_for_inference, load_run_config
 
 # Metrics where lower is better: their deltas read the other way round.
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -53,9 +56,6 @@ class EvalOptions(BaseModel):
 
 
 def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
-    from tuneforge.runs import load_for_inference
-    from tuneforge.runs import load_run_config
-
     console = console or Console()
 
     # --- setup -------------------------------------------------------------------------
@@ -86,60 +86,20 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     console.print(f"[bold]eval[/] {opts.target} on {opts.data}: {len(convs)} rows, task kind {kind}")
 
     # --- systems: baselines first, the model under test last ---------------------------
-    systems: dict[str, dict] = {}
     shots = draw_shots([r["messages"] for r in train_rows], opts.few_shot, opts.seed)
-    shot_convs = [with_examples(c, shots) for c in convs]
-
-    def run_system(name, m, cs, with_loss=True):
-        systems[name] = measure(m, tok, cs, kind=kind, labels=labels, gen=gen, label=name, with_loss=with_loss)
-
-    if is_run:
-        with model.disable_adapter():
-            run_system("base zero-shot", model, convs)
-            if opts.few_shot:
-                run_system(f"base {opts.few_shot}-shot", model, shot_convs, with_loss=False)
-    if opts.baseline:
-        other, other_tok, *_ = load_for_inference(opts.baseline, opts.device)
-        if other_tok.get_vocab() != tok.get_vocab():
-            console.print(f"[yellow]note[/]: {opts.baseline} has another tokenizer: prompt tokens differ")
-        systems[f"{opts.baseline} zero-shot"] = measure(other, other_tok, convs, kind=kind, labels=labels, gen=gen,
-                                                       label=opts.baseline)
-        if opts.few_shot:
-            systems[f"{opts.baseline} {opts.few_shot}-shot"] = measure(
-                other, other_tok, shot_convs, kind=kind, labels=labels, gen=gen, label=opts.baseline,
-                with_loss=False)
+    task = _Task(convs, [with_examples(c, shots) for c in convs], kind, labels, gen)
+    other = load_for_inference(opts.baseline, opts.device)[:2] if opts.baseline else None
     under_test = "tuned" if is_run else opts.target
-    run_system(under_test, model, convs)
+    systems = measure_systems(model, tok, is_run, other, under_test, task, opts, console)
 
     # --- compare: paired bootstrap of the model under test against each baseline --------
     comparisons = {name: compare_systems(systems[name], systems[under_test], opts)
                    for name in systems if name != under_test}
-
-    # --- forgetting probe --------------------------------------------------------------
-    forgetting = None
-    if opts.forgetting_texts and (is_run or opts.baseline):
-        try:
-            texts = general_texts(opts.forgetting_texts)
-        except ProbeUnavailable as e:
-            console.print(f"[yellow]forgetting probe skipped[/]: {e}")
-        else:
-            def ppl(m, t):
-                return summarize(nll_per_row(m, text_rows(t, texts, 128), t.pad_token_id, batch_size=gen.batch_size,
-                                             device=gen.device, autocast_dtype=gen.autocast_dtype))["perplexity"]
-            if is_run:
-                with model.disable_adapter():
-                    before = ppl(model, tok)
-            else:
-                before = ppl(other, other_tok)
-            forgetting = forgetting_verdict(before, ppl(model, tok), opts.forgetting_threshold)
-            forgetting |= {"texts": len(texts), "source": "chatterbot-corpus (english)"}
-
+    forgetting = forgetting_probe(model, tok, is_run, other, gen, opts, console)
     # --- diagnosis from the training curves --------------------------------------------
     findings = []
     if is_run and (target / "metrics.jsonl").exists():
         findings = [f.model_dump() for f in diagnose(*read_curves(target / "metrics.jsonl"))]
-
-    # --- lm-evaluation-harness (optional) ----------------------------------------------
     harness = run_harness(model, tok, opts.harness, opts.harness_include, console) if opts.harness else None
 
     # --- write -------------------------------------------------------------------------
@@ -150,12 +110,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
                            for k, v in systems.items()},
                "comparisons": comparisons, "forgetting": forgetting, "diagnosis": findings, "harness": harness,
                "bootstrap": {"resamples": opts.n_resamples, "confidence": opts.confidence, "seed": opts.seed}}
-    write_json(out / "eval_results.json", results)
-    with open(out / "eval_samples.jsonl", "w") as f:
-        for name, s in systems.items():
-            main = s["per_example"][s["main"]]
-            for p, r, q, sc in zip(s["preds"], s["refs"], s["prompts"], main):
-                f.write(json.dumps({"system": name, "prompt": q, "reference": r, "prediction": p, "score": sc}) + "\n")
+    write_results(results, systems, out)
     print_table(results, under_test, console)
     md, page = rp.write_report(eval_blocks(results, systems, under_test, target if is_run else None, out), out,
                                f"Evaluation of {opts.target}")
@@ -163,10 +118,79 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     return out
 
 
+@dataclass
+class _Task:
+    """The rows every system answers: as they are, and with the few-shot examples in front."""
+    convs: list[list[dict]]
+    shot_convs: list[list[dict]]
+    kind: str
+    labels: list[str] | None
+    gen: GenSettings
+
+
+def measure_systems(model, tok, is_run: bool, other, under_test: str, task: _Task, opts: EvalOptions,
+                    console: Console) -> dict[str, dict]:
+    """Each system's answers and scores: the run's base (zero- and few-shot), ``other`` =
+    (model, tokenizer) of --baseline, and the model under test last."""
+    systems: dict[str, dict] = {}
+
+    def run_system(name, m, t, cs, with_loss=True, label=None):
+        systems[name] = measure(m, t, cs, kind=task.kind, labels=task.labels, gen=task.gen, label=label or name,
+                                with_loss=with_loss)
+
+    if is_run:
+        with model.disable_adapter():
+            run_system("base zero-shot", model, tok, task.convs)
+            if opts.few_shot:
+                run_system(f"base {opts.few_shot}-shot", model, tok, task.shot_convs, with_loss=False)
+    if other is not None:
+        other_model, other_tok = other
+        if other_tok.get_vocab() != tok.get_vocab():
+            console.print(f"[yellow]note[/]: {opts.baseline} has another tokenizer: prompt tokens differ")
+        run_system(f"{opts.baseline} zero-shot", other_model, other_tok, task.convs, label=opts.baseline)
+        if opts.few_shot:
+            run_system(f"{opts.baseline} {opts.few_shot}-shot", other_model, other_tok, task.shot_convs,
+                       with_loss=False, label=opts.baseline)
+    run_system(under_test, model, tok, task.convs)
+    return systems
+
+
+def forgetting_probe(model, tok, is_run: bool, other, gen: GenSettings, opts: EvalOptions,
+                     console: Console) -> dict | None:
+    """Perplexity on general-domain text before (the run's base, or --baseline) and after."""
+    if not opts.forgetting_texts or not (is_run or other is not None):
+        return None
+    try:
+        texts = general_texts(opts.forgetting_texts)
+    except ProbeUnavailable as e:
+        console.print(f"[yellow]forgetting probe skipped[/]: {e}")
+        return None
+
+    def ppl(m, t):
+        return summarize(nll_per_row(m, text_rows(t, texts, 128), t.pad_token_id, batch_size=gen.batch_size,
+                                     device=gen.device, autocast_dtype=gen.autocast_dtype))["perplexity"]
+
+    if is_run:
+        with model.disable_adapter():
+            before = ppl(model, tok)
+    else:
+        before = ppl(*other)
+    verdict = forgetting_verdict(before, ppl(model, tok), opts.forgetting_threshold)
+    return verdict | {"texts": len(texts), "source": "chatterbot-corpus (english)"}
+
+
+def write_results(results: dict, systems: dict[str, dict], out: Path) -> None:
+    """eval_results.json and one eval_samples.jsonl row per system and example."""
+    write_json(out / "eval_results.json", results)
+    with open(out / "eval_samples.jsonl", "w") as f:
+        for name, s in systems.items():
+            main = s["per_example"][s["main"]]
+            for p, r, q, sc in zip(s["preds"], s["refs"], s["prompts"], main):
+                f.write(json.dumps({"system": name, "prompt": q, "reference": r, "prediction": p, "score": sc}) + "\n")
+
+
 def load_eval_rows(data: str, cfg, target: Path) -> tuple[list[dict], list[dict], dict]:
     """(rows to evaluate, train rows for in-context examples, lineage)."""
-    from tuneforge.data.prepare import build_splits
-
     lineage: dict = {}
     train_rows: list[dict] = []
     if cfg is not None:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from tuneforge.config import Strict
+from tuneforge.io import atomic_dir
 
 
 class Method:
@@ -60,8 +61,6 @@ class PeftMethod(Method):
     """A method that wraps the base with peft: saves/loads a standard peft adapter folder."""
 
     def save(self, model, out_dir: Path) -> None:
-        from tuneforge.io import atomic_dir
-
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)
 

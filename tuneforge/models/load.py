@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.models import zoo
+from tuneforge.models.tokenizer import fix_chat_tokenizer
 
 
 class ModelLoadError(RuntimeError):
@@ -76,8 +77,6 @@ def meta_module_names(name: str, **kw) -> list[str]:
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-
-    from tuneforge.models.tokenizer import fix_chat_tokenizer
 
     r = resolve(name)
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.io import atomic_dir, sha256_file, write_json
+from tuneforge.models.tokenizer import fix_chat_tokenizer
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ def convert_gguf(gguf_path: Path, out: Path, source_note: str = "") -> Path:
     """Dequantise a GGUF checkpoint into a plain HF folder with a fixed tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from tuneforge.models.tokenizer import fix_chat_tokenizer
 
     gguf_path = Path(gguf_path)
     kw = dict(gguf_file=gguf_path.name)
