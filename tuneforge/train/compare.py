@@ -3,7 +3,8 @@ fine-tuning and fine-tuning + RAG on one test split, with accuracy, latency, pro
 training time, total cost of ownership for N requests, and a recommendation.
 
 Recipe: setup -> data -> fine-tuned run (given or trained) -> retrieval index ->
-strategies -> costs -> recommendation -> report.
+strategies -> costs -> recommendation -> report. It lives in train/ because it trains the
+fine-tuning strategy it compares when no run is given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.table import Table
 
+from tuneforge.data.load import DataError
+from tuneforge.data.prepare import build_splits
 from tuneforge.data.render import with_system
 from tuneforge.evaluate import report as rp
 from tuneforge.evaluate.incontext import RETRIEVERS, draw_shots, query_text, rag_convs, with_examples
@@ -24,6 +27,9 @@ from tuneforge.evaluate.measure import GenSettings, measure
 from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.stats import bootstrap_mean_ci
 from tuneforge.io import write_json
+from tuneforge.plugins import load_config
+from tuneforge.runs import load_for_inference
+from tuneforge.train.run import train
 
 
 class Prices(BaseModel):
@@ -100,12 +106,6 @@ def recommend(rows: list[dict], tolerance: float) -> dict:
 
 
 def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
-    from tuneforge.plugins import load_config
-    from tuneforge.data.load import DataError
-    from tuneforge.data.prepare import build_splits
-    from tuneforge.runs import load_for_inference
-    from tuneforge.train.run import train
-
     console = console or Console()
 
     # --- setup and data ----------------------------------------------------------------
@@ -121,21 +121,14 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
         if kind == "classification" else None
 
     # --- the fine-tuned run: given, or trained now (its training time is measured) -------
-    if opts.run:
-        run_dir = Path(opts.run)
-        recorded = json.loads((run_dir / "data_report.json").read_text())["manifest_sha256"]
-        if recorded != splits.manifest_hash():
-            raise DataError(f"--run {run_dir} was trained on other data than {opts.config} describes "
-                            f"(manifest {recorded[:12]} vs {splits.manifest_hash()[:12]})")
-    else:
-        run_dir = train(cfg, console=console)
+    run_dir = fine_tuned_run(opts, cfg, splits.manifest_hash(), console)
     model, tok, _, device, dtype = load_for_inference(str(run_dir))
     gen = GenSettings(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, device=device,
                       dtype=str(dtype).replace("torch.", ""))
     out = Path(opts.out) if opts.out else run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
 
-    # --- retrieval index over the training examples --------------------------------------
+    # --- retrieval index over the training examples, then every strategy ------------------
     t0 = time.perf_counter()
     retriever = RETRIEVERS[opts.retriever]([query_text(c) for c in train_convs])
     index_seconds = time.perf_counter() - t0
@@ -143,26 +136,13 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
     rag = rag_convs(convs, train_convs, retriever, opts.k)
     retrieve_per_request = (time.perf_counter() - t0) / len(convs)
     shots = draw_shots(train_convs, opts.k, opts.seed)
-
-    # --- strategies ----------------------------------------------------------------------
-    plan = [("zero-shot", False, convs, 0.0), ("few-shot", False, [with_examples(c, shots) for c in convs], 0.0),
-            ("rag", False, rag, retrieve_per_request), ("fine-tuned", True, convs, 0.0),
-            ("fine-tuned + rag", True, rag, retrieve_per_request)]
-    rows = []
-    for name, tuned, cs, extra in plan:
-        if tuned:
-            m = measure(model, tok, cs, kind=kind, labels=labels, gen=gen, label=name, with_loss=False)
-        else:
-            with model.disable_adapter():
-                m = measure(model, tok, cs, kind=kind, labels=labels, gen=gen, label=name, with_loss=False)
-        per = m["per_example"][m["main"]]
-        lo, hi = bootstrap_mean_ci(per, seed=opts.seed)
-        row = {"name": name, "metric": m["main"], "accuracy": m["scores"][m["main"]], "ci": [lo, hi],
-               "seconds_per_request": m["seconds_per_request"] + extra,
-               "prompt_tokens_per_request": m["prompt_tokens_per_request"],
-               "output_tokens_per_request": m["output_tokens_per_request"],
-               "tuned": tuned, "index_seconds": index_seconds if name.endswith("rag") else 0.0}
-        rows.append(row)
+    strategies = [("zero-shot", False, convs, 0.0),
+                  ("few-shot", False, [with_examples(c, shots) for c in convs], 0.0),
+                  ("rag", False, rag, retrieve_per_request), ("fine-tuned", True, convs, 0.0),
+                  ("fine-tuned + rag", True, rag, retrieve_per_request)]
+    rows = [measure_strategy(model, tok, name, tuned, cs, extra, index_seconds if name.endswith("rag") else 0.0,
+                             kind, labels, gen, opts.seed)
+            for name, tuned, cs, extra in strategies]
 
     # --- costs: training time as the run recorded it ------------------------------------
     summary = run_dir / "summary.json"
@@ -182,17 +162,53 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
                "tco_unit": unit, "generation": gen.model_dump(), "strategies": rows, "recommendation": rec,
                "data_manifest_sha256": splits.manifest_hash()}
     write_json(out / "compare.json", results)
+    return write_report(results, opts, gen, out, console)
+
+
+def fine_tuned_run(opts: CompareOptions, cfg, manifest_hash: str, console: Console) -> Path:
+    """--run, checked to be trained on the same data; else a run of the config trained now."""
+    if not opts.run:
+        return train(cfg, console=console)
+    run_dir = Path(opts.run)
+    recorded = json.loads((run_dir / "data_report.json").read_text())["manifest_sha256"]
+    if recorded != manifest_hash:
+        raise DataError(f"--run {run_dir} was trained on other data than {opts.config} describes "
+                        f"(manifest {recorded[:12]} vs {manifest_hash[:12]})")
+    return run_dir
+
+
+def measure_strategy(model, tok, name: str, tuned: bool, convs, extra_seconds: float, index_seconds: float,
+                     kind: str, labels, gen: GenSettings, seed: int) -> dict:
+    """One strategy's accuracy (with a bootstrap CI), latency and tokens; the untuned ones run
+    with the adapter switched off."""
+    if tuned:
+        m = measure(model, tok, convs, kind=kind, labels=labels, gen=gen, label=name, with_loss=False)
+    else:
+        with model.disable_adapter():
+            m = measure(model, tok, convs, kind=kind, labels=labels, gen=gen, label=name, with_loss=False)
+    lo, hi = bootstrap_mean_ci(m["per_example"][m["main"]], seed=seed)
+    return {"name": name, "metric": m["main"], "accuracy": m["scores"][m["main"]], "ci": [lo, hi],
+            "seconds_per_request": m["seconds_per_request"] + extra_seconds,
+            "prompt_tokens_per_request": m["prompt_tokens_per_request"],
+            "output_tokens_per_request": m["output_tokens_per_request"],
+            "tuned": tuned, "index_seconds": index_seconds}
+
+
+def write_report(results: dict, opts: CompareOptions, gen: GenSettings, out: Path, console: Console) -> Path:
+    """The table on the console, and report.md / report.html in ``out``."""
+    rec, n, kind = results["recommendation"], results["n"], results["kind"]
     header, table_rows = compare_table(results)
-    t = Table(title=f"strategies on {len(convs)} test rows ({kind}; TCO for {opts.requests:,} requests)")
+    t = Table(title=f"strategies on {n} test rows ({kind}; TCO for {opts.requests:,} requests)")
     for h in header:
         t.add_column(h, justify="left" if h == "strategy" else "right")
     for r in table_rows:
         t.add_row(*r)
     console.print(t)
     console.print(f"[bold]recommendation: {rec['strategy']}[/] - " + "; ".join(rec["reasons"]))
-    blocks = [rp.text(f"Config {opts.config}; run {run_dir}; data manifest {splits.manifest_hash()[:16]}; "
-                      f"{len(convs)} test rows; k={opts.k}; retriever {opts.retriever}; latency measured with "
-                      f"batches of {gen.batch_size} on {gen.device} ({gen.dtype})."),
+    blocks = [rp.text(f"Config {opts.config}; run {results['run']}; data manifest "
+                      f"{results['data_manifest_sha256'][:16]}; {n} test rows; k={opts.k}; retriever "
+                      f"{opts.retriever}; latency measured with batches of {gen.batch_size} on {gen.device} "
+                      f"({gen.dtype})."),
               rp.heading("Measured"), rp.table(header, table_rows),
               rp.heading("Qualitative"),
               rp.table(["strategy", "implementation complexity", "effort", "updating knowledge"],
