@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import Method, register_method
+from tuneforge.methods.base import Method, register_method
 from tuneforge.methods.full import MANIFEST_FILE, block_names, load_trained, save_trained
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from tuneforge.config import Strict
 from tuneforge.io import atomic_dir
-from tuneforge.methods import Method, register_method
+from tuneforge.methods.base import Method, register_method
 
 TRAINED_FILE, MANIFEST_FILE = "trained.safetensors", "manifest.json"
 

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import Method, register_method
+from tuneforge.methods.base import Method, register_method
 from tuneforge.methods.full import block_names, load_trained, save_trained
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import PeftMethod, check_target_modules, register_method
+from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
 
 
 class Ia3Options(Strict):

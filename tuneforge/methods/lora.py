@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import PeftMethod, check_target_modules, register_method
+from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
 
 
 class LoraOptions(Strict):

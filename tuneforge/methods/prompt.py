@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.methods import Method, PeftMethod, register_method
+from tuneforge.methods.base import Method, PeftMethod, register_method
 
 
 class PromptOptions(Strict):

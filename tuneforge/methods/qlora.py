@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tuneforge.methods import check_target_modules, register_method
+from tuneforge.methods.base import check_target_modules, register_method
 from tuneforge.methods.lora import LoRA, LoraOptions
 
 INSTALL_HINT = "pip install 'tuneforge[qlora]' (bitsandbytes==0.50.2)"
