@@ -1,0 +1,60 @@
+"""Command line: one sub-command per stage, each a thin call into the stage's package.
+
+The commands live beside their stage (cli/train.py, cli/evaluate.py, cli/deploy.py; data and
+production commands in cli/data.py and cli/production.py). Each command imports its stage's
+modules when it runs, not at start-up: they pull in torch and transformers (seconds), and
+`tuneforge --help` or a mistyped command should answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import tuneforge
+from tuneforge.allocator import reexec_with_allocator
+from tuneforge.cli.data import add_data_parser
+from tuneforge.cli.deploy import add_deploy_parsers
+from tuneforge.cli.evaluate import add_evaluate_parsers
+from tuneforge.cli.train import add_train_parsers
+from tuneforge.production.cli import add_production_parsers
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# peft calls a transformers method that transformers 5 marks deprecated; the warning is not
+# actionable for users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"tuneforge {tuneforge.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_parsers(sub)
+    add_evaluate_parsers(sub)
+    add_data_parser(sub)
+    add_deploy_parsers(sub)
+    add_production_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The errors users cause, reported as one line; their modules import torch (see above).
+    from tuneforge.config import ConfigError
+    from tuneforge.data.load import DataError
+    from tuneforge.data.render import RenderError
+    from tuneforge.models.load import ModelLoadError
+    from tuneforge.runs import RunError
+    from tuneforge.train.callbacks import TrainingDiverged
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "sequence", "sweep", "rlhf"):
+        reexec_with_allocator(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, RenderError, ModelLoadError, RunError, FileExistsError, FileNotFoundError,
+            TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,233 @@
+"""`tuneforge export`, `merge-adapters`, `registry`, `keys`, `serve`, `ab`: thin calls into tuneforge.deploy
+and tuneforge.registry (imported when the command runs: see cli/__init__.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tuneforge.cli.output import rich_console, user_errors
+
+
+@user_errors
+def cmd_export(args) -> int:
+    import json
+
+    from tuneforge.deploy.export import export
+
+    out = export(args.run_dir, args.format, args.out, args.dtype)
+    manifest = json.loads((out / "manifest.json").read_text())
+    console = rich_console()
+    for name, size in manifest["files"].items():
+        console.print(f"  {name}  {size / 2**20:.1f} MiB")
+    if "vs_bf16" in manifest:
+        console.print(f"int8 vs bf16: {json.dumps(manifest['vs_bf16'])}")
+    console.print(f"[bold green]exported[/] {args.format}: {out}")
+    return 0
+
+
+def cmd_merge_adapters(args) -> int:
+    from tuneforge.deploy.merge import merge_adapters
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
+    out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
+    rich_console().print(f"[green]merged[/] {len(args.runs)} adapters ({args.how}) into {out}")
+    return 0
+
+
+def _registry(args):
+    from tuneforge.registry.store import Registry
+
+    return Registry(args.registry)
+
+
+@user_errors
+def cmd_registry(args) -> int:
+    from rich.table import Table
+
+    from tuneforge.registry.store import PromotionRefused
+
+    reg, console = _registry(args), rich_console()
+    if args.action == "add":
+        v = reg.add(args.run_dir, args.name)
+        score = f" ({v.main_metric} {v.main_score:.4f})" if v.main_score is not None else " (no eval score)"
+        console.print(f"registered [bold]{v.ref}[/]{score} -> {v.run_dir}")
+    elif args.action == "promote":
+        try:
+            console.print(reg.promote(args.ref, args.alias, force=args.force))
+        except PromotionRefused as e:
+            print(f"refused: {e}", file=sys.stderr)
+            return 3
+    elif args.action == "rollback":
+        console.print(reg.rollback(args.name, args.alias))
+    elif args.action == "list":
+        table = Table(title=f"registry {reg.engine.url.render_as_string(hide_password=True)}")
+        for col in ("version", "aliases", "main score", "adapter", "created", "run dir"):
+            table.add_column(col)
+        for name in reg.models():
+            aliases = reg.aliases(name)
+            for v in reg.versions(name):
+                tags = ", ".join(a for a, n in aliases.items() if n == v.number)
+                score = f"{v.main_metric} {v.main_score:.4f}" if v.main_score is not None else "-"
+                table.add_row(v.ref, tags, score, v.adapter_sha256[:12], f"{v.created:%Y-%m-%d %H:%M}", v.run_dir)
+        console.print(table)
+    else:
+        table = Table(title=f"alias history of {args.name}")
+        for col in ("at", "alias", "action", "from", "to", "note"):
+            table.add_column(col)
+        for h in reg.history(args.name):
+            table.add_row(f"{h['at']:%Y-%m-%d %H:%M:%S}", h["alias"], h["action"],
+                          f"v{h['from']}" if h["from"] else "-", f"v{h['to']}", h["note"])
+        console.print(table)
+    return 0
+
+
+@user_errors
+def cmd_keys(args) -> int:
+    reg = _registry(args)
+    if args.action == "create":
+        kid, key = reg.create_key(args.name, args.models, args.rpm, admin=args.admin)
+        print(f"key id {kid} for {args.name} (models: {', '.join(args.models) or '*'}{', admin' if args.admin else ''}). "
+              f"Shown once; store it now:\n{key}")
+    elif args.action == "revoke":
+        reg.revoke_key(args.id)
+        print(f"revoked key {args.id}")
+    else:
+        for k in reg.keys():
+            state = f"revoked {k['revoked']:%Y-%m-%d}" if k["revoked"] else "active"
+            print(f"{k['id']:>4}  {k['name']:<20} {k['prefix']}...  models={','.join(k['models'])}  "
+                  f"rpm={k['requests_per_minute'] or '-'}  {'admin  ' if k['admin'] else ''}{state}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from tuneforge.deploy.config import load_serve_config
+    from tuneforge.deploy.server import serve
+
+    from tuneforge.deploy.vllm_launch import VLLMLaunchError
+
+    cfg = load_serve_config(args.config)
+    for field, value in (("host", args.host), ("port", args.port), ("registry", args.registry)):
+        if value is not None:
+            setattr(cfg, field, value)
+    try:
+        serve(cfg)
+    except VLLMLaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@user_errors
+def cmd_ab(args) -> int:
+    from datetime import timedelta
+
+    from rich.table import Table
+
+    from tuneforge.deploy.abreport import report
+    from tuneforge.registry.store import _now
+
+    since = _now() - timedelta(hours=args.hours) if args.hours else None
+    try:
+        r = report(_registry(args), args.route, args.control, since)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    console = rich_console()
+    if not r["arms"]:
+        console.print(f"no logged requests for route {args.route}")
+        return 0
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    table = Table(title=f"A/B route {args.route} (control: {r['control']}; p-values two-sided vs control)")
+    for col in ("arm", "versions", "requests", "errors", "fallbacks", "p50 s", "p95 s", "feedback", "mean score",
+                "p errors", "p score", "p latency"):
+        table.add_column(col)
+    for a in r["arms"]:
+        p = a["p_values"] or {}
+        table.add_row(a["arm"], ", ".join(f"{v} ({n})" for v, n in a["versions"].items()), str(a["requests"]),
+                      f"{a['errors']} ({a['error_rate']:.1%})", str(a["fallbacks"]), num(a["p50_s"], ".3f"),
+                      num(a["p95_s"], ".3f"), str(a["feedback"]), num(a["mean_score"], ".3f"),
+                      num(p.get("errors"), ".3g"), num(p.get("score"), ".3g"), num(p.get("latency"), ".3g"))
+    console.print(table)
+    return 0
+
+
+def add_deploy_parsers(sub) -> None:
+    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one peft adapter folder")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ma.add_argument("--weights", help="comma-separated, one per run (default: equal)")
+    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
+    ma.add_argument("--density", type=float, default=0.5, help="share of each task vector kept (ties/dare)")
+    ma.add_argument("--out", required=True)
+    ma.set_defaults(fn=cmd_merge_adapters)
+
+    from tuneforge.deploy.export import FORMATS
+
+    e = sub.add_parser("export", help="export a run: merged HF folder, GGUF (f16, q8_0) or int8 for CPU")
+    e.add_argument("run_dir")
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--format", choices=FORMATS)
+    fmt.add_argument("--merge", dest="format", action="store_const", const="merged",
+                     help="same as --format merged: fold the adapter into the base weights")
+    e.add_argument("--out", help="output folder (default RUN_DIR/export/FORMAT)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="merged: weight dtype (fp32 keeps base+adapter's outputs exactly)")
+    e.set_defaults(fn=cmd_export)
+
+    def with_registry(p):
+        p.add_argument("--registry", help="SQLAlchemy URL (default $TUNEFORGE_REGISTRY or "
+                                          "sqlite:///~/.cache/tuneforge/registry.db)")
+        return p
+
+    r = sub.add_parser("registry", help="model versions, aliases (promote/rollback), history")
+    ra = r.add_subparsers(dest="action", required=True)
+    p = with_registry(ra.add_parser("add", help="register a run folder as the next version of NAME"))
+    p.add_argument("run_dir")
+    p.add_argument("--name", required=True)
+    p = with_registry(ra.add_parser("promote", help="point an alias at a version (refuses a worse eval)"))
+    p.add_argument("ref", help="NAME:vN")
+    p.add_argument("--alias", default="prod")
+    p.add_argument("--force", action="store_true", help="promote even if its eval is worse or missing")
+    p = with_registry(ra.add_parser("rollback", help="point an alias back at the version it had before"))
+    p.add_argument("name")
+    p.add_argument("--alias", default="prod")
+    with_registry(ra.add_parser("list", help="every version with its aliases and scores"))
+    p = with_registry(ra.add_parser("history", help="alias changes of a model"))
+    p.add_argument("name")
+    r.set_defaults(fn=cmd_registry)
+
+    k = sub.add_parser("keys", help="API keys for the server (hashed, scoped to models, revocable)")
+    ka = k.add_subparsers(dest="action", required=True)
+    p = with_registry(ka.add_parser("create"))
+    p.add_argument("--name", required=True)
+    p.add_argument("--models", nargs="*", default=[], help="model or route names this key may call (default all)")
+    p.add_argument("--rpm", type=int, help="requests per minute for this key")
+    p.add_argument("--admin", action="store_true",
+                   help="may also call the server's /admin endpoints (adapter load/unload, aliases)")
+    p = with_registry(ka.add_parser("revoke"))
+    p.add_argument("id", type=int)
+    with_registry(ka.add_parser("list"))
+    k.set_defaults(fn=cmd_keys)
+
+    ab = sub.add_parser("ab", help="A/B routes: per-arm figures from the request log")
+    aba = ab.add_subparsers(dest="action", required=True)
+    about = ("per arm: requests, error rate, p50/p95 latency, mean feedback score, and p-values against the control "
+             "arm (Fisher's exact test on errors, Mann-Whitney U on scores and latency), from the request log")
+    p = with_registry(aba.add_parser("report", help=about, description=about))
+    p.add_argument("route", help="a route name from serve.yaml")
+    p.add_argument("--control", help="the arm the others are compared with (default: the one with most requests)")
+    p.add_argument("--hours", type=float, help="only requests of the last HOURS hours")
+    ab.set_defaults(fn=cmd_ab)
+
+    s = with_registry(sub.add_parser(
+        "serve", help="OpenAI-compatible API over the registry (127.0.0.1:8000)",
+        description="OpenAI-compatible API over the registry (/v1/chat/completions, /v1/completions, /v1/models), "
+                    "with /healthz, /readyz, /metrics and admin endpoints; SIGTERM or Ctrl-C lets in-flight "
+                    "requests finish (shutdown_grace_s) before exiting."))
+    s.add_argument("--config", help="serve.yaml (see examples/serve.yaml)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=cmd_serve)
