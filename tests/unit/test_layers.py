@@ -1,6 +1,7 @@
 """The package layers of DESIGN.md, enforced: each package of tuneforge imports only the
 packages below it (imports inside functions count too), so there is no import circle
-between packages and no upward import. A new package must be placed in LAYERS first.
+between packages and no upward import; and no module imports itself through others.
+A new package must be placed in LAYERS first.
 """
 
 from __future__ import annotations
@@ -78,6 +79,86 @@ def violations(root: Path = ROOT) -> list[str]:
                 kind = "a peer" if layer_of(dst) == layer_of(src) else "a higher layer"
                 found.append(f"{path.relative_to(root.parent)}:{line}: {src} imports {dst} ({kind})")
     return found
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """tuneforge module -> the tuneforge modules it imports (anywhere in the file)."""
+    mods = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str | None:  # `from pkg import module` names the module itself
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[mod] |= {t for t in map(known, targets) if t and t != mod}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_between_modules():
+    """Within a package too: a registry's families import its base module, not the package
+    that imports them."""
+    found = circles(module_graph())
+    assert not found, "modules that import each other, directly or through others:\n" + "\n".join(
+        " <-> ".join(g) for g in found)
+
+
+def test_the_circle_check_finds_a_circle(tmp_path):
+    pkg = tmp_path / "tuneforge" / "methods"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from tuneforge.methods import lora\n")
+    (pkg / "lora.py").write_text("from tuneforge.methods import Method\n")
+    (pkg / "base.py").write_text("X = 1\n")
+    assert circles(module_graph(tmp_path / "tuneforge")) == [["tuneforge.methods", "tuneforge.methods.lora"]]
+    (pkg / "lora.py").write_text("from tuneforge.methods.base import X\n")
+    assert circles(module_graph(tmp_path / "tuneforge")) == []
 
 
 def test_every_package_has_a_layer():
