@@ -21,7 +21,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tuneforge.production.store import Feedback, RequestLog
+from tuneforge.registry.tables import Feedback, RequestLog
 from tuneforge.registry.store import Registry
 
 

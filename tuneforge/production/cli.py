@@ -17,8 +17,8 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(args):
-        from tuneforge.production.improve import ImproveError
-        from tuneforge.production.review import ReviewError
+        from tuneforge.production.loop.improve import ImproveError
+        from tuneforge.production.loop.review import ReviewError
         from tuneforge.runs import RunError
         from tuneforge.registry.store import RegistryError
 
@@ -40,7 +40,7 @@ def _user_errors(fn):
 def cmd_review(args) -> int:
     from rich.console import Console
 
-    from tuneforge.production.review import QueueRules, fill_queue, review_loop
+    from tuneforge.production.loop.review import QueueRules, fill_queue, review_loop
     from tuneforge.registry.store import Registry
 
     reg, console = Registry(args.registry), Console()
@@ -55,7 +55,7 @@ def cmd_review(args) -> int:
 def cmd_improve(args) -> int:
     from rich.console import Console
 
-    from tuneforge.production.improve import improve, load_improve_config, promote_after
+    from tuneforge.production.loop.improve import improve, load_improve_config, promote_after
     from tuneforge.registry.store import Registry
 
     reg, console, cfg = Registry(args.registry), Console(), load_improve_config(args.config)
@@ -112,8 +112,8 @@ def cmd_monitor(args) -> int:
     from rich.console import Console
 
     from tuneforge.production.config import load_monitor_config
-    from tuneforge.production.monitor import MonitorError, monitor
-    from tuneforge.production.report import print_summary, write_html
+    from tuneforge.production.loop.monitor import MonitorError, monitor
+    from tuneforge.production.loop.report import print_summary, write_html
     from tuneforge.registry.store import Registry
 
     cfg = load_monitor_config(args.config, {"since": args.since, "webhook": args.webhook})

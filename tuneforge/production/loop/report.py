@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tuneforge.production.monitor import MonitorResult
+from tuneforge.production.loop.monitor import MonitorResult
 
 COLUMNS = [("requests", "requests", "{:.0f}"), ("error_rate", "errors", "{:.1%}"),
            ("latency_p50_s", "p50 s", "{:.3f}"), ("latency_p95_s", "p95 s", "{:.3f}"),

@@ -43,7 +43,7 @@ from tuneforge.data.clean import CleanOptions
 from tuneforge.data.dedup import DedupOptions
 from tuneforge.data.pii import PIIOptions
 from tuneforge.io import write_json
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry, VersionInfo
 
 LINEAGE = "improve.json"
