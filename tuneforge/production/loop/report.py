@@ -74,6 +74,7 @@ def _png(fig) -> str:
 
 
 def _plots(res: MonitorResult) -> list[tuple[str, str]]:
+    # deferred: matplotlib loads only for an HTML report, and its backend must be set before pyplot
     import matplotlib
 
     matplotlib.use("Agg")

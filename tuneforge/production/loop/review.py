@@ -21,6 +21,9 @@ from datetime import datetime
 from typing import Literal, TextIO
 
 from pydantic import Field
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -203,9 +206,6 @@ def review_loop(reg: Registry, reviewer: str, reasons: list[str] | None = None, 
     """Show each pending item and read a key per line from ``stdin``; decisions are saved one
     by one, so quitting (q, end of input, Ctrl-C) loses nothing and the next run resumes with
     the items still pending. Returns counts per action."""
-    from rich.console import Console
-    from rich.panel import Panel
-
     console = console or Console()
     stdin = stdin or sys.stdin
     done: Counter = Counter()
@@ -269,8 +269,6 @@ def _read_answer(ask: Callable[[str], str | None], console, hint: str) -> str:
 
 
 def _render(item: dict) -> str:
-    from rich.markup import escape
-
     parts = []
     for m in item["messages"] or [{"role": "user", "content": item["prompt"] or ""}]:
         content = m.get("content")
