@@ -13,7 +13,7 @@ import yaml
 from sqlalchemy.orm import Session
 
 from tuneforge.data.builtin import orders
-from tuneforge.production.store import Feedback, RequestLog
+from tuneforge.registry.tables import Feedback, RequestLog
 from tuneforge.registry.store import Registry
 
 pytestmark = [

@@ -26,10 +26,10 @@ from tuneforge.deploy.config import Route, ServeConfig
 from tuneforge.deploy.engines import Chunk
 from tuneforge.deploy.server import create_app
 from tuneforge.production.config import LoggingConfig, MonitorConfig
-from tuneforge.production.drift import drift_test, training_prompts
-from tuneforge.production.logger import RequestLogger
-from tuneforge.production.monitor import monitor
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
+from tuneforge.production.loop.drift import drift_test, training_prompts
+from tuneforge.production.request_log import RequestLogger
+from tuneforge.production.loop.monitor import monitor
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
 
 pytestmark = [pytest.mark.integration,

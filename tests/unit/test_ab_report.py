@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from tuneforge.cli import main
 from tuneforge.deploy.abreport import report
-from tuneforge.production.store import Feedback, RequestLog
-from tuneforge.registry.store import Registry, _now
+from tuneforge.registry.tables import Feedback, RequestLog, utc_now
+from tuneforge.registry.store import Registry
 
 
 def _fill(reg, rng):
@@ -33,7 +33,7 @@ def _fill(reg, rng):
     rows.append(RequestLog(id="chatcmpl-elsewhere", endpoint="chat", model="x", route="other", arm="control",
                            version="x:v1", status=500, latency_s=9.0))
     rows.append(RequestLog(id="chatcmpl-old", endpoint="chat", model="bot-ab", route="bot-ab", arm="control",
-                           version="bot:v1", status=500, latency_s=9.0, at=_now() - timedelta(days=3)))
+                           version="bot:v1", status=500, latency_s=9.0, at=utc_now() - timedelta(days=3)))
     feedback.append(Feedback(request_id="chatcmpl-control-5", thumbs="down"))  # thumbs count as 0/1
     with Session(reg.engine) as s, s.begin():
         s.add_all(rows)
@@ -49,7 +49,7 @@ def reg(tmp_path):
 
 
 def test_per_arm_figures_and_tests_against_the_control(reg):
-    r = report(reg, "bot-ab", since=_now() - timedelta(days=1))
+    r = report(reg, "bot-ab", since=utc_now() - timedelta(days=1))
     assert r["control"] == "control"  # control and twin tie on requests: the first by name
     arms = {a["arm"]: a for a in r["arms"]}
     c, cand, twin = arms["control"], arms["candidate"], arms["twin"]

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 from tuneforge.data.builtin import orders
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
-from tuneforge.production.improve import (ImproveConfig, ImproveError, export_dataset, improve, load_improve_config,
+from tuneforge.production.loop.improve import (ImproveConfig, ImproveError, export_dataset, improve, load_improve_config,
                                           promote_after)
-from tuneforge.production.review import decide, fill_queue, list_items
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
+from tuneforge.production.loop.review import decide, fill_queue, list_items
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
 
 QUIET = Console(quiet=True)

@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from tuneforge.data.builtin import orders
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
-from tuneforge.production.jobs import Worker
-from tuneforge.production.jobstore import JobDB, JobEventRow, JobRow, JobsConfig
+from tuneforge.production.api.job_queue import JobDB, Worker
+from tuneforge.production.config import JobsConfig
+from tuneforge.registry.tables import JobEventRow, JobRow
 from tuneforge.registry.store import Registry
 
 
@@ -466,10 +467,10 @@ while True:
 def test_cancel_and_a_clean_stop_signal_the_trainer_and_a_restart_resumes(tmp_path, tiny_model_dir, monkeypatch):
     import psutil
 
-    from tuneforge.production import jobs
+    from tuneforge.production.api import job_queue
 
     (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
-    monkeypatch.setattr(jobs, "TRAINER", [jobs.sys.executable, str(tmp_path / "fake_trainer.py")])
+    monkeypatch.setattr(job_queue, "TRAINER", [job_queue.sys.executable, str(tmp_path / "fake_trainer.py")])
     app, reg = make_app(tmp_path, tiny_model_dir)
     c = TestClient(app)
     fid = upload(c, jsonl(chat_rows(8))).json()["id"]

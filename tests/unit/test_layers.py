@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"plan", "runs"},           # memory/time estimate; opening a run folder
     {"evaluate"},               # scores any model: in memory or from a run folder
     {"train"},                  # the one training loop, its recipes and regimes
-    {"registry"},               # versions, aliases, keys; an index of run folders
+    {"registry"},               # versions, aliases, keys, the registry DB tables; an index of run folders
     {"production"},             # request log, feedback, review, jobs; monitor, drift, improve
     {"deploy"},                 # export, engines, the server (gateway + routers)
     {"cli", "ui"},              # entry points: the command line, the web dashboard

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from tuneforge.cli import main
 from tuneforge.production.config import JudgeSettings, MonitorConfig, load_monitor_config, parse_window
-from tuneforge.production.drift import mmd_permutation_test, row_prompt, training_prompts
-from tuneforge.production.monitor import MonitorError, json_valid, monitor, queue_for_review, repeated_ngram_ratio
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
-from tuneforge.registry.store import Registry, _now
+from tuneforge.production.loop.drift import mmd_permutation_test, row_prompt, training_prompts
+from tuneforge.production.loop.monitor import MonitorError, json_valid, monitor, queue_for_review, repeated_ngram_ratio
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
+from tuneforge.registry.store import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,7 +135,7 @@ def reg(tmp_path, run_dir):
 
 
 def test_figures_alerts_webhook_and_gauges(reg):
-    now = _now()
+    now = utc_now()
     seed_log(reg, now)
     received = []
 
@@ -180,7 +180,7 @@ def test_figures_alerts_webhook_and_gauges(reg):
 
 
 def test_drift_alert_queues_drifted_prompts_for_review(reg, run_dir):
-    now = _now()
+    now = utc_now()
     seed_log(reg, now, cooking=True)
     cfg = MonitorConfig(thresholds={k: None for k in ("error_rate", "fallback_rate", "empty_rate", "refusal_rate",
                                                        "repetition_rate", "json_invalid_rate", "feedback_min",
@@ -202,7 +202,7 @@ def test_drift_alert_queues_drifted_prompts_for_review(reg, run_dir):
 
 
 def test_same_distribution_window_does_not_alert(reg):
-    now = _now()
+    now = utc_now()
     seed_log(reg, now)  # review prompts, like the training data
     res = monitor(reg, MonitorConfig(drift={"permutations": 200}), now=now, embed=fake_embed)
     assert "drift_p_value" not in {a.metric for a in res.alerts}
@@ -210,7 +210,7 @@ def test_same_distribution_window_does_not_alert(reg):
 
 
 def test_judge_plug_point(reg):
-    now = _now()
+    now = utc_now()
     seed_log(reg, now)
     cfg = MonitorConfig(judge={"callable": "test_monitor:judge_json", "sample": 10}, drift={"enabled": False})
     f = monitor(reg, cfg, now=now).groups[0]["figures"]
@@ -230,7 +230,7 @@ def judge_json(prompt: str, response: str, rubric: str) -> float:
 
 
 def test_cli_writes_html_and_metrics(reg, tmp_path, capsys):
-    seed_log(reg, _now())
+    seed_log(reg, utc_now())
     html, metrics = tmp_path / "report.html", tmp_path / "metrics.prom"
     url = str(reg.engine.url)
     assert main(["monitor", "--registry", url, "--no-drift", "--html", str(html), "--metrics-file", str(metrics)]) == 0

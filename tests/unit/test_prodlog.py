@@ -13,11 +13,12 @@ from sqlalchemy.orm import Session
 
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.engines import Chunk
-from tuneforge.deploy.server import RequestRecord, create_app
+from tuneforge.deploy.server import create_app
+from tuneforge.production.http import RequestRecord
 from tuneforge.production.config import LoggingConfig
-from tuneforge.production.logger import RequestLogger, purge
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
-from tuneforge.registry.store import Registry, _now
+from tuneforge.production.request_log import RequestLogger, purge
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
+from tuneforge.registry.store import Registry
 
 
 class EchoEngine:
@@ -164,9 +165,9 @@ def test_database_locked_retries_then_counted_drop(tmp_path):
 
 
 def test_retention_purge_keeps_decided_review_items(reg):
-    old = _now() - timedelta(days=40)
+    old = utc_now() - timedelta(days=40)
     with Session(reg.engine) as s, s.begin():
-        for rid, at in (("old-a", old), ("old-decided", old), ("new", _now())):
+        for rid, at in (("old-a", old), ("old-decided", old), ("new", utc_now())):
             s.add(RequestLog(id=rid, at=at, endpoint="chat", model="bot"))
         s.flush()
         s.add_all([Feedback(request_id="old-a", score=0.0), ReviewItem(request_id="old-a", reason="drift"),
@@ -252,7 +253,7 @@ def test_serve_logs_by_default(reg, monkeypatch):
 
 def test_logger_purges_expired_rows_when_it_starts(reg):
     with Session(reg.engine) as s, s.begin():
-        s.add(RequestLog(id="ancient", at=_now() - timedelta(days=400), endpoint="chat", model="bot"))
+        s.add(RequestLog(id="ancient", at=utc_now() - timedelta(days=400), endpoint="chat", model="bot"))
     logger = RequestLogger(reg.engine, LoggingConfig(retention_days=365))
     logger.close()
     assert logger.stats()["purged"] == 1 and rows(reg) == []

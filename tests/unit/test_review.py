@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
-from tuneforge.production.review import (AlreadyDecided, QueueRules, ReviewError, UnknownItem, decide, fill_queue,
+from tuneforge.production.loop.review import (AlreadyDecided, QueueRules, ReviewError, UnknownItem, decide, fill_queue,
                                          list_items, review_loop)
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
 
 

@@ -125,9 +125,9 @@ def cmd_ab(args) -> int:
     from rich.table import Table
 
     from tuneforge.deploy.abreport import report
-    from tuneforge.registry.store import _now
+    from tuneforge.registry.tables import utc_now
 
-    since = _now() - timedelta(hours=args.hours) if args.hours else None
+    since = utc_now() - timedelta(hours=args.hours) if args.hours else None
     try:
         r = report(_registry(args), args.route, args.control, since)
     except ValueError as e:

@@ -7,19 +7,19 @@ The engine does the safe part: the local engine changes its adapters only betwee
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fastapi import APIRouter, Depends, Request
 
 from tuneforge.deploy.api import AdapterRef, AliasChange
-from tuneforge.registry.store import PromotionRefused, Registry, RegistryError, parse_ref
+from tuneforge.deploy.gateway import Gateway, gen_request
+from tuneforge.production.http import ApiError
+from tuneforge.registry.store import PromotionRefused, RegistryError, parse_ref
 
 
-def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_request: Callable) -> APIRouter:
-    from tuneforge.deploy.server import ApiError
+def admin_router(gateway: Gateway) -> APIRouter:
+    registry, engine = gateway.registry, gateway.engine
 
     def admin_only(request: Request) -> None:
-        authenticate_admin(request)
+        gateway.authenticate_admin(request)
 
     # As a router dependency the key is checked before the body is parsed: without an admin
     # key every /admin request is a 401/403, whatever it sends.
@@ -48,7 +48,7 @@ def admin_routes(registry: Registry, engine, authenticate_admin: Callable, gen_r
         needs("load")
         v = resolve(body.model)
         try:
-            await engine.load(gen_request(v))
+            await engine.load(gen_request(v, {}))
         except Exception as e:  # noqa: BLE001 - a broken adapter folder is the caller's to fix
             raise ApiError(400, f"could not load {v.ref}: {type(e).__name__}: {e}") from None
         return {"loaded": v.ref, "resident": engine.resident()}

@@ -10,8 +10,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tuneforge.config import ConfigError, Strict, format_errors
-from tuneforge.production.config import LoggingConfig
-from tuneforge.production.jobstore import JobsConfig
+from tuneforge.production.config import JobsConfig, LoggingConfig
+from tuneforge.registry.store import Arm
 
 
 class VLLMLaunch(Strict):
@@ -89,12 +89,6 @@ class FixedReply(Strict):
     """The end of a fallback chain: answer with this text instead of an error."""
 
     reply: str
-
-
-class Arm(Strict):
-    name: str
-    target: str = Field(description="a registry reference: name, name:vN or name@alias")
-    weight: float = Field(gt=0)
 
 
 class Route(Strict):

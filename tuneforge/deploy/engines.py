@@ -19,16 +19,22 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import torch
 
+from tuneforge.data.render import with_system
 from tuneforge.deploy.multilora import LoraBank
 from tuneforge.deploy.prefix_cache import PrefixCache
 from tuneforge.deploy.prepack import prepack
+from tuneforge.hardware import pick_device, pick_dtype
+from tuneforge.models.load import load_causal_lm, load_tokenizer
+from tuneforge.models.tokenizer import fix_chat_tokenizer
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -214,8 +220,6 @@ class LocalEngine:
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
                  prefix_cache_mb: float = 256, prepack: str = "auto", fp32_prefill: str = "auto"):
-        from tuneforge.hardware import pick_device, pick_dtype
-
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
@@ -335,8 +339,6 @@ class LocalEngine:
             return True
 
     def _delete(self, adapter: str) -> None:
-        import warnings
-
         base = self.bases[self.lru.pop(adapter)]
         if self.prefix is not None:
             self.prefix.drop(adapter)
@@ -362,10 +364,7 @@ class LocalEngine:
     def _model(self, req: GenRequest) -> _Base:
         """The base model (loaded once) with ``req``'s adapter loaded under its version name
         (call with ``models_lock`` held)."""
-        from peft import PeftModel
-
-        from tuneforge.models.load import load_causal_lm, load_tokenizer
-        from tuneforge.models.tokenizer import fix_chat_tokenizer
+        from peft import PeftModel  # deferred: peft (and the transformers it pulls) load with the first model, not at server start
 
         if req.base_model not in self.bases:
             tok = load_tokenizer(req.base_model)
@@ -407,8 +406,6 @@ class LocalEngine:
     def _prompts(self, jobs: list[_Job], tok) -> tuple[list[_Job], list[list[int]]]:
         """Token ids of each job's prompt; a job over ``max_prompt_tokens`` is answered with
         PromptTooLong and left out of the batch."""
-        from tuneforge.data.render import with_system
-
         kept, prompts = [], []
         for j in jobs:
             if j.req.messages is not None:
@@ -430,7 +427,7 @@ class LocalEngine:
     def _generate(self, base: _Base, how: str, jobs: list[_Job], prompts: list[list[int]]) -> None:
         """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
         "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # deferred: transformers loads with the first model, not at server start
 
         tok = base.tok
         r = jobs[0].req
@@ -512,6 +509,7 @@ def _remember(cache: PrefixCache, adapters: list[str], prompts: list[list[int]],
 def _plain_kv(model) -> bool:
     """The model's KV cache is a plain growing tensor per layer, which cached prefixes can seed
     (sliding-window and hybrid models keep other state)."""
+    # deferred: transformers loads with the first model, not at server start
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -556,15 +554,11 @@ class VLLMEngine:
     """``process``: the vLLM server tuneforge launched (stopped on close), or None for a URL."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None):
-        import httpx
-
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.process = process
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
-        from tuneforge.data.render import with_system
-
         body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
                 "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
         if req.seed is not None:

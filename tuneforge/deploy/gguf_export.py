@@ -27,7 +27,7 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def token_list(tok, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens by id and their GGUF types; ids past the tokenizer (padded embeddings) are UNUSED."""
-    import gguf
+    import gguf  # deferred: an optional extra, needed only for --format gguf
 
     by_id = {i: t for t, i in tok.get_vocab().items()}
     special = set(tok.all_special_ids)
@@ -46,7 +46,7 @@ def token_list(tok, vocab_size: int) -> tuple[list[str], list[int]]:
 
 def write_gguf(model, tok, tokenizer_dir: Path, path: Path, qtype: str, name: str) -> None:
     """``tokenizer_dir`` holds the saved tokenizer files (merges and special ids are read from there)."""
-    import gguf
+    import gguf  # deferred: an optional extra, needed only for --format gguf
 
     cfg = model.config
     if cfg.model_type != "llama":

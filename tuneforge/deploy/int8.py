@@ -95,7 +95,7 @@ def save_int8(qmodel, out: Path) -> None:
 
 
 def load_int8(path: str | Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: heavy, needed only to load an export
 
     path = Path(path)
     meta = json.loads((path / "int8.json").read_text())

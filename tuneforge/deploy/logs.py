@@ -3,13 +3,13 @@ so request ids, versions and fallback reasons can be searched by field."""
 
 from __future__ import annotations
 
+from pythonjsonlogger.core import RESERVED_ATTRS
+
 FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def log_config(fmt: str = "json") -> dict:
     """A logging.config.dictConfig dict for uvicorn's ``log_config=`` (it applies it at start)."""
-    from pythonjsonlogger.core import RESERVED_ATTRS
-
     formatter = ({"()": "pythonjsonlogger.json.JsonFormatter", "fmt": FIELDS,
                   "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
                   # uvicorn adds an ANSI-coloured copy of some messages: not for JSON

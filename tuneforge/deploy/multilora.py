@@ -77,6 +77,7 @@ class LoraBank:
     def load(self, name: str, adapter_dir: str) -> str | None:
         """Load a peft adapter folder under ``name``; returns why it cannot be served here (the
         caller then gives it to peft), or None once it is loaded."""
+        # deferred: peft loads with the first adapter, not when the server starts
         from peft import LoraConfig, PeftConfig
         from peft.utils import load_peft_weights
         from peft.utils.other import get_pattern_key

@@ -33,6 +33,7 @@ import functools
 import logging
 import time
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,8 +58,6 @@ def prepack(linears: list[nn.Linear], mode: str, fp32_prefill: str = "auto") -> 
     elif not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         why = "this torch has no oneDNN linear"
     elif mode == "auto":
-        import psutil
-
         need = sum(w.nbytes for w in weights)
         if need > psutil.virtual_memory().available // 2:
             why = f"a packed copy ({need / 2**30:.1f} GiB) would take over half the available RAM"
@@ -94,8 +93,6 @@ def _fp32_prefill(linears: list[nn.Linear], mode: str) -> bool:
     ran clearly faster in float32 than packed bf16 (best of 3 each), agreeing with F.linear."""
     if mode != "auto":
         return mode == "on"
-    import psutil
-
     if 2 * sum(lin.weight.nbytes for lin in linears) > psutil.virtual_memory().available // 4:
         return False
     lin = sorted(linears, key=lambda m: m.weight.numel())[len(linears) // 2]

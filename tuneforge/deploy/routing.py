@@ -10,7 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from tuneforge.deploy.config import Arm, Guards, Route
+from tuneforge.deploy.config import Guards, Route
+from tuneforge.registry.store import Arm
 
 
 def bucket(route: str, user: str) -> float:

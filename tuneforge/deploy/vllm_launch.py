@@ -15,7 +15,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+from rich.console import Console
+
 from tuneforge.deploy.config import VLLMLaunch
+from tuneforge.models.load import resolve
 from tuneforge.registry.store import VersionInfo
 
 
@@ -46,8 +50,6 @@ def _lora_rank(v: VersionInfo) -> int:
 
 def served_versions(registry) -> tuple[str, list[VersionInfo]]:
     """(base model folder, versions on it): vLLM serves one base model per process."""
-    from tuneforge.models.load import resolve
-
     versions = [v for name in registry.models() for v in registry.versions(name)]
     bases = sorted({v.base_model for v in versions})
     if len(bases) != 1:
@@ -74,8 +76,6 @@ class VLLMProcess:
 
     def wait_healthy(self) -> None:
         """Poll /health until vLLM answers 200; raise with its log tail if it exits or times out."""
-        import httpx
-
         deadline = time.monotonic() + self.launch.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -112,8 +112,6 @@ class VLLMProcess:
 def launch_vllm(launch: VLLMLaunch, registry, log_path: Path) -> VLLMProcess:
     """Start vLLM over the registry's versions and wait until it is healthy (with a spinner;
     Ctrl-C stops it)."""
-    from rich.console import Console
-
     base, versions = served_versions(registry)
     proc = VLLMProcess(vllm_command(launch, base, versions), launch, log_path)
     proc.start()

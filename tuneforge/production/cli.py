@@ -1,11 +1,25 @@
 """``tuneforge review``, ``tuneforge improve`` and ``tuneforge monitor``: arguments -> options ->
-calls into production.review / improve / monitor; nothing here decides what happens to an item."""
+calls into production.loop (review, improve, monitor); nothing here decides what happens to an item.
+
+improve and monitor are imported when their command runs: improve pulls in the training
+stack and monitor its Prometheus gauges, and building the parser must stay quick and clean.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import sys
+
+from pydantic import ValidationError
+from prometheus_client import REGISTRY, write_to_textfile
+from rich.console import Console
+
+from tuneforge.production.config import load_monitor_config
+from tuneforge.production.loop.review import QueueRules, ReviewError, fill_queue, review_loop
+from tuneforge.registry.store import Registry, RegistryError
+from tuneforge.runs import RunError
 
 REGISTRY_HELP = "SQLAlchemy URL (default $TUNEFORGE_REGISTRY or sqlite:///~/.cache/tuneforge/registry.db)"
 REASONS = ("correction", "low_feedback", "guard", "fallback", "drift", "sample")
@@ -13,16 +27,10 @@ REASONS = ("correction", "low_feedback", "guard", "fallback", "drift", "sample")
 
 def _user_errors(fn):
     """Registry, review and improve problems are one line on stderr (exit 2), not a traceback."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(args):
-        from tuneforge.production.improve import ImproveError
-        from tuneforge.production.review import ReviewError
-        from tuneforge.runs import RunError
-        from tuneforge.registry.store import RegistryError
-
-        from pydantic import ValidationError
+        from tuneforge.production.loop.improve import ImproveError  # deferred: the training stack (see above)
 
         try:
             return fn(args)
@@ -38,11 +46,6 @@ def _user_errors(fn):
 
 @_user_errors
 def cmd_review(args) -> int:
-    from rich.console import Console
-
-    from tuneforge.production.review import QueueRules, fill_queue, review_loop
-    from tuneforge.registry.store import Registry
-
     reg, console = Registry(args.registry), Console()
     if not args.no_fill:
         added = fill_queue(reg, QueueRules(low_score=args.low_score, sample_rate=args.sample_rate, seed=args.seed))
@@ -53,10 +56,7 @@ def cmd_review(args) -> int:
 
 @_user_errors
 def cmd_improve(args) -> int:
-    from rich.console import Console
-
-    from tuneforge.production.improve import improve, load_improve_config, promote_after
-    from tuneforge.registry.store import Registry
+    from tuneforge.production.loop.improve import improve, load_improve_config, promote_after  # deferred (see above)
 
     reg, console, cfg = Registry(args.registry), Console(), load_improve_config(args.config)
     if args.promote_after:
@@ -109,12 +109,9 @@ def add_production_parsers(sub) -> None:
 
 
 def cmd_monitor(args) -> int:
-    from rich.console import Console
-
-    from tuneforge.production.config import load_monitor_config
-    from tuneforge.production.monitor import MonitorError, monitor
-    from tuneforge.production.report import print_summary, write_html
-    from tuneforge.registry.store import Registry
+    # deferred (see above)
+    from tuneforge.production.loop.monitor import MonitorError, monitor
+    from tuneforge.production.loop.report import print_summary, write_html
 
     cfg = load_monitor_config(args.config, {"since": args.since, "webhook": args.webhook})
     if args.no_drift:
@@ -134,8 +131,6 @@ def cmd_monitor(args) -> int:
     if args.html:
         console.print(f"report: {write_html(res, args.html)}")
     if args.metrics_file:
-        from prometheus_client import REGISTRY, write_to_textfile
-
         write_to_textfile(args.metrics_file, REGISTRY)
         console.print(f"Prometheus metrics: {args.metrics_file}")
     return 1 if res.alerts and args.fail_on_alert else 0

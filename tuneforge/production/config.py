@@ -1,16 +1,19 @@
-"""Typed settings of the production loop: request logging (serve.yaml ``logging:``) and
-monitoring thresholds (monitor.yaml)."""
+"""Typed settings of production: request logging (serve.yaml ``logging:``), the files and
+fine-tuning jobs API (serve.yaml ``jobs:``) and monitoring thresholds (monitor.yaml)."""
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import ConfigError, Strict, format_errors
+from tuneforge.config import ConfigError, Strict, deep_merge, format_errors
+from tuneforge.plugins import validate_config
 
 
 class LoggingConfig(Strict):
@@ -35,6 +38,38 @@ DEFAULT_REFUSALS = [
     r"\bI(?:'m| am) (?:not able|unable) to\b",
     r"\bAs an AI(?: language model)?\b",
 ]
+
+
+class JobsConfig(Strict):
+    """serve.yaml `jobs:` — the OpenAI-compatible /v1/files and /v1/fine_tuning/jobs endpoints."""
+
+    enabled: bool = True
+    home: str | None = Field(
+        None, description="files/ and jobs/ go here; default $TUNEFORGE_HOME or ~/.cache/tuneforge")
+    max_file_mb: float = Field(512, gt=0, description="larger uploads get 413")
+    base_models: dict[str, str] = Field(
+        {}, description="extra base models a job may name: public name -> model.name (a local folder or hub id)")
+    run_defaults: dict[str, Any] = Field(
+        {}, description="run-config keys applied to every job before its own (e.g. {data: {max_length: 1024}})")
+    save_every: int = Field(
+        20, gt=0, description="checkpoint every N steps, so a restart resumes close to where it was")
+    max_restarts: int = Field(2, ge=0, description="a job interrupted by more server stops than this is failed")
+    busy_timeout_s: float = Field(5.0, gt=0, description="SQLite: how long one attempt waits for another writer's lock")
+    busy_attempts: int = Field(3, gt=0, description="attempts before answering 503 'database locked'")
+    cancel_grace_s: float = Field(120, gt=0, description="after a cancel, wait this long for a checkpoint, then kill")
+
+    @model_validator(mode="after")
+    def _run_defaults_make_a_run(self):
+        # Checked when the server starts, not at the first job: a typo here would refuse every job.
+        try:
+            validate_config(deep_merge({"data": {"train": ["upload.jsonl"]}}, self.run_defaults))
+        except ConfigError as e:
+            raise ValueError(f"jobs.run_defaults is not a valid run config part: {'; '.join(e.problems)}") from None
+        return self
+
+
+def jobs_home(cfg: JobsConfig) -> Path:
+    return Path(cfg.home or os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge")).expanduser()
 
 
 class Thresholds(Strict):

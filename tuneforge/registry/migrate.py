@@ -12,6 +12,7 @@ check it by hand and commit it with the model change.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -20,29 +21,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from filelock import FileLock
 from sqlalchemy import Engine, MetaData, create_engine
+
+from tuneforge.registry.tables import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def all_tables() -> MetaData:
-    """Base.metadata with every module that defines tables imported (they register on import).
-
-    Table modules are the ``*store.py`` files of tuneforge.registry and tuneforge.production
-    (store.py, jobstore.py, ...): found by name, so a new one is seen by the migration test
-    (and needs a revision) without anyone remembering to list it here.
-    """
-    import importlib
-    import pkgutil
-
-    import tuneforge.production
-    import tuneforge.registry
-    from tuneforge.registry.store import Base
-
-    for pkg in (tuneforge.registry, tuneforge.production):
-        for m in pkgutil.iter_modules(pkg.__path__):
-            if m.name.endswith("store"):
-                importlib.import_module(f"{pkg.__name__}.{m.name}")
+    """The metadata alembic compares against: every table lives in tuneforge.registry.tables."""
     return Base.metadata
 
 
@@ -87,10 +75,6 @@ MIGRATE_LOCK, WRITE_LOCK = 80010001, 80010002
 def file_lock(engine: Engine, what: str):
     """A lock file beside a SQLite database file (``registry.db.WHAT.lock``); a no-op for other
     databases (they lock inside the transaction) and in-memory SQLite."""
-    import contextlib
-
-    from filelock import FileLock
-
     path = engine.url.database if engine.dialect.name == "sqlite" else None
     if not path or path == ":memory:":
         return contextlib.nullcontext()

@@ -1,9 +1,10 @@
-"""The registry database: an index over run folders (it never holds the only copy).
+"""The registry: an index over run folders (it never holds the only copy).
 
-SQLite by default, any SQLAlchemy URL (e.g. postgresql+psycopg://...) otherwise. Tables:
-models, versions (run dir, adapter hash, eval scores), aliases and their history
-(promote/rollback), API keys (hashed, scoped to models, revocable). Every write is one
-transaction: a failed promotion leaves no half-moved alias behind.
+SQLite by default, any SQLAlchemy URL (e.g. postgresql+psycopg://...) otherwise. Models,
+versions (run dir, adapter hash, eval scores), aliases and their history
+(promote/rollback), API keys (hashed, scoped to models, revocable), route overrides (A/B
+arms set at run time). Every write is one transaction: a failed promotion leaves no
+half-moved alias behind. The tables are in tuneforge/registry/tables.py.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import hashlib
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine,
-                        false, select, text)
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from pydantic import Field
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import Session
 
+from tuneforge.config import Strict
+from tuneforge.registry.migrate import WRITE_LOCK, file_lock, upgrade
+from tuneforge.registry.tables import Alias, AliasEvent, ApiKey, Model, RouteOverride, Version, utc_now
 from tuneforge.runs import read_run
 
 
@@ -41,83 +45,12 @@ def default_url() -> str:
     return f"sqlite:///{tuneforge_home() / 'registry.db'}"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+class Arm(Strict):
+    """One arm of an A/B route: serve.yaml's routes.NAME.arms and a route override's arms."""
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Model(Base):
-    __tablename__ = "models"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
-
-
-class Version(Base):
-    __tablename__ = "versions"
-    __table_args__ = (UniqueConstraint("model_id", "number"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
-    number: Mapped[int] = mapped_column(Integer)
-    run_dir: Mapped[str] = mapped_column(String(1000))
-    base_model: Mapped[str] = mapped_column(String(1000))
-    adapter_sha256: Mapped[str] = mapped_column(String(64))
-    scores: Mapped[dict] = mapped_column(JSON, default=dict)
-    main_metric: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    main_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
-
-
-class Alias(Base):
-    __tablename__ = "aliases"
-    __table_args__ = (UniqueConstraint("model_id", "alias"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
-    alias: Mapped[str] = mapped_column(String(100))
-    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
-
-
-class AliasEvent(Base):
-    __tablename__ = "alias_events"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
-    alias: Mapped[str] = mapped_column(String(100))
-    action: Mapped[str] = mapped_column(String(20))  # promote | rollback
-    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # version numbers
-    to_version: Mapped[int] = mapped_column(Integer)
-    note: Mapped[str] = mapped_column(String(500), default="")
-    at: Mapped[datetime] = mapped_column(DateTime, default=_now)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    # Keys are 256-bit random strings, so a plain SHA-256 is enough (no brute-forceable password).
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(12))
-    models: Mapped[list] = mapped_column(JSON)  # model names this key may call; ["*"] = all
-    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created: Mapped[datetime] = mapped_column(DateTime, default=_now)
-    revoked: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    # admin keys may call the server's /admin endpoints (adapter load/unload, alias changes)
-    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-
-
-class RouteOverride(Base):
-    """Arms that replace a route's serve.yaml arms while present (`tuneforge improve` sets a
-    canary here): read per request, so a new weight reaches a running server without restart."""
-
-    __tablename__ = "route_overrides"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    route: Mapped[str] = mapped_column(String(200), unique=True)
-    arms: Mapped[list] = mapped_column(JSON)  # [{name, target, weight}], as serve.yaml's Arm
-    note: Mapped[str] = mapped_column(String(500), default="")
-    started: Mapped[datetime] = mapped_column(DateTime, default=_now)  # when the override was first set
-    updated: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    name: str
+    target: str = Field(description="a registry reference: name, name:vN or name@alias")
+    weight: float = Field(gt=0)
 
 
 @dataclass(frozen=True)
@@ -186,8 +119,6 @@ class Registry:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url)
-        from tuneforge.registry.migrate import upgrade
-
         upgrade(self.engine)  # alembic: creates a new database, brings an older one to the current schema
 
     @contextlib.contextmanager
@@ -198,8 +129,6 @@ class Registry:
         record a promotion from a version the alias no longer pointed at. Writes are rare and
         short, so one lock for the whole registry: a file lock beside a SQLite file, a
         transaction-scoped advisory lock on PostgreSQL."""
-        from tuneforge.registry.migrate import WRITE_LOCK, file_lock
-
         with file_lock(self.engine, "write"), Session(self.engine) as s, s.begin():
             if self.engine.dialect.name == "postgresql":
                 s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK})
@@ -320,7 +249,7 @@ class Registry:
             row = s.get(ApiKey, key_id)
             if row is None:
                 raise RegistryError(f"no API key with id {key_id}")
-            row.revoked = row.revoked or _now()
+            row.revoked = row.revoked or utc_now()
 
     def keys(self) -> list[dict]:
         with Session(self.engine) as s:
@@ -343,8 +272,6 @@ class Registry:
     def set_route_arms(self, route: str, arms: list[dict], note: str = "", restart: bool = False) -> None:
         """Replace ``route``'s arms. ``started`` (the canary's clock: feedback since then is
         compared) is kept when the override exists, unless ``restart``."""
-        from tuneforge.deploy.config import Arm
-
         arms = [Arm.model_validate(a).model_dump() for a in arms]  # the same rules as serve.yaml
         if not arms:
             raise RegistryError(f"route {route}: an override needs at least one arm (clear it instead)")
@@ -353,7 +280,7 @@ class Registry:
             if row is None:
                 s.add(RouteOverride(route=route, arms=arms, note=note))
             else:
-                row.arms, row.note, row.updated = arms, note, _now()
+                row.arms, row.note, row.updated = arms, note, utc_now()
                 if restart:
                     row.started = row.updated
 

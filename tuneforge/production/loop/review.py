@@ -7,7 +7,7 @@ Only accepted and corrected items ever become training rows (`tuneforge improve`
 them), so nothing enters training data without a decision.
 
 The same queue is worked in the terminal (`review_loop`, behind `tuneforge review`) and over
-HTTP (`review_router`, mounted on the server for the web UI).
+HTTP (tuneforge/production/api/review.py, mounted on the server for the web UI).
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Literal, TextIO
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
+from pydantic import Field
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tuneforge.config import Strict
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
-from tuneforge.registry.store import Registry, _now
+from tuneforge.registry.store import Registry
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
 
 DECISIONS = ("accept", "correct", "reject")
 
@@ -175,7 +176,7 @@ def decide(reg: Registry, item_id: int, decision: str, reviewer: str, corrected:
         # One conditional UPDATE: two reviewers deciding at once cannot both win.
         done = s.execute(update(ReviewItem).where(ReviewItem.id == item_id, ReviewItem.decision.is_(None))
                          .values(decision=decision, corrected=corrected, reviewer=reviewer.strip(),
-                                 decided_at=_now()))
+                                 decided_at=utc_now()))
         if done.rowcount == 0:
             item = s.get(ReviewItem, item_id)
             if item is None:
@@ -205,9 +206,6 @@ def review_loop(reg: Registry, reviewer: str, reasons: list[str] | None = None, 
     """Show each pending item and read a key per line from ``stdin``; decisions are saved one
     by one, so quitting (q, end of input, Ctrl-C) loses nothing and the next run resumes with
     the items still pending. Returns counts per action."""
-    from rich.console import Console
-    from rich.panel import Panel
-
     console = console or Console()
     stdin = stdin or sys.stdin
     done: Counter = Counter()
@@ -271,8 +269,6 @@ def _read_answer(ask: Callable[[str], str | None], console, hint: str) -> str:
 
 
 def _render(item: dict) -> str:
-    from rich.markup import escape
-
     parts = []
     for m in item["messages"] or [{"role": "user", "content": item["prompt"] or ""}]:
         content = m.get("content")
@@ -288,82 +284,3 @@ def _render(item: dict) -> str:
 
 def _summary(done: Counter) -> str:
     return ", ".join(f"{n} {k}" for k, n in done.items()) or "no decisions"
-
-
-# --- HTTP (mounted by tuneforge.deploy.server.create_app) -------------------------------------
-
-
-class DecisionBody(Strict):
-    decision: str
-    corrected: str | None = None
-    reviewer: str
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    # The OpenAI error shape, as the rest of the server answers.
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
-
-
-def _item_id(text: str) -> int:
-    if not text.isdigit():
-        raise UnknownItem(f"no review item with id {text!r} (ids are whole numbers)")
-    return int(text)
-
-
-def review_router(reg: Registry, authenticate: Callable[[Request], object]) -> APIRouter:
-    """``authenticate(request)`` is the server's key check (raises its API error, returns the
-    key or None while the server runs without keys). Review data holds users' prompts, so when
-    keys exist only a key for every model ("*", what `tuneforge keys create` gives without
-    --models) may read or decide items."""
-    router = APIRouter(prefix="/v1/review")
-
-    def admin(request: Request) -> JSONResponse | None:
-        key = authenticate(request)
-        if key is not None and "*" not in key.models:
-            return _error(403, f"key {key.name} may not use the review queue: it needs a key for all models",
-                          "permission_error")
-        return None
-
-    # Parameters are read as text and checked here: FastAPI's own 422 answer is not the
-    # OpenAI error shape clients expect.
-    @router.get("/items")
-    async def items(request: Request, status: str = "pending", reason: str | None = None, limit: str = "100"):
-        if (denied := admin(request)) is not None:
-            return denied
-        if status not in ("pending", "decided", "all"):
-            return _error(400, f"status must be pending, decided or all (got {status!r})")
-        if not limit.isdigit() or not 0 < int(limit) <= 1000:
-            return _error(400, f"limit must be a whole number in 1..1000 (got {limit!r})")
-        data = list_items(reg, status, reason.split(",") if reason else None, int(limit))
-        return {"object": "list", "data": data}
-
-    @router.get("/items/{item_id}")
-    async def one(request: Request, item_id: str):
-        if (denied := admin(request)) is not None:
-            return denied
-        try:
-            return get_item(reg, _item_id(item_id))
-        except ReviewError as e:
-            return _error(e.status, str(e), "not_found_error")
-
-    @router.post("/items/{item_id}")
-    async def decide_item(request: Request, item_id: str):
-        if (denied := admin(request)) is not None:
-            return denied
-        try:
-            item = _item_id(item_id)
-        except ReviewError as e:
-            return _error(e.status, str(e), "not_found_error")
-        try:
-            body = DecisionBody.model_validate(await request.json())
-        except ValueError as e:  # not JSON, or the wrong fields (pydantic's error is a ValueError)
-            detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) \
-                if isinstance(e, ValidationError) else "the request body is not JSON"
-            return _error(400, f"expected {{decision, corrected?, reviewer}}: {detail}")
-        try:
-            return decide(reg, item, body.decision, body.reviewer, body.corrected)
-        except ReviewError as e:
-            type_ = {404: "not_found_error", 409: "conflict_error"}.get(e.status, "invalid_request_error")
-            return _error(e.status, str(e), type_)
-
-    return router

@@ -30,21 +30,31 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import Field, ValidationError
 from rich.console import Console
+from rich.table import Table
+from scipy.stats import fisher_exact
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, format_errors
-
-from tuneforge.plugins import validate_config
+from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, deep_merge, format_errors
 from tuneforge.data.clean import CleanOptions
 from tuneforge.data.dedup import DedupOptions
+from tuneforge.data.manifest import MANIFEST
 from tuneforge.data.pii import PIIOptions
-from tuneforge.io import write_json
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
+from tuneforge.data.prepare import PrepareOptions, build_splits, load_prepared, prepare, split_by_prompt
+from tuneforge.data.render import with_system
+from tuneforge.data.split import SplitOptions
+from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize
+from tuneforge.evaluate.task import evaluate_rows
+from tuneforge.io import sha256_file, write_json
+from tuneforge.plugins import validate_config
 from tuneforge.registry.store import Registry, VersionInfo
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
+from tuneforge.runs import load_for_inference, load_run_config
+from tuneforge.train.run import train
 
 LINEAGE = "improve.json"
 
@@ -170,10 +180,6 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
     Prepared folder: train = reviewed rows + replay, validation = held-out reviewed rows (also
     the feedback evaluation set), test = the current version's test split minus any prompt
     that now appears in train."""
-    from tuneforge.data.prepare import PrepareOptions, build_splits, prepare, split_by_prompt
-    from tuneforge.data.split import SplitOptions
-    from tuneforge.runs import load_run_config
-
     run_cfg = load_run_config(Path(current_run))
     items = reviewed_rows(reg)
     if len(items) < cfg.min_items:
@@ -228,9 +234,6 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
 
 
 def manifest_sha(prepared: Path) -> str:
-    from tuneforge.data.manifest import MANIFEST
-    from tuneforge.io import sha256_file
-
     return sha256_file(prepared / MANIFEST)
 
 
@@ -242,8 +245,6 @@ def continue_config(current: VersionInfo, prepared: Path, cfg: ImproveConfig, ru
 
     As the sequential regime does it (train/sequence.py): same model and method options, so
     train.init_from can load the adapter; the earlier task's replay is already in the data."""
-    from tuneforge.config import deep_merge
-
     raw = yaml.safe_load((Path(current.run_dir) / "config.yaml").read_text())
     raw["data"] = {**(raw.get("data") or {}), "train": [str(prepared)], "validation": [], "test": [], "tasks": []}
     raw["train"] = deep_merge(raw.get("train") or {}, cfg.train) | {"init_from": str(current.run_dir)}
@@ -260,13 +261,6 @@ def continue_config(current: VersionInfo, prepared: Path, cfg: ImproveConfig, ru
 def score_version(run_dir: str, sets: dict[str, list[dict]], ev: EvalConfig, label: str) -> dict:
     """{set: {"n", "metric", "task", "loss"}}: the main task metric of greedy answers and the
     teacher-forced loss of the reference answers, on the same rows for every version."""
-    import torch
-
-    from tuneforge.data.render import with_system
-    from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize
-    from tuneforge.evaluate.task import evaluate_rows
-    from tuneforge.runs import load_for_inference
-
     model, tok, system_prompt, device, dtype = load_for_inference(run_dir)
     autocast = None if dtype == torch.float32 else dtype
     out = {}
@@ -305,9 +299,6 @@ def gate(current: dict, new: dict, g: GateConfig) -> list[str]:
 
 def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | None = None) -> dict:
     """One improve cycle; returns the lineage record (also written to RUN/improve.json)."""
-    from tuneforge.data.prepare import load_prepared
-    from tuneforge.train.run import train
-
     console = console or Console()
 
     # --- setup -------------------------------------------------------------------------
@@ -366,8 +357,6 @@ def start_canary(reg: Registry, name: str, version: VersionInfo, cfg: ImproveCon
 
 
 def _print_scores(scores: dict, console: Console) -> None:
-    from rich.table import Table
-
     t = Table(title="current vs new, same rows")
     for col in ("set", "rows", "metric", "current", "new", "loss current", "loss new"):
         t.add_column(col, justify="right" if col != "set" else "left")
@@ -409,8 +398,6 @@ def feedback_by_arm(reg: Registry, route: str, arms: dict[str, str | None], sinc
 
 def compare_arms(canary: dict, prod: dict) -> float:
     """Two-sided p-value of Fisher's exact test: are the good-feedback shares different?"""
-    from scipy.stats import fisher_exact
-
     table = [[canary["good"], canary["n"] - canary["good"]], [prod["good"], prod["n"] - prod["good"]]]
     return float(fisher_exact(table).pvalue)
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter as PromCounter
 from sqlalchemy import delete, select
@@ -26,11 +25,8 @@ from sqlalchemy.orm import Session
 
 from tuneforge.data.pii import redact
 from tuneforge.production.config import LoggingConfig
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
-from tuneforge.registry.store import ApiKey, _now
-
-if TYPE_CHECKING:
-    from tuneforge.deploy.server import RequestRecord
+from tuneforge.production.http import RequestRecord
+from tuneforge.registry.tables import ApiKey, Feedback, RequestLog, ReviewItem, utc_now
 
 log = logging.getLogger("tuneforge.requests")
 
@@ -83,7 +79,7 @@ class RequestLogger:
         with self._idle:
             self._pending += 1  # counted before the put, so flush() never misses a record in flight
         try:
-            self.queue.put_nowait((record, _now()))  # stamped now: the writer may run later
+            self.queue.put_nowait((record, utc_now()))  # stamped now: the writer may run later
         except queue.Full:
             self._done(1)
             self._drop("overflow", 1)
@@ -219,7 +215,7 @@ def purge(db_engine, retention_days: float, lock_retries: int = 5) -> int:
     """Delete logged requests older than the retention limit, with their feedback and any
     review item still waiting for a decision. Requests a reviewer decided on are kept: they
     are training data now, and `tuneforge improve` traces versions back to them."""
-    cutoff = _now() - timedelta(days=retention_days)
+    cutoff = utc_now() - timedelta(days=retention_days)
 
     def tx() -> int:
         with Session(db_engine) as s, s.begin():

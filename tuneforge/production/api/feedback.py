@@ -23,8 +23,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.orm import Session
 
-from tuneforge.production.logger import is_locked, with_lock_retries
-from tuneforge.production.store import Feedback, RequestLog
+from tuneforge.production.http import ApiError, Authenticate
+from tuneforge.production.request_log import is_locked, with_lock_retries
+from tuneforge.registry.store import KeyInfo, Registry
+from tuneforge.registry.tables import Feedback, RequestLog
 
 SCALES = {"0-1": (0.0, 1.0), "1-5": (1.0, 5.0), "1-10": (1.0, 10.0)}
 
@@ -56,14 +58,14 @@ class FeedbackBody(BaseModel):
         return (self.score - lo) / (hi - lo)
 
 
-def feedback_router(registry, authenticate: Callable, api_error: type, admin_keys: list[str] = (),
+def feedback_router(registry: Registry, authenticate: Authenticate, admin_keys: list[str] = (),
                     flush: Callable[[], bool] | None = None) -> APIRouter:
-    """``authenticate(request) -> KeyInfo | None`` and ``api_error(status, message, type)`` are
-    the gateway's, so feedback uses the same keys and error shape as the completions.
-    ``flush``: the request logger's, so feedback sent right after a response finds its row."""
+    """``authenticate`` is the gateway's key check, so feedback uses the same keys as the
+    completions. ``flush``: the request logger's, so feedback sent right after a response
+    finds its row."""
     router = APIRouter()
 
-    def store(body: FeedbackBody, key) -> dict:
+    def store(body: FeedbackBody, key: KeyInfo | None) -> dict:
         def find():
             with Session(registry.engine) as s:
                 return s.get(RequestLog, body.request_id)
@@ -72,13 +74,13 @@ def feedback_router(registry, authenticate: Callable, api_error: type, admin_key
         if logged is None and flush is not None and flush():
             logged = find()
         if logged is None:
-            raise api_error(404, f"no logged request with id '{body.request_id}' (the 'id' of a "
-                                 "chat.completion response; logging may be off or the row past retention)",
-                            "not_found_error")
+            raise ApiError(404, f"no logged request with id '{body.request_id}' (the 'id' of a "
+                                "chat.completion response; logging may be off or the row past retention)",
+                           "not_found_error")
         # KeyInfo.admin is the key's own flag (keys create --admin, where the registry has it).
         admin = key is None or getattr(key, "admin", False) or str(key.id) in admin_keys or key.name in admin_keys
         if not admin and logged.key_id != key.id:
-            raise api_error(403, f"key {key.name} may only send feedback on its own requests", "permission_error")
+            raise ApiError(403, f"key {key.name} may only send feedback on its own requests", "permission_error")
 
         def tx():
             with Session(registry.engine) as s, s.begin():
@@ -92,8 +94,8 @@ def feedback_router(registry, authenticate: Callable, api_error: type, admin_key
             fid = with_lock_retries(tx, retries=5)
         except Exception as e:
             if is_locked(e):
-                raise api_error(503, "the database is busy; nothing was stored, send the feedback again",
-                                "server_error") from None
+                raise ApiError(503, "the database is busy; nothing was stored, send the feedback again",
+                               "server_error") from None
             raise
         return {"id": f"fb-{fid}", "object": "feedback", "request_id": body.request_id,
                 "score": body.normalised(), "thumbs": body.thumbs}
@@ -104,11 +106,11 @@ def feedback_router(registry, authenticate: Callable, api_error: type, admin_key
         try:
             raw = await request.json()
         except ValueError:
-            raise api_error(400, "the request body is not JSON") from None
+            raise ApiError(400, "the request body is not JSON") from None
         try:
             body = FeedbackBody.model_validate(raw)
         except ValidationError as e:
-            raise api_error(400, "; ".join(_problem(err) for err in e.errors())) from None
+            raise ApiError(400, "; ".join(_problem(err) for err in e.errors())) from None
         return await run_in_threadpool(store, body, key)
 
     return router

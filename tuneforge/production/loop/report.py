@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tuneforge.production.monitor import MonitorResult
+from tuneforge.production.loop.monitor import MonitorResult
 
 COLUMNS = [("requests", "requests", "{:.0f}"), ("error_rate", "errors", "{:.1%}"),
            ("latency_p50_s", "p50 s", "{:.3f}"), ("latency_p95_s", "p95 s", "{:.3f}"),
@@ -74,6 +74,7 @@ def _png(fig) -> str:
 
 
 def _plots(res: MonitorResult) -> list[tuple[str, str]]:
+    # deferred: matplotlib loads only for an HTML report, and its backend must be set before pyplot
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+import httpx
 import numpy as np
 from prometheus_client import Gauge
 from sqlalchemy import select
@@ -25,8 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tuneforge.production.config import MonitorConfig, parse_window
-from tuneforge.production.store import Feedback, RequestLog, ReviewItem
-from tuneforge.registry.store import Registry, RegistryError, _now, parse_ref
+from tuneforge.production.loop import drift as dr
+from tuneforge.production.loop.drift import logged_prompt
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
+from tuneforge.registry.store import Registry, RegistryError, parse_ref
 
 log = logging.getLogger("tuneforge.monitor")
 # Module level: the default registry rejects a second metric of the same name.
@@ -89,8 +92,6 @@ def group_of(r: RequestLog) -> tuple[str, str]:
 
 
 def load_rows(db, start: datetime, end: datetime, route: str | None = None) -> list[Row]:
-    from tuneforge.production.drift import logged_prompt
-
     with Session(db) as s:
         q = select(RequestLog).where(RequestLog.at >= start, RequestLog.at < end).order_by(RequestLog.at)
         out = []
@@ -254,8 +255,6 @@ def check(group: dict, cfg: MonitorConfig, window: str) -> list[Alert]:
 
 def send_webhook(url: str, alerts: list[Alert], timeout_s: float, transport=None) -> str | None:
     """POST the alerts as JSON; the error text if it failed (the report says so; nothing raises)."""
-    import httpx
-
     try:
         with httpx.Client(timeout=timeout_s, transport=transport) as client:
             r = client.post(url, json={"source": "tuneforge monitor",
@@ -315,9 +314,7 @@ def monitor(registry: Registry, cfg: MonitorConfig, route: str | None = None, no
             embed=None, transport=None, progress: Callable[[str], None] = lambda msg: None) -> MonitorResult:
     """Everything ``tuneforge monitor`` computes. ``embed`` replaces the MiniLM encoder and
     ``transport`` the webhook's HTTP transport (tests)."""
-    from tuneforge.production import drift as dr
-
-    end = now or _now()
+    end = now or utc_now()
     span = parse_window(cfg.since)
     start = end - span
     window = f"{cfg.since} ({start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC)"
@@ -366,8 +363,6 @@ def monitor(registry: Registry, cfg: MonitorConfig, route: str | None = None, no
 
 
 def _drift(registry: Registry, key, rows: list[Row], cfg: MonitorConfig, references: dict, embed) -> dict:
-    from tuneforge.production import drift as dr
-
     recent = [(r.id, r.prompt) for r in rows if r.prompt]
     if len(recent) < cfg.drift.min_prompts:
         return {"skipped": f"{len(recent)} prompts with text in the window (drift needs {cfg.drift.min_prompts})"}

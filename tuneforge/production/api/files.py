@@ -29,7 +29,11 @@ from sqlalchemy import select
 
 from tuneforge.data.load import DataError, load_rows
 from tuneforge.io import atomic_write_text
-from tuneforge.production.jobstore import DatabaseBusy, FileRow, JobDB, JobRow, JobsConfig, jobs_home, visible
+from tuneforge.production.api.job_queue import JobDB
+from tuneforge.production.config import JobsConfig, jobs_home
+from tuneforge.production.http import ApiError, Authenticate, page, visible
+from tuneforge.registry.store import KeyInfo
+from tuneforge.registry.tables import FileRow, JobRow
 
 # Data-stage field names -> the names in an OpenAI preference upload (for error messages).
 _PREF_FIELDS = {"prompt": "input.messages", "chosen": "preferred_output", "rejected": "non_preferred_output"}
@@ -105,26 +109,12 @@ def file_object(f: FileRow) -> dict:
             "purpose": f.purpose, "status": "processed", "status_details": None, "expires_at": None}
 
 
-def answer_503_when_locked(db: JobDB, ApiError):  # noqa: N803 - a class
-    """``db.run`` for request handlers: a database still locked after the retries is a 503
-    the client can retry (the transaction rolled back), not a 500."""
-
-    def run(fn):
-        try:
-            return db.run(fn)
-        except DatabaseBusy as e:
-            raise ApiError(503, str(e), "server_error") from None
-
-    return run
-
-
-def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRouter:  # noqa: N803 - a class
+def files_router(db: JobDB, cfg: JobsConfig, authenticate: Authenticate) -> APIRouter:
     router = APIRouter()
-    run = answer_503_when_locked(db, ApiError)
-    root = jobs_home(cfg) / "files"
-    limit = int(cfg.max_file_mb * 1024 * 1024)
+    run = db.run_or_503
+    store = Uploads(jobs_home(cfg) / "files", cfg.max_file_mb, run)
 
-    def get(file_id: str, key) -> FileRow:
+    def get(file_id: str, key: KeyInfo | None) -> FileRow:
         f = run(lambda s: s.get(FileRow, file_id))
         if f is None or f.deleted or not visible(f, key):
             raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
@@ -133,63 +123,16 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
     @router.post("/v1/files")
     async def upload(request: Request):
         key = authenticate(request)
-        if int(request.headers.get("content-length") or 0) > limit + 65536:  # before reading any of it
-            raise ApiError(413, f"the upload is larger than the {cfg.max_file_mb:g} MB limit (jobs.max_file_mb)")
+        if int(request.headers.get("content-length") or 0) > store.limit + 65536:  # before reading any of it
+            raise ApiError(413, store.too_large)
         try:
             form = await request.form()
         except Exception as e:  # noqa: BLE001 - starlette's parser errors are all 'bad request' to the client
             raise ApiError(400, f"the request is not multipart/form-data with 'file' and 'purpose' ({e})") from None
         try:
-            return await _store(form, key)
+            return file_object(await store.add(form, key))
         finally:
             await form.close()  # the spooled upload's temp file goes now, not at garbage collection
-
-    async def _store(form, key) -> dict:
-        upload, purpose = form.get("file"), form.get("purpose")
-        if purpose != "fine-tune":
-            raise ApiError(400, f"purpose must be 'fine-tune' (got {purpose!r}); this server stores fine-tuning "
-                                "files only")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "'file' must be an uploaded file (multipart form field 'file')")
-        root.mkdir(parents=True, exist_ok=True)
-        file_id = f"file-{uuid.uuid4().hex[:24]}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{file_id}.", suffix=".jsonl", dir=root)
-        size, train_path = 0, None
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := await upload.read(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise ApiError(413, f"the upload is larger than the {cfg.max_file_mb:g} MB limit "
-                                            "(jobs.max_file_mb)")
-                    out.write(chunk)
-            name = upload.filename or "upload.jsonl"
-            try:
-                # In a thread: a large file takes seconds to check, and chat requests must not wait on it.
-                checked = await asyncio.to_thread(check_jsonl, Path(tmp), name)
-            except FileInvalid as e:
-                raise ApiError(400, str(e)) from None
-            path = root / f"{file_id}.jsonl"
-            if checked.converted is not None:
-                train_path = root / f"{file_id}.train.jsonl"
-                atomic_write_text(train_path, checked.converted)
-            os.replace(tmp, path)
-        except BaseException:
-            for p in (Path(tmp), train_path):
-                if p is not None:
-                    p.unlink(missing_ok=True)
-            raise
-        train_path = train_path or path
-        row = FileRow(id=file_id, created_at=int(time.time()), filename=name, purpose="fine-tune", bytes=size,
-                      path=str(path), train_path=str(train_path), kind=checked.kind, format=checked.format,
-                      rows=checked.rows, key_id=key.id if key else None)
-        try:
-            run(lambda s: s.add(row))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            train_path.unlink(missing_ok=True)
-            raise
-        return file_object(row)
 
     @router.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None,
@@ -204,9 +147,9 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
                 stmt = stmt.where(FileRow.purpose == purpose)
             return list(s.scalars(stmt.order_by(FileRow.created_at, FileRow.id)))
 
-        rows = q_page(run(q), after, limit, reverse=order != "asc")
-        return {"object": "list", "data": [file_object(f) for f in rows[0]], "has_more": rows[1],
-                "first_id": rows[0][0].id if rows[0] else None, "last_id": rows[0][-1].id if rows[0] else None}
+        rows, more = page(run(q), after, limit, reverse=order != "asc")
+        return {"object": "list", "data": [file_object(f) for f in rows], "has_more": more,
+                "first_id": rows[0].id if rows else None, "last_id": rows[-1].id if rows else None}
 
     @router.get("/v1/files/{file_id}")
     async def retrieve(request: Request, file_id: str):
@@ -220,21 +163,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
     @router.delete("/v1/files/{file_id}")
     async def delete(request: Request, file_id: str):
         key = authenticate(request)
-
-        def mark(s):
-            f = s.get(FileRow, file_id)
-            if f is None or f.deleted or not visible(f, key):
-                raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
-            users = s.scalars(select(JobRow.id).where(
-                (JobRow.training_file == file_id) | (JobRow.validation_file == file_id),
-                JobRow.status.in_(("queued", "running")))).all()
-            if users:  # deleting it would fail those jobs later: refuse now, with the way out
-                raise ApiError(409, f"file {file_id} is used by job(s) {', '.join(users)} that have not finished; "
-                                    "cancel them or wait")
-            f.deleted = True
-            return f
-
-        f = run(mark)
+        f = run(lambda s: _mark_deleted(s, file_id, key))
         # Rows of finished jobs keep pointing at the id (lineage); the bytes go.
         for p in {f.path, f.train_path}:
             Path(p).unlink(missing_ok=True)
@@ -243,14 +172,75 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate, ApiError) -> APIRoute
     return router
 
 
-def q_page(rows: list, after: str | None, limit: int, reverse: bool = True,
-           key=lambda r: r.id) -> tuple[list, bool]:
-    """OpenAI cursor pagination: the ``limit`` rows after the one whose id is ``after``
-    (newest first when ``reverse``; the rows come oldest first)."""
-    if reverse:
-        rows = rows[::-1]
-    if after is not None:
-        ids = [key(r) for r in rows]
-        rows = rows[ids.index(after) + 1:] if after in ids else []
-    limit = max(1, min(limit, 10000))
-    return rows[:limit], len(rows) > limit
+def _mark_deleted(s, file_id: str, key: KeyInfo | None) -> FileRow:
+    f = s.get(FileRow, file_id)
+    if f is None or f.deleted or not visible(f, key):
+        raise ApiError(404, f"no file with id '{file_id}'", "invalid_request_error")
+    users = s.scalars(select(JobRow.id).where(
+        (JobRow.training_file == file_id) | (JobRow.validation_file == file_id),
+        JobRow.status.in_(("queued", "running")))).all()
+    if users:  # deleting it would fail those jobs later: refuse now, with the way out
+        raise ApiError(409, f"file {file_id} is used by job(s) {', '.join(users)} that have not finished; "
+                            "cancel them or wait")
+    f.deleted = True
+    return f
+
+
+class Uploads:
+    """The files folder: an upload is streamed, checked and renamed into place, then recorded."""
+
+    def __init__(self, root: Path, max_file_mb: float, run):
+        self.root, self.run = root, run
+        self.limit = int(max_file_mb * 1024 * 1024)
+        self.too_large = f"the upload is larger than the {max_file_mb:g} MB limit (jobs.max_file_mb)"
+
+    async def add(self, form, key: KeyInfo | None) -> FileRow:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "fine-tune":
+            raise ApiError(400, f"purpose must be 'fine-tune' (got {purpose!r}); this server stores fine-tuning "
+                                "files only")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "'file' must be an uploaded file (multipart form field 'file')")
+        self.root.mkdir(parents=True, exist_ok=True)
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        name = upload.filename or "upload.jsonl"
+        path, train_path, size, checked = await self._keep(upload, file_id, name)
+        row = FileRow(id=file_id, created_at=int(time.time()), filename=name, purpose="fine-tune", bytes=size,
+                      path=str(path), train_path=str(train_path), kind=checked.kind, format=checked.format,
+                      rows=checked.rows, key_id=key.id if key else None)
+        try:
+            self.run(lambda s: s.add(row))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            train_path.unlink(missing_ok=True)
+            raise
+        return row
+
+    async def _keep(self, upload, file_id: str, name: str) -> tuple[Path, Path, int, Checked]:
+        """Stream to a temp file (413 past the limit), check it, rename it into place; nothing
+        is left behind when any of it fails."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{file_id}.", suffix=".jsonl", dir=self.root)
+        size, train_path = 0, None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := await upload.read(1 << 20):
+                    size += len(chunk)
+                    if size > self.limit:
+                        raise ApiError(413, self.too_large)
+                    out.write(chunk)
+            try:
+                # In a thread: a large file takes seconds to check, and chat requests must not wait on it.
+                checked = await asyncio.to_thread(check_jsonl, Path(tmp), name)
+            except FileInvalid as e:
+                raise ApiError(400, str(e)) from None
+            path = self.root / f"{file_id}.jsonl"
+            if checked.converted is not None:
+                train_path = self.root / f"{file_id}.train.jsonl"
+                atomic_write_text(train_path, checked.converted)
+            os.replace(tmp, path)
+        except BaseException:
+            for p in (Path(tmp), train_path):
+                if p is not None:
+                    p.unlink(missing_ok=True)
+            raise
+        return path, train_path or path, size, checked

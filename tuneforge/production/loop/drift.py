@@ -20,6 +20,12 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.data.prepare import build_splits
+from tuneforge.evaluate.incontext import MiniLMRetriever
+from tuneforge.objectives import OBJECTIVES
+from tuneforge.runs import load_run_config
+from tuneforge.train.multitask import task_configs, task_data
+
 
 @dataclass
 class MMDTest:
@@ -78,8 +84,6 @@ Embedder = Callable[[list[str], list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 def minilm_pair(reference: list[str], recent: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised MiniLM embeddings of both sides (reference (R, 384), recent (N, 384))."""
-    from tuneforge.evaluate.incontext import MiniLMRetriever
-
     enc = MiniLMRetriever(reference)
     return enc.doc_emb, enc.embed(recent)
 
@@ -132,11 +136,6 @@ def _user_text(messages: list) -> str | None:
 def training_prompts(run_dir: str | Path) -> list[str]:
     """The prompts a run trained on: its config's data, split exactly as the run split it
     (same seed and sizes), train side only, for every task it trained."""
-    from tuneforge.data.prepare import build_splits
-    from tuneforge.objectives import OBJECTIVES
-    from tuneforge.train.multitask import task_configs, task_data
-    from tuneforge.runs import load_run_config
-
     cfg = load_run_config(Path(run_dir))
     kind = OBJECTIVES[cfg.objective.name].data_kind
     out = []

@@ -1,0 +1,198 @@
+"""The gateway: everything between a decoded request and the engine, written once for every
+engine (in-process or vLLM).
+
+authenticate (key, scope, rate) -> route (plan: route -> sticky A/B arm -> chain of targets)
+-> generate (resolve each target in the registry, so promote/rollback apply to the next
+request with no restart; engine, with a per-target timeout; on error, timeout or a failed
+output guard the next target is tried and the reason recorded) -> log (metrics, a JSON log
+line, the request hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from fastapi import Request
+
+from tuneforge.deploy import metrics
+from tuneforge.deploy.config import FixedReply, ServeConfig
+from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
+from tuneforge.deploy.routing import Plan, RateLimiter, guard_failure, plan
+from tuneforge.production.http import ApiError, RequestRecord, may_call
+from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
+
+log = logging.getLogger("tuneforge.serve")
+FIXED_REPLY = "fixed-reply"  # the version label of a route's final {reply: ...} fallback
+
+
+class Gateway:
+    def __init__(self, cfg: ServeConfig, registry: Registry, engine,
+                 on_request: Callable[[RequestRecord], None] | None = None):
+        self.cfg, self.registry, self.engine, self.on_request = cfg, registry, engine, on_request
+        self.limiter = RateLimiter()
+        self.ready = False  # /readyz: base model(s) and adapters loaded
+
+    # --- authenticate -------------------------------------------------------------------------
+    def authenticate(self, request: Request, admin: bool = False) -> KeyInfo | None:
+        """The request's key (None while auth is optional and no key exists); 401 without a
+        valid key, 403 for a non-admin key on an admin endpoint, 429 past the key's rate."""
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not admin and self.cfg.auth == "optional" and not self.registry.has_keys():
+            return None
+        key = self.registry.check_key(token) if token else None
+        if key is None:
+            hint = "tuneforge keys create --name OPS --admin" if admin else "tuneforge keys create --name APP"
+            raise ApiError(401, f"missing, unknown or revoked API key ({hint})", "authentication_error")
+        if admin and not key.admin:
+            raise ApiError(403, f"key {key.name} is not an admin key (tuneforge keys create --admin)",
+                           "permission_error")
+        if not self.limiter.allow(key.id, key.requests_per_minute or self.cfg.requests_per_minute):
+            raise ApiError(429, f"rate limit of key {key.name} reached; retry in a minute", "rate_limit_error")
+        return key
+
+    def authenticate_admin(self, request: Request) -> KeyInfo | None:
+        return self.authenticate(request, admin=True)
+
+    def model_name(self, model: str) -> str:
+        """The name a key's scope lists: a route name, or the registry model of a reference."""
+        return model if model in self.cfg.routes else parse_ref(model)[0]
+
+    def check_scope(self, key: KeyInfo | None, model: str) -> None:
+        try:
+            name = self.model_name(model)
+        except RegistryError as e:  # e.g. "bot:2" for "bot:v2"
+            raise ApiError(400, str(e)) from None
+        if not may_call(key, name):
+            raise ApiError(403, f"key {key.name} may not call '{name}' (allowed: {', '.join(key.models)})",
+                           "permission_error")
+
+    def model_ids(self, key: KeyInfo | None) -> list[str]:
+        """Routes, model names, their aliases and versions that ``key`` may call."""
+        ids = list(self.cfg.routes)
+        for name in self.registry.models():
+            ids += [name, *(f"{name}@{a}" for a in self.registry.aliases(name)),
+                    *(v.ref for v in self.registry.versions(name))]
+        return [i for i in ids if may_call(key, self.model_name(i))]
+
+    # --- route --------------------------------------------------------------------------------
+    def route(self, record: RequestRecord, user: str) -> Plan:
+        p = plan(record.model, self.cfg.routes, user, self.registry.route_arms(record.model))
+        record.route, record.arm = p.route, p.arm
+        return p
+
+    # --- generate -----------------------------------------------------------------------------
+    async def generate(self, p: Plan, params: dict, record: RequestRecord) -> tuple[str, AsyncIterator[Chunk], Chunk]:
+        """Try the plan's targets in order until one yields its first chunk within the timeout
+        (and, when the route has guards, its whole output passes them): (version, the rest of
+        the stream, the first chunk)."""
+        reasons, unknown = [], []
+
+        def skip(target, why: str, reason_class: str) -> None:
+            reasons.append(f"{target}: {why}")
+            log.warning("fallback", extra={"request_id": record.request_id, "route": record.route,
+                                           "target": str(target), "reason": reason_class, "detail": why})
+            if record.route:  # a plain model name has no chain: its failure is an error, not a fallback
+                metrics.FALLBACKS.labels(record.route, reason_class).inc()
+
+        for target in p.targets:
+            if isinstance(target, FixedReply):
+                record.version, record.fallback_reason = FIXED_REPLY, "; ".join(reasons) or None
+                return FIXED_REPLY, no_more(), Chunk(target.reply, "stop")
+            try:
+                try:
+                    v = self.registry.resolve(target)
+                except RegistryError as e:
+                    unknown.append(str(e))
+                    skip(target, str(e), "unknown_model")
+                    continue
+                first, stream = await self._first(v, params)
+                if p.guards is not None:
+                    # A guard judges the whole output, so it is generated (within the timeout)
+                    # before anything is sent; a stream is then sent as one chunk.
+                    rest = await asyncio.wait_for(collect(stream), self.cfg.timeout_s)
+                    first, stream = joined(first, rest), no_more()
+                    failed = guard_failure(p.guards, first.text, record.json_requested)
+                    if failed:
+                        skip(target, f"guard {failed}", "guard_" + failed.split(":")[0])
+                        continue
+                record.version = v.ref
+                record.fallback_reason = "; ".join(reasons) or None
+                return v.ref, stream, first
+            except PromptTooLong as e:
+                raise ApiError(413, str(e)) from None  # the request is too long for any target
+            except TimeoutError:
+                skip(target, f"timed out after {self.cfg.timeout_s:g}s", "timeout")
+            except Exception as e:  # noqa: BLE001 - any failure moves down the chain
+                skip(target, f"{type(e).__name__}: {e}", "error")
+        record.fallback_reason = "; ".join(reasons)
+        if len(unknown) == len(p.targets):
+            raise ApiError(404, "; ".join(unknown), "not_found_error")
+        raise ApiError(503, f"every target failed: {record.fallback_reason}", "server_error")
+
+    async def _first(self, v: VersionInfo, params: dict) -> tuple[Chunk, AsyncIterator[Chunk]]:
+        stream = self.engine.stream(gen_request(v, params)).__aiter__()
+        return await asyncio.wait_for(stream.__anext__(), self.cfg.timeout_s), stream
+
+    async def preload(self) -> None:
+        """Load the base model(s) and registered adapters (up to the engine's LRU bound) before
+        /readyz says ready, so a balancer's first request does not spend its timeout loading."""
+        if hasattr(self.engine, "load"):
+            room = getattr(self.engine, "max_adapters", None)
+            refs = [v for name in self.registry.models() for v in self.registry.versions(name)]
+            for v in refs[:room] if room else refs:
+                try:
+                    await self.engine.load(gen_request(v, {}))
+                except Exception as e:  # noqa: BLE001 - one broken run must not keep the server unready
+                    log.error("preload failed", extra={"version": v.ref, "error": f"{type(e).__name__}: {e}"})
+        self.ready = True
+        log.info("ready", extra={"resident_adapters": self.resident()})
+
+    def resident(self) -> list[str]:
+        return self.engine.resident() if hasattr(self.engine, "resident") else []
+
+    # --- log ----------------------------------------------------------------------------------
+    def emit(self, record: RequestRecord, t0: float) -> None:
+        """Once per request, whatever its outcome: metrics, a log line, the request hook."""
+        record.latency_s = round(time.perf_counter() - t0, 4)
+        metrics.observe(record)
+        log.info("request", extra={
+            "request_id": record.request_id, "endpoint": record.endpoint, "model": record.model,
+            "route": record.route, "version": record.version, "arm": record.arm, "key_id": record.key_id,
+            "status": record.status, "latency_s": record.latency_s, "stream": record.stream,
+            "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+            "fallback_reason": record.fallback_reason, "error": record.error})
+        if self.on_request is not None:
+            self.on_request(record)
+
+
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+async def no_more():
+    return
+    yield  # an async generator that yields nothing: the whole answer was in the first chunk
+
+
+def joined(first: Chunk, rest: Chunk) -> Chunk:
+    return Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
+                 rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
+
+
+def gen_request(v: VersionInfo, params: dict) -> GenRequest:
+    return GenRequest(adapter=v.ref, adapter_dir=f"{v.run_dir}/adapter", base_model=v.base_model,
+                      system_prompt=_system_prompt(v.run_dir), **params)
+
+
+@lru_cache(maxsize=256)
+def _system_prompt(run_dir: str) -> str | None:
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    return (cfg.get("data") or {}).get("system_prompt")

@@ -1,0 +1,89 @@
+"""/v1/review: the human review queue over HTTP (the web UI works it here; `tuneforge review`
+in the terminal). The queue itself is tuneforge/production/loop/review.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from tuneforge.config import Strict
+from tuneforge.production.http import Authenticate, sees_all_models
+from tuneforge.production.loop.review import ReviewError, UnknownItem, decide, get_item, list_items
+from tuneforge.registry.store import Registry
+
+
+class DecisionBody(Strict):
+    decision: str
+    corrected: str | None = None
+    reviewer: str
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
+    # The OpenAI error shape, as the rest of the server answers.
+    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+
+
+def _item_id(text: str) -> int:
+    if not text.isdigit():
+        raise UnknownItem(f"no review item with id {text!r} (ids are whole numbers)")
+    return int(text)
+
+
+def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
+    """``authenticate(request)`` is the server's key check (raises its API error, returns the
+    key or None while the server runs without keys). Review data holds users' prompts, so when
+    keys exist only a key for every model ("*", what `tuneforge keys create` gives without
+    --models) may read or decide items."""
+    router = APIRouter(prefix="/v1/review")
+
+    def admin(request: Request) -> JSONResponse | None:
+        key = authenticate(request)
+        if not sees_all_models(key):
+            return _error(403, f"key {key.name} may not use the review queue: it needs a key for all models",
+                          "permission_error")
+        return None
+
+    # Parameters are read as text and checked here: FastAPI's own 422 answer is not the
+    # OpenAI error shape clients expect.
+    @router.get("/items")
+    async def items(request: Request, status: str = "pending", reason: str | None = None, limit: str = "100"):
+        if (denied := admin(request)) is not None:
+            return denied
+        if status not in ("pending", "decided", "all"):
+            return _error(400, f"status must be pending, decided or all (got {status!r})")
+        if not limit.isdigit() or not 0 < int(limit) <= 1000:
+            return _error(400, f"limit must be a whole number in 1..1000 (got {limit!r})")
+        data = list_items(reg, status, reason.split(",") if reason else None, int(limit))
+        return {"object": "list", "data": data}
+
+    @router.get("/items/{item_id}")
+    async def one(request: Request, item_id: str):
+        if (denied := admin(request)) is not None:
+            return denied
+        try:
+            return get_item(reg, _item_id(item_id))
+        except ReviewError as e:
+            return _error(e.status, str(e), "not_found_error")
+
+    @router.post("/items/{item_id}")
+    async def decide_item(request: Request, item_id: str):
+        if (denied := admin(request)) is not None:
+            return denied
+        try:
+            item = _item_id(item_id)
+        except ReviewError as e:
+            return _error(e.status, str(e), "not_found_error")
+        try:
+            body = DecisionBody.model_validate(await request.json())
+        except ValueError as e:  # not JSON, or the wrong fields (pydantic's error is a ValueError)
+            detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) \
+                if isinstance(e, ValidationError) else "the request body is not JSON"
+            return _error(400, f"expected {{decision, corrected?, reviewer}}: {detail}")
+        try:
+            return decide(reg, item, body.decision, body.reviewer, body.corrected)
+        except ReviewError as e:
+            type_ = {404: "not_found_error", 409: "conflict_error"}.get(e.status, "invalid_request_error")
+            return _error(e.status, str(e), type_)
+
+    return router
