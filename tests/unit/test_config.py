@@ -74,7 +74,7 @@ def test_load_config_file_with_overrides(tmp_path):
 
 
 def test_lora_target_module_typo_lists_existing_modules(tiny_model_dir):
-    from tuneforge.train.run import preflight
+    from tuneforge.train.run_folder import preflight
 
     cfg = validate_config({"model": {"name": tiny_model_dir}, "data": {"train": ["nope.jsonl"]},
                            "method": {"name": "lora", "target_modules": ["q_prj", "v_proj"]}})
