@@ -81,9 +81,9 @@ SETTINGS = {
 
 def refused_settings(cfg: RunConfig, objective: Objective) -> list[str]:
     """Settings the config asks for that the objective's recipe cannot honour, with the reason:
-    refused here rather than silently ignored by the recipe."""
+    refused here rather than silently ignored by the recipe (fsdp: with the other fsdp problems)."""
     return [f"{SETTINGS[k][0]} with objective '{objective.name}': {why}"
-            for k, why in objective.refuses.items() if SETTINGS[k][1](cfg)]
+            for k, why in objective.refuses.items() if k != "fsdp" and SETTINGS[k][1](cfg)]
 
 
 def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
@@ -92,6 +92,9 @@ def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
     if "method" in plugged and not METHODS[plugged["method"].name].shardable:
         problems.append(f"train.distributed=fsdp with method '{plugged['method'].name}': its weights cannot be "
                         f"sharded; use train.distributed=ddp")
+    if "objective" in plugged and "fsdp" in OBJECTIVES[plugged["objective"].name].refuses:
+        name = plugged["objective"].name
+        problems.append(f"train.distributed=fsdp with objective '{name}': {OBJECTIVES[name].refuses['fsdp']}")
     if cfg.continual.ewc_lambda:
         problems.append("train.distributed=fsdp with continual.ewc_lambda: the EWC penalty needs every weight whole "
                         "on every process; use train.distributed=ddp")

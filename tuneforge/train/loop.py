@@ -179,6 +179,7 @@ class Loop:
         self.release = free_memory_releaser() if t.release_memory and self.device == "cpu" else None
         if restored is None:
             self.checkpoint()
+        self.model.train()  # loaded models come in eval mode: dropout on from here
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -152,6 +152,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     results = {}
     if "test" in held:  # before training the policy is the reference: the baseline
+        model.eval()  # no dropout: the baseline compares the same weights, not a dropout sample
         with torch.no_grad(), autocast(run.device, run.dtype):
             results["base"] = on_held("test")()
 
