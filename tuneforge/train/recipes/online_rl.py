@@ -129,7 +129,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     console = console or Console()
     # --- setup and prompts ---------------------------------------------------------------
     run = start_run(cfg, resume, console)
-    method, opts, t = method_of(cfg), cfg.objective, cfg.train
+    method, opts = method_of(cfg), cfg.objective
     reward_dir = Path(opts.reward_run)  # checked by preflight (objectives/policy.py)
     prompts = {s: [with_system(r["prompt"], cfg.data.system_prompt) for r in getattr(run.splits, s)]
                for s in ("train", "test")}
