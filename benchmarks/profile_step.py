@@ -25,9 +25,9 @@ def main(a) -> None:
     from tuneforge.models.load import load_tokenizer
     from tuneforge.objectives import OBJECTIVES
     from tuneforge.hardware import pick_device, pick_dtype
-    from tuneforge.train.loop import epoch_batches
+    from tuneforge.train.token_batches import epoch_batches
     from tuneforge.hardware import autocast, to_device
-    from tuneforge.train.run import load_model
+    from tuneforge.train.recipes.tokens import load_model
 
     device = pick_device(a.device)
     dtype = pick_dtype("auto", device)

@@ -57,11 +57,33 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
             problems += format_errors(err, opts_cls, prefix=(section,),
                                       owners=methods_taking if section == "method" else None)
 
+    if cfg is not None and "objective" in plugged:
+        problems += refused_settings(cfg, OBJECTIVES[plugged["objective"].name])
     if cfg is not None and cfg.train.distributed == "fsdp":
         problems += _fsdp_problems(cfg, plugged)
     if problems:
         raise ConfigError(problems, source)
     return cfg.model_copy(update=plugged)
+
+
+# Run settings beyond the loss, which an objective's recipe may not honour (Objective.refuses):
+# name -> (the config keys, is it asked for?).
+SETTINGS = {
+    "privacy": ("privacy", lambda c: c.privacy is not None),
+    "continual": ("continual (previous tasks, replay, EWC)", lambda c: bool(c.continual.previous)),
+    "tasks": ("data.tasks", lambda c: bool(c.data.tasks)),
+    "packing": ("data.packing", lambda c: c.data.packing),
+    "fsdp": ("train.distributed=fsdp", lambda c: c.train.distributed == "fsdp"),
+    "early_stopping": ("train.early_stopping_patience", lambda c: c.train.early_stopping_patience is not None),
+    "init_from": ("train.init_from", lambda c: c.train.init_from is not None),
+}
+
+
+def refused_settings(cfg: RunConfig, objective: Objective) -> list[str]:
+    """Settings the config asks for that the objective's recipe cannot honour, with the reason:
+    refused here rather than silently ignored by the recipe (fsdp: with the other fsdp problems)."""
+    return [f"{SETTINGS[k][0]} with objective '{objective.name}': {why}"
+            for k, why in objective.refuses.items() if k != "fsdp" and SETTINGS[k][1](cfg)]
 
 
 def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
@@ -70,9 +92,9 @@ def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
     if "method" in plugged and not METHODS[plugged["method"].name].shardable:
         problems.append(f"train.distributed=fsdp with method '{plugged['method'].name}': its weights cannot be "
                         f"sharded; use train.distributed=ddp")
-    if "objective" in plugged and OBJECTIVES[plugged["objective"].name].recipe:
-        problems.append(f"train.distributed=fsdp with objective '{plugged['objective'].name}': it trains in a loop "
-                        f"of its own, which does not shard; use train.distributed=ddp")
+    if "objective" in plugged and "fsdp" in OBJECTIVES[plugged["objective"].name].refuses:
+        name = plugged["objective"].name
+        problems.append(f"train.distributed=fsdp with objective '{name}': {OBJECTIVES[name].refuses['fsdp']}")
     if cfg.continual.ewc_lambda:
         problems.append("train.distributed=fsdp with continual.ewc_lambda: the EWC penalty needs every weight whole "
                         "on every process; use train.distributed=ddp")

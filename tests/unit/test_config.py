@@ -43,11 +43,18 @@ def test_fsdp_refuses_what_cannot_be_sharded_all_at_once():
                     "continual": {"ewc_lambda": 10.0, "previous": [{"name": "old", "train": ["builtin:orders"]}]}}
     with pytest.raises(ConfigError) as e:
         validate_config(raw)
-    problems = e.value.problems
-    assert len(problems) == 3
-    assert "method 'hft'" in problems[0] and "objective 'dpo'" in problems[1] and "ewc_lambda" in problems[2]
-    assert all("use train.distributed=ddp" in p for p in problems)
-    assert validate_config(raw | {"train": {"distributed": "ddp"}})  # the same run replicated is fine
+    fsdp = [p for p in e.value.problems if p.startswith("train.distributed=fsdp")]
+    assert len(fsdp) == 3
+    assert "method 'hft'" in fsdp[0] and "objective 'dpo'" in fsdp[1] and "ewc_lambda" in fsdp[2]
+    assert all("use train.distributed=ddp" in p for p in fsdp)
+    # The pair recipe trains one task: the continual part is refused for dpo however it is distributed.
+    others = [p for p in e.value.problems if p not in fsdp]
+    assert len(others) == 1 and others[0].startswith("continual") and "objective 'dpo'" in others[0]
+    ddp = raw | {"train": {"distributed": "ddp"}}
+    with pytest.raises(ConfigError) as e:
+        validate_config(ddp)
+    assert e.value.problems == others
+    assert validate_config(ddp | {"objective": {"name": "sft"}})  # the same token run replicated is fine
 
 
 def test_missing_data_is_named():
@@ -74,7 +81,7 @@ def test_load_config_file_with_overrides(tmp_path):
 
 
 def test_lora_target_module_typo_lists_existing_modules(tiny_model_dir):
-    from tuneforge.train.run import preflight
+    from tuneforge.train.run_folder import preflight
 
     cfg = validate_config({"model": {"name": tiny_model_dir}, "data": {"train": ["nope.jsonl"]},
                            "method": {"name": "lora", "target_modules": ["q_prj", "v_proj"]}})

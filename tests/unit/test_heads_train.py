@@ -52,7 +52,7 @@ def test_balanced_class_weights_make_each_class_count_equally():
     import torch.nn.functional as F
 
     from tuneforge.objectives.classify import balanced_class_weights
-    from tuneforge.train.heads import classify_step
+    from tuneforge.train.recipes.heads import classify_step
 
     y = [0] * 6 + [1] * 2 + [2]  # 6:2:1
     w = balanced_class_weights(y, 4)  # class 3 has no rows
@@ -102,7 +102,7 @@ def test_labels_unseen_in_training_are_refused_by_name():
     from types import SimpleNamespace
 
     from tuneforge.config import ConfigError
-    from tuneforge.train.heads import label_names
+    from tuneforge.train.recipes.heads import label_names
 
     rows = lambda *labels: [{"text": f"t{i}", "label": x} for i, x in enumerate(labels)]  # noqa: E731
     splits = SimpleNamespace(train=rows("bug", "billing", "bug"), validation=rows("bug"), test=rows("refund", "bug"))

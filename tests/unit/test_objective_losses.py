@@ -12,7 +12,7 @@ from tuneforge.objectives.cpt import pack_text
 from tuneforge.objectives.distill import kd_loss_sum
 from tuneforge.objectives.preference import dpo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
 from tuneforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
-from tuneforge.train.policy import hacking_alarm
+from tuneforge.train.recipes.online_rl import hacking_alarm
 
 t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 

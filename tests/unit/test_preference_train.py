@@ -10,7 +10,7 @@ from tuneforge.plugins import validate_config
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives import OBJECTIVES
-from tuneforge.train.preference import Reference, batch_logps, encode_pairs, pair_batches, pair_step
+from tuneforge.train.recipes.pairs import Reference, batch_logps, encode_pairs, pair_batches, pair_step
 from tuneforge.train.run import train
 
 ROWS = [{"prompt": [{"role": "user", "content": f"order {i} coffee mugs"}], "chosen": '{"quantity": %d}' % i,

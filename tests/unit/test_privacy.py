@@ -78,7 +78,7 @@ def test_dp_run_reports_epsilon_close_to_the_target(tiny_raw_cfg):
 
 
 def test_dp_rejects_ewc_and_packing(tiny_raw_cfg, tiny_model_dir):
-    from tuneforge.train.run import preflight
+    from tuneforge.train.run_folder import preflight
 
     raw = tiny_raw_cfg | {"privacy": {"noise_multiplier": 1.0}}
     raw["data"] = raw["data"] | {"packing": True}

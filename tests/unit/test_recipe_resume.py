@@ -1,5 +1,5 @@
-"""--resume for the recipes with a loop of their own: the pair and head recipes (common.fit)
-end an interrupted run with the same weights as an uninterrupted one; the policy recipe
+"""--resume for the recipes beside the token one: the pair and head recipes (THE loop,
+train/loop.py) end an interrupted run with the same weights as an uninterrupted one; the policy recipe
 continues trl's run from its checkpoint step; a reward_run that is not a finished reward
 model is a config problem found before any weights load."""
 
@@ -13,17 +13,18 @@ from safetensors.torch import load_file
 from tuneforge.config import ConfigError, to_yaml
 
 from tuneforge.plugins import validate_config
-from tuneforge.train import common
-from tuneforge.train import policy as policy_mod
-from tuneforge.train.run import preflight, train
+from tuneforge.train import loop
+from tuneforge.train.recipes import online_rl
+from tuneforge.train.run import train
+from tuneforge.train.run_folder import preflight
 from tuneforge.runs import load_run_config
 
 PAIRS = {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200, "val_size": 0.1, "test_size": 0.2}
 
 
 def _fail_in_step(monkeypatch, step: int, error: BaseException) -> None:
-    """Raise ``error`` when fit moves the micro-batch of ``step`` to the device (grad_accum 1)."""
-    real, calls = common.to_device, {"n": 0}
+    """Raise ``error`` when the loop moves the micro-batch of ``step`` to the device (grad_accum 1)."""
+    real, calls = loop.to_device, {"n": 0}
 
     def to_device(batch, device):
         calls["n"] += 1
@@ -31,7 +32,7 @@ def _fail_in_step(monkeypatch, step: int, error: BaseException) -> None:
             raise error
         return real(batch, device)
 
-    monkeypatch.setattr(common, "to_device", to_device)
+    monkeypatch.setattr(loop, "to_device", to_device)
 
 
 def _resume(run_dir: Path) -> Path:
@@ -87,7 +88,8 @@ def test_interrupted_reward_run_resumes_to_the_same_weights_and_head(tiny_raw_cf
     assert e.value.code == 130
     monkeypatch.undo()
     cut_dir = Path(tiny_raw_cfg["output_dir"]) / "cut"
-    assert [p.name for p in (cut_dir / "checkpoints").iterdir()] == ["step-000004"]  # the start of step 5
+    # step 0 (the NaN guard's state to roll back to) and the start of step 5, written on Ctrl-C
+    assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == ["step-000000", "step-000004"]
     _resume(cut_dir)
     resumed = _adapter(cut_dir)
     assert any("score" in k for k in resumed)  # the reward head is trained, checkpointed and resumed
@@ -114,14 +116,14 @@ def _policy_raw(raw: dict, reward_run: Path | str) -> dict:
 def test_interrupted_policy_run_continues_from_trls_checkpoint(tiny_raw_cfg, monkeypatch):
     raw = _policy_raw(tiny_raw_cfg, _reward_run(tiny_raw_cfg))
     ref = _adapter(train(validate_config(raw | {"run_name": "ref"})))
-    real = policy_mod.hacking_alarm
+    real = online_rl.hacking_alarm
 
     def killed_in_step_3(row, *args):  # called after step 3's row is logged, before anything else
         if row["step"] == 3:
             raise RuntimeError("killed")
         return real(row, *args)
 
-    monkeypatch.setattr(policy_mod, "hacking_alarm", killed_in_step_3)
+    monkeypatch.setattr(online_rl, "hacking_alarm", killed_in_step_3)
     with pytest.raises(RuntimeError, match="killed"):
         train(validate_config(raw))
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from tuneforge.plugins import validate_config
 from tuneforge.objectives import OBJECTIVES
-from tuneforge.train import run as run_mod
+from tuneforge.train.recipes import tokens as tokens_recipe
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, TrainingDiverged
 from tuneforge.train.run import train
 
@@ -33,7 +33,7 @@ def test_early_stopping_counts_evaluations_without_improvement():
 
 def test_run_stops_after_patience_and_the_adapter_is_the_best_step(tiny_raw_cfg, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0, 3.1, 3.2])
-    monkeypatch.setattr(run_mod, "validation_loss", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(tokens_recipe, "validation_loss", lambda *a, **k: next(scripted))
     raw = tiny_raw_cfg | {"eval": {"metric": "none"}}
     raw["train"] = raw["train"] | {"max_steps": 10, "eval_every": 1, "save_every": 1, "keep_checkpoints": 20,
                                    "early_stopping_patience": 2}
@@ -101,5 +101,5 @@ def test_nan_again_after_the_rollback_stops_the_run(tiny_raw_cfg, monkeypatch):
     _poison(monkeypatch, lambda n: n >= 3)
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         train(validate_config(raw))
-    m = _metrics(run_mod.Path(raw["output_dir"]) / raw["run_name"])
+    m = _metrics(tokens_recipe.Path(raw["output_dir"]) / raw["run_name"])
     assert [r["kind"] for r in m] == ["train", "train", "rollback"]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.plugins import validate_config
 from tuneforge.runs import load_run_config
-from tuneforge.train import run as run_mod
+from tuneforge.train.recipes import tokens as tokens_recipe
 from tuneforge.train.run import train
 
 
@@ -57,7 +57,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny_raw_cfg, monkeypatch):
     ref = load_file(str(ref_dir / "adapter/adapter_model.safetensors"))
 
     calls = {"n": 0}
-    real = run_mod.trained_tokens
+    real = tokens_recipe.trained_tokens
 
     def interrupt_in_step_5(batch):
         calls["n"] += 1
@@ -65,11 +65,11 @@ def test_resumed_run_ends_with_the_same_weights(tiny_raw_cfg, monkeypatch):
             raise KeyboardInterrupt
         return real(batch)
 
-    monkeypatch.setattr(run_mod, "trained_tokens", interrupt_in_step_5)
+    monkeypatch.setattr(tokens_recipe, "trained_tokens", interrupt_in_step_5)
     with pytest.raises(SystemExit) as e:
         _train(tiny_raw_cfg | {"run_name": "cut"})
     assert e.value.code == 130
-    monkeypatch.setattr(run_mod, "trained_tokens", real)
+    monkeypatch.setattr(tokens_recipe, "trained_tokens", real)
     cut_dir = ref_dir.parent / "cut"
     assert sorted(p.name for p in (cut_dir / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
     cfg = load_run_config(cut_dir)

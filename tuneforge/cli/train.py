@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
     if args.nproc > 1:
         from tuneforge.objectives import OBJECTIVES
         from tuneforge.train.distributed import launch
-        from tuneforge.train.run import new_run_dir
+        from tuneforge.train.run_folder import new_run_dir
 
         if OBJECTIVES[cfg.objective.name].recipe:
             # Their loops (pairs, heads, trl's policy trainer) do not split batches across
@@ -67,7 +67,7 @@ def cmd_rlhf(args) -> int:
 def cmd_check(args) -> int:
     from tuneforge.config import to_yaml
     from tuneforge.plugins import load_config
-    from tuneforge.train.run import preflight
+    from tuneforge.train.run_folder import preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)

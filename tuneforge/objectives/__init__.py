@@ -1,12 +1,13 @@
 """Objectives: what the loss is. A plug point like methods (``objective: {name: ...}``).
 
-An objective turns a batch into ``(loss_sum, n_tokens)``; the training loop divides by
-the token count of the whole accumulation window (see ``tuneforge.train.numerics``), so
+A token objective turns a batch into ``(loss_sum, n_tokens)``; the token recipe divides by
+the token count of the whole accumulation window (see ``tuneforge.train.token_batches``), so
 every trained token weighs the same whatever the batch or accumulation split.
 
-Objectives whose training is not "token loss over rendered rows" (preference pairs, a
-classification head, online RL through trl) name a ``recipe`` module instead: its
-``train(cfg, resume, console)`` runs the whole run and returns the run folder.
+Objectives whose training is not "token loss over rendered rows" name their ``recipe`` by a
+short name (``pairs``, ``heads``, ``online_rl``; tuneforge.train.recipes resolves it). Every
+objective declares the run settings its recipe cannot honour (``refuses``), so a config asking
+for one is refused when it is validated (tuneforge.plugins), with the reason.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ class Objective:
     options: ClassVar[type[Strict]]
     # The kind of canonical row trained on (``tuneforge.data.formats.Format.kind``).
     data_kind: ClassVar[str] = "sft"
-    # Dotted module path of a recipe with its own loop; None: the token-loss recipe in train/run.py.
+    # The recipe that trains it, by name (tuneforge.train.recipes); None: the token-loss recipe.
     recipe: ClassVar[str | None] = None
+    # How the token recipe scores the test split: "generate" (answers scored against the
+    # references) or "perplexity" (held-out token loss, for raw text).
+    held_out: ClassVar[str] = "generate"
+    # Run settings (keys of tuneforge.plugins.SETTINGS) this objective's recipe cannot honour,
+    # each with the reason it gives when a config asks for it.
+    refuses: ClassVar[dict[str, str]] = {}
 
     def loss(self, model, batch: dict, opts, *, hidden_path: bool):
         raise NotImplementedError
@@ -38,9 +45,16 @@ class Objective:
 
         return encode_rows(tok, rows, data_cfg.max_length, data_cfg.overlength, data_cfg.system_prompt)
 
-    # An objective-specific held-out evaluation ``(model, tok, test_rows, cfg, method, device,
-    # dtype, run_dir, console) -> dict``; None: generate answers and score them (SFT).
-    evaluate = None
+
+# What the recipes with a loop over one task of pairs, texts or prompts cannot do; each
+# objective adds what is particular to it.
+ONE_TASK_RECIPE_REFUSES = {
+    "continual": "replay, EWC and earlier-task validation are built on token-loss rows; this recipe trains "
+                 "one task (run the earlier tasks with a token objective, or drop continual)",
+    "tasks": "this recipe trains one task: give its files in data.train",
+    "packing": "each example is scored as a whole sequence; packing would join several into one",
+    "fsdp": "this recipe trains on one process, which does not shard; use train.distributed=ddp",
+}
 
 
 OBJECTIVES: dict[str, Objective] = {}

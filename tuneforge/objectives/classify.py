@@ -1,7 +1,7 @@
 """Sequence classification: a new head on a causal LM or an encoder, cross-entropy on labels.
 
 The label names come from the data and are saved with the model (config id2label), so the
-tuned model predicts names, not indices. The recipe is tuneforge.train.heads.
+tuned model predicts names, not indices. The recipe is tuneforge.train.recipes.heads.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import Objective, register_objective
+from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:
@@ -62,4 +62,8 @@ class Classify(Objective):
     name = "classify"
     options = ClassifyOptions
     data_kind = "classification"
-    recipe = "tuneforge.train.heads"
+    recipe = "heads"
+    refuses = ONE_TASK_RECIPE_REFUSES | {
+        "privacy": "DP-SGD is wired to the token loss (per-example scaling of a token sum); the head recipe "
+                   "takes no per-example gradients",
+    }

@@ -1,12 +1,11 @@
 """Continued pre-training: raw domain text, packed into full sequences, loss on every token.
 
-Reuses the token-loss recipe (train/run.py): only the encoding differs (labels = input ids)
+Reuses the token-loss recipe (train/recipes/tokens.py): only the encoding differs (labels = input ids)
 and the held-out measure is perplexity on domain text, before (adapter off) and after.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from tuneforge.config import Strict
@@ -37,6 +36,7 @@ class CPT(SFT):
     name = "cpt"
     options = CptOptions
     data_kind = "text"
+    held_out = "perplexity"  # raw text has no answers to generate: held-out perplexity, base vs tuned
 
     def encode(self, tok, rows, data_cfg):
         ids = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows]
@@ -46,20 +46,3 @@ class CPT(SFT):
             enc.dropped["tail shorter than half of max_length (tokens)"] = tail
             enc.examples.append(f"the last {tail} of {sum(map(len, ids)) + len(ids)} tokens (with eos) fill no block")
         return enc
-
-    def evaluate(self, model, tok, test_rows, cfg, method, device, dtype, run_dir, console):
-        from tuneforge.io import write_json
-        from tuneforge.train.loop import epoch_batches, validation_loss
-
-        enc = self.encode(tok, test_rows, cfg.data)
-        batches = epoch_batches(enc.rows, 0, 0, cfg.eval.batch_size, False, cfg.data.max_length, tok.pad_token_id)
-        kw = dict(device=device, dtype=dtype, hidden_path=cfg.train.logits_at_trained_only)
-        results = {}
-        if cfg.eval.baseline and hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                results["base"] = validation_loss(model, self, cfg.objective, batches, **kw)
-        results["tuned"] = validation_loss(model, self, cfg.objective, batches, **kw)
-        scores = {who: {"loss": round(v, 5), "perplexity": round(math.exp(v), 3)} for who, v in results.items()}
-        write_json(run_dir / "eval.json", scores | {"tokens": sum(len(r["input_ids"]) for r in enc.rows)})
-        console.print("held-out perplexity: " + "  ".join(f"{w} {s['perplexity']:.2f}" for w, s in scores.items()))
-        return scores

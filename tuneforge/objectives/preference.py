@@ -4,7 +4,7 @@ SimPO, ORPO and KTO, as small pure losses over per-sequence log-probabilities.
 Every loss takes summed response log-probs and response lengths (one value per pair) and
 returns ``(loss [B], chosen_reward [B], rejected_reward [B])``; the rewards are each
 method's implicit reward, so margins and preference accuracy read the same for all.
-The loop (tuneforge.train.preference) computes the log-probs; the reference model is
+The pair recipe (tuneforge.train.recipes.pairs) computes the log-probs; the reference model is
 the policy with its adapter disabled.
 
 Why not trl's trainers: trl 1.16 has DPOTrainer (loss_type sigmoid, ipo, hinge, ...) and
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import Objective, register_objective
+from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, head, ignore: int = -100):
@@ -122,7 +122,11 @@ class KtoOptions(Strict):
 
 class PreferenceObjective(Objective):
     data_kind = "preference"
-    recipe = "tuneforge.train.preference"
+    recipe = "pairs"
+    refuses = ONE_TASK_RECIPE_REFUSES | {
+        "privacy": "DP-SGD bounds each row's gradient, and a pair trains as two rows (chosen, rejected) "
+                   "whose losses are coupled, so clipping per row bounds no pair's contribution",
+    }
     needs_reference: ClassVar[bool] = True
 
     def pair_loss(self, opts, pc, pr, nc, nr, rc=None, rr=None):

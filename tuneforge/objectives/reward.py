@@ -1,7 +1,7 @@
 """Reward model: a scalar head on the LM, trained with the Bradley-Terry pairwise loss.
 
 P(chosen > rejected) = σ(r_c - r_r); the loss is its negative log-likelihood. The recipe
-is the sequence-head one (tuneforge.train.heads), shared with classification.
+is the sequence-head one (tuneforge.train.recipes.heads), shared with classification.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import Objective, register_objective
+from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:
@@ -40,4 +40,8 @@ class Reward(Objective):
     name = "reward"
     options = RewardOptions
     data_kind = "preference"
-    recipe = "tuneforge.train.heads"
+    recipe = "heads"
+    refuses = ONE_TASK_RECIPE_REFUSES | {
+        "privacy": "DP-SGD is wired to the token loss (per-example scaling of a token sum); the head recipe "
+                   "takes no per-example gradients",
+    }

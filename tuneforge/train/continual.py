@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.train.loop import trained_tokens
+from tuneforge.train.token_batches import trained_tokens
 
 from tuneforge.hardware import autocast, to_device
 
@@ -47,6 +47,8 @@ def diagonal_fisher(model, objective, opts, batches: list[dict], *, device, dtyp
 
 class EWC:
     """The loop's extra-loss hook: ``lambda/2 * ewc_penalty`` against the weights at the start."""
+
+    key = "ewc_penalty"  # its column in metrics.jsonl
 
     def __init__(self, model, fisher: dict[str, torch.Tensor], lam: float):
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,5 +1,5 @@
-"""Recipe for objectives with a sequence head (classify, reward): setup -> data -> model
-with a new head -> train -> save (adapter + head + label names) -> evaluate.
+"""The head recipe (classify, reward): setup -> data -> model with a new head -> train (THE
+loop, tuneforge.train.loop) -> save (adapter + head + label names) -> evaluate.
 
 Works on causal LMs (the head reads the last non-pad token) and on encoders such as the
 embedded all-MiniLM-L6-v2 (the head reads the pooled [CLS] token).
@@ -7,23 +7,25 @@ embedded all-MiniLM-L6-v2 (the head reads the pooled [CLS] token).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig
+from tuneforge.hardware import autocast
 from tuneforge.io import write_json
-from tuneforge.methods import METHODS, count_trainable
+from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_sequence_classifier, load_tokenizer
 from tuneforge.objectives.classify import balanced_class_weights, classification_metrics
 from tuneforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
-from tuneforge.train.common import finish, fit, start_run
-from tuneforge.hardware import autocast
-from tuneforge.train.preference import encode_pairs
+from tuneforge.plugins import method_of
+from tuneforge.train.continual import init_from
+from tuneforge.train.loop import Loop, MeanSteps
+from tuneforge.train.recipes.pairs import encode_pairs
+from tuneforge.train.run_folder import RunStart, finish, start_run
 
 
 def pad_ids(seqs: list[list[int]], pad_id: int) -> dict:
@@ -124,46 +126,25 @@ def reward_eval(model, batches, device, center_coef: float) -> dict:
             "reward_mean": round(float(torch.cat([rc, rr]).mean()), 5)}
 
 
-def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
     console = console or Console()
     # --- setup and data ----------------------------------------------------------------
     run = start_run(cfg, resume, console)
-    method, opts, t = METHODS[cfg.method.name], cfg.objective, cfg.train
+    method, opts, t = method_of(cfg), cfg.objective, cfg.train
     is_reward = opts.name == "reward"
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    s = run.splits
-    data, notes = {}, {}
-    weight, class_weights = None, None  # classify with class_weights: balanced
-    if is_reward:
-        names = ["reward"]
-        for split in ("train", "validation", "test"):
-            data[split], dropped = encode_pairs(tok, getattr(s, split), cfg.data.max_length, cfg.data.system_prompt)
-            if dropped:
-                notes[f"{split}_dropped_pairs"] = dict(dropped)
-        make_batch = reward_batch
-    else:
-        names = label_names(opts, s)
-        label_ids = {n: i for i, n in enumerate(names)}
-        for split in ("train", "validation", "test"):
-            data[split], truncated = encode_texts(tok, getattr(s, split), label_ids, cfg.data.max_length)
-            if truncated:
-                notes[f"{split}_truncated"] = truncated
-        make_batch = class_batch
-        if opts.class_weights == "balanced":
-            w = balanced_class_weights([y for _, y in data["train"]], len(names))
-            weight, class_weights = torch.tensor(w, dtype=torch.float32), {n: round(x, 4) for n, x in zip(names, w)}
-            console.print(f"class weights (balanced): {class_weights}")
-    for k, v in notes.items():
-        console.print(f"  [yellow]{k}[/]: {v}")
-    if not data["train"]:
-        raise ConfigError([f"no training rows left within data.max_length={cfg.data.max_length}"])
+    data, names, notes, weight, class_weights = encode_splits(cfg, tok, run, console)
+    make_batch = reward_batch if is_reward else class_batch
 
     # --- model -------------------------------------------------------------------------
     model = load_sequence_classifier(cfg.model.name, dict(enumerate(names)),
                                      method.base_dtype(cfg.method, run.dtype), run.device, pad,
                                      cfg.model.revision, cfg.model.trust_remote_code)
     model = method.apply(model, cfg.method)
+    if t.init_from:
+        console.print(f"continuing from {t.init_from} ({init_from(model, t.init_from)} tensors)")
     n_train, n_total = count_trainable(model)
     console.print(f"[bold]{cfg.method.name}[/] + {opts.name} head ({len(names)} output"
                   f"{'s' if len(names) > 1 else ''}): {n_train:,} trainable of {n_total:,}")
@@ -174,16 +155,14 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         evaluate = lambda k: reward_eval(model, held[k], run.device, opts.center_coef)  # noqa: E731
     else:
         step = lambda b: classify_step(model, b, weight)  # noqa: E731
-
-        def evaluate(k):
-            y_true, y_pred, loss = predict(model, held[k], run.device)
-            m = classification_metrics(y_true, y_pred, names)
-            return {"val_loss": round(loss, 5), "accuracy": round(m["accuracy"], 5),
-                    "macro_f1": round(m["macro"]["f1"], 5)}
+        evaluate = lambda k: classify_eval(model, held[k], run.device, names)  # noqa: E731
 
     # --- train -------------------------------------------------------------------------
-    last_val = fit(model, lambda epoch: [make_batch(c, pad) for c in chunks(data["train"], t.batch_size, t.seed, epoch)],
-                   step, (lambda: evaluate("validation")) if "validation" in held else None, run, console)
+    steps = MeanSteps(lambda epoch: [make_batch(c, pad) for c in chunks(data["train"], t.batch_size, t.seed, epoch)],
+                      step, (lambda: evaluate("validation")) if "validation" in held else None, len(data["train"]),
+                      run.device, run.dtype)
+    outcome = Loop(cfg, run.run_dir, model, steps, method, device=run.device, dtype=run.dtype, console=console,
+                   resume=run.resume, on_eval=on_eval).run()
 
     # --- save ----------------------------------------------------------------------------
     method.save(model, run.run_dir / "adapter")
@@ -196,46 +175,65 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     if "test" in held:
         model.eval()
         with torch.no_grad(), autocast(run.device, run.dtype):
-            if is_reward:
-                results = {"tuned": reward_eval(model, held["test"], run.device, opts.center_coef)}
-                console.print(f"held-out pairs ({len(data['test'])}): pairwise accuracy "
-                              f"{results['tuned']['pairwise_accuracy']:.3f} (chance 0.5)")
-            else:
-                y_true, y_pred, _ = predict(model, held["test"], run.device)
-                results = classification_metrics(y_true, y_pred, names)
-                majority = max(range(len(names)), key=[y for _, y in data["train"]].count)
-                results["majority_baseline_accuracy"] = sum(y == majority for y in y_true) / len(y_true)
-                console.print(f"held-out ({len(y_true)}): accuracy {results['accuracy']:.3f} "
-                              f"(majority class {results['majority_baseline_accuracy']:.3f}), "
-                              f"macro F1 {results['macro']['f1']:.3f}")
+            results = held_out_scores(model, held["test"], data, names, is_reward, opts, run.device, console)
         write_json(run.run_dir / "eval.json", results)
     summary_eval = results.get("tuned") or {k: results[k] for k in ("accuracy", "macro", "majority_baseline_accuracy")
                                             if k in results}
-    return finish(run, {"steps": last_val.pop("steps"), "trainable_params": n_train, "total_params": n_total,
+    return finish(run, {"steps": outcome.steps, "trainable_params": n_train, "total_params": n_total,
                         "labels": names, "data_notes": notes,
                         **({"class_weights": class_weights} if class_weights else {}),
-                        "validation": last_val, "eval": summary_eval}, console)
+                        "validation": outcome.last_eval, **outcome.best, "eval": summary_eval}, console)
 
 
-def reward_run_problem(run_dir: Path) -> str | None:
-    """Why ``run_dir`` is not a finished reward-model run, or None. Reads its files only
-    (config.yaml, head/config.json, summary.json), so it is cheap enough for preflight."""
-    train_one = "train one with objective: {name: reward}"
-    if not run_dir.is_dir():
-        return f"{run_dir} does not exist; give the folder of a reward run ({train_one})"
-    if not (run_dir / "config.yaml").is_file():
-        return f"{run_dir} has no config.yaml: not a tuneforge run folder ({train_one})"
-    try:
-        objective = yaml.safe_load((run_dir / "config.yaml").read_text())["objective"]["name"]
-    except (yaml.YAMLError, TypeError, KeyError) as e:
-        return f"{run_dir}/config.yaml names no objective ({type(e).__name__}: {e}): not a tuneforge run config"
-    head = run_dir / "head" / "config.json"
-    if objective == "classify":
-        n = f" with {len(json.loads(head.read_text())['id2label'])} labels" if head.is_file() else ""
-        return f"{run_dir} is a classify run{n}; a reward model has 1 score: {train_one}"
-    if objective != "reward":
-        return f"{run_dir} is a '{objective}' run, not a reward model: {train_one}"
-    if not head.is_file() or not (run_dir / "summary.json").is_file():
-        return (f"{run_dir} is an unfinished reward run (no head/config.json or summary.json): "
-                f"finish it with tuneforge train --resume {run_dir}")
-    return None
+def encode_splits(cfg: RunConfig, tok, run: RunStart, console: Console):
+    """Every split encoded for the head: reward pairs, or (text ids, label id) with the label
+    names. Returns (data, names, notes, class weight tensor or None, class weights by name or None)."""
+    opts, s = cfg.objective, run.splits
+    data, notes = {}, {}
+    weight, class_weights = None, None  # classify with class_weights: balanced
+    if opts.name == "reward":
+        names = ["reward"]
+        for split in ("train", "validation", "test"):
+            data[split], dropped = encode_pairs(tok, getattr(s, split), cfg.data.max_length, cfg.data.system_prompt)
+            if dropped:
+                notes[f"{split}_dropped_pairs"] = dict(dropped)
+    else:
+        names = label_names(opts, s)
+        label_ids = {n: i for i, n in enumerate(names)}
+        for split in ("train", "validation", "test"):
+            data[split], truncated = encode_texts(tok, getattr(s, split), label_ids, cfg.data.max_length)
+            if truncated:
+                notes[f"{split}_truncated"] = truncated
+        if opts.class_weights == "balanced":
+            w = balanced_class_weights([y for _, y in data["train"]], len(names))
+            weight, class_weights = torch.tensor(w, dtype=torch.float32), {n: round(x, 4) for n, x in zip(names, w)}
+            console.print(f"class weights (balanced): {class_weights}")
+    for k, v in notes.items():
+        console.print(f"  [yellow]{k}[/]: {v}")
+    if not data["train"]:
+        raise ConfigError([f"no training rows left within data.max_length={cfg.data.max_length}"])
+    return data, names, notes, weight, class_weights
+
+
+def classify_eval(model, batches, device, names: list[str]) -> dict:
+    y_true, y_pred, loss = predict(model, batches, device)
+    m = classification_metrics(y_true, y_pred, names)
+    return {"val_loss": round(loss, 5), "accuracy": round(m["accuracy"], 5), "macro_f1": round(m["macro"]["f1"], 5)}
+
+
+def held_out_scores(model, batches, data: dict, names: list[str], is_reward: bool, opts, device, console) -> dict:
+    """The tuned head on the test split: pairwise accuracy (reward), or classification metrics
+    next to the majority-class baseline."""
+    if is_reward:
+        results = {"tuned": reward_eval(model, batches, device, opts.center_coef)}
+        console.print(f"held-out pairs ({len(data['test'])}): pairwise accuracy "
+                      f"{results['tuned']['pairwise_accuracy']:.3f} (chance 0.5)")
+        return results
+    y_true, y_pred, _ = predict(model, batches, device)
+    results = classification_metrics(y_true, y_pred, names)
+    majority = max(range(len(names)), key=[y for _, y in data["train"]].count)
+    results["majority_baseline_accuracy"] = sum(y == majority for y in y_true) / len(y_true)
+    console.print(f"held-out ({len(y_true)}): accuracy {results['accuracy']:.3f} "
+                  f"(majority class {results['majority_baseline_accuracy']:.3f}), "
+                  f"macro F1 {results['macro']['f1']:.3f}")
+    return results

@@ -1,9 +1,10 @@
-"""Recipe for policy optimisation against a reward model (objective ``policy``): setup ->
+"""The online-RL recipe: policy optimisation against a reward model (objective ``policy``): setup ->
 prompts -> policy (method applied) + reward model (a reward run, merged) -> trl GRPO/RLOO
 with a KL penalty -> save -> held-out reward before/after.
 
 trl runs the loop (sampling, group advantages, clipped policy loss, KL to the reference)
-and checkpoints it for --resume; tuneforge adds the run folder and a watch for reward
+and checkpoints it for --resume (it is the one recipe not on tuneforge's loop: what that loop
+adds and trl's does not, objectives/policy.py refuses at validation); tuneforge adds the run folder and a watch for reward
 hacking: every logged step writes KL, reward and answer length to metrics.jsonl, and
 training stops with a warning when the KL explodes or the answers collapse in length.
 """
@@ -12,19 +13,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
 
 from tuneforge.config import RunConfig
 from tuneforge.data.render import with_system
+from tuneforge.hardware import autocast
 from tuneforge.io import write_json
-from tuneforge.methods import METHODS, count_trainable
+from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
+from tuneforge.plugins import method_of
 from tuneforge.train.checkpoint import truncate_metrics
-from tuneforge.train.common import finish, start_run
-from tuneforge.hardware import autocast
+from tuneforge.train.run_folder import RunStart, finish, start_run
 
 
 def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_length_ratio: float) -> str | None:
@@ -113,17 +116,20 @@ def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[di
                          for p, a, r in zip(prompts, answers, scores)]}
 
 
-def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
+    """``on_eval`` is never called: trl's loop computes no validation loss."""
+    # Deferred: datasets and trl are heavy, and only this recipe needs them.
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     from tuneforge.runs import load_head
 
     console = console or Console()
     # --- setup and prompts ---------------------------------------------------------------
     run = start_run(cfg, resume, console)
-    method, opts, t = METHODS[cfg.method.name], cfg.objective, cfg.train
+    method, opts = method_of(cfg), cfg.objective
     reward_dir = Path(opts.reward_run)  # checked by preflight (objectives/policy.py)
     prompts = {s: [with_system(r["prompt"], cfg.data.system_prompt) for r in getattr(run.splits, s)]
                for s in ("train", "test")}
@@ -141,28 +147,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     console.print(f"[bold]{cfg.method.name}[/] + {opts.algorithm}: {n_train:,} trainable of {n_total:,}; "
                   f"reward model {reward_dir}")
 
-    n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
-    results, changed = {}, None
-
     # --- train (trl) ---------------------------------------------------------------------
-    config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[opts.algorithm]
+    trainer_cls = {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[opts.algorithm]
     trl_dir = run.run_dir / "trl"
-    args = config_cls(
-        output_dir=str(trl_dir), learning_rate=t.lr, max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
-        warmup_steps=warmup_steps(t), gradient_checkpointing=t.gradient_checkpointing,  # trl's default is on
-        # train.batch_size counts prompts; trl's batch counts answers (num_generations per prompt).
-        per_device_train_batch_size=t.batch_size * opts.num_generations, gradient_accumulation_steps=t.grad_accum,
-        num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
-        temperature=opts.temperature, beta=opts.beta, max_grad_norm=t.max_grad_norm or 0.0, seed=t.seed,
-        logging_steps=1, report_to=[], use_cpu=run.device == "cpu",
-        bf16=run.dtype == torch.bfloat16, fp16=run.dtype == torch.float16,
-        # trl's checkpoints (adapter, optimizer, scheduler, RNG, data position) land in
-        # run/trl/checkpoint-N for --resume. With save_every=0 there are none: the finished
-        # adapter is saved below, and a checkpoint at the last step would resume nothing.
-        **({"save_strategy": "steps", "save_steps": t.save_every, "save_total_limit": t.keep_checkpoints}
-           if t.save_every else {"save_strategy": "no"}),
-    )
+    args = trl_args(cfg, run, trl_dir)
     watch: dict = {}
     metrics_path = run.run_dir / "metrics.jsonl"
     last = get_last_checkpoint(str(trl_dir)) if run.resume and trl_dir.is_dir() else None
@@ -191,26 +179,61 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         model.delete_adapter("ref")
     method.save(model, run.run_dir / "adapter")
     tok.save_pretrained(run.run_dir / "adapter")
+    n_test = min(len(prompts["test"]), cfg.eval.limit or 16)
+    results, changed = {}, None
     if n_test:
-        # Base and tuned are both scored after training: trl prepares the reward model for its
-        # own mixed precision (accelerate patches its forward), so scores taken before and after
-        # training would differ for identical answers (seen here: 5.47 vs 4.57 on the same text).
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok,
-                                                  prompts["test"][:n_test], opts.max_completion_length, run.device,
-                                                  run.dtype)
-        results["tuned"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts["test"][:n_test],
-                                           opts.max_completion_length, run.device, run.dtype)
-        write_json(run.run_dir / "eval.json", results)
-        if "base" in results:
-            changed = sum(b["answer"] != t["answer"] for b, t in zip(results["base"]["examples"],
-                                                                     results["tuned"]["examples"]))
-            console.print(f"held-out prompts ({n_test}): reward {results['base']['reward']:.3f} -> "
-                          f"{results['tuned']['reward']:.3f}, answer tokens {results['base']['answer_tokens']:.1f} -> "
-                          f"{results['tuned']['answer_tokens']:.1f}, {changed} greedy answers changed")
+        results, changed = evaluate_policy(model, tok, reward_model, reward_tok, prompts["test"][:n_test], run,
+                                           console)
     return finish(run, {"steps": trainer.state.global_step, "trainable_params": n_train, "total_params": n_total,
                         "reward_run": str(reward_dir), "stopped_early": watch.get("stopped"),
                         "held_out_answers_changed": changed,
                         "eval": {k: {m: v for m, v in r.items() if m != "examples"} for k, r in results.items()}},
                   console)
+
+
+def trl_args(cfg: RunConfig, run: RunStart, trl_dir: Path):
+    """tuneforge's train settings as trl's GRPOConfig/RLOOConfig."""
+    from trl import GRPOConfig, RLOOConfig
+
+    opts, t = cfg.objective, cfg.train
+    config_cls = {"grpo": GRPOConfig, "rloo": RLOOConfig}[opts.algorithm]
+    return config_cls(
+        output_dir=str(trl_dir), learning_rate=t.lr, max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs, lr_scheduler_type=t.scheduler,
+        warmup_steps=warmup_steps(t), gradient_checkpointing=t.gradient_checkpointing,  # trl's default is on
+        # train.batch_size counts prompts; trl's batch counts answers (num_generations per prompt).
+        per_device_train_batch_size=t.batch_size * opts.num_generations, gradient_accumulation_steps=t.grad_accum,
+        num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
+        temperature=opts.temperature, beta=opts.beta, max_grad_norm=t.max_grad_norm or 0.0, seed=t.seed,
+        logging_steps=1, report_to=[], use_cpu=run.device == "cpu",
+        bf16=run.dtype == torch.bfloat16, fp16=run.dtype == torch.float16,
+        # trl's checkpoints (adapter, optimizer, scheduler, RNG, data position) land in
+        # run/trl/checkpoint-N for --resume. With save_every=0 there are none: the finished
+        # adapter is saved below, and a checkpoint at the last step would resume nothing.
+        **({"save_strategy": "steps", "save_steps": t.save_every, "save_total_limit": t.keep_checkpoints}
+           if t.save_every else {"save_strategy": "no"}),
+    )
+
+
+def evaluate_policy(model, tok, reward_model, reward_tok, prompts: list, run: RunStart, console) -> tuple[dict, int | None]:
+    """Held-out reward of greedy answers, base (adapter off) and tuned -> eval.json; also how
+    many greedy answers training changed."""
+    opts = run.cfg.objective
+    results, changed = {}, None
+    # Base and tuned are both scored after training: trl prepares the reward model for its
+    # own mixed precision (accelerate patches its forward), so scores taken before and after
+    # training would differ for identical answers (seen here: 5.47 vs 4.57 on the same text).
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            results["base"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts,
+                                              opts.max_completion_length, run.device, run.dtype)
+    results["tuned"] = held_out_reward(model.eval(), tok, reward_model, reward_tok, prompts,
+                                       opts.max_completion_length, run.device, run.dtype)
+    write_json(run.run_dir / "eval.json", results)
+    if "base" in results:
+        changed = sum(b["answer"] != t["answer"] for b, t in zip(results["base"]["examples"],
+                                                                 results["tuned"]["examples"]))
+        console.print(f"held-out prompts ({len(prompts)}): reward {results['base']['reward']:.3f} -> "
+                      f"{results['tuned']['reward']:.3f}, answer tokens {results['base']['answer_tokens']:.1f} -> "
+                      f"{results['tuned']['answer_tokens']:.1f}, {changed} greedy answers changed")
+    return results, changed

@@ -1,8 +1,9 @@
-"""Recipe for preference objectives (dpo, simpo, orpo, kto): setup -> pairs -> model ->
-evaluate (before) -> train -> save -> evaluate (after).
+"""The pair recipe (dpo, simpo, orpo, kto): setup -> pairs -> model -> evaluate (before) ->
+train (THE loop, tuneforge.train.loop) -> save -> evaluate (after).
 
 The reference model is the policy with its adapter disabled: no second copy of the
-weights (methods without an adapter get a frozen copy).
+weights. Methods without an adapter, and runs that start from an earlier run's adapter
+(train.init_from: the reference is where training starts), get a frozen copy.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -17,14 +19,16 @@ from rich.console import Console
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data.render import pad_batch, render_chat, with_system
 from tuneforge.io import write_json
-from tuneforge.methods import METHODS, count_trainable
+from tuneforge.hardware import autocast
+from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
-from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.preference import sequence_logps
 from tuneforge.objectives.sft import body_and_head
-from tuneforge.train.common import finish, fit, start_run
-from tuneforge.hardware import autocast
+from tuneforge.plugins import method_of, objective_of
+from tuneforge.train.continual import init_from
+from tuneforge.train.loop import Loop, MeanSteps
+from tuneforge.train.run_folder import finish, start_run
 
 
 def encode_pairs(tok, rows: list[dict], max_length: int, system_prompt: str | None) -> tuple[list[dict], Counter]:
@@ -55,10 +59,12 @@ def pair_batches(pairs: list[dict], batch_size: int, pad_id: int, seed: int, epo
 
 
 class Reference:
-    """Log-probs under the reference model: the adapter switched off, or a frozen copy."""
+    """Log-probs under the reference model: the adapter switched off, or a frozen copy (no
+    adapter to switch off, or ``frozen``: the starting weights are not the base model's)."""
 
-    def __init__(self, model):
-        self.copy = None if hasattr(model, "disable_adapter") else copy.deepcopy(model).eval().requires_grad_(False)
+    def __init__(self, model, frozen: bool = False):
+        self.copy = (copy.deepcopy(model).eval().requires_grad_(False) if frozen or not hasattr(model, "disable_adapter")
+                     else None)
         self.model = model
 
     @torch.no_grad()
@@ -108,11 +114,12 @@ def evaluate_pairs(model, reference, objective, opts, batches: list[dict], devic
     return {name: round(v / max(n_pairs, 1), 5) for name, v in totals.items()}
 
 
-def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None) -> Path:
+def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
     console = console or Console()
     # --- setup and data ----------------------------------------------------------------
     run = start_run(cfg, resume, console)
-    method, objective, opts = METHODS[cfg.method.name], OBJECTIVES[cfg.objective.name], cfg.objective
+    method, objective, opts = method_of(cfg), objective_of(cfg), cfg.objective
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     pairs, dropped = {}, {}
     for split in ("train", "validation", "test"):
@@ -128,8 +135,11 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                            cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code)
     fix_chat_tokenizer(tok, model)
     model = method.apply(model, cfg.method)
+    if cfg.train.init_from:
+        console.print(f"continuing from {cfg.train.init_from} ({init_from(model, cfg.train.init_from)} tensors)")
     n_train, n_total = count_trainable(model)
-    reference = Reference(model) if objective.needs_reference else None
+    # Taken from the starting weights, before the loop restores a checkpoint of a resumed run.
+    reference = Reference(model, frozen=bool(cfg.train.init_from)) if objective.needs_reference else None
     console.print(f"[bold]{cfg.method.name}[/] + {objective.name}: {n_train:,} trainable of {n_total:,}; "
                   f"reference: {'adapter disabled' if reference and reference.copy is None else 'frozen copy' if reference else 'none (reference-free loss)'}")
 
@@ -142,13 +152,17 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     results = {}
     if "test" in held:  # before training the policy is the reference: the baseline
+        model.eval()  # no dropout: the baseline compares the same weights, not a dropout sample
         with torch.no_grad(), autocast(run.device, run.dtype):
             results["base"] = on_held("test")()
 
     # --- train -------------------------------------------------------------------------
-    last_val = fit(model, lambda epoch: pair_batches(pairs["train"], t.batch_size, pad, t.seed, epoch),
-                   lambda b: pair_step(model, reference, objective, opts, b),
-                   on_held("validation") if "validation" in held else None, run, console)
+    steps = MeanSteps(lambda epoch: pair_batches(pairs["train"], t.batch_size, pad, t.seed, epoch),
+                      lambda b: pair_step(model, reference, objective, opts, b),
+                      on_held("validation") if "validation" in held else None, len(pairs["train"]),
+                      run.device, run.dtype)
+    outcome = Loop(cfg, run.run_dir, model, steps, method, device=run.device, dtype=run.dtype, console=console,
+                   resume=run.resume, on_eval=on_eval).run()
 
     # --- save and evaluate ---------------------------------------------------------------
     method.save(model, run.run_dir / "adapter")
@@ -161,7 +175,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         console.print(f"held-out pairs ({len(pairs['test'])}): " + "  ".join(
             f"{m} {results['base'][m]:.3f} -> {results['tuned'][m]:.3f}"
             for m in ("logp_accuracy", "reward_accuracy", "reward_margin")))
-    return finish(run, {"steps": last_val.pop("steps"), "trainable_params": n_train, "total_params": n_total,
+    return finish(run, {"steps": outcome.steps, "trainable_params": n_train, "total_params": n_total,
                         "pairs": {k: len(v) for k, v in pairs.items()},
                         "dropped_pairs": {k: dict(v) for k, v in dropped.items() if v},
-                        "validation": last_val, "eval": results}, console)
+                        "validation": outcome.last_eval, **outcome.best, "eval": results}, console)
