@@ -10,62 +10,7 @@ objective declares the run settings its recipe cannot honour (``refuses``), so a
 for one is refused when it is validated (tuneforge.plugins), with the reason.
 """
 
-from __future__ import annotations
-
-from typing import ClassVar
-
-from tuneforge.config import Strict
-
-
-class Objective:
-    name: ClassVar[str]
-    options: ClassVar[type[Strict]]
-    # The kind of canonical row trained on (``tuneforge.data.formats.Format.kind``).
-    data_kind: ClassVar[str] = "sft"
-    # The recipe that trains it, by name (tuneforge.train.recipes); None: the token-loss recipe.
-    recipe: ClassVar[str | None] = None
-    # How the token recipe scores the test split: "generate" (answers scored against the
-    # references) or "perplexity" (held-out token loss, for raw text).
-    held_out: ClassVar[str] = "generate"
-    # Run settings (keys of tuneforge.plugins.SETTINGS) this objective's recipe cannot honour,
-    # each with the reason it gives when a config asks for it.
-    refuses: ClassVar[dict[str, str]] = {}
-
-    def loss(self, model, batch: dict, opts, *, hidden_path: bool):
-        raise NotImplementedError
-
-    def check(self, opts) -> list[str]:
-        """Problems with the options that only the file system shows (a run folder they name),
-        found by preflight before any weights load; the option types are checked earlier."""
-        return []
-
-    def encode(self, tok, rows: list[dict], data_cfg):
-        """Rows -> token ids and labels for the token-loss loop (chat rendering by default)."""
-        from tuneforge.data.render import encode_rows
-
-        return encode_rows(tok, rows, data_cfg.max_length, data_cfg.overlength, data_cfg.system_prompt)
-
-
-# What the recipes with a loop over one task of pairs, texts or prompts cannot do; each
-# objective adds what is particular to it.
-ONE_TASK_RECIPE_REFUSES = {
-    "continual": "replay, EWC and earlier-task validation are built on token-loss rows; this recipe trains "
-                 "one task (run the earlier tasks with a token objective, or drop continual)",
-    "tasks": "this recipe trains one task: give its files in data.train",
-    "packing": "each example is scored as a whole sequence; packing would join several into one",
-    "fsdp": "this recipe trains on one process, which does not shard; use train.distributed=ddp",
-}
-
-
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    if cls.name in OBJECTIVES:
-        raise ValueError(f"objective '{cls.name}' is already registered")
-    OBJECTIVES[cls.name] = cls()
-    return cls
-
+from tuneforge.objectives.base import ONE_TASK_RECIPE_REFUSES, OBJECTIVES, Objective, register_objective
 
 # Registers the built-in objectives.
 from tuneforge.objectives import sft as _sft  # noqa: E402,F401
@@ -75,3 +20,5 @@ from tuneforge.objectives import preference as _preference  # noqa: E402,F401
 from tuneforge.objectives import reward as _reward  # noqa: E402,F401
 from tuneforge.objectives import classify as _classify  # noqa: E402,F401
 from tuneforge.objectives import policy as _policy  # noqa: E402,F401
+
+__all__ = ["ONE_TASK_RECIPE_REFUSES", "OBJECTIVES", "Objective", "register_objective"]

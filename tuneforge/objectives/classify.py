@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
+from tuneforge.objectives.base import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from tuneforge.config import Strict
 from tuneforge.data.render import Encoded
-from tuneforge.objectives import register_objective
+from tuneforge.objectives.base import register_objective
 from tuneforge.objectives.sft import SFT
 
 

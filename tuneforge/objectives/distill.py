@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import register_objective
+from tuneforge.objectives.base import register_objective
 from tuneforge.objectives.sft import IGNORE, SFT, body_and_head, model_inputs
 
 

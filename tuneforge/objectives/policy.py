@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
+from tuneforge.objectives.base import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 class PolicyOptions(Strict):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
+from tuneforge.objectives.base import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, head, ignore: int = -100):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
-from tuneforge.objectives import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
+from tuneforge.objectives.base import ONE_TASK_RECIPE_REFUSES, Objective, register_objective
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, center_coef: float = 0.0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.config import Strict
-from tuneforge.objectives import Objective, register_objective
+from tuneforge.objectives.base import Objective, register_objective
 
 IGNORE = -100
 
