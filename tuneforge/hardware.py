@@ -9,6 +9,9 @@ from functools import lru_cache
 
 import torch
 
+import tuneforge
+from tuneforge.allocator import allocator_in_use
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -60,11 +63,8 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
 
 
 def environment(device: str, dtype: torch.dtype) -> dict:
-    import peft
+    import peft  # only their versions: not worth loading for every caller of pick_device
     import transformers
-
-    import tuneforge
-    from tuneforge.allocator import allocator_in_use
 
     info = {
         "tuneforge": tuneforge.__version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -7,6 +7,8 @@ import random
 
 import torch
 
+from tuneforge.models import zoo
+
 
 def query_text(messages: list[dict]) -> str:
     """What a retriever matches on: the user turns before the final answer."""
@@ -50,8 +52,6 @@ class MiniLMRetriever:
 
     def __init__(self, docs: list[str], batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
-
-        from tuneforge.models import zoo
 
         path = zoo.ensure("all-minilm-l6-v2")
         self.tok = AutoTokenizer.from_pretrained(path)

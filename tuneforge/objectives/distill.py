@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tuneforge.config import Strict
+from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives.base import register_objective
 from tuneforge.objectives.sft import IGNORE, SFT, body_and_head, model_inputs
 
@@ -38,8 +39,6 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targ
 @lru_cache(maxsize=1)
 def load_teacher(name: str, device: str, dtype: torch.dtype):
     """The frozen teacher, loaded once per run (the objective is a stateless singleton)."""
-    from tuneforge.models.load import load_causal_lm
-
     return load_causal_lm(name, dtype, device).eval().requires_grad_(False)
 
 

@@ -22,6 +22,7 @@ from tuneforge.config import ConfigError, RunConfig, TaskConfig, deep_merge, par
 
 from tuneforge.plugins import validate_config
 from tuneforge.io import write_json
+from tuneforge.train.run import train
 
 
 def stage_configs(raw: dict, source: str | None = None) -> list[RunConfig]:
@@ -91,8 +92,6 @@ def forgetting_table(stages: list[dict]) -> dict:
 
 
 def run_sequence(configs: list[RunConfig], console: Console | None = None) -> Path:
-    from tuneforge.train.run import train
-
     console = console or Console()
     root = Path(configs[0].output_dir)
     stages = []

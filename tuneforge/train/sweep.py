@@ -30,6 +30,8 @@ from tuneforge.config import ConfigError, Strict, format_errors
 
 from tuneforge.plugins import load_config
 from tuneforge.io import write_json
+from tuneforge.train.callbacks import TrainingDiverged
+from tuneforge.train.run import train
 
 
 class Dimension(Strict):
@@ -110,9 +112,6 @@ def earlier_twin(study, params: dict):
 def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], trials: int,
               console: Console | None = None, seed: int = 0, sampler: str = "tpe") -> Path:
     import optuna
-
-    from tuneforge.train.callbacks import TrainingDiverged
-    from tuneforge.train.run import train
 
     console = console or Console()
     base = load_config(config, overrides)  # fail on a bad config before any trial

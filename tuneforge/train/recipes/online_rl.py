@@ -20,12 +20,14 @@ from rich.console import Console
 
 from tuneforge.config import RunConfig
 from tuneforge.data.render import with_system
+from tuneforge.evaluate.generate import generate_texts
 from tuneforge.hardware import autocast
 from tuneforge.io import write_json
 from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.plugins import method_of
+from tuneforge.runs import load_head
 from tuneforge.train.checkpoint import truncate_metrics
 from tuneforge.train.run_folder import RunStart, finish, start_run
 
@@ -100,8 +102,6 @@ def warmup_steps(t) -> int | float:
 def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[dict]], max_new_tokens: int,
                     device: str, dtype: torch.dtype) -> dict:
     """Mean reward-model score of greedy answers to held-out prompts, and their mean length."""
-    from tuneforge.evaluate.generate import generate_texts
-
     ids = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
            for p in prompts]
     answers = generate_texts(policy, tok, ids, max_new_tokens=max_new_tokens, batch_size=8, device=device,
@@ -123,8 +123,6 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer, RLOOTrainer
-
-    from tuneforge.runs import load_head
 
     console = console or Console()
     # --- setup and prompts ---------------------------------------------------------------
