@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "production"))
 from test_jobs import serve_in_thread  # noqa: E402 - the same in-thread uvicorn server as the unit tests
 
 pytestmark = [

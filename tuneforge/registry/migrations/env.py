@@ -6,7 +6,7 @@ To add a revision after changing a table or adding one to ``Base`` (from the rep
     python -m tuneforge.registry.migrate revision "add jobs table"   # autogenerate against a scratch DB
 
 then read the generated file under migrations/versions/ (autogenerate misses renames and
-server defaults) and run the migration test (tests/unit/test_registry_migrations.py).
+server defaults) and run the migration test (tests/unit/registry/test_registry_migrations.py).
 """
 
 from alembic import context

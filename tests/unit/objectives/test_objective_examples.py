@@ -8,7 +8,7 @@ import yaml
 from tuneforge.plugins import load_config
 from tuneforge.train.rlhf import stage_configs
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
+EXAMPLES = Path(__file__).parents[3] / "examples"
 
 
 @pytest.mark.parametrize("name, objective", [("dpo", "dpo"), ("classify", "classify"), ("reward", "reward"),

@@ -235,7 +235,7 @@ def test_improve_config_errors_name_the_key(tmp_path):
 
 
 def test_example_config_is_valid():
-    cfg = load_improve_config(Path(__file__).parents[2] / "examples" / "improve.yaml")
+    cfg = load_improve_config(Path(__file__).parents[3] / "examples" / "improve.yaml")
     assert cfg.canary.route == "support-bot" and cfg.train == {"max_steps": 60, "lr": 1e-4}
 
 

@@ -187,7 +187,7 @@ def test_example_serve_yaml_is_valid_and_bad_keys_are_reported(tmp_path):
     from tuneforge.config import ConfigError
     from tuneforge.deploy.config import load_serve_config
 
-    cfg = load_serve_config(Path(__file__).parents[2] / "examples" / "serve.yaml")
+    cfg = load_serve_config(Path(__file__).parents[3] / "examples" / "serve.yaml")
     assert cfg.host == "127.0.0.1" and cfg.routes["support-bot-ab"].arms[1].weight == 0.1
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine: {kind: vllm}\nroutes: {x: {arms: []}}\ntimout_s: 3\n")

@@ -21,7 +21,7 @@ from tuneforge.production.loop.monitor import MonitorError, json_valid, monitor,
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
 from tuneforge.registry.store import Registry
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # --- signals -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from tuneforge.plugins import load_config
 from tuneforge.train.sequence import load_sequence
 from tuneforge.train.sweep import load_space
 
-EX = Path(__file__).resolve().parents[2] / "examples"
+EX = Path(__file__).resolve().parents[3] / "examples"
 
 
 def test_regime_examples_validate():
