@@ -42,9 +42,11 @@ def test_space_errors_are_reported_together(tmp_path):
 
 def test_grid_sweep_finds_the_known_best_learning_rate(tiny_raw_cfg, tmp_path):
     """Three learning rates with a known order on this task: 1e-6 barely moves the adapter in
-    4 steps, 30 diverges, 5e-3 learns. The grid tries each once and names 5e-3 best."""
+    4 steps, 30 diverges, 5e-3 learns. The grid tries each once and names 5e-3 best.
+    bf16 on every CPU: in fp32 (CPUs without bf16 units pick it) lr 30 leaves this tiny model's
+    validation loss large but finite, so the trial would not fail."""
     raw = tiny_raw_cfg | {"run_name": "known", "eval": {"metric": "none"}}
-    raw["train"] = raw["train"] | {"max_steps": 4, "eval_every": 2, "save_every": 0}
+    raw["train"] = raw["train"] | {"max_steps": 4, "eval_every": 2, "save_every": 0, "dtype": "bf16"}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "space.yaml").write_text("train.lr: {choices: [1.0e-6, 5.0e-3, 30.0]}\n")
     root = run_sweep(str(tmp_path / "cfg.yaml"), [], load_space(tmp_path / "space.yaml"), trials=10, sampler="grid")
