@@ -395,7 +395,7 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     cfgs = [_probe_config(model_config, n) for n in PROBE_LAYERS]
     try:
         e1, e2 = (estimate(c, o, batch, seq, dtype, "cpu", overhead=(0, 0.0)) for c in cfgs)
-    except Exception:  # an architecture that cannot be cut down this way
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError):  # cannot be cut down
         return CPU_FALLBACK
     if e2.peak(False) > PROBE_MAX_BYTES or e2.flops > PROBE_MAX_FLOPS:
         return CPU_FALLBACK
@@ -403,7 +403,7 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     code = (f"from tuneforge.plan import probe_child; probe_child({configs!r}, {raw!r}, "
             f"{str(dtype).replace('torch.', '')!r}, {batch}, {seq})")
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
         peaks = [int(p) for p in json.loads(r.stdout.strip().splitlines()[-1])]
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, TypeError):
         return CPU_FALLBACK
