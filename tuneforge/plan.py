@@ -239,6 +239,7 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
 # --- what a CPU process holds beyond its tensors --------------------------------------
 
 PROBE_LAYERS = (1, 2)  # the target's own layer shapes, batch and sequence, with this many layers
+PROBE_REPEATS = 2  # runs per layer count; the fit uses their median (here the mean): SmolLM2 4 x 256 probe ~14 s
 PROBE_VOCAB = 512  # the head is modelled by formula; its tensors are above the mmap threshold or small
 _overheads: dict[str, tuple[int, float]] = {}
 
@@ -264,11 +265,16 @@ def _probe_method(opts) -> dict:
     return raw
 
 
-def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq: int) -> None:
+def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq: int, four_bit: bool = False,
+                repeats: int = 1) -> None:
     """Run in a fresh process: for each model config (JSON), the peak of resident anonymous memory
-    in two training steps above that before the model is built (printed as a JSON list). Each model trains in a
-    process forked after the imports (no OpenMP pool exists yet): one interpreter start for all
-    of them, and each starts from the same untouched heap."""
+    in two training steps above that before the model is built, plus the library pages the step
+    faults in that the process had not touched (printed as a JSON list of lists, ``repeats`` runs
+    per config). Each run trains in a process forked after the imports (no OpenMP pool exists
+    yet): one interpreter start for all of them, and each starts from the same untouched heap.
+    ``four_bit``: the run also pushes a small tensor through bitsandbytes' 4-bit quantise,
+    forward and backward, so that the pages of that code path are counted (QLoRA's load and its
+    matmuls run it; the probe's adapters are LoRA's on a plain base)."""
     import json
     import os
     import threading
@@ -295,6 +301,40 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
             _, resident, shared = f.read().split()[:3]
         return (int(resident) - int(shared)) * page
 
+    import numpy as np
+
+    def file_pages() -> set[int]:
+        # Pages of file mappings (libraries' code and data, the checkpoint) present in this
+        # process's page table. A fresh training process counts in its RSS the library pages its
+        # first step faults in (measured on the tiny test model: ~9 MB of libtorch_cpu.so, 8% of
+        # its peak), which anonymous memory misses. A forked child must fault in again even the
+        # pages its parent had; only those the parent had not are new to a training process.
+        present = set()
+        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pm:
+            for line in maps:
+                f = line.split()
+                if len(f) < 6 or not f[5].startswith("/"):
+                    continue
+                a, b = (int(x, 16) // page for x in f[0].split("-"))
+                pm.seek(a * 8)
+                bits = np.frombuffer(pm.read((b - a) * 8), dtype=np.uint64) >> np.uint64(63)
+                present.update((a + np.flatnonzero(bits)).tolist())
+        return present
+
+    try:
+        parent_pages = file_pages()
+    except OSError:  # no pagemap (not Linux, or restricted): anonymous memory only
+        parent_pages = None
+
+    def touch_4bit() -> None:
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
+        lin.load_state_dict(torch.nn.Linear(64, 64, bias=False).state_dict())
+        lin = lin.to("cpu")
+        x = torch.randn(2, 64, dtype=dtype, requires_grad=True)
+        lin(x).sum().backward()
+
     def one(cfg) -> int:
         peak, stop = [0], threading.Event()
 
@@ -306,6 +346,8 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
         base = anon()
         threading.Thread(target=sample, daemon=True).start()
         torch.manual_seed(0)
+        if four_bit:
+            touch_4bit()
         m = method.apply(AutoModelForCausalLM.from_config(cfg).to(method.base_dtype(opts, dtype)), opts)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
         for _ in range(2):
@@ -318,10 +360,11 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
             opt.zero_grad(set_to_none=True)
         time.sleep(0.01)
         stop.set()
-        return peak[0] - base
+        code = len(file_pages() - parent_pages) * page if parent_pages is not None else 0
+        return peak[0] - base + code
 
     out = []
-    for cfg in cfgs:
+    for cfg in [c for c in cfgs for _ in range(repeats)]:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: measure, report through the pipe, exit without Python's teardown
@@ -338,7 +381,7 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
         if status != 0:
             raise SystemExit(f"probe child failed ({status})")
         out.append(int(got))
-    print(json.dumps(out))
+    print(json.dumps([out[i:i + repeats] for i in range(0, len(out), repeats)]))
 
 
 def _overhead_key(model_config, raw: dict, dtype: torch.dtype, batch: int, seq: int) -> str:
@@ -373,12 +416,13 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     CPU_FALLBACK."""
     import json
     import os
+    import statistics
     import subprocess
     import sys
     from pathlib import Path
 
-    raw = _probe_method(opts)
-    key = _overhead_key(model_config, raw, dtype, batch, seq)
+    raw, four_bit = _probe_method(opts), opts.name == "qlora"
+    key = _overhead_key(model_config, raw | ({"four_bit": True} if four_bit else {}), dtype, batch, seq)
     if key in _overheads:
         return _overheads[key]
     if os.environ.get("TUNEFORGE_PLAN_PROBE", "").lower() == "off":
@@ -401,11 +445,13 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
         return CPU_FALLBACK
     configs = [c.to_json_string() for c in cfgs]
     code = (f"from tuneforge.plan import probe_child; probe_child({configs!r}, {raw!r}, "
-            f"{str(dtype).replace('torch.', '')!r}, {batch}, {seq})")
+            f"{str(dtype).replace('torch.', '')!r}, {batch}, {seq}, {four_bit}, {PROBE_REPEATS})")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
-        peaks = [int(p) for p in json.loads(r.stdout.strip().splitlines()[-1])]
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, TypeError):
+        # the median of each model's runs: one run's peak varies by ~5-10% (when glibc grows and
+        # trims its heap, which thread's arena a tensor lands in)
+        peaks = [statistics.median(int(p) for p in runs) for runs in json.loads(r.stdout.strip().splitlines()[-1])]
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, TypeError, statistics.StatisticsError):
         return CPU_FALLBACK
     (p1, p2), (l1, l2) = peaks, (e1.peak(False), e2.peak(False))
     slack = max(0.0, ((p2 - p1) - (l2 - l1)) / max(e2.small_activations - e1.small_activations, 1))
