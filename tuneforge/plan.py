@@ -24,10 +24,44 @@ FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and 
 # matrices, elementwise ops); measured on the embedded model here: 0.25-0.45.
 STEP_EFFICIENCY = 0.35
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter
-# What the first training step adds to a CPU process whatever the model: thread pools,
-# oneDNN/MKL workspaces, the autograd engine (measured here: 50-100 MB of RSS on models of
-# 1.6M and 135M parameters). On CUDA the context is already out of the free memory read.
-CPU_RUNTIME_BYTES = 64 * 2**20
+# What a CPU training process holds beyond the live tensors this module counts is measured, not
+# assumed: see cpu_overhead(). It used to be a fixed 64 MiB ("thread pools, oneDNN/MKL
+# workspaces, the autograd engine", measured on an AMX host in bf16), added to the SUM of
+# weights + grads + states + activations. Measured on an AMD EPYC with AVX2 only (no avx512,
+# avx512_bf16 or AMX: fp32 training), 2 threads, glibc malloc, phase by phase with mallinfo2:
+# - the live tensors peak in forward/backward, not in the sum: backward frees activations as it
+#   creates gradients (set_to_none), opt.step runs after they are gone. SmolLM2-135M full,
+#   batch 4 x 256: in use at the peak 3.5 GB (weights 0.5 + AdamW states 1.0 + activations),
+#   opt.step adds 0.21 GB beside 0.5 GB of gradients (per-tensor AdamW on CPU);
+# - the fixed part is 10-80 MB, not 64 MiB everywhere;
+# - the rest is the heap keeping freed memory: it depends on the tensor sizes and op mix, so it
+#   is measured at the target's own layer shapes. Nothing above glibc's mmap threshold (32 MiB)
+#   stays resident: SmolLM2 full's 0.4 GB of logits go back to the OS, while every body tensor
+#   at 4 x 256 (2-9 MB) stays in the heap. A slack fitted on tiny models (plan-fit: hidden 64
+#   and 256, 0.5 x activations for full, 0.9-1.3 x for LoRA) does not carry to them.
+# Why LoRA measured MORE than full on SmolLM2 at 4 x 256 (RSS 3.9-4.6 vs 3.5-3.8 GB) although
+# fewer tensors live (in use at the peak 2.8 vs 3.5 GB): its frozen head takes the chunked loss
+# (no [N, V] logits: the old estimate charged it 0.6 GB it never held), its dropout outputs and
+# masks and r-wide adapter outputs (counted in the meta trace) interleave small long-lived
+# tensors with the freed ones, and the heap grows by 1.3 GB over what is in use (slack 0.43-0.57
+# x small activations measured by the probe at that shape; full: 0-0.24).
+# Estimate / measured RSS peak on this machine (benchmarks/plan_accuracy.py, fp32):
+#   SmolLM2 4 x 256:  full 3.66/3.83 = 0.96, lora 3.95/3.92 = 1.01, qlora 4.00/4.95 = 0.81
+#     (before: full 4.26/3.53-3.78 = 1.13-1.21, lora 3.47/4.47-4.63 = 0.75-0.78, qlora 3.52/4.76 = 0.74)
+#   SmolLM2 2 x 96:   full 2.65/2.47 = 1.07, lora 1.03/1.30 = 0.79, qlora 1.08/1.07 = 1.01
+#   tests/unit/test_plan.py's hidden-256 Llama, 8 x 128: full, lora and qlora within 0.75-1.25
+#     (before: full 118/80 MB = 1.48).
+# Not checked on an AMX host (there the probe runs in bf16 and measures that path; the old sum
+# measured 0.94-0.96 on SmolLM2 2 x 96 bf16, mostly weights, states and autocast copies, which
+# the phase model keeps; the opt.step phase is now grads + two copies of the largest tensor).
+CPU_FALLBACK = (64 * 2**20, 0.5)  # (fixed bytes, slack) when the probe cannot run or is off
+# glibc's malloc serves a request above its mmap threshold with its own mapping, unmapped on
+# free; the threshold adapts up to 32 MiB on 64-bit. Freed memory the heap keeps (the slack)
+# can only come from tensors below it.
+MMAP_THRESHOLD_MAX = 32 * 2**20
+# A probe model bigger than this (peak bytes of its 2-layer step, or FLOPs of one step) is not
+# run: `tuneforge plan` must stay fast. CPU_FALLBACK is used instead.
+PROBE_MAX_BYTES, PROBE_MAX_FLOPS = 2 * GB, 2e11
 
 
 @dataclass
@@ -40,16 +74,33 @@ class Estimate:
     optimizer: int
     autocast_copies: int  # bf16 copies of fp32 trained weights that autocast keeps for the step
     load_transient: int  # what loading leaves behind (4-bit load on CPU: the unquantised weights' heap)
-    runtime: int  # fixed cost of a training process on the device
+    runtime: int  # fixed cost of a training process on the device (CPU: measured by cpu_overhead)
     activations: int
     activations_ckpt: int
     flops: float  # per optimizer step, without recomputation
     flops_ckpt: float
+    grads_in_flight: int = 0  # gradients backward creates while most activations still live (one layer's)
+    step_transient: int = 0  # what opt.step allocates beside the gradients (its per-tensor or foreach temporaries)
+    small_activations: int = 0  # the body's saved tensors below MMAP_THRESHOLD_MAX (what the heap can keep)
+    small_activations_ckpt: int = 0
+    slack: float = 0.0  # freed memory the CPU heap keeps (RSS), as a share of small_activations
+    probe: tuple | None = None  # cpu_overhead's arguments: runtime and slack measured on first peak()
 
     def peak(self, checkpointing: bool) -> int:
+        """The largest of a step's phases (from the second step on, when optimizer states exist):
+        forward/backward holds the activations (and autocast's weight copies saved for backward);
+        backward frees them layer by layer as it creates gradients (set_to_none), so only about
+        one layer's gradients coexist with them; opt.step holds all gradients, the states and
+        its temporaries, after the activations are gone. On CPU the heap also keeps part of the
+        freed activation memory resident (slack, measured)."""
+        if self.probe is not None:  # measured lazily: counts and shapes need no probe process
+            self.runtime, self.slack = cpu_overhead(*self.probe)
+            self.runtime, self.probe = int(self.runtime), None
         act = self.activations_ckpt if checkpointing else self.activations
-        return (self.weights + self.grads + self.optimizer + self.autocast_copies + self.load_transient
-                + self.runtime + act)
+        small = self.small_activations_ckpt if checkpointing else self.small_activations
+        fixed = self.weights + self.optimizer + self.load_transient + self.runtime
+        step = max(act + self.autocast_copies + self.grads_in_flight, self.grads + self.step_transient)
+        return int(fixed + step + self.slack * small)
 
 
 def meta_model(model_config, dtype: torch.dtype):
@@ -81,9 +132,11 @@ def weight_bytes(model, opts) -> int:
                    else p.numel() * p.element_size() for p in model.parameters()))
 
 
-def saved_activation_bytes(model, batch: int, seq: int) -> int:
-    """Bytes autograd saves for backward in one forward pass of the transformer body (run on meta tensors).
-    Parameters (and views of them) that autograd also saves are not activations."""
+def saved_activation_bytes(model, batch: int, seq: int) -> tuple[int, int]:
+    """Bytes autograd saves for backward in one forward pass of the transformer body (run on meta
+    tensors), and the part of them in tensors below MMAP_THRESHOLD_MAX. Parameters (and views of
+    them) that autograd also saves are not activations. Every saved tensor is counted, LoRA's
+    dropout outputs and masks and its r-wide intermediates included."""
     from tuneforge.objectives.sft import body_and_head
 
     params = {id(p) for p in model.parameters()}
@@ -100,16 +153,32 @@ def saved_activation_bytes(model, batch: int, seq: int) -> int:
     mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device="meta").tril()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         body_and_head(model)[0](input_ids=ids, attention_mask=mask, use_cache=False)
-    return sum(saved.values())
+    return sum(saved.values()), sum(b for b in saved.values() if b < MMAP_THRESHOLD_MAX)
 
 
 def loss_bytes(n_positions: int, vocab: int, compute_bytes: int) -> int:
-    # logits in the compute dtype, their fp32 copy, and fp32 log-softmax kept for backward
-    return n_positions * vocab * (compute_bytes + 4 + 4)
+    # logits in the compute dtype, their fp32 copy (none when that is the compute dtype), and the
+    # fp32 log-softmax kept for backward
+    return n_positions * vocab * (compute_bytes + (4 if compute_bytes < 4 else 0) + 4)
 
 
-def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtype, device: str = "cpu") -> Estimate:
+def chunked_loss_bytes(n_positions: int, dim: int, vocab: int, compute_bytes: int) -> int:
+    """The frozen head's chunked loss (objectives.sft.ChunkedHeadCE): the gathered hidden rows
+    and the saved d(loss)/d(hidden), [N, D] each, and one chunk's logits at a time: in the compute
+    dtype, in fp32 (a copy unless that is the compute dtype) for the log-softmax, and the
+    gradient cast back to the compute dtype (again a copy only below fp32)."""
+    from tuneforge.objectives.sft import CHUNK_VALUES
+
+    values = min(CHUNK_VALUES, n_positions * vocab)
+    per_value = 4 + (compute_bytes + 4 + compute_bytes if compute_bytes < 4 else 4)
+    return 2 * n_positions * dim * compute_bytes + values * per_value
+
+
+def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtype, device: str = "cpu",
+             overhead: tuple[int, float] | None = None) -> Estimate:
+    """``overhead``: (fixed runtime bytes, heap slack); on CPU measured by cpu_overhead() when omitted."""
     from tuneforge.methods import METHODS
+    from tuneforge.objectives.sft import body_and_head, chunkable
 
     method = METHODS[opts.name]
     base_dtype = method.base_dtype(opts, compute_dtype)
@@ -125,15 +194,20 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     virtual = getattr(opts, "num_virtual_tokens", 0)
     if hidden_path:
         act_model = model if base_dtype == compute_dtype else method.apply(meta_model(model_config, compute_dtype), opts)
-        body = saved_activation_bytes(act_model, batch, seq)
+        body, small = saved_activation_bytes(act_model, batch, seq)
     else:  # prompt methods: the frozen base over input + virtual tokens (their forward needs real masks)
-        body = saved_activation_bytes(meta_model(model_config, compute_dtype), batch, seq + virtual)
+        body, small = saved_activation_bytes(meta_model(model_config, compute_dtype), batch, seq + virtual)
     compute_bytes = torch.finfo(compute_dtype).bits // 8
     vocab, dim, layers = model_config.vocab_size, model_config.hidden_size, model_config.num_hidden_layers
-    head = loss_bytes(batch * (seq + (0 if hidden_path else virtual)), vocab, compute_bytes)
+    n_positions = batch * (seq + (0 if hidden_path else virtual))
+    if hidden_path and chunkable(body_and_head(model)[1]):  # a frozen head: the SFT loss chunks it
+        head = chunked_loss_bytes(n_positions, dim, vocab, compute_bytes)
+    else:
+        head = loss_bytes(n_positions, vocab, compute_bytes)
     # Checkpointing keeps each block's input and recomputes one block at a time in backward.
-    per_layer = body / layers
-    body_ckpt = layers * batch * seq * dim * compute_bytes + per_layer
+    per_layer, block_input = body / layers, batch * seq * dim * compute_bytes
+    body_ckpt = layers * block_input + per_layer
+    small_ckpt = layers * block_input * (block_input < MMAP_THRESHOLD_MAX) + small / layers
 
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n)
     fwd = 2 * batch * seq * (matmul_params + vocab * dim) + 4 * batch * seq * seq * dim * layers
@@ -143,9 +217,253 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     # process heap keeps about that much afterwards (measured: SmolLM2 QLoRA, RSS +0.3 GB).
     quantized = quantized_params(model, opts)
     transient = sum(p.numel() for p in params if id(p) in quantized) * compute_bytes if device == "cpu" else 0
+    # Gradients of one decoder layer (or one tensor outside the layers: embeddings, head).
+    per_group: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            key = n.split(".layers.")[1].split(".")[0] if ".layers." in n else n
+            per_group[key] = per_group.get(key, 0) + p.numel() * p.element_size()
+    # AdamW on CPU runs tensor by tensor (torch picks foreach only for CUDA tensors): a couple of
+    # temporaries of the largest trained tensor (measured: SmolLM2 full fp32, opt.step +0.21 GB
+    # beside 0.5 GB of gradients, embeddings 0.11 GB). On CUDA foreach: a gradient-sized list.
+    largest = max((p.numel() * p.element_size() for p in trained), default=0)
+    step_transient = 2 * largest if device == "cpu" else state
+    probe = (model_config, opts, compute_dtype, batch, seq) if overhead is None and device == "cpu" else None
+    overhead = overhead or (0, 0.0)
     return Estimate(opts.name, n_train, n_total, weight_bytes(model, opts), state, ADAMW_STATES * state, autocast,
-                    transient, CPU_RUNTIME_BYTES if device == "cpu" else 0, int(body + head), int(body_ckpt + head),
-                    flops, flops + fwd)
+                    transient, int(overhead[0]), int(body + head), int(body_ckpt + head), flops, flops + fwd,
+                    max(per_group.values(), default=0), step_transient, int(small), int(small_ckpt),
+                    float(overhead[1]), probe)
+
+
+# --- what a CPU process holds beyond its tensors --------------------------------------
+
+PROBE_LAYERS = (1, 2)  # the target's own layer shapes, batch and sequence, with this many layers
+PROBE_REPEATS = 2  # runs per layer count; the fit uses their median (here the mean): SmolLM2 4 x 256 probe ~14 s
+PROBE_VOCAB = 512  # the head is modelled by formula; its tensors are above the mmap threshold or small
+_overheads: dict[str, tuple[int, float]] = {}
+
+
+def _probe_config(model_config, layers: int):
+    cfg = type(model_config).from_dict(model_config.to_dict())
+    cfg.num_hidden_layers, cfg.vocab_size = layers, PROBE_VOCAB
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) >= PROBE_VOCAB:
+            setattr(cfg, k, 0)
+    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds (sliding/full)
+        cfg.layer_types = cfg.layer_types[:layers]
+    return cfg
+
+
+def _probe_method(opts) -> dict:
+    # The 4-bit base needs a checkpoint to load; its adapter's ops are LoRA's (same rank, targets).
+    raw = opts.model_dump()
+    if raw["name"] == "qlora":
+        from tuneforge.methods.lora import LoraOptions
+
+        raw = {k: v for k, v in raw.items() if k in LoraOptions.model_fields} | {"name": "lora"}
+    return raw
+
+
+def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq: int, four_bit: bool = False,
+                repeats: int = 1) -> None:
+    """Run in a fresh process: for each model config (JSON), the peak of resident anonymous memory
+    in two training steps above that before the model is built, plus the library pages the step
+    faults in that the process had not touched (printed as a JSON list of lists, ``repeats`` runs
+    per config). Each run trains in a process forked after the imports (no OpenMP pool exists
+    yet): one interpreter start for all of them, and each starts from the same untouched heap.
+    ``four_bit``: the run also pushes a small tensor through bitsandbytes' 4-bit quantise,
+    forward and backward, so that the pages of that code path are counted (QLoRA's load and its
+    matmuls run it; the probe's adapters are LoRA's on a plain base)."""
+    import json
+    import os
+    import threading
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.hardware import autocast
+    from tuneforge.methods import METHODS
+    from tuneforge.objectives import OBJECTIVES
+
+    dtype, opts = getattr(torch, dtype_name), validate_method(raw)
+    method, sft = METHODS[opts.name], OBJECTIVES["sft"]
+    cfgs = [AutoConfig.for_model(**json.loads(c)) for c in configs]
+    # As in a training process, the estimate has run before the model loads: it pays the method's
+    # lazy imports (peft's LoRA: ~55 MB of RSS), which are not part of the step.
+    estimate(cfgs[0], opts, batch, seq, dtype, "cpu", overhead=(0, 0.0))
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def anon() -> int:
+        # Resident anonymous memory (resident - file-backed): a forked child faults in the library
+        # pages its parent had already touched again, which a fresh training process would not count.
+        with open("/proc/self/statm") as f:
+            _, resident, shared = f.read().split()[:3]
+        return (int(resident) - int(shared)) * page
+
+    import numpy as np
+
+    def file_pages() -> set[int]:
+        # Pages of file mappings (libraries' code and data, the checkpoint) present in this
+        # process's page table. A fresh training process counts in its RSS the library pages its
+        # first step faults in (measured on the tiny test model: ~9 MB of libtorch_cpu.so, 8% of
+        # its peak), which anonymous memory misses. A forked child must fault in again even the
+        # pages its parent had; only those the parent had not are new to a training process.
+        present = set()
+        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pm:
+            for line in maps:
+                f = line.split()
+                if len(f) < 6 or not f[5].startswith("/"):
+                    continue
+                a, b = (int(x, 16) // page for x in f[0].split("-"))
+                pm.seek(a * 8)
+                bits = np.frombuffer(pm.read((b - a) * 8), dtype=np.uint64) >> np.uint64(63)
+                present.update((a + np.flatnonzero(bits)).tolist())
+        return present
+
+    try:
+        parent_pages = file_pages()
+    except OSError:  # no pagemap (not Linux, or restricted): anonymous memory only
+        parent_pages = None
+
+    def touch_4bit() -> None:
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
+        lin.load_state_dict(torch.nn.Linear(64, 64, bias=False).state_dict())
+        lin = lin.to("cpu")
+        x = torch.randn(2, 64, dtype=dtype, requires_grad=True)
+        lin(x).sum().backward()
+
+    def one(cfg) -> int:
+        peak, stop = [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], anon())
+                time.sleep(0.001)
+
+        base = anon()
+        threading.Thread(target=sample, daemon=True).start()
+        torch.manual_seed(0)
+        if four_bit:
+            touch_4bit()
+        m = method.apply(AutoModelForCausalLM.from_config(cfg).to(method.base_dtype(opts, dtype)), opts)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+        for _ in range(2):
+            ids = torch.randint(3, PROBE_VOCAB, (batch, seq))
+            b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            with autocast("cpu", dtype):
+                loss, n = sft.loss(m, b, sft.options(), hidden_path=getattr(method, "supports_hidden_path", True))
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        time.sleep(0.01)
+        stop.set()
+        code = len(file_pages() - parent_pages) * page if parent_pages is not None else 0
+        return peak[0] - base + code
+
+    out = []
+    for cfg in [c for c in cfgs for _ in range(repeats)]:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report through the pipe, exit without Python's teardown
+            code = 1
+            try:
+                os.write(w, str(one(cfg)).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            got = f.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise SystemExit(f"probe child failed ({status})")
+        out.append(int(got))
+    print(json.dumps([out[i:i + repeats] for i in range(0, len(out), repeats)]))
+
+
+def _overhead_key(model_config, raw: dict, dtype: torch.dtype, batch: int, seq: int) -> str:
+    import hashlib
+    import json
+    import os
+
+    from tuneforge.allocator import allocator_in_use
+    from tuneforge.hardware import cpu_flags
+
+    cpu = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
+    shape = _probe_config(model_config, 1).to_json_string(use_diff=False)
+    parts = [torch.__version__, str(torch.get_num_threads()), allocator_in_use(), os.environ.get("LD_PRELOAD", ""),
+             str(dtype), json.dumps(raw, sort_keys=True), ",".join(cpu), shape, f"{batch}x{seq}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -> tuple[int, float]:
+    """(fixed bytes, slack) of a CPU training process here: what its RSS holds beyond the live
+    tensors this module counts, as  fixed + slack x small_activations.
+
+    Measured, not assumed: a fresh process per layer count (its runtime cold, as in training)
+    trains the target's own decoder layers (same widths, heads, batch and sequence; 1 and 2
+    layers, a 512-token vocabulary) for two steps with the method in the compute dtype. Their RSS
+    peaks p1, p2 against this module's estimates give  p = estimate + fixed + slack x small  for
+    both, solved for fixed and slack. The slack is measured at the target's tensor sizes because
+    it depends on them (what the heap keeps of freed tensors varies with their size and order,
+    and nothing above the mmap threshold is kept). Cached per machine, torch, thread count,
+    allocator, dtype, method options, layer shape, batch and sequence in
+    $TUNEFORGE_HOME/plan-overhead.json (first run: ~10-20 s for a SmolLM2-sized layer).
+    TUNEFORGE_PLAN_PROBE=off, a probe too big to be quick (PROBE_MAX_*) or a failed probe use
+    CPU_FALLBACK."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw, four_bit = _probe_method(opts), opts.name == "qlora"
+    key = _overhead_key(model_config, raw | ({"four_bit": True} if four_bit else {}), dtype, batch, seq)
+    if key in _overheads:
+        return _overheads[key]
+    if os.environ.get("TUNEFORGE_PLAN_PROBE", "").lower() == "off":
+        return CPU_FALLBACK
+    path = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge")) / "plan-overhead.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        _overheads[key] = tuple(cache[key])
+        return _overheads[key]
+    o = validate_method(raw)
+    cfgs = [_probe_config(model_config, n) for n in PROBE_LAYERS]
+    try:
+        e1, e2 = (estimate(c, o, batch, seq, dtype, "cpu", overhead=(0, 0.0)) for c in cfgs)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError):  # cannot be cut down
+        return CPU_FALLBACK
+    if e2.peak(False) > PROBE_MAX_BYTES or e2.flops > PROBE_MAX_FLOPS:
+        return CPU_FALLBACK
+    configs = [c.to_json_string() for c in cfgs]
+    code = (f"from tuneforge.plan import probe_child; probe_child({configs!r}, {raw!r}, "
+            f"{str(dtype).replace('torch.', '')!r}, {batch}, {seq}, {four_bit}, {PROBE_REPEATS})")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
+        # the median of each model's runs: one run's peak varies by ~5-10% (when glibc grows and
+        # trims its heap, which thread's arena a tensor lands in)
+        peaks = [statistics.median(int(p) for p in runs) for runs in json.loads(r.stdout.strip().splitlines()[-1])]
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, TypeError, statistics.StatisticsError):
+        return CPU_FALLBACK
+    (p1, p2), (l1, l2) = peaks, (e1.peak(False), e2.peak(False))
+    slack = max(0.0, ((p2 - p1) - (l2 - l1)) / max(e2.small_activations - e1.small_activations, 1))
+    fixed = max(0, int(p1 - l1 - slack * e1.small_activations))
+    _overheads[key] = (fixed, slack)
+    cache[key] = [fixed, slack]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1))
+    except OSError:
+        pass
+    return _overheads[key]
 
 
 # --- hardware ------------------------------------------------------------------------

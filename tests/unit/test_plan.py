@@ -72,6 +72,8 @@ def test_estimate_within_25_percent_of_measured_peak(raw, small_dir):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"plan ratio {raw['name']}: {row['ratio']:.3f} (estimate {row['estimate_gb'] * 1024:.1f} MB, "
+          f"measured {row['measured_gb'] * 1024:.1f} MB)")  # shown with -s
     assert 0.75 <= row["ratio"] <= 1.25, row
 
 
