@@ -17,6 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge.allocator import allocator_in_use
+from tuneforge.config import ConfigError
+from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
+from tuneforge.methods import METHODS
+from tuneforge.models.load import load_causal_lm, load_config
+from tuneforge.objectives import OBJECTIVES
+from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
+from tuneforge.plugins import validate_config
 
 GB = 2**30
 FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and data
@@ -137,8 +145,6 @@ def saved_activation_bytes(model, batch: int, seq: int) -> tuple[int, int]:
     tensors), and the part of them in tensors below MMAP_THRESHOLD_MAX. Parameters (and views of
     them) that autograd also saves are not activations. Every saved tensor is counted, LoRA's
     dropout outputs and masks and its r-wide intermediates included."""
-    from tuneforge.objectives.sft import body_and_head
-
     params = {id(p) for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -167,8 +173,6 @@ def chunked_loss_bytes(n_positions: int, dim: int, vocab: int, compute_bytes: in
     and the saved d(loss)/d(hidden), [N, D] each, and one chunk's logits at a time: in the compute
     dtype, in fp32 (a copy unless that is the compute dtype) for the log-softmax, and the
     gradient cast back to the compute dtype (again a copy only below fp32)."""
-    from tuneforge.objectives.sft import CHUNK_VALUES
-
     values = min(CHUNK_VALUES, n_positions * vocab)
     per_value = 4 + (compute_bytes + 4 + compute_bytes if compute_bytes < 4 else 4)
     return 2 * n_positions * dim * compute_bytes + values * per_value
@@ -177,8 +181,6 @@ def chunked_loss_bytes(n_positions: int, dim: int, vocab: int, compute_bytes: in
 def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtype, device: str = "cpu",
              overhead: tuple[int, float] | None = None) -> Estimate:
     """``overhead``: (fixed runtime bytes, heap slack); on CPU measured by cpu_overhead() when omitted."""
-    from tuneforge.methods import METHODS
-    from tuneforge.objectives.sft import body_and_head, chunkable
 
     method = METHODS[opts.name]
     base_dtype = method.base_dtype(opts, compute_dtype)
@@ -280,10 +282,6 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
     import threading
 
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tuneforge.hardware import autocast
-    from tuneforge.methods import METHODS
-    from tuneforge.objectives import OBJECTIVES
 
     dtype, opts = getattr(torch, dtype_name), validate_method(raw)
     method, sft = METHODS[opts.name], OBJECTIVES["sft"]
@@ -388,9 +386,6 @@ def _overhead_key(model_config, raw: dict, dtype: torch.dtype, batch: int, seq: 
     import hashlib
     import json
     import os
-
-    from tuneforge.allocator import allocator_in_use
-    from tuneforge.hardware import cpu_flags
 
     cpu = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
     shape = _probe_config(model_config, 1).to_json_string(use_diff=False)
@@ -510,15 +505,8 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
 
     import psutil
 
-    from tuneforge.plugins import validate_config
-    from tuneforge.methods import METHODS as REGISTRY
-    from tuneforge.models.load import load_causal_lm, load_config
-    from tuneforge.objectives import OBJECTIVES
-    from tuneforge.hardware import pick_dtype
-    from tuneforge.hardware import autocast
-
     opts = validate_config({"model": {"name": model}, "data": {"train": ["-"]}, "method": raw}).method
-    method, sft = REGISTRY[opts.name], OBJECTIVES["sft"]
+    method, sft = METHODS[opts.name], OBJECTIVES["sft"]
     dtype = pick_dtype(dtype, device)
     est = estimate(load_config(model), opts, batch, seq, dtype, device)
 
@@ -576,8 +564,6 @@ def comparison_methods(cfg, n_layers: int) -> dict[str, dict]:
 
 
 def validate_method(raw: dict):
-    from tuneforge.plugins import validate_config
-
     return validate_config({"data": {"train": ["-"]}, "method": raw}).method
 
 
@@ -605,8 +591,6 @@ def suggestions(cfg, est: Estimate, free: int, compute_dtype: torch.dtype) -> li
 
 
 def plan(cfg, device: str | None = None, probe: bool = True) -> dict:
-    from tuneforge.models.load import load_config
-    from tuneforge.hardware import pick_device, pick_dtype
 
     device = device or pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
@@ -626,9 +610,6 @@ def fits(est: Estimate, memory: list[Memory], checkpointing: bool) -> bool:
 
 def ensure_fits(cfg, device: str) -> None:
     """Refuse (with the fix) a run whose estimated peak does not fit free memory."""
-    from tuneforge.config import ConfigError
-    from tuneforge.models.load import load_config
-    from tuneforge.hardware import pick_dtype
 
     dtype = pick_dtype(cfg.train.dtype, device)
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
