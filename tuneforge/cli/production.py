@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, write_to_textfile
 from rich.console import Console
 
 from tuneforge.production.config import load_monitor_config
-from tuneforge.production.loop.review import QueueRules, ReviewError, fill_queue, review_loop
+from tuneforge.production.loop.review_queue import QueueRules, ReviewError, fill_queue, review_loop
 from tuneforge.registry.store import Registry, RegistryError
 from tuneforge.runs import RunError
 
@@ -111,7 +111,7 @@ def add_production_parsers(sub) -> None:
 def cmd_monitor(args) -> int:
     # deferred (see above)
     from tuneforge.production.loop.monitor import MonitorError, monitor
-    from tuneforge.production.loop.report import print_summary, write_html
+    from tuneforge.production.loop.monitor_report import print_summary, write_html
 
     cfg = load_monitor_config(args.config, {"since": args.since, "webhook": args.webhook})
     if args.no_drift:

@@ -27,7 +27,7 @@ from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_
                                      timed)
 from tuneforge.data.pii import PIIOptions, pii_rows
 from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
-from tuneforge.data.tokens import length_stats, overlength_stage, shape_stats, token_lengths
+from tuneforge.data.lengths import length_stats, overlength_stage, shape_stats, token_lengths
 from tuneforge.data.report import plot_lengths, render_report
 from tuneforge.io import atomic_dir, sha256_file, write_json
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from fastapi import Request
 
-from tuneforge.deploy import metrics
+from tuneforge.deploy import prometheus as metrics
 from tuneforge.deploy.config import FixedReply, ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
 from tuneforge.deploy.routing import Plan, RateLimiter, guard_failure, plan

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from tuneforge.deploy import metrics
+from tuneforge.deploy import prometheus as metrics
 from tuneforge.deploy.gateway import Gateway
 
 
@@ -29,7 +29,7 @@ def ops_router(gateway: Gateway) -> APIRouter:
         return {"status": "ready", "resident_adapters": gateway.resident()}
 
     @router.get("/metrics")
-    async def prometheus():
+    async def metrics_page():
         if hasattr(engine, "resident"):
             metrics.RESIDENT_ADAPTERS.set(len(engine.resident()))
         if getattr(engine, "prefix", None) is not None:

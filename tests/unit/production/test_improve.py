@@ -18,7 +18,7 @@ from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
 from tuneforge.production.loop.improve import (ImproveConfig, ImproveError, export_dataset, improve, load_improve_config,
                                           promote_after)
-from tuneforge.production.loop.review import decide, fill_queue, list_items
+from tuneforge.production.loop.review_queue import decide, fill_queue, list_items
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
-from tuneforge.production.loop.review import (AlreadyDecided, QueueRules, ReviewError, UnknownItem, decide, fill_queue,
+from tuneforge.production.loop.review_queue import (AlreadyDecided, QueueRules, ReviewError, UnknownItem, decide, fill_queue,
                                          list_items, review_loop)
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry

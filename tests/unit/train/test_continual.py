@@ -13,7 +13,6 @@ from tuneforge.data.load import load_rows
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.train.continual import diagonal_fisher, ewc_penalty
 from tuneforge.train.multitask import load_tasks, mixture_probs, sample_mixture, training_mixture
-from tuneforge.train.run import train
 from tuneforge.train.sequence import run_sequence, stage_configs
 
 

@@ -1,5 +1,5 @@
 """/v1/review: the human review queue over HTTP (the web UI works it here; `tuneforge review`
-in the terminal). The queue itself is tuneforge/production/loop/review.py."""
+in the terminal). The queue itself is tuneforge/production/loop/review_queue.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from tuneforge.config import Strict
 from tuneforge.production.http import Authenticate, sees_all_models
-from tuneforge.production.loop.review import ReviewError, UnknownItem, decide, get_item, list_items
+from tuneforge.production.loop.review_queue import ReviewError, UnknownItem, decide, get_item, list_items
 from tuneforge.registry.store import Registry
 
 
