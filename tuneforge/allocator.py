@@ -15,6 +15,7 @@ benchmark job grew 1.5 -> 2.35 GB over 30 steps. 128 keeps one step's shapes (sa
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -69,7 +70,6 @@ def free_memory_releaser():
     from 1.84 to 1.77 GB with no measurable slowdown (the pages are faulted in again in the
     next step; docs/speed.md).
     """
-    import ctypes
 
     try:
         fn = ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 from functools import lru_cache
 
+import psutil
 import torch
 
 import tuneforge
@@ -64,7 +66,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
 
 def environment(device: str, dtype: torch.dtype) -> dict:
     import peft  # only their versions: not worth loading for every caller of pick_device
-    import transformers
+    import transformers  # deferred: transformers takes seconds to import; only code that builds a model pays
 
     info = {
         "tuneforge": tuneforge.__version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -72,20 +74,13 @@ def environment(device: str, dtype: torch.dtype) -> dict:
         "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cpu_bf16": cpu_has_bf16(), "allocator": allocator_in_use(), "device": device, "dtype": str(dtype).replace("torch.", ""),
     }
-    try:
-        import psutil
-
-        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
+    info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     if device == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
 
 
 def peak_rss_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

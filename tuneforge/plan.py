@@ -12,15 +12,27 @@ shapes that meta tensors cannot run).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import psutil
 import torch
+from rich.table import Table
 
 from tuneforge.allocator import allocator_in_use
 from tuneforge.config import ConfigError
 from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
 from tuneforge.methods import METHODS
+from tuneforge.methods.lora import LoraOptions
 from tuneforge.models.load import load_causal_lm, load_config
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
@@ -112,6 +124,7 @@ class Estimate:
 
 
 def meta_model(model_config, dtype: torch.dtype):
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -261,8 +274,6 @@ def _probe_method(opts) -> dict:
     # The 4-bit base needs a checkpoint to load; its adapter's ops are LoRA's (same rank, targets).
     raw = opts.model_dump()
     if raw["name"] == "qlora":
-        from tuneforge.methods.lora import LoraOptions
-
         raw = {k: v for k, v in raw.items() if k in LoraOptions.model_fields} | {"name": "lora"}
     return raw
 
@@ -277,10 +288,8 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
     ``four_bit``: the run also pushes a small tensor through bitsandbytes' 4-bit quantise,
     forward and backward, so that the pages of that code path are counted (QLoRA's load and its
     matmuls run it; the probe's adapters are LoRA's on a plain base)."""
-    import json
-    import os
-    import threading
 
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype, opts = getattr(torch, dtype_name), validate_method(raw)
@@ -299,7 +308,6 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
             _, resident, shared = f.read().split()[:3]
         return (int(resident) - int(shared)) * page
 
-    import numpy as np
 
     def file_pages() -> set[int]:
         # Pages of file mappings (libraries' code and data, the checkpoint) present in this
@@ -325,7 +333,7 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
         parent_pages = None
 
     def touch_4bit() -> None:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # deferred: optional extra (tuneforge[qlora])
 
         lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
         lin.load_state_dict(torch.nn.Linear(64, 64, bias=False).state_dict())
@@ -383,10 +391,6 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
 
 
 def _overhead_key(model_config, raw: dict, dtype: torch.dtype, batch: int, seq: int) -> str:
-    import hashlib
-    import json
-    import os
-
     cpu = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
     shape = _probe_config(model_config, 1).to_json_string(use_diff=False)
     parts = [torch.__version__, str(torch.get_num_threads()), allocator_in_use(), os.environ.get("LD_PRELOAD", ""),
@@ -409,12 +413,6 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     $TUNEFORGE_HOME/plan-overhead.json (first run: ~10-20 s for a SmolLM2-sized layer).
     TUNEFORGE_PLAN_PROBE=off, a probe too big to be quick (PROBE_MAX_*) or a failed probe use
     CPU_FALLBACK."""
-    import json
-    import os
-    import statistics
-    import subprocess
-    import sys
-    from pathlib import Path
 
     raw, four_bit = _probe_method(opts), opts.name == "qlora"
     key = _overhead_key(model_config, raw | ({"four_bit": True} if four_bit else {}), dtype, batch, seq)
@@ -475,7 +473,6 @@ def device_memory(device: str) -> list[Memory]:
     if device == "cuda":
         return [Memory(torch.cuda.get_device_name(i), *torch.cuda.mem_get_info(i))
                 for i in range(torch.cuda.device_count())]
-    import psutil
 
     vm = psutil.virtual_memory()
     return [Memory("CPU RAM", vm.available, vm.total)]
@@ -501,9 +498,7 @@ def matmul_flops_per_s(device: str, dtype: torch.dtype, n: int = 1024, reps: int
 
 def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device: str, dtype: str = "auto") -> dict:
     """Ground truth for the estimate (run it in a fresh process): see benchmarks/plan_accuracy.py."""
-    import threading
 
-    import psutil
 
     opts = validate_config({"model": {"name": model}, "data": {"train": ["-"]}, "method": raw}).method
     method, sft = METHODS[opts.name], OBJECTIVES["sft"]
@@ -591,7 +586,6 @@ def suggestions(cfg, est: Estimate, free: int, compute_dtype: torch.dtype) -> li
 
 
 def plan(cfg, device: str | None = None, probe: bool = True) -> dict:
-
     device = device or pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
@@ -633,8 +627,6 @@ def ensure_fits(cfg, device: str) -> None:
 
 
 def print_plan(cfg, console) -> dict:
-    from rich.table import Table
-
     p = plan(cfg)
     mem, ckpt = p["memory"], cfg.train.gradient_checkpointing
     console.print(f"[bold]plan[/] {cfg.model.name} on {p['device']} ({str(p['dtype']).replace('torch.', '')}), "

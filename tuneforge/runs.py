@@ -66,6 +66,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torc
 
 def load_head(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A trained classify/reward run -> (model with the adapter merged, tokenizer), for inference."""
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     run_dir = Path(run_dir)

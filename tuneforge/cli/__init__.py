@@ -18,8 +18,8 @@ from tuneforge.allocator import reexec_with_allocator
 from tuneforge.cli.data import add_data_parser
 from tuneforge.cli.deploy import add_deploy_parsers
 from tuneforge.cli.evaluate import add_evaluate_parsers
-from tuneforge.cli.train import add_train_parsers
 from tuneforge.cli.production import add_production_parsers
+from tuneforge.cli.train import add_train_parsers
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft calls a transformers method that transformers 5 marks deprecated; the warning is not

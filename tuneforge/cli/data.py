@@ -85,9 +85,9 @@ def _print_summary(m: dict, console) -> None:
 
 
 def cmd_inspect(args) -> int:
+    from tuneforge.data.lengths import shape_stats
     from tuneforge.data.load import load_rows
     from tuneforge.data.manifest import is_prepared, read_manifest
-    from tuneforge.data.lengths import shape_stats
 
     console = _console()
     if is_prepared(args.path):

@@ -103,7 +103,6 @@ def cmd_keys(args) -> int:
 def cmd_serve(args) -> int:
     from tuneforge.deploy.config import load_serve_config
     from tuneforge.deploy.server import serve
-
     from tuneforge.deploy.vllm_launch import VLLMLaunchError
 
     cfg = load_serve_config(args.config)

@@ -3,7 +3,6 @@ and tuneforge.models (imported when the command runs: see cli/__init__.py)."""
 
 from __future__ import annotations
 
-
 from tuneforge.cli.output import rich_console
 
 

@@ -12,8 +12,8 @@ import functools
 import getpass
 import sys
 
-from pydantic import ValidationError
 from prometheus_client import REGISTRY, write_to_textfile
+from pydantic import ValidationError
 from rich.console import Console
 
 from tuneforge.production.config import load_monitor_config

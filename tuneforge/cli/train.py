@@ -10,8 +10,8 @@ from tuneforge.cli.output import rich_console
 
 def cmd_train(args) -> int:
     from tuneforge.plugins import load_config
-    from tuneforge.train.run import train
     from tuneforge.runs import load_run_config
+    from tuneforge.train.run import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -77,8 +77,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from tuneforge.plugins import load_config
     from tuneforge.plan import print_plan
+    from tuneforge.plugins import load_config
 
     print_plan(load_config(args.config, args.overrides), rich_console())
     return 0

@@ -11,8 +11,12 @@ forgetting (the model starts answering orders with review keys) and what prevent
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+from pathlib import Path
+
+import yaml
 
 from tuneforge.data.dedup import text_key
 
@@ -194,10 +198,7 @@ GENERATORS["orders_preference"] = orders_preference
 
 def _chatterbot_conversations():
     """(category, [utterances]) from the chatterbot-corpus package's English YAML files (real text)."""
-    import importlib.util
-    from pathlib import Path
 
-    import yaml
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None:

@@ -44,7 +44,7 @@ def clean_text(s: str, opts: CleanOptions) -> str:
 
 
 def language_of(text: str) -> str:
-    import py3langid
+    import py3langid  # deferred: loads its language model on import; only the language filter needs it
 
     return py3langid.classify(text[:2000])[0]
 

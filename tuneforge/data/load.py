@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from tuneforge.data.builtin import generate
 from tuneforge.data.formats import FORMATS, RowError, detect
 
 
@@ -152,8 +153,8 @@ def _read_text(path: Path, text: str, unit: str):
 
 
 def _read_parquet(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # deferred: only parquet files need it
+    import pyarrow.parquet as pq  # deferred: only parquet files need it
 
     try:
         pf = pq.ParquetFile(path)
@@ -173,7 +174,7 @@ def is_hf_dataset_dir(path: Path) -> bool:
 def _read_hf_dir(path: Path):
     """A folder written by ``datasets``' ``save_to_disk``; each split is its own source.
     ClassLabel columns are read as their names (the canonical label is a class name)."""
-    from datasets import ClassLabel, DatasetDict, load_from_disk
+    from datasets import ClassLabel, DatasetDict, load_from_disk  # deferred: heavy, and only this path needs it
 
     try:
         ds = load_from_disk(str(path))
@@ -212,8 +213,6 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
     formats) or ``builtin:TASK?n=N&seed=S``. Files of a folder that cannot be read are
     recorded in ``skipped`` (file -> reason) instead of stopping the whole load."""
     if spec.startswith("builtin:"):
-        from tuneforge.data.builtin import generate
-
         task, _, query = spec[len("builtin:"):].partition("?")
         try:
             rows = list(generate(task, **{k: int(v) for k, v in parse_qsl(query)}))

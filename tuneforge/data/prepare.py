@@ -22,14 +22,23 @@ from tuneforge.data.builtin import paraphrase_rows
 from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
 from tuneforge.data.formats import row_texts
-from tuneforge.data.load import DataError, LoadReport, load_rows
-from tuneforge.data.manifest import (MANIFEST, SPLITS, Stage, is_prepared, read_manifest, rows_sha256, source_entry,
-                                     timed)
-from tuneforge.data.pii import PIIOptions, pii_rows
-from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
 from tuneforge.data.lengths import length_stats, overlength_stage, shape_stats, token_lengths
+from tuneforge.data.load import DataError, LoadReport, load_rows
+from tuneforge.data.manifest import (
+    MANIFEST,
+    SPLITS,
+    Stage,
+    is_prepared,
+    read_manifest,
+    rows_sha256,
+    source_entry,
+    timed,
+)
+from tuneforge.data.pii import PIIOptions, pii_rows
 from tuneforge.data.report import plot_lengths, render_report
+from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
 from tuneforge.io import atomic_dir, sha256_file, write_json
+from tuneforge.models.load import load_tokenizer
 
 
 @dataclass
@@ -239,8 +248,6 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
     say = console.print if console else (lambda *a, **k: None)
     tok = None
     if opts.tokenizer:
-        from tuneforge.models.load import load_tokenizer
-
         tok = load_tokenizer(opts.tokenizer)
 
     # --- load and filter each pool (the inputs, and any held-out files) -----------------

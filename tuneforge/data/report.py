@@ -8,10 +8,10 @@ import numpy as np
 
 
 def plot_lengths(lengths: dict[str, np.ndarray], unit: str, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: the plotting stack loads only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the plotting stack loads only when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(7, 4))
     filled = [v for v in lengths.values() if len(v)]

@@ -21,8 +21,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tuneforge.registry.tables import Feedback, RequestLog
 from tuneforge.registry.store import Registry
+from tuneforge.registry.tables import Feedback, RequestLog
 
 
 @dataclass
@@ -78,7 +78,10 @@ def arm_stats(registry: Registry, route: str, since: datetime | None = None) -> 
 
 def compare(control: ArmStats, other: ArmStats) -> dict[str, float | None]:
     """Two-sided p-values of ``other`` against ``control`` (None where a side has no data)."""
-    from scipy.stats import fisher_exact, mannwhitneyu  # deferred: scipy loads for `tuneforge ab` only, not with the server
+    from scipy.stats import (  # deferred: scipy loads for `tuneforge ab` only, not with the server
+        fisher_exact,
+        mannwhitneyu,
+    )
 
     def mw(a, b):
         return float(mannwhitneyu(a, b, alternative="two-sided").pvalue) if a and b else None

@@ -364,7 +364,8 @@ class LocalEngine:
     def _model(self, req: GenRequest) -> _Base:
         """The base model (loaded once) with ``req``'s adapter loaded under its version name
         (call with ``models_lock`` held)."""
-        from peft import PeftModel  # deferred: peft (and the transformers it pulls) load with the first model, not at server start
+        # deferred: peft (and the transformers it pulls) load with the first model, not at server start
+        from peft import PeftModel
 
         if req.base_model not in self.bases:
             tok = load_tokenizer(req.base_model)
@@ -511,6 +512,8 @@ def _plain_kv(model) -> bool:
     (sliding-window and hybrid models keep other state)."""
     # deferred: transformers loads with the first model, not at server start
     from transformers import DynamicCache
+
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers.cache_utils import DynamicLayer
 
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)

@@ -12,6 +12,7 @@ Writes go to a temp folder renamed into place, so a reader never sees half an ex
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -42,14 +43,14 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
             tok.save_pretrained(tmp)
             extra["dtype"] = dtype
         elif fmt == "gguf":
-            from tuneforge.deploy.gguf_export import QTYPES, write_gguf
+            from tuneforge.deploy.gguf_export import QTYPES, write_gguf  # deferred: gguf, only for this format
 
             tok_dir = tmp / "tokenizer"
             tok.save_pretrained(tok_dir)
             for q in QTYPES:
                 write_gguf(model, tok, tok_dir, tmp / f"model-{q}.gguf", q, name=run.run_dir.name)
         else:
-            from tuneforge.deploy.int8 import quantize, save_int8
+            from tuneforge.deploy.int8 import quantize, save_int8  # deferred: only for this format
 
             reference = _copy_in(model, torch.bfloat16)
             qmodel = quantize(model)
@@ -62,7 +63,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
 
 
 def manifest(run: RunInfo, fmt: str, folder: Path, extra: dict) -> dict:
-
     base_dir = resolve(run.base_model).path
     return {"format": fmt, "source_run": str(run.run_dir), "base_model": run.base_model,
             "base_model_sha256": model_weights_sha256(base_dir) if Path(base_dir).is_dir() else None,
@@ -73,8 +73,6 @@ def manifest(run: RunInfo, fmt: str, folder: Path, extra: dict) -> dict:
 
 
 def _copy_in(model, dtype):
-    import copy
-
     return copy.deepcopy(model).to(dtype).eval()
 
 

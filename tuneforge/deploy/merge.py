@@ -46,7 +46,7 @@ def check_runs(cfgs: list[tuple[Path, object]], weights: list[float], how: str) 
 
 def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, density: float = 0.5,
                    seed: int = 0) -> Path:
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: peft imports transformers; config validation and --help stay quick
 
     runs = [Path(r) for r in runs]
     cfgs = [(r, load_run_config(r)) for r in runs]

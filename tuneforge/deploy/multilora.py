@@ -79,7 +79,11 @@ class LoraBank:
         caller then gives it to peft), or None once it is loaded."""
         # deferred: peft loads with the first adapter, not when the server starts
         from peft import LoraConfig, PeftConfig
+
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft.utils import load_peft_weights
+
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft.utils.other import get_pattern_key
 
         cfg = PeftConfig.from_pretrained(adapter_dir)

@@ -28,6 +28,7 @@ from tuneforge.evaluate.incontext import draw_shots, with_examples
 from tuneforge.evaluate.measure import GenSettings, measure
 from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.perplexity import nll_per_row, summarize, text_rows
+from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.stats import paired_bootstrap
 from tuneforge.io import write_json
 from tuneforge.runs import load_for_inference, load_run_config
@@ -242,9 +243,9 @@ def run_harness(model, tok, tasks: str, include: Path | None, console: Console) 
         console.print("[yellow]--harness skipped[/]: lm-evaluation-harness is not installed "
                       "(pip install 'tuneforge[harness]'; its tasks download their data from the Hugging Face hub)")
         return {"skipped": "lm_eval is not installed"}
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # deferred: optional extra (tuneforge[harness])
+    from lm_eval.models.huggingface import HFLM  # deferred: optional extra (tuneforge[harness])
+    from lm_eval.tasks import TaskManager  # deferred: optional extra (tuneforge[harness])
 
     manager = TaskManager(include_path=str(include) if include else None)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -345,8 +346,6 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
                            f"({100 * f['relative_change']:+.1f}%; threshold +{100 * f['threshold']:.0f}%): "
                            + ("FLAGGED: the tuning hurt general language modelling." if f["flagged"] else "not flagged."))]
     if run_dir is not None:
-        from tuneforge.evaluate.plots import plot_losses
-
         curve = plot_losses(run_dir / "metrics.jsonl", out / "loss.png") if (run_dir / "metrics.jsonl").exists() else None
         blocks += [rp.heading("Training curves"), rp.image(curve)]
     if results["diagnosis"]:

@@ -33,7 +33,7 @@ class BM25Retriever:
     name = "bm25"
 
     def __init__(self, docs: list[str]):
-        from rank_bm25 import BM25Okapi
+        from rank_bm25 import BM25Okapi  # deferred: only the bm25 retriever needs it
 
         self.bm25 = BM25Okapi([d.lower().split() for d in docs])
 
@@ -51,6 +51,7 @@ class MiniLMRetriever:
     name = "minilm"
 
     def __init__(self, docs: list[str], batch_size: int = 64):
+        # deferred: transformers takes seconds to import; only code that builds a model pays
         from transformers import AutoModel, AutoTokenizer
 
         path = zoo.ensure("all-minilm-l6-v2")

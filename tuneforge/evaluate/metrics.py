@@ -136,7 +136,7 @@ def classification_scores(pred_labels: list[str], gold_labels: list[str], labels
 
 def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
     """Corpus BLEU and chrF (sacrebleu, its standard tokenisation), scaled to [0, 1]."""
-    import sacrebleu
+    import sacrebleu  # deferred: only generation metrics need it
 
     return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score / 100,
             "chrf": sacrebleu.corpus_chrf(preds, [refs]).score / 100}
@@ -144,7 +144,7 @@ def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 def rouge_per_example(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
     """ROUGE-1/2/L F-measure per example (rouge-score, with stemming)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: only generation metrics need it
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     rows = [scorer.score(r, p) for p, r in zip(preds, refs)]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    import matplotlib
+    import matplotlib  # deferred: the plotting stack loads only when a plot is drawn
 
     matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the plotting stack loads only when a plot is drawn
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]

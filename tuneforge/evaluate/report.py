@@ -97,10 +97,10 @@ def write_report(blocks: list[Block | None], out_dir: Path, title: str) -> tuple
 
 
 def confusion_png(confusion: dict, out: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: the plotting stack loads only when a plot is drawn
 
     matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the plotting stack loads only when a plot is drawn
 
     labels, matrix = confusion["labels"], confusion["matrix"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(labels), 1 + 0.6 * len(matrix)))

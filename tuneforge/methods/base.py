@@ -60,7 +60,7 @@ class PeftMethod(Method):
             model.save_pretrained(tmp)
 
     def load(self, base_model, run_dir: Path):
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: peft imports transformers; config validation and --help stay quick
 
         return PeftModel.from_pretrained(base_model, str(run_dir / "adapter"))
 

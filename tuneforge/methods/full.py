@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
 
 from tuneforge.config import Strict
 from tuneforge.io import atomic_dir
@@ -52,7 +53,6 @@ def upcast_trained_(model) -> None:
 
 def save_trained(model, out_dir: Path, manifest: dict) -> None:
     """Only the tensors that trained (by parameter name) + a manifest saying what they are."""
-    from safetensors.torch import save_file
 
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_dir(out_dir) as tmp:
@@ -62,7 +62,6 @@ def save_trained(model, out_dir: Path, manifest: dict) -> None:
 
 def load_trained(model, adapter_dir: Path):
     """Put saved tensors into ``model`` (in their saved dtype, as during training)."""
-    from safetensors.torch import load_file
 
     weights = load_file(str(adapter_dir / TRAINED_FILE))
     params = dict(model.named_parameters())
@@ -108,6 +107,7 @@ class Full(Method):
             model.save_pretrained(tmp)
 
     def load(self, base_model, run_dir: Path):
+        # deferred: transformers takes seconds to import; only code that builds a model pays
         from transformers import AutoModelForCausalLM
 
         p = next(base_model.parameters())

@@ -36,6 +36,7 @@ class IA3(PeftMethod):
         return problems
 
     def apply(self, model, opts):
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft import IA3Config, TaskType, get_peft_model
 
         return get_peft_model(model, IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=opts.target_modules,

@@ -30,6 +30,7 @@ class DoraOptions(LoraOptions):
 
 
 def lora_config(opts, use_dora: bool = False, model=None):
+    # deferred: peft imports transformers; config validation and --help stay quick
     from peft import LoraConfig, TaskType
 
     # A sequence-classification model (classify, reward) needs SEQ_CLS: peft then also
@@ -51,7 +52,9 @@ class LoRA(PeftMethod):
         return check_target_modules(opts.target_modules, module_names)
 
     def apply(self, model, opts):
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: peft imports transformers; config validation and --help stay quick
+
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft.tuners.lora import LoraLayer
 
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:

@@ -49,7 +49,7 @@ class PromptLearning(PeftMethod):
         raise NotImplementedError
 
     def apply(self, model, opts):
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: peft imports transformers; config validation and --help stay quick
 
         return get_peft_model(model, self.peft_config(model, opts))
 
@@ -62,6 +62,7 @@ class PromptTuning(PromptLearning):
     options = PromptOptions
 
     def peft_config(self, model, opts):
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
         text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": opts.init_text,
@@ -76,6 +77,7 @@ class PTuning(PromptLearning):
     options = PtuningOptions
 
     def peft_config(self, model, opts):
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft import PromptEncoderConfig, TaskType
 
         return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens,
@@ -89,6 +91,7 @@ class PrefixTuning(PromptLearning):
     options = PrefixOptions
 
     def peft_config(self, model, opts):
+        # deferred: peft imports transformers; config validation and --help stay quick
         from peft import PrefixTuningConfig, TaskType
 
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=opts.num_virtual_tokens,

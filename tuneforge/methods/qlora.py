@@ -45,6 +45,7 @@ class QLoRA(LoRA):
         return ([problem] if problem else []) + check_target_modules(opts.target_modules, module_names)
 
     def quantization_config(self, opts, compute_dtype):
+        # deferred: transformers takes seconds to import; only code that builds a model pays
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=opts.quant_type,
@@ -65,7 +66,7 @@ def _keep_training_layout(model):
     then gets silently wrong gradients (measured: bitsandbytes 0.50.2, max grad error 0.1
     on a tiny Llama). Keeping one layout also makes eval and training outputs agree.
     """
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # deferred: optional extra (tuneforge[qlora])
 
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):

@@ -56,6 +56,7 @@ def _hub_hint(name: str, err: Exception) -> ModelLoadError:
 
 
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoConfig
 
     r = resolve(name)
@@ -67,6 +68,7 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
 
 def meta_module_names(name: str, **kw) -> list[str]:
     """Module names of the model, read from its config alone (no weights are loaded)."""
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoModelForCausalLM
 
     config = load_config(name, **kw)
@@ -76,6 +78,7 @@ def meta_module_names(name: str, **kw) -> list[str]:
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoTokenizer
 
     r = resolve(name)
@@ -89,6 +92,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 def load_causal_lm(name: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
                    revision: str | None = None, trust_remote_code: bool = False, quantization_config=None):
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoModelForCausalLM
 
     r = resolve(name)
@@ -108,6 +112,7 @@ def load_sequence_classifier(name: str, id2label: dict[int, str], dtype: torch.d
                              pad_token_id: int | None, revision: str | None = None, trust_remote_code: bool = False):
     """A causal LM or encoder with a new classification head (one output per label; a
     reward model is one label). The label names live in the model config (id2label)."""
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoModelForSequenceClassification
 
     r = resolve(name)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tuneforge.io import atomic_dir, sha256_file, write_json
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 
@@ -91,7 +93,8 @@ def ensure(alias: str) -> Path:
 
 def convert_gguf(gguf_path: Path, out: Path, source_note: str = "") -> Path:
     """Dequantise a GGUF checkpoint into a plain HF folder with a fixed tokenizer."""
-    import torch
+
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path = Path(gguf_path)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-
 from pydantic import Field
 
 from tuneforge.config import Strict

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tuneforge.train.token_batches import trained_tokens
-
 from tuneforge.hardware import autocast, to_device
+from tuneforge.train.token_batches import trained_tokens
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
@@ -74,6 +73,7 @@ def init_from(model, path: str | Path) -> int:
     Returns the number of tensors loaded; every trainable tensor must be covered, else the
     earlier run used different adapter options and continuing from it would be silently wrong.
     """
+    # deferred: peft imports transformers; config validation and --help stay quick
     from peft import set_peft_model_state_dict
 
     weights = load_file(str(adapter_weights_path(path)))

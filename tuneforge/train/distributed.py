@@ -121,6 +121,7 @@ def shard(model: torch.nn.Module, objective) -> ShardedObjective:
     one process; a bf16 ``param_dtype`` would round the fp32 adapter weights, which one
     process never does. Trainable weights share one dtype, so gradients reduce in it.
     """
+    # deferred: the FSDP module loads only for runs sharded across processes
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model

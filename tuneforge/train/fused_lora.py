@@ -81,6 +81,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def enable(model: nn.Module) -> int:
     """Route every peft LoRA Linear over a plain torch Linear through LoraLinearFn (falling
     back to peft's forward call by call where it does not apply); returns how many."""
+    # deferred: peft imports transformers; config validation and --help stay quick
     from peft.tuners.lora import Linear as LoraLinear
 
     n = 0

@@ -141,6 +141,7 @@ class Loop:
     def setup(self) -> None:
         """Optimizer, schedule, DP-SGD, then the state to start from: the latest checkpoint of a
         resumed run, else a step-0 checkpoint (the NaN guard always has a state to go back to)."""
+        # deferred: transformers takes seconds to import; only code that builds a model pays
         from transformers import get_scheduler
 
         t = self.t

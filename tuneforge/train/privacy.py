@@ -29,7 +29,7 @@ class Private:
     def epsilon(self, steps: int) -> float:
         """Epsilon spent after ``steps`` noisy steps (same noise and rate each step, so the
         history is one entry and a resumed run needs no saved accountant state)."""
-        from opacus.accountants import RDPAccountant
+        from opacus.accountants import RDPAccountant  # deferred: the DP-SGD stack loads only for runs with privacy
 
         if steps == 0:
             return 0.0
@@ -49,9 +49,12 @@ class Private:
 
 def make_private(model, optimizer, pc: PrivacyConfig, *, micro_batch_size: int, rows_per_step: int,
                  n_rows: int, steps: int) -> Private:
+    # deferred: the DP-SGD stack loads only for runs with privacy
     from opacus.accountants.utils import get_noise_multiplier
+
+    # deferred: the DP-SGD stack loads only for runs with privacy
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer  # deferred: the DP-SGD stack loads only for runs with privacy
 
     sample_rate = min(1.0, rows_per_step / n_rows)
     sigma = pc.noise_multiplier if pc.noise_multiplier is not None else get_noise_multiplier(

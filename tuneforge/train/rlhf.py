@@ -17,10 +17,9 @@ import yaml
 from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig, deep_merge, parse_overrides
-
 from tuneforge.hardware import pick_device, pick_dtype
-from tuneforge.plugins import validate_config
 from tuneforge.io import atomic_dir, write_json
+from tuneforge.plugins import validate_config
 from tuneforge.runs import load_run
 from tuneforge.train.run import train
 
@@ -64,7 +63,6 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype) -> Path:
 
 
 def run_chain(path: str | Path, overrides: list[str] = (), console: Console | None = None) -> Path:
-
     console = console or Console()
     path = Path(path)
     if not path.is_file():

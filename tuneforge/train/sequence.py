@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.config import ConfigError, RunConfig, TaskConfig, deep_merge, parse_overrides
-
-from tuneforge.plugins import validate_config
 from tuneforge.io import write_json
+from tuneforge.plugins import validate_config
 from tuneforge.train.run import train
 
 

@@ -27,9 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.config import ConfigError, Strict, format_errors
-
-from tuneforge.plugins import load_config
 from tuneforge.io import write_json
+from tuneforge.plugins import load_config
 from tuneforge.train.callbacks import TrainingDiverged
 from tuneforge.train.run import train
 
@@ -87,7 +86,7 @@ def suggest(trial, space: dict[str, Dimension]) -> list[str]:
 
 
 def make_sampler(name: str, space: dict[str, Dimension], seed: int):
-    import optuna
+    import optuna  # deferred: loaded only by sweeps
 
     if name == "grid":
         ranges = [k for k, d in space.items() if d.choices is None]
@@ -103,7 +102,7 @@ def make_sampler(name: str, space: dict[str, Dimension], seed: int):
 def earlier_twin(study, params: dict):
     """A finished trial with exactly these parameters. Samplers propose a point again once a
     discrete space is mostly explored; a seeded run would only repeat the same numbers."""
-    import optuna
+    import optuna  # deferred: loaded only by sweeps
 
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     return next((t for t in study.get_trials(deepcopy=False, states=done) if t.params == params), None)
@@ -111,7 +110,7 @@ def earlier_twin(study, params: dict):
 
 def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], trials: int,
               console: Console | None = None, seed: int = 0, sampler: str = "tpe") -> Path:
-    import optuna
+    import optuna  # deferred: loaded only by sweeps
 
     console = console or Console()
     base = load_config(config, overrides)  # fail on a bad config before any trial
@@ -157,7 +156,7 @@ def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], tr
 
 
 def summarize(study, root: Path, console: Console) -> None:
-    import optuna
+    import optuna  # deferred: loaded only by sweeps
 
     rows = [{"trial": t.number, "state": t.state.name.lower(), "val_loss": t.value, "params": t.params,
              "run_dir": t.user_attrs.get("run_dir"), "duplicate_of": t.user_attrs.get("duplicate_of")}
@@ -186,10 +185,10 @@ def summarize(study, root: Path, console: Console) -> None:
 
 
 def plot_sweep(rows: list[dict], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: the plotting stack loads only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the plotting stack loads only when a plot is drawn
 
     scored = [(r["trial"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.hardware import autocast, to_device
 from tuneforge.data.render import IGNORE, pack_rows, packed_batch, pad_batch
+from tuneforge.hardware import autocast, to_device
 
 
 def epoch_batches(rows: list[dict], epoch: int, seed: int, batch_size: int, packing: bool, max_length: int,

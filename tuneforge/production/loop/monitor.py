@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 from tuneforge.production.config import MonitorConfig, parse_window
 from tuneforge.production.loop import drift as dr
 from tuneforge.production.loop.drift import logged_prompt
-from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
 from tuneforge.registry.store import Registry, RegistryError, parse_ref
+from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem, utc_now
 
 log = logging.getLogger("tuneforge.monitor")
 # Module level: the default registry rejects a second metric of the same name.

@@ -78,7 +78,7 @@ def _plots(res: MonitorResult) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the plotting stack loads only when a plot is drawn
 
     out = []
     if any(g["latencies"] for g in res.groups):

@@ -45,6 +45,7 @@ def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_leng
 
 
 def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict):
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
@@ -72,6 +73,7 @@ def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict)
 
 
 def _fresh_autocast_weights_callback():
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import TrainerCallback
 
     class FreshAutocastWeights(TrainerCallback):
@@ -121,8 +123,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     """``on_eval`` is never called: trl's loop computes no validation loss."""
     # Deferred: datasets and trl are heavy, and only this recipe needs them.
     from datasets import Dataset
+
+    # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOTrainer, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer  # deferred: trl is heavy and only this recipe needs it
 
     console = console or Console()
     # --- setup and prompts ---------------------------------------------------------------
@@ -191,7 +195,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
 def trl_args(cfg: RunConfig, run: RunStart, trl_dir: Path):
     """tuneforge's train settings as trl's GRPOConfig/RLOOConfig."""
-    from trl import GRPOConfig, RLOOConfig
+    from trl import GRPOConfig, RLOOConfig  # deferred: trl is heavy and only this recipe needs it
 
     opts, t = cfg.objective, cfg.train
     config_cls = {"grpo": GRPOConfig, "rloo": RLOOConfig}[opts.algorithm]

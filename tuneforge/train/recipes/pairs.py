@@ -18,8 +18,8 @@ from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data.render import pad_batch, render_chat, with_system
-from tuneforge.io import write_json
 from tuneforge.hardware import autocast
+from tuneforge.io import write_json
 from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
