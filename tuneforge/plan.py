@@ -28,6 +28,7 @@ import psutil
 import torch
 from rich.table import Table
 
+import tuneforge
 from tuneforge.allocator import allocator_in_use
 from tuneforge.config import ConfigError
 from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
@@ -82,6 +83,8 @@ MMAP_THRESHOLD_MAX = 32 * 2**20
 # A probe model bigger than this (peak bytes of its 2-layer step, or FLOPs of one step) is not
 # run: `tuneforge plan` must stay fast. CPU_FALLBACK is used instead.
 PROBE_MAX_BYTES, PROBE_MAX_FLOPS = 2 * GB, 2e11
+# Part of the cache key: a probe that measures differently must not reuse older results.
+PROBE_VERSION = 1
 
 
 @dataclass
@@ -288,7 +291,6 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
     ``four_bit``: the run also pushes a small tensor through bitsandbytes' 4-bit quantise,
     forward and backward, so that the pages of that code path are counted (QLoRA's load and its
     matmuls run it; the probe's adapters are LoRA's on a plain base)."""
-
     # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -298,62 +300,24 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
     # As in a training process, the estimate has run before the model loads: it pays the method's
     # lazy imports (peft's LoRA: ~55 MB of RSS), which are not part of the step.
     estimate(cfgs[0], opts, batch, seq, dtype, "cpu", overhead=(0, 0.0))
-
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def anon() -> int:
-        # Resident anonymous memory (resident - file-backed): a forked child faults in the library
-        # pages its parent had already touched again, which a fresh training process would not count.
-        with open("/proc/self/statm") as f:
-            _, resident, shared = f.read().split()[:3]
-        return (int(resident) - int(shared)) * page
-
-
-    def file_pages() -> set[int]:
-        # Pages of file mappings (libraries' code and data, the checkpoint) present in this
-        # process's page table. A fresh training process counts in its RSS the library pages its
-        # first step faults in (measured on the tiny test model: ~9 MB of libtorch_cpu.so, 8% of
-        # its peak), which anonymous memory misses. A forked child must fault in again even the
-        # pages its parent had; only those the parent had not are new to a training process.
-        present = set()
-        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pm:
-            for line in maps:
-                f = line.split()
-                if len(f) < 6 or not f[5].startswith("/"):
-                    continue
-                a, b = (int(x, 16) // page for x in f[0].split("-"))
-                pm.seek(a * 8)
-                bits = np.frombuffer(pm.read((b - a) * 8), dtype=np.uint64) >> np.uint64(63)
-                present.update((a + np.flatnonzero(bits)).tolist())
-        return present
-
     try:
-        parent_pages = file_pages()
+        parent_pages = _file_pages()
     except OSError:  # no pagemap (not Linux, or restricted): anonymous memory only
         parent_pages = None
-
-    def touch_4bit() -> None:
-        import bitsandbytes as bnb  # deferred: optional extra (tuneforge[qlora])
-
-        lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
-        lin.load_state_dict(torch.nn.Linear(64, 64, bias=False).state_dict())
-        lin = lin.to("cpu")
-        x = torch.randn(2, 64, dtype=dtype, requires_grad=True)
-        lin(x).sum().backward()
 
     def one(cfg) -> int:
         peak, stop = [0], threading.Event()
 
         def sample():
             while not stop.is_set():
-                peak[0] = max(peak[0], anon())
+                peak[0] = max(peak[0], _anon_bytes())
                 time.sleep(0.001)
 
-        base = anon()
+        base = _anon_bytes()
         threading.Thread(target=sample, daemon=True).start()
         torch.manual_seed(0)
         if four_bit:
-            touch_4bit()
+            _touch_4bit(dtype)
         m = method.apply(AutoModelForCausalLM.from_config(cfg).to(method.base_dtype(opts, dtype)), opts)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
         for _ in range(2):
@@ -366,34 +330,79 @@ def probe_child(configs: list[str], raw: dict, dtype_name: str, batch: int, seq:
             opt.zero_grad(set_to_none=True)
         time.sleep(0.01)
         stop.set()
-        code = len(file_pages() - parent_pages) * page if parent_pages is not None else 0
+        code = len(_file_pages() - parent_pages) * _PAGE if parent_pages is not None else 0
         return peak[0] - base + code
 
-    out = []
-    for cfg in [c for c in cfgs for _ in range(repeats)]:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: measure, report through the pipe, exit without Python's teardown
-            code = 1
-            try:
-                os.write(w, str(one(cfg)).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r) as f:
-            got = f.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
-            raise SystemExit(f"probe child failed ({status})")
-        out.append(int(got))
+    out = [_in_child(one, cfg) for cfg in cfgs for _ in range(repeats)]
     print(json.dumps([out[i:i + repeats] for i in range(0, len(out), repeats)]))
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _anon_bytes() -> int:
+    """Resident anonymous memory (resident - file-backed): a forked child faults in the library
+    pages its parent had already touched again, which a fresh training process would not count."""
+    with open("/proc/self/statm") as f:
+        _, resident, shared = f.read().split()[:3]
+    return (int(resident) - int(shared)) * _PAGE
+
+
+def _file_pages() -> set[int]:
+    """Pages of file mappings (libraries' code and data, the checkpoint) present in this process's
+    page table. A fresh training process counts in its RSS the library pages its first step faults
+    in (measured on the tiny test model: ~9 MB of libtorch_cpu.so, 8% of its peak), which anonymous
+    memory misses. A forked child must fault in again even the pages its parent had; only those the
+    parent had not are new to a training process."""
+    present = set()
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pm:
+        for line in maps:
+            f = line.split()
+            if len(f) < 6 or not f[5].startswith("/"):
+                continue
+            a, b = (int(x, 16) // _PAGE for x in f[0].split("-"))
+            pm.seek(a * 8)
+            bits = np.frombuffer(pm.read((b - a) * 8), dtype=np.uint64) >> np.uint64(63)
+            present.update((a + np.flatnonzero(bits)).tolist())
+    return present
+
+
+def _touch_4bit(dtype: torch.dtype) -> None:
+    """One small 4-bit layer forward and backward: faults in bitsandbytes' code pages."""
+    import bitsandbytes as bnb  # deferred: optional extra (tuneforge[qlora])
+
+    lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
+    lin.load_state_dict(torch.nn.Linear(64, 64, bias=False).state_dict())
+    lin = lin.to("cpu")
+    x = torch.randn(2, 64, dtype=dtype, requires_grad=True)
+    lin(x).sum().backward()
+
+
+def _in_child(measure, cfg) -> int:
+    """``measure(cfg)`` in a forked child, its result read back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report through the pipe, exit without Python's teardown
+        code = 1
+        try:
+            os.write(w, str(measure(cfg)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise SystemExit(f"probe child failed ({status})")
+    return int(got)
 
 
 def _overhead_key(model_config, raw: dict, dtype: torch.dtype, batch: int, seq: int) -> str:
     cpu = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
     shape = _probe_config(model_config, 1).to_json_string(use_diff=False)
-    parts = [torch.__version__, str(torch.get_num_threads()), allocator_in_use(), os.environ.get("LD_PRELOAD", ""),
+    parts = [tuneforge.__version__, str(PROBE_VERSION), torch.__version__, str(torch.get_num_threads()),
+             allocator_in_use(), os.environ.get("LD_PRELOAD", ""),
              str(dtype), json.dumps(raw, sort_keys=True), ",".join(cpu), shape, f"{batch}x{seq}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,16 +66,25 @@ def test_checkpointing_and_4bit_shrink_the_estimate(small_dir):
 @pytest.mark.parametrize("raw", [{"name": "full"}, {"name": "lora", "r": 16}, {"name": "qlora", "r": 16}],
                          ids=["full", "lora", "qlora"])
 def test_estimate_within_25_percent_of_measured_peak(raw, small_dir):
+    """Against the median of three measurements, each in a fresh process: on this 1M-parameter
+    model one process's peak RSS moves by up to ~25% from run to run (QLoRA's most: how much of
+    the 4-bit load's heap the steps reuse), more than the estimate's own error."""
     if raw["name"] == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
     code = ("import json,sys; from tuneforge.plan import measure_peak; "
             f"print(json.dumps(measure_peak({small_dir!r}, {raw!r}, 8, 128, 2, 'cpu')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    row = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"plan ratio {raw['name']}: {row['ratio']:.3f} (estimate {row['estimate_gb'] * 1024:.1f} MB, "
-          f"measured {row['measured_gb'] * 1024:.1f} MB)")  # shown with -s
-    assert 0.75 <= row["ratio"] <= 1.25, row
+    rows = []
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    estimate = rows[0]["estimate_gb"]
+    assert all(row["estimate_gb"] == estimate for row in rows)  # measured once, then cached
+    measured = statistics.median(row["measured_gb"] for row in rows)
+    ratio = estimate / measured
+    runs = ", ".join(f"{row['measured_gb'] * 1024:.1f}" for row in rows)
+    print(f"plan ratio {raw['name']}: {ratio:.3f} (estimate {estimate * 1024:.1f} MB, measured {runs} MB)")  # -s
+    assert 0.75 <= ratio <= 1.25, rows
 
 
 def test_train_refuses_a_run_that_cannot_fit_and_names_the_fix(tiny_raw_cfg, monkeypatch):
