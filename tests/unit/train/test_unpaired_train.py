@@ -15,8 +15,14 @@ from tuneforge.models.load import load_causal_lm
 from tuneforge.plugins import validate_config
 from tuneforge.train import run_folder
 from tuneforge.train.recipes.scoring import Reference
-from tuneforge.train.recipes.unpaired import (encode_unpaired, evaluate_unpaired, score_batch, unpaired_batch,
-                                              unpaired_batches, unpaired_step)
+from tuneforge.train.recipes.unpaired import (
+    encode_unpaired,
+    evaluate_unpaired,
+    score_batch,
+    unpaired_batch,
+    unpaired_batches,
+    unpaired_step,
+)
 from tuneforge.train.run import train
 
 ROWS = [{"prompt": [{"role": "user", "content": f"order {i} coffee mugs"}],

@@ -19,8 +19,14 @@ from tuneforge.data.render import pad_batch, render_chat, with_system
 from tuneforge.io import write_json
 from tuneforge.plugins import method_of, objective_of
 from tuneforge.train.loop import Loop, MeanSteps
-from tuneforge.train.recipes.scoring import (Reference, batch_logps, load_policy, save_policy, score_held_out,
-                                             tokenizer_of)
+from tuneforge.train.recipes.scoring import (
+    Reference,
+    batch_logps,
+    load_policy,
+    save_policy,
+    score_held_out,
+    tokenizer_of,
+)
 from tuneforge.train.run_folder import finish, start_run
 
 

@@ -24,8 +24,14 @@ from tuneforge.io import write_json
 from tuneforge.objectives.kto import kl_reference_point, kto_unpaired_loss, kto_weight_advice
 from tuneforge.plugins import method_of
 from tuneforge.train.loop import Loop, MeanSteps
-from tuneforge.train.recipes.scoring import (Reference, batch_logps, load_policy, save_policy, score_held_out,
-                                             tokenizer_of)
+from tuneforge.train.recipes.scoring import (
+    Reference,
+    batch_logps,
+    load_policy,
+    save_policy,
+    score_held_out,
+    tokenizer_of,
+)
 from tuneforge.train.run_folder import finish, start_run
 
 # What eval.json's numbers are, written beside them.
