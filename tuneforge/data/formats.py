@@ -159,23 +159,18 @@ register_format(Format("prompt_completion", ("prompt", "completion"), _prompt_co
 
 
 def _turns(value, field: str, default_role: str) -> list[dict]:
-    """A plain string as one turn, or a list of {role, content} messages (checked)."""
+    """A plain string as one turn, or a list of messages (checked; tool calls and results kept)."""
     if isinstance(value, str):
         if not value.strip():
             raise RowError(field, "empty")
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise RowError(field, f"expected str or a list of messages, got {type(value).__name__}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"{field}[{i}]", "each message needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise RowError(f"{field}[{i}].role", f"unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise RowError(f"{field}[{i}].content", f"expected str, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return convert_messages(value, field)
+
+
+def _answered(turns: list[dict]) -> bool:
+    return turns[-1]["role"] == "assistant" and bool(turns[-1]["content"].strip() or turns[-1].get("tool_calls"))
 
 
 def _preference(row, columns):
@@ -189,12 +184,34 @@ def _preference(row, columns):
     out = {"prompt": prompt}
     for side in ("chosen", "rejected"):
         turns = _turns(row[fields[side]], fields[side], "assistant")
-        if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        if not _answered(turns):
             raise RowError(fields[side], "does not end with a non-empty assistant turn")
         out[side] = turns
     if out["chosen"] == out["rejected"]:
         raise RowError(fields["rejected"], "identical to chosen (no preference signal)")
-    return out
+    return with_tools_only(out, tools_of(row, columns))
+
+
+def with_tools_only(out: dict, tools: list[dict]) -> dict:
+    return {**out, "tools": tools} if tools else out
+
+
+def _unpaired(row, columns):
+    """TRL's unpaired preference rows (what KTO trains on): prompt, completion, label bool."""
+    fields = {f: columns.get(f, f) for f in ("prompt", "completion", "label")}
+    for key in fields.values():
+        if row.get(key) is None:
+            raise RowError(key, "missing")
+    prompt = _turns(row[fields["prompt"]], fields["prompt"], "user")
+    if prompt[-1]["role"] == "assistant":
+        raise RowError(fields["prompt"], "prompt ends with an assistant turn")
+    completion = _turns(row[fields["completion"]], fields["completion"], "assistant")
+    if not _answered(completion):
+        raise RowError(fields["completion"], "does not end with a non-empty assistant turn")
+    if not isinstance(row[fields["label"]], bool):
+        raise RowError(fields["label"], f"expected true (desirable) or false, got {row[fields['label']]!r}")
+    return with_tools_only({"prompt": prompt, "completion": completion, "label": row[fields["label"]]},
+                           tools_of(row, columns))
 
 
 def _classification(row, columns):
@@ -213,7 +230,10 @@ def _text(row, columns):
 
 
 register_format(Format("preference", ("prompt", "chosen", "rejected"), _preference,
-                       "preference pairs: prompt, chosen, rejected (strings or message lists)", "preference"))
+                       "preference pairs: prompt, chosen, rejected (strings or message lists)", "preference",
+                       optional=("tools",)))
+register_format(Format("unpaired", ("prompt", "completion", "label"), _unpaired,
+                       "unpaired (KTO): prompt, completion, label true|false", "unpaired", optional=("tools",)))
 register_format(Format("classification", ("text", "label"), _classification, "text, label", "classification"))
 register_format(Format("text", ("text",), _text, "raw text for continued pre-training", "text"))
 

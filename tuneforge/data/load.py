@@ -26,6 +26,10 @@ class DataError(ValueError):
     """A problem that stops data loading (missing file, no usable rows, --strict)."""
 
 
+class UnreadFieldError(DataError):
+    """Rows carry a field with meaning that the chosen format does not read (MEANINGFUL)."""
+
+
 @dataclass
 class Record:
     source: str
@@ -371,7 +375,7 @@ def _refuse_meaningful(report: LoadReport, kind: str) -> None:
             continue
         what, who, ignoring, kinds = MEANINGFUL[name]
         if kinds is None or kind in kinds:
-            raise DataError(f"rows carry '{name}' ({what}) that the {report.format} format ({kind} rows) does not "
+            raise UnreadFieldError(f"rows carry '{name}' ({what}) that the {report.format} format ({kind} rows) does not "
                             f"read: train them with {who}, "
                             f"or set data.ignore_fields=[{name}] (--ignore-field {name}) to {ignoring}")
 
