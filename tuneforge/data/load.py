@@ -369,15 +369,26 @@ MEANINGFUL = {
 }
 
 
-def _refuse_meaningful(report: LoadReport, kind: str) -> None:
-    for name in report.unknown_fields:
-        if name not in MEANINGFUL:
+def _refuse_meaningful(records: list[Record], formats: dict, how: dict, kind: str) -> None:
+    """Before any row is converted (a row of another kind would only be dropped as malformed):
+    a field with meaning that the source's format does not read stops loading."""
+    seen: set = set()
+    for rec in records:
+        if rec.data is None or not formats[rec.source][0]:
             continue
-        what, who, ignoring, kinds = MEANINGFUL[name]
-        if kinds is None or kind in kinds:
-            raise UnreadFieldError(f"rows carry '{name}' ({what}) that the {report.format} format ({kind} rows) does not "
-                            f"read: train them with {who}, "
-                            f"or set data.ignore_fields=[{name}] (--ignore-field {name}) to {ignoring}")
+        shape = (rec.source, frozenset(rec.data))  # rows of one shape are checked once
+        if shape in seen:
+            continue
+        seen.add(shape)
+        fmt = FORMATS[formats[rec.source][0]]
+        consumed = fmt.consumes(how[rec.source].columns)
+        for name in (n for n in MEANINGFUL if n in rec.data and n not in consumed):  # in a fixed order
+            what, who, ignoring, kinds = MEANINGFUL[name]
+            if kinds is None or kind in kinds:
+                raise UnreadFieldError(
+                    f"{rec.where}: rows carry '{name}' ({what}) that the {fmt.name} format ({kind} rows) does not "
+                    f"read: train them with {who}, or set data.ignore_fields=[{name}] (--ignore-field {name}) "
+                    f"to {ignoring}")
 
 
 @dataclass
@@ -469,13 +480,13 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
     for source, (f, _) in formats.items():
         report.sources[source] = {"read": 0, "kept": 0, "format": f,
                                   "synthetic": source.startswith("builtin:")}
+    _refuse_meaningful(records, formats, how, report.kind)
     rows = _convert_all(records, formats, how, split, report, strict)
     report.kept = sum(s["kept"] for s in report.sources.values())
     report.check()
     if not rows:
         shown = "; ".join(ex for exs in report.examples.values() for ex in exs[:1])
         raise DataError(f"no usable rows in {', '.join(specs)} ({report.read} read, all dropped): {shown}")
-    _refuse_meaningful(report, report.kind)
     return rows, report
 
 
