@@ -48,7 +48,7 @@ def call(cid, name, args):
 
 
 def test_llamafactory_tool_calls_become_canonical():
-    rows, rep = load_rows([str(FX / "llamafactory/glaive_toolcall_demo.json")])
+    rows, _ = load_rows([str(FX / "llamafactory/glaive_toolcall_demo.json")])
     tip = rows[0]
     assert tip["tools"][0]["type"] == "function" and tip["tools"][0]["function"]["name"] == "calculate_tip"
     assert tip["messages"][1] == {"role": "assistant", "content": "",
@@ -95,7 +95,7 @@ def test_llamafactory_preference_kto_and_alpaca_history():
                    {"role": "assistant", "content": "Eight."}, {"role": "user", "content": "And an insect?"}],
         "chosen": [{"role": "assistant", "content": "Insects have six legs."}],
         "rejected": [{"role": "assistant", "content": "Insects have eight legs too."}]}
-    kto, rep = load_rows([str(FX / "llamafactory/kto_demo.json")])
+    kto, _ = load_rows([str(FX / "llamafactory/kto_demo.json")])
     assert [r["label"] for r in kto] == [True, False, True, False, True]
     assert kto[3]["completion"] == [{"role": "assistant", "content": "No, you are stupid."}]
     assert len(kto[3]["prompt"]) == 3 and prompt_text(kto[3]).endswith("Say something rude.")
@@ -119,7 +119,7 @@ def test_axolotl_options_rename_field_keys_and_roles(tmp_path):
                       {"speaker": "bot1", "text": "hello", "train": True}]}
     opts = MessagesOptions(field="dialog", role_key="speaker", content_key="text",
                            roles={"user": ["asker"], "assistant": ["bot1"]}, train_key="train")
-    rows, rep = load_rows([jsonl(tmp_path, [row])], messages=opts)
+    rows, _ = load_rows([jsonl(tmp_path, [row])], messages=opts)
     assert strip(rows) == [{"messages": [{"role": "user", "content": "hi"},
                                          {"role": "assistant", "content": "hello", "weight": 1}]}]
     with pytest.raises(ValueError, match="trains the assistant turns only"):
@@ -146,7 +146,7 @@ def test_axolotl_options_rename_field_keys_and_roles(tmp_path):
 def test_bad_rows_name_file_line_and_field(tmp_path, row, field, reason):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = jsonl(tmp_path, [good, row])
-    rows, rep = load_rows([path])
+    _, rep = load_rows([path])
     assert rep.read == 2 and rep.kept == 1
     (example,), = rep.examples.values()
     assert example.startswith(f"{path}:2: field '{field}': {reason}"), example
