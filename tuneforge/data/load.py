@@ -19,6 +19,7 @@ from tuneforge.config import MessagesOptions
 from tuneforge.data import formats_other  # noqa: F401 - registers the preference, KTO and segments formats
 from tuneforge.data.builtin import generate
 from tuneforge.data.dataset_info import DatasetInfoError, is_dataset_info, names_error, resolve
+from tuneforge.data.fields import unread_field
 from tuneforge.data.formats import FORMATS, RowError, detect, kind_fits
 
 
@@ -346,29 +347,6 @@ def _detect_sources(records: list[Record], fmt: str, columns: dict,
     return out
 
 
-# Fields that carry meaning a format of the chosen kind cannot use: loading stops rather than
-# train without it. field -> (what it is, what trains it, what ignoring it means, kinds refused;
-# None = wherever no format reads it).
-MEANINGFUL = {
-    "kto_tag": ("desirable/undesirable answers", "objective.name=kto (`--task unpaired`)",
-                "train every row's answer as SFT", None),
-    "label": ("desirable/undesirable answers", "objective.name=kto (`--task unpaired`)",
-              "train every row's answer as SFT", {"sft", "preference", "unpaired"}),
-    "chosen": ("preference pairs", "a preference objective (objective.name=dpo, `--task preference`)",
-               "train only the conversation", None),
-    "rejected": ("preference pairs", "a preference objective (objective.name=dpo, `--task preference`)",
-                 "train only the conversation", None),
-    "tools": ("function schemas", "objective sft on chat rows (`--task sft`)", "train without them", None),
-    "functions": ("function schemas", "objective sft on chat rows (`--task sft`)", "train without them", None),
-    "weight": ("which answers are trained", "objective sft on chat rows (`--task sft`)",
-               "train every row in full", {"classification", "text"}),
-    "segments": ("per-segment training", "objective sft (Axolotl input_output rows)", "drop it", None),
-    "images": ("images", "nothing yet: tuneforge does not train vision", "train the text alone", None),
-    "videos": ("videos", "nothing yet: tuneforge does not train vision", "train the text alone", None),
-    "audios": ("audio", "nothing yet: tuneforge does not train audio", "train the text alone", None),
-}
-
-
 def _refuse_meaningful(records: list[Record], formats: dict, how: dict, kind: str) -> None:
     """Before any row is converted (a row of another kind would only be dropped as malformed):
     a field with meaning that the source's format does not read stops loading."""
@@ -381,14 +359,9 @@ def _refuse_meaningful(records: list[Record], formats: dict, how: dict, kind: st
             continue
         seen.add(shape)
         fmt = FORMATS[formats[rec.source][0]]
-        consumed = fmt.consumes(how[rec.source].columns)
-        for name in (n for n in MEANINGFUL if n in rec.data and n not in consumed):  # in a fixed order
-            what, who, ignoring, kinds = MEANINGFUL[name]
-            if kinds is None or kind in kinds:
-                raise UnreadFieldError(
-                    f"{rec.where}: rows carry '{name}' ({what}) that the {fmt.name} format ({kind} rows) does not "
-                    f"read: train them with {who}, or set data.ignore_fields=[{name}] (--ignore-field {name}) "
-                    f"to {ignoring}")
+        problem = unread_field(rec.data.keys(), fmt.consumes(how[rec.source].columns), fmt.name, kind)
+        if problem:
+            raise UnreadFieldError(f"{rec.where}: {problem}")
 
 
 @dataclass
