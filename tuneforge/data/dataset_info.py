@@ -45,7 +45,9 @@ class Resolved:
     columns: dict[str, str]
     messages: MessagesOptions | None
     rows: list[dict] | None = None  # rows from the hub (hf_hub_url)
-    notes: list[str] = field(default_factory=list)
+    # The conversation alone, as plain sharegpt rows: what an sft objective reads of a KTO or
+    # ranking entry (its kto_tag/chosen/rejected columns are then refused, or ignored if asked).
+    plain_columns: dict[str, str] = field(default_factory=dict)
 
 
 def is_dataset_info(path: Path) -> bool:
@@ -139,13 +141,15 @@ def resolve(spec: str) -> Resolved | None:
         raise DatasetInfoError(f"{path}: no dataset named {name!r} (names: {', '.join(sorted(entries))})")
     entry, where = entries[name], f"{path}#{name}"
     fmt, columns = _format(entry, where)
+    plain = {k: v for k, v in columns.items() if k in ("system", "tools")}
+    plain["conversations"] = columns.get("conversations", columns.get("messages", "conversations"))
     if entry.get("file_name"):
         target = path.parent / entry["file_name"]
         if not target.exists():
             raise DatasetInfoError(f"{where}: file_name {entry['file_name']!r} -> {target} does not exist")
-        return Resolved(name, [str(target)], fmt, columns, _messages(entry))
+        return Resolved(name, [str(target)], fmt, columns, _messages(entry), plain_columns=plain)
     if entry.get("hf_hub_url"):
-        return Resolved(name, [], fmt, columns, _messages(entry), rows=_hub_rows(entry, where))
+        return Resolved(name, [], fmt, columns, _messages(entry), rows=_hub_rows(entry, where), plain_columns=plain)
     other = [k for k in ONLY_OTHER_HUBS if entry.get(k)]
     if other:
         raise DatasetInfoError(f"{where}: only {other[0]} is given; tuneforge reads file_name or hf_hub_url "

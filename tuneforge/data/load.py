@@ -375,7 +375,8 @@ class _Group:
     forced_by: str = "set by the user"
 
 
-def _group(spec: str, fmt: str, columns: dict, messages, text_unit: str, skipped) -> _Group:
+def _group(spec: str, fmt: str, columns: dict, messages, text_unit: str, skipped,
+           kind: str | None = None, ignore=()) -> _Group:
     try:
         info = resolve(spec)
     except DatasetInfoError as e:
@@ -386,7 +387,14 @@ def _group(spec: str, fmt: str, columns: dict, messages, text_unit: str, skipped
         records = [Record(spec, i, r) for i, r in enumerate(info.rows, 1)]
     else:
         records = [r for p in info.paths for r in read_records(p, text_unit, skipped)]
-    return _Group(records, info.format if fmt == "auto" else fmt, {**info.columns, **columns},
+    entry_fmt, entry_cols = info.format, info.columns
+    # An sft objective reads a KTO or ranking entry's conversation alone: its tag or answers
+    # columns are then refused as meaningful (or dropped when ignored), never silently lost.
+    tag = entry_cols.get("kto_tag")
+    if entry_fmt in ("kto", "sharegpt_preference") and (
+            (kind is not None and kind_fits(kind, "sft")) or (tag is not None and tag in ignore)):
+        entry_fmt, entry_cols = "sharegpt", info.plain_columns
+    return _Group(records, entry_fmt if fmt == "auto" else fmt, {**entry_cols, **columns},
                   info.messages or messages, f"{spec}: LLaMA-Factory dataset_info.json entry")
 
 
@@ -427,7 +435,7 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
     if messages is not None and messages.field and "messages" not in columns:
         columns["messages"] = messages.field
     skipped: dict | None = None if strict else {}
-    groups = [_group(spec, fmt, columns, messages, text_unit, skipped) for spec in specs]
+    groups = [_group(spec, fmt, columns, messages, text_unit, skipped, kind, ignore_fields) for spec in specs]
     records = [r for g in groups for r in g.records]
     report = LoadReport(read=len(records), skipped=skipped or {})
     if not records:

@@ -225,3 +225,14 @@ def test_texts_reach_tool_arguments_and_descriptions_and_keys_see_tools():
     assert "Paris" in row_texts(rows[1]) and "Get the current weather for a city" in row_texts(rows[1])
     bare = {k: v for k, v in rows[4].items() if k != "tools"}
     assert _prompt_key(rows[4]) != _prompt_key(bare)
+
+
+def test_dataset_info_kto_entry_under_sft_is_refused_then_ignored():
+    spec = f"{INFO}#kto_en_demo"
+    with pytest.raises(UnreadFieldError, match=r"'label'.*objective.name=kto.*data.ignore_fields=\[label\]"):
+        load_rows([spec], kind="sft")
+    rows, rep = load_rows([spec], kind="sft", ignore_fields=["label"])
+    assert rep.kind == "sft" and len(rows) == 5 and rep.ignored_fields == {"label": 5}
+    assert rows[1]["messages"][-1] == {"role": "assistant", "content": "3 * 3 = 6."}
+    pairs, rep = load_rows([f"{INFO}#dpo_en_demo"], kind="unpaired")
+    assert rep.split_pairs == 5 and len(pairs) == 10
