@@ -129,7 +129,7 @@ def load_prepared(folder: str, data: DataConfig, kind: str = "sft") -> Splits:
     for name in SPLITS:
         path = Path(folder) / f"{name}.jsonl"
         has_rows = path.is_file() and path.stat().st_size > 0
-        parts[name], reports[name] = (load_rows([str(path)], CANONICAL_FORMAT[kind]) if has_rows
+        parts[name], reports[name] = (load_rows([str(path)], CANONICAL_FORMAT[manifest["kind"]]) if has_rows
                                       else ([], LoadReport()))
     if not parts["train"]:
         raise DataError(f"{folder}: train.jsonl is empty")

@@ -74,3 +74,11 @@ def test_sft_objective_loads_segments_rows():
     splits = build_splits(DataConfig(train=[str(FX / "axolotl/input_output.jsonl")], val_size=0, test_size=0), 0,
                           "sft")
     assert len(splits.train) == 5 and all("segments" in r for r in splits.train)
+
+
+def test_prepared_segments_folder_reads_back_for_the_sft_objective(tmp_path, tiny_model_dir):
+    m = prepare(PrepareOptions(inputs=[str(FX / "axolotl/input_output.jsonl")], split=NO_SPLIT, tokenizer=tiny_model_dir,
+                               dedup={"near": False}), tmp_path / "o")
+    assert m["kind"] == "segments" and m["splits"]["train"]["rows"] == 5
+    back = build_splits(DataConfig(train=[str(tmp_path / "o")], val_size=0, test_size=0), 0, "sft")
+    assert [r["segments"] for r in back.train][1][1] == {"text": "4", "label": True}
