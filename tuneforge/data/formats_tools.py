@@ -203,6 +203,21 @@ def convert_messages(raw, field: str, opts: MessagesOptions | None = None) -> li
     return [convert_message(m, f"{field}[{i}]", opts, calls) for i, m in enumerate(raw)]
 
 
+# Message keys some supported spelling gives meaning to; others are listed as unknown fields.
+MESSAGE_KEYS = {"role", "from", "content", "value", "tool_calls", "function_call", "tool_call_id", "name",
+                "weight", "training", "train"}
+
+
+def unknown_message_keys(raw, opts: MessagesOptions | None = None) -> set[str]:
+    """Keys of a conversation's messages that no converter reads (OpenAI's ``refusal``, a
+    dataset's ``timestamp``...), for the load report."""
+    if not isinstance(raw, list):
+        return set()
+    opts = opts or NO_OPTIONS
+    known = MESSAGE_KEYS | {k for k in (opts.role_key, opts.content_key, opts.train_key) if k}
+    return {k for m in raw if isinstance(m, dict) for k in m if k not in known}
+
+
 def check_turns(messages: list[dict], field: str) -> list[dict]:
     """Roles and contents are valid and the conversation ends with a trained assistant answer."""
     if not messages:

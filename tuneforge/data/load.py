@@ -21,6 +21,7 @@ from tuneforge.data.builtin import generate
 from tuneforge.data.dataset_info import DatasetInfoError, is_dataset_info, names_error, resolve
 from tuneforge.data.fields import unread_field
 from tuneforge.data.formats import FORMATS, RowError, detect, kind_fits
+from tuneforge.data.formats_tools import unknown_message_keys
 
 
 class DataError(ValueError):
@@ -412,10 +413,13 @@ def _detect_group(g: _Group, kind: str | None) -> tuple[dict, bool]:
     """Formats per source, and whether preference pairs are split for an unpaired (KTO) objective."""
     try:
         return _detect_sources(g.records, g.fmt, g.columns, kind, g.forced_by), False
-    except DataError:
+    except DataError as first:
         if kind != "unpaired":
             raise
-        return _detect_sources(g.records, g.fmt, g.columns, "preference", g.forced_by), True
+        try:
+            return _detect_sources(g.records, g.fmt, g.columns, "preference", g.forced_by), True
+        except DataError:
+            raise first from None  # neither kind: say what the unpaired objective wanted
 
 
 def _split_pair(row: dict) -> list[dict]:
@@ -471,6 +475,16 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
     return rows, report
 
 
+def _count_unknown(data: dict, fmt, g: _Group, report: LoadReport) -> None:
+    """Row fields, and message keys of a conversation, that the format does not read."""
+    consumed = fmt.consumes(g.columns)
+    report.unknown_fields.update(k for k in data if k not in consumed and not k.startswith("_"))
+    if fmt.options:
+        field = g.columns.get(fmt.required[0]) or (g.messages.field if g.messages and g.messages.field
+                                                     else fmt.required[0])
+        report.unknown_fields.update(f"{field}[].{k}" for k in unknown_message_keys(data.get(field), g.messages))
+
+
 def _convert_all(records: list[Record], formats: dict, how: dict, split: set, report: LoadReport,
                  strict: bool) -> list[dict]:
     rows = []
@@ -487,8 +501,7 @@ def _convert_all(records: list[Record], formats: dict, how: dict, split: set, re
             except RowError as e:
                 reason, detail = _reason_key(e.field, e.reason), f"{rec.where}: field '{e.field}': {e.reason}"
             else:
-                consumed = fmt.consumes(g.columns)
-                report.unknown_fields.update(k for k in rec.data if k not in consumed and not k.startswith("_"))
+                _count_unknown(rec.data, fmt, g, report)
                 out = _split_pair(row) if rec.source in split else [row]
                 report.split_pairs += len(out) > 1
                 for i, r in enumerate(out):

@@ -236,3 +236,10 @@ def test_dataset_info_kto_entry_under_sft_is_refused_then_ignored():
     assert rows[1]["messages"][-1] == {"role": "assistant", "content": "3 * 3 = 6."}
     pairs, rep = load_rows([f"{INFO}#dpo_en_demo"], kind="unpaired")
     assert rep.split_pairs == 5 and len(pairs) == 10
+
+
+def test_unknown_message_keys_are_listed(tmp_path):
+    row = {"messages": [{"role": "user", "content": "q", "timestamp": 1},
+                        {"role": "assistant", "content": "a", "refusal": None}], "id": 7}
+    _, rep = load_rows([jsonl(tmp_path, [row, row | {"id": 8}])])
+    assert rep.unknown_fields == {"id": 2, "messages[].timestamp": 2, "messages[].refusal": 2}
