@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from tuneforge.data.load import DataError, load_rows
-from tuneforge.data.prepare import Splits, build_splits, split_by_prompt
+from tuneforge.data.load import DataError
+from tuneforge.data.prepare import build_splits
 from tuneforge.data.render import IGNORE
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.plugins import validate_config
-from tuneforge.train import run_folder
 from tuneforge.train.recipes.scoring import Reference
 from tuneforge.train.recipes.unpaired import (
     encode_unpaired,
@@ -29,12 +28,6 @@ ROWS = [{"prompt": [{"role": "user", "content": f"order {i} coffee mugs"}],
          "completion": [{"role": "assistant", "content": '{"quantity": %d}' % i if good else f"you want {i} mugs"}],
          "label": good} for i in range(1, 5) for good in (True, False)]
 KTO = validate_config({"data": {"train": ["x"]}, "objective": {"name": "kto", "beta": 0.5}}).objective
-
-
-def split_pairs(rows: list[dict]) -> list[dict]:
-    """Preference pairs -> two canonical unpaired rows each (what the loader does for kto)."""
-    return [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen", "_where": r["_where"]}
-            for r in rows for side in ("chosen", "rejected")]
 
 
 @pytest.fixture
@@ -93,19 +86,11 @@ def test_rows_of_another_kind_under_kto_are_refused(tiny_raw_cfg):
         build_splits(cfg.data, 0, "unpaired")
 
 
-def test_kto_run_writes_a_run_folder_and_moves_held_out_rows_to_their_side(tiny_raw_cfg, monkeypatch):
-    # TODO(lead): once the loader reads unpaired rows (and splits preference pairs for kto), drop this
-    # stand-in for build_splits and give data.train the builtin preference spec directly.
-    pairs, _ = load_rows(["builtin:orders_preference?n=100&seed=3"], kind="preference")
-
-    def splits(data, seed, kind):
-        assert kind == "unpaired"
-        validation, test, rows = split_by_prompt(split_pairs(pairs), [0.1, 0.2], seed)
-        return Splits(rows, validation, test, {})
-
-    monkeypatch.setattr(run_folder, "build_splits", splits)
+def test_kto_run_writes_a_run_folder_and_moves_held_out_rows_to_their_side(tiny_raw_cfg):
+    # The loader splits each preference pair into a desirable and an undesirable row for kto.
     raw = tiny_raw_cfg | {"objective": {"name": "kto", "beta": 1.0}, "run_name": "kto", "eval": {"batch_size": 8}}
-    raw["data"] = raw["data"] | {"max_length": 200}
+    raw["data"] = raw["data"] | {"train": ["builtin:orders_preference?n=100&seed=3"], "max_length": 200,
+                                 "val_size": 0.1, "test_size": 0.2}
     raw["train"] = raw["train"] | {"lr": 1e-2, "max_steps": 8, "eval_every": 4, "save_every": 0, "batch_size": 8}
     run_dir = train(validate_config(raw))
     ev = json.loads((run_dir / "eval.json").read_text())

@@ -120,7 +120,7 @@ def evaluate_unpaired(model, reference: Reference, opts, batches: list[dict], de
         loss, r, z = score_batch(model, reference, opts, b)
         good, right = b["label"].bool(), on_their_side(r, z, b["label"])
         t["rows"] += len(r)
-        t["loss"] += float(loss.sum())
+        t["loss"] += float(loss.detach().sum())
         t["kl"] += float(z) * len(r)
         for name, rows in (("desirable", good), ("undesirable", ~good)):
             t[f"n_{name}"] += int(rows.sum())
