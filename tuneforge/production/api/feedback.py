@@ -32,7 +32,7 @@ SCALES = {"0-1": (0.0, 1.0), "1-5": (1.0, 5.0), "1-10": (1.0, 10.0)}
 
 
 class FeedbackBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     request_id: str = Field(min_length=1, max_length=64)
     score: float | None = None
     scale: Literal["0-1", "1-5", "1-10"] = "0-1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import secrets
 import time
@@ -35,7 +36,8 @@ from tuneforge.registry.tables import FileRow, JobEventRow, JobRow
 
 # --- the request --------------------------------------------------------------------------
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/NaN (JSON's 1e309 parses as inf) would be stored and then fail every read of the job
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Hyperparameters(_Req):
@@ -121,6 +123,25 @@ def build_run_config(req: CreateJob, base: str, parent: dict | None, train_path:
 
 # --- objects ------------------------------------------------------------------------------
 def job_object(j: JobRow) -> dict:
+    """The job as OpenAI shows it. A stored row that does not make a valid JSON object (a
+    value written before today's checks, e.g. an inf hyperparameter) is shown as failed with
+    the reason, so one bad row never turns the key's whole job list into a 500."""
+    try:
+        obj = _job_object(j)
+        json.dumps(obj, allow_nan=False)  # what the response will do
+        return obj
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
+                "status": "failed", "fine_tuned_model": None, "finished_at": j.finished_at,
+                "error": {"code": "invalid_stored_job", "param": None,
+                          "message": f"the stored job cannot be read ({type(e).__name__}: {e}); create it again"},
+                "hyperparameters": None, "method": None, "organization_id": "tuneforge", "result_files": [],
+                "seed": j.seed if isinstance(j.seed, int) else None, "trained_tokens": None,
+                "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
+                "integrations": [], "metadata": None, "user_provided_suffix": j.suffix}
+
+
+def _job_object(j: JobRow) -> dict:
     return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
             "status": j.status, "error": j.error, "fine_tuned_model": j.fine_tuned_model,
             "finished_at": j.finished_at, "hyperparameters": _hp(j), "method": j.method,
