@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,7 +87,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
         return name, alias, None
     if ":" in ref:
         name, v = ref.rsplit(":", 1)
-        if not (v.startswith("v") and v[1:].isdigit()):
+        # ASCII digits only: str.isdigit() is true for 'v²', which int() then refuses
+        if not re.fullmatch(r"v[0-9]{1,18}", v):
             raise RegistryError(f"'{ref}': a version is written name:vN, e.g. {name}:v2")
         return name, None, int(v[1:])
     return ref, None, None
@@ -235,7 +237,12 @@ class Registry:
     # --- API keys -------------------------------------------------------------------------------
     def create_key(self, name: str, models: list[str], requests_per_minute: int | None = None,
                    admin: bool = False) -> tuple[int, str]:
-        """(key id, the key itself). Only its hash is stored: the key is shown once."""
+        """(key id, the key itself). Only its hash is stored: the key is shown once.
+        ``requests_per_minute``: None for serve.yaml's requests_per_minute, else at least 1."""
+        if requests_per_minute is not None and (isinstance(requests_per_minute, bool) or requests_per_minute < 1):
+            raise RegistryError(f"requests per minute must be at least 1 (got {requests_per_minute}): 0 would "
+                                "mean no limit and a negative rate would lock the key out; leave --rpm out "
+                                "for the server's default (serve.yaml requests_per_minute)")
         key = "tf-" + secrets.token_urlsafe(32)
         with self._write() as s:
             row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:8], models=models or ["*"],

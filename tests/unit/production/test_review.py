@@ -175,12 +175,22 @@ def test_http_review_api(reg):
     assert c.get(f"/v1/review/items/{other}").json()["decision"] is None
     assert list_items(reg)[0]["id"] == other  # the bad requests changed nothing
 
-    # with keys: a key scoped to some models may not review; a key for all models may
+    # with keys: only an admin key reviews; a tenant's key (scoped, or for all models: what
+    # `keys create` makes by default) may neither read items nor decide them
     _, scoped = reg.create_key("app", ["bot"])
-    _, admin = reg.create_key("ops", [])
+    _, tenant = reg.create_key("tenant", [])
+    _, admin = reg.create_key("ops", [], admin=True)
     assert c.get("/v1/review/items").status_code == 401
-    denied = c.get("/v1/review/items", headers={"Authorization": f"Bearer {scoped}"})
-    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+    for key in (scoped, tenant):
+        denied = c.get("/v1/review/items", headers={"Authorization": f"Bearer {key}"})
+        assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+        assert "admin key" in denied.json()["error"]["message"]
+        assert c.get(f"/v1/review/items/{other}", headers={"Authorization": f"Bearer {key}"}).status_code == 403
+        post = c.post(f"/v1/review/items/{other}", json={"decision": "correct", "corrected": "x", "reviewer": "m"},
+                      headers={"Authorization": f"Bearer {key}"})
+        assert post.status_code == 403
+    assert c.get(f"/v1/review/items/{other}").status_code == 401
+    assert list_items(reg)[0]["id"] == other  # still pending: the refused decisions stored nothing
     assert c.get("/v1/review/items", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
 
 

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tuneforge.config import Strict
-from tuneforge.production.http import Authenticate, sees_all_models
+from tuneforge.production.http import ApiError, Authenticate, may_review, read_json, whole_number
 from tuneforge.production.loop.review_queue import ReviewError, UnknownItem, decide, get_item, list_items
 from tuneforge.registry.store import Registry
 
@@ -25,23 +25,23 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
 
 
 def _item_id(text: str) -> int:
-    if not text.isdigit():
+    if (number := whole_number(text)) is None:
         raise UnknownItem(f"no review item with id {text!r} (ids are whole numbers)")
-    return int(text)
+    return number
 
 
 def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
     """``authenticate(request)`` is the server's key check (raises its API error, returns the
-    key or None while the server runs without keys). Review data holds users' prompts, so when
-    keys exist only a key for every model ("*", what `tuneforge keys create` gives without
-    --models) may read or decide items."""
+    key or None while the server runs without keys). Review items hold every tenant's prompts,
+    answers and feedback, and a decision becomes training data: when keys exist only an admin
+    key (`tuneforge keys create --admin`) may read or decide them (http.may_review)."""
     router = APIRouter(prefix="/v1/review")
 
     def admin(request: Request) -> JSONResponse | None:
         key = authenticate(request)
-        if not sees_all_models(key):
-            return _error(403, f"key {key.name} may not use the review queue: it needs a key for all models",
-                          "permission_error")
+        if not may_review(key):
+            return _error(403, f"key {key.name} may not use the review queue: it needs an admin key "
+                               "(tuneforge keys create --admin)", "permission_error")
         return None
 
     # Parameters are read as text and checked here: FastAPI's own 422 answer is not the
@@ -52,9 +52,10 @@ def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
             return denied
         if status not in ("pending", "decided", "all"):
             return _error(400, f"status must be pending, decided or all (got {status!r})")
-        if not limit.isdigit() or not 0 < int(limit) <= 1000:
+        n = whole_number(limit)
+        if n is None or not 0 < n <= 1000:
             return _error(400, f"limit must be a whole number in 1..1000 (got {limit!r})")
-        data = list_items(reg, status, reason.split(",") if reason else None, int(limit))
+        data = list_items(reg, status, reason.split(",") if reason else None, n)
         return {"object": "list", "data": data}
 
     @router.get("/items/{item_id}")
@@ -75,10 +76,11 @@ def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
         except ReviewError as e:
             return _error(e.status, str(e), "not_found_error")
         try:
-            body = DecisionBody.model_validate(await request.json())
-        except ValueError as e:  # not JSON, or the wrong fields (pydantic's error is a ValueError)
-            detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) \
-                if isinstance(e, ValidationError) else "the request body is not JSON"
+            body = DecisionBody.model_validate(await read_json(request))
+        except ApiError as e:  # not JSON, or nested too deep
+            return _error(400, f"expected {{decision, corrected?, reviewer}}: {e.message}")
+        except ValidationError as e:
+            detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             return _error(400, f"expected {{decision, corrected?, reviewer}}: {detail}")
         try:
             return decide(reg, item, body.decision, body.reviewer, body.corrected)
