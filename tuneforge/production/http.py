@@ -90,9 +90,15 @@ def may_call(key: KeyInfo | None, name: str) -> bool:
 
 def may_review(key: KeyInfo | None) -> bool:
     """Review items hold every tenant's prompts, answers and feedback, and a decision becomes
-    training data: only admin keys (`tuneforge keys create --admin`) may read or decide them.
-    A key for all models ("*", the default of `keys create`) is a tenant's key, not a reviewer's."""
-    return key is None or key.admin
+    training data: only admin keys (`keys create --admin`, every item) and reviewer keys
+    (`keys create --reviewer`, the items of the models they may call) may read or decide
+    them. A key for all models ("*", the default of `keys create`) is a tenant's key."""
+    return key is None or key.admin or key.reviewer
+
+
+def reviews(key: KeyInfo | None, name: str) -> bool:
+    """Whether ``key`` may review the items of requests to ``name`` (a model or route name)."""
+    return key is None or key.admin or (key.reviewer and may_call(key, name))
 
 
 # --- untrusted input -----------------------------------------------------------------------
