@@ -165,8 +165,8 @@ def test_unicode_digits_are_not_numbers(tmp_path, tiny_model_dir):
     assert c.post("/v1/review/items/٣", json={"decision": "accept", "reviewer": "x"}).status_code == 404
     for limit in ("²", "٣", "1" * 5000):
         assert c.get("/v1/review/items", params={"limit": limit}).status_code == 400
-        assert c.get("/v1/fine_tuning/jobs", params={"limit": limit}).status_code in (200, 400)
-        assert c.get("/v1/files", params={"limit": limit}).status_code in (200, 400)
+        assert c.get("/v1/fine_tuning/jobs", params={"limit": limit}).status_code == 400
+        assert c.get("/v1/files", params={"limit": limit}).status_code == 400
     fid = upload(c, jsonl(chat_rows(8))).json()["id"]
     r = c.post("/v1/fine_tuning/jobs", json={"model": "bot-a:v²", "training_file": fid})
     assert r.status_code in (400, 404) and "name:vN" in r.json()["error"]["message"]
