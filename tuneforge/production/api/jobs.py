@@ -267,8 +267,9 @@ async def _create_request(request: Request) -> CreateJob:
         req = CreateJob.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        # loc names union members too (n_epochs.int, n_epochs.literal['auto']): keep the field path.
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "float", "literal", "constrained-")))
+        # loc names union members too (n_epochs.constrained-int, .literal[...]): keep the field path.
+        union = ("int", "float", "literal", "constrained-")
+        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(union))
         raise ApiError(400, f"'{param}': {err['msg']}", param=param) from None
     if req.integrations:
         raise ApiError(400, "integrations are not supported by this server", param="integrations")
