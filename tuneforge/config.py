@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every config model's base: unknown keys are errors, and so are inf and NaN (a float
+    field takes finite numbers only: ``lr: .inf`` would train a NaN adapter)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):

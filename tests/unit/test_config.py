@@ -91,3 +91,13 @@ def test_lora_target_module_typo_lists_existing_modules(tiny_model_dir):
     assert "'q_prj' is not a module of this model" in text and "did you mean 'q_proj'?" in text
     assert "o_proj" in text  # the modules that do exist are listed
     assert "nope.jsonl" in text  # the missing data file is reported in the same error
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=.nan", "train.lr=-.inf", "method.alpha=.inf"])
+def test_non_finite_floats_are_refused(tmp_path, override):
+    # lr: .inf used to be accepted and trained a NaN adapter; every float field is finite now
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: [builtin:orders]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override])
+    assert override.split("=")[0] in str(e.value) and "finite" in str(e.value)

@@ -86,8 +86,9 @@ def cmd_registry(args) -> int:
 def cmd_keys(args) -> int:
     reg = _registry(args)
     if args.action == "create":
-        kid, key = reg.create_key(args.name, args.models, args.rpm, admin=args.admin)
-        print(f"key id {kid} for {args.name} (models: {', '.join(args.models) or '*'}{', admin' if args.admin else ''}). "
+        kid, key = reg.create_key(args.name, args.models, args.rpm, admin=args.admin, reviewer=args.reviewer)
+        roles = (", admin" if args.admin else "") + (", reviewer" if args.reviewer else "")
+        print(f"key id {kid} for {args.name} (models: {', '.join(args.models) or '*'}{roles}). "
               f"Shown once; store it now:\n{key}")
     elif args.action == "revoke":
         reg.revoke_key(args.id)
@@ -96,7 +97,8 @@ def cmd_keys(args) -> int:
         for k in reg.keys():
             state = f"revoked {k['revoked']:%Y-%m-%d}" if k["revoked"] else "active"
             print(f"{k['id']:>4}  {k['name']:<20} {k['prefix']}...  models={','.join(k['models'])}  "
-                  f"rpm={k['requests_per_minute'] or '-'}  {'admin  ' if k['admin'] else ''}{state}")
+                  f"rpm={k['requests_per_minute'] or '-'}  {'admin  ' if k['admin'] else ''}"
+                  f"{'reviewer  ' if k['reviewer'] else ''}{state}")
     return 0
 
 
@@ -203,9 +205,13 @@ def add_deploy_parsers(sub) -> None:
     p = with_registry(ka.add_parser("create"))
     p.add_argument("--name", required=True)
     p.add_argument("--models", nargs="*", default=[], help="model or route names this key may call (default all)")
-    p.add_argument("--rpm", type=int, help="requests per minute for this key")
+    p.add_argument("--rpm", type=int, help="requests per minute for this key (at least 1; default: serve.yaml's)")
     p.add_argument("--admin", action="store_true",
-                   help="may also call the server's /admin endpoints (adapter load/unload, aliases)")
+                   help="may also call the server's /admin endpoints (adapter load/unload, aliases) and "
+                        "read and decide every review item (/v1/review)")
+    p.add_argument("--reviewer", action="store_true",
+                   help="may read and decide the review items (/v1/review) of requests to the models it "
+                        "may call (--models; without --models: every model's)")
     p = with_registry(ka.add_parser("revoke"))
     p.add_argument("id", type=int)
     with_registry(ka.add_parser("list"))

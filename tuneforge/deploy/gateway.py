@@ -25,7 +25,7 @@ from tuneforge.deploy import prometheus as metrics
 from tuneforge.deploy.config import FixedReply, ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
 from tuneforge.deploy.routing import Plan, RateLimiter, guard_failure, plan
-from tuneforge.production.http import ApiError, RequestRecord, may_call
+from tuneforge.production.http import ApiError, RequestRecord, auth_throttle, client_address, may_call
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, VersionInfo, parse_ref
 
 log = logging.getLogger("tuneforge.serve")
@@ -42,13 +42,17 @@ class Gateway:
     # --- authenticate -------------------------------------------------------------------------
     def authenticate(self, request: Request, admin: bool = False) -> KeyInfo | None:
         """The request's key (None while auth is optional and no key exists); 401 without a
-        valid key, 403 for a non-admin key on an admin endpoint, 429 past the key's rate."""
+        valid key, 403 for a non-admin key on an admin endpoint, 429 past the key's rate or
+        past 20 failed authentications a minute from the client's address (http.AuthThrottle)."""
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not admin and self.cfg.auth == "optional" and not self.registry.has_keys():
             return None
+        throttle, client = auth_throttle(self), client_address(request)
+        throttle.check(client)  # 429 while this address is over its failed authentications
         key = self.registry.check_key(token) if token else None
         if key is None:
+            throttle.failed(client)
             hint = "tuneforge keys create --name OPS --admin" if admin else "tuneforge keys create --name APP"
             raise ApiError(401, f"missing, unknown or revoked API key ({hint})", "authentication_error")
         if admin and not key.admin:

@@ -9,8 +9,14 @@ runs without keys, everything is shared).
 
 from __future__ import annotations
 
+import json
+import re
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -18,6 +24,10 @@ from fastapi.responses import JSONResponse
 from tuneforge.registry.store import KeyInfo
 
 Authenticate = Callable[[Request], KeyInfo | None]
+
+
+RETRY_AFTER_S = 60  # every rate window (per key, failed authentication) is one minute long
+MAX_JSON_DEPTH = 64  # a chat row nests ~5 levels; 100k nested arrays overflow Python's parser
 
 
 class ApiError(Exception):
@@ -30,8 +40,12 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   request_id: str | None = None) -> JSONResponse:
-    headers = {"X-Request-Id": request_id} if request_id else None
+                   request_id: str | None = None, retry_after: int = RETRY_AFTER_S) -> JSONResponse:
+    """Every 429 says when to come back (``Retry-After``): the rate windows are one minute
+    long, so 60 seconds always suffices."""
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    if status == 429:
+        headers["Retry-After"] = str(retry_after)
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
                         status_code=status, headers=headers)
 
@@ -74,9 +88,108 @@ def may_call(key: KeyInfo | None, name: str) -> bool:
     return key is None or "*" in key.models or name in key.models
 
 
-def sees_all_models(key: KeyInfo | None) -> bool:
-    """Review data holds every model's prompts: only a key for all models may read it."""
-    return key is None or "*" in key.models
+def may_review(key: KeyInfo | None) -> bool:
+    """Review items hold every tenant's prompts, answers and feedback, and a decision becomes
+    training data: only admin keys (`keys create --admin`, every item) and reviewer keys
+    (`keys create --reviewer`, the items of the models they may call) may read or decide
+    them. A key for all models ("*", the default of `keys create`) is a tenant's key."""
+    return key is None or key.admin or key.reviewer
+
+
+def reviews(key: KeyInfo | None, name: str) -> bool:
+    """Whether ``key`` may review the items of requests to ``name`` (a model or route name)."""
+    return key is None or key.admin or (key.reviewer and may_call(key, name))
+
+
+# --- untrusted input -----------------------------------------------------------------------
+_DECIMAL = re.compile(r"[0-9]{1,18}")  # longer: not an id or count (and int() refuses > 4300 digits)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a non-negative int if it is 1-18 ASCII digits, else None. Not
+    ``str.isdigit()``: it is true for '²' and '٣', which ``int()`` then refuses or reads."""
+    return int(text) if _DECIMAL.fullmatch(text) else None
+
+
+def too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit`` (checked without
+    parsing it: Python's parser recurses, and 100k nested arrays end in RecursionError)."""
+    depth = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+async def read_json(request: Request):
+    """The request body as JSON; 400 (never a 500) when it is not JSON or nests too deep."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8 JSON") from None
+    if too_deep(text):
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not JSON") from None
+
+
+# --- failed authentication -------------------------------------------------------------------
+class AuthThrottle:
+    """Failed authentications per client address in a sliding window: past ``limit`` of them
+    within ``window_s`` the address gets 429 (with Retry-After) for any key, right or wrong,
+    until the oldest failure leaves the window; so keys cannot be guessed at line speed.
+    In memory, per server process."""
+
+    def __init__(self, limit: int = 20, window_s: float = 60.0, clock=time.monotonic):
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self.failures: dict[str, deque] = {}
+        self.lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque:
+        q = self.failures.get(client, deque())
+        while q and now - q[0] >= self.window_s:
+            q.popleft()
+        if not q:
+            self.failures.pop(client, None)
+        return q
+
+    def check(self, client: str) -> None:
+        """429 while ``client`` is over its failures."""
+        with self.lock:
+            now = self.clock()
+            q = self._recent(client, now)
+            if len(q) >= self.limit:
+                raise ApiError(429, f"too many failed authentications from {client} ({len(q)} within "
+                                    f"{self.window_s:g}s); retry in a minute", "rate_limit_error")
+
+    def failed(self, client: str) -> None:
+        with self.lock:
+            now = self.clock()
+            q = self._recent(client, now)
+            q.append(now)
+            self.failures[client] = q
+            if len(self.failures) > 100_000:  # a flood from many addresses must not grow memory without end
+                self.failures.pop(next(iter(self.failures)))
+
+
+_THROTTLES: WeakKeyDictionary = WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def auth_throttle(owner) -> AuthThrottle:
+    """The failed-authentication throttle of ``owner`` (the gateway): one per server."""
+    with _LOCK:
+        return _THROTTLES.setdefault(owner, AuthThrottle())
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def page(rows: list, after: str | None, limit: int, reverse: bool = True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,6 +78,7 @@ class KeyInfo:
     models: list
     requests_per_minute: int | None
     admin: bool = False
+    reviewer: bool = False  # may review items of the models in ``models`` (keys create --reviewer)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
@@ -86,7 +88,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
         return name, alias, None
     if ":" in ref:
         name, v = ref.rsplit(":", 1)
-        if not (v.startswith("v") and v[1:].isdigit()):
+        # ASCII digits only: str.isdigit() is true for 'v²', which int() then refuses
+        if not re.fullmatch(r"v[0-9]{1,18}", v):
             raise RegistryError(f"'{ref}': a version is written name:vN, e.g. {name}:v2")
         return name, None, int(v[1:])
     return ref, None, None
@@ -234,12 +237,17 @@ class Registry:
 
     # --- API keys -------------------------------------------------------------------------------
     def create_key(self, name: str, models: list[str], requests_per_minute: int | None = None,
-                   admin: bool = False) -> tuple[int, str]:
-        """(key id, the key itself). Only its hash is stored: the key is shown once."""
+                   admin: bool = False, reviewer: bool = False) -> tuple[int, str]:
+        """(key id, the key itself). Only its hash is stored: the key is shown once.
+        ``requests_per_minute``: None for serve.yaml's requests_per_minute, else at least 1."""
+        if requests_per_minute is not None and (isinstance(requests_per_minute, bool) or requests_per_minute < 1):
+            raise RegistryError(f"requests per minute must be at least 1 (got {requests_per_minute}): 0 would "
+                                "mean no limit and a negative rate would lock the key out; leave --rpm out "
+                                "for the server's default (serve.yaml requests_per_minute)")
         key = "tf-" + secrets.token_urlsafe(32)
         with self._write() as s:
             row = ApiKey(name=name, key_hash=hash_key(key), prefix=key[:8], models=models or ["*"],
-                         requests_per_minute=requests_per_minute, admin=admin)
+                         requests_per_minute=requests_per_minute, admin=admin, reviewer=reviewer)
             s.add(row)
             s.flush()
             return row.id, key
@@ -255,7 +263,7 @@ class Registry:
         with Session(self.engine) as s:
             return [{"id": k.id, "name": k.name, "prefix": k.prefix, "models": k.models,
                      "requests_per_minute": k.requests_per_minute, "created": k.created, "revoked": k.revoked,
-                     "admin": k.admin}
+                     "admin": k.admin, "reviewer": k.reviewer}
                     for k in s.scalars(select(ApiKey).order_by(ApiKey.id))]
 
     def has_keys(self) -> bool:
@@ -266,7 +274,8 @@ class Registry:
         """The active key matching ``key``, or None (unknown or revoked)."""
         with Session(self.engine) as s:
             row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(None)))
-            return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute, row.admin) if row else None
+            return KeyInfo(row.id, row.name, list(row.models), row.requests_per_minute, row.admin,
+                           row.reviewer) if row else None
 
     # --- route overrides --------------------------------------------------------------------
     def set_route_arms(self, route: str, arms: list[dict], note: str = "", restart: bool = False) -> None:

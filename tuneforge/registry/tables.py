@@ -84,6 +84,8 @@ class ApiKey(Base):
     revoked: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     # admin keys may call the server's /admin endpoints (adapter load/unload, alias changes)
     admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # reviewer keys may read and decide review items of the models they may call (`models`)
+    reviewer: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RouteOverride(Base):

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session
 
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.server import create_app
+from tuneforge.cli import main
 from tuneforge.production.loop.review_queue import (AlreadyDecided, QueueRules, ReviewError, UnknownItem, decide, fill_queue,
-                                         list_items, review_loop)
+                                         get_item, list_items, review_loop)
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.registry.store import Registry
 
@@ -175,18 +176,26 @@ def test_http_review_api(reg):
     assert c.get(f"/v1/review/items/{other}").json()["decision"] is None
     assert list_items(reg)[0]["id"] == other  # the bad requests changed nothing
 
-    # with keys: a key scoped to some models may not review; a key for all models may
+    # with keys: only an admin key reviews; a tenant's key (scoped, or for all models: what
+    # `keys create` makes by default) may neither read items nor decide them
     _, scoped = reg.create_key("app", ["bot"])
-    _, admin = reg.create_key("ops", [])
+    _, tenant = reg.create_key("tenant", [])
+    _, admin = reg.create_key("ops", [], admin=True)
     assert c.get("/v1/review/items").status_code == 401
-    denied = c.get("/v1/review/items", headers={"Authorization": f"Bearer {scoped}"})
-    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+    for key in (scoped, tenant):
+        denied = c.get("/v1/review/items", headers={"Authorization": f"Bearer {key}"})
+        assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+        assert "admin or reviewer key" in denied.json()["error"]["message"]
+        assert c.get(f"/v1/review/items/{other}", headers={"Authorization": f"Bearer {key}"}).status_code == 403
+        post = c.post(f"/v1/review/items/{other}", json={"decision": "correct", "corrected": "x", "reviewer": "m"},
+                      headers={"Authorization": f"Bearer {key}"})
+        assert post.status_code == 403
+    assert c.get(f"/v1/review/items/{other}").status_code == 401
+    assert list_items(reg)[0]["id"] == other  # still pending: the refused decisions stored nothing
     assert c.get("/v1/review/items", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
 
 
 def test_cli_review_fills_and_reads_keys_from_stdin(reg, monkeypatch, capsys):
-    from tuneforge.cli import main
-
     monkeypatch.setattr("sys.stdin", io.StringIO("a\nq\n"))
     assert main(["review", "--reviewer", "cli", "--reason", "fallback", "--registry", str(reg.engine.url)]) == 0
     out = capsys.readouterr().out
@@ -195,3 +204,29 @@ def test_cli_review_fills_and_reads_keys_from_stdin(reg, monkeypatch, capsys):
     assert item["request_id"] == "fell" and item["reviewer"] == "cli" and item["decision"] == "accept"
     assert main(["review", "--low-score", "2", "--registry", str(reg.engine.url)]) == 2
     assert "low_score" in capsys.readouterr().err
+
+
+def test_a_reviewer_key_reviews_only_the_items_of_its_models(reg, capsys):
+    with Session(reg.engine) as s, s.begin():  # another tenant's request, rated down
+        s.add(RequestLog(id="other", endpoint="chat", model="shop:v2", version="shop:v2",
+                         messages=[{"role": "user", "content": "SECRET ORDER"}], response="no"))
+        s.add(Feedback(request_id="other", thumbs="down"))
+    fill_queue(reg)
+    c = TestClient(create_app(ServeConfig(), reg, NoEngine()))
+    assert main(["keys", "create", "--name", "bot-reviewer", "--models", "bot", "--reviewer",
+                 "--registry", str(reg.engine.url)]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    auth = {"Authorization": f"Bearer {key}"}
+    mine = c.get("/v1/review/items", params={"status": "all", "limit": "3"}, headers=auth).json()["data"]
+    assert len(mine) == 3 and all(i["route"] == "bot" for i in mine)
+    everything = c.get("/v1/review/items", params={"status": "all", "limit": "1000"}, headers=auth).text
+    assert "SECRET ORDER" not in everything and '"other"' not in everything
+    [theirs] = [i for i in list_items(reg, "all") if i["request_id"] == "other"]
+    assert c.get(f"/v1/review/items/{theirs['id']}", headers=auth).status_code == 404
+    r = c.post(f"/v1/review/items/{theirs['id']}", json={"decision": "correct", "corrected": "x", "reviewer": "m"},
+               headers=auth)
+    assert r.status_code == 404 and get_item(reg, theirs["id"])["decision"] is None
+    r = c.post(f"/v1/review/items/{mine[0]['id']}", json={"decision": "accept", "reviewer": "m"}, headers=auth)
+    assert r.status_code == 200 and r.json()["decision"] == "accept"
+    assert main(["keys", "list", "--registry", str(reg.engine.url)]) == 0
+    assert "reviewer" in capsys.readouterr().out

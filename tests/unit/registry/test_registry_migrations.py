@@ -94,7 +94,7 @@ def test_old_keys_are_not_admin_after_upgrade(tmp_path):
     con.close()
     reg = Registry(f"sqlite:///{db}")
     info = reg.check_key("tf-secret")
-    assert info is not None and info.admin is False
+    assert info is not None and info.admin is False and info.reviewer is False
     assert create_engine(f"sqlite:///{db}").connect().exec_driver_sql(
         "SELECT version_num FROM alembic_version").scalar() == head()
 

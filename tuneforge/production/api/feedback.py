@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.orm import Session
 
-from tuneforge.production.http import ApiError, Authenticate
+from tuneforge.production.http import ApiError, Authenticate, read_json
 from tuneforge.production.request_log import is_locked, with_lock_retries
 from tuneforge.registry.store import KeyInfo, Registry
 from tuneforge.registry.tables import Feedback, RequestLog
@@ -32,7 +32,7 @@ SCALES = {"0-1": (0.0, 1.0), "1-5": (1.0, 5.0), "1-10": (1.0, 10.0)}
 
 
 class FeedbackBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     request_id: str = Field(min_length=1, max_length=64)
     score: float | None = None
     scale: Literal["0-1", "1-5", "1-10"] = "0-1"
@@ -103,10 +103,7 @@ def feedback_router(registry: Registry, authenticate: Authenticate, admin_keys: 
     @router.post("/v1/feedback")
     async def post_feedback(request: Request):
         key = authenticate(request)
-        try:
-            raw = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not JSON") from None
+        raw = await read_json(request)  # 400 when not JSON or nested too deep
         try:
             body = FeedbackBody.model_validate(raw)
         except ValidationError as e:

@@ -26,12 +26,14 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy import select
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tuneforge.data.load import DataError, load_rows
 from tuneforge.io import atomic_write_text
 from tuneforge.production.api.job_queue import JobDB
 from tuneforge.production.config import JobsConfig, jobs_home
-from tuneforge.production.http import ApiError, Authenticate, page, visible
+from tuneforge.production.http import MAX_JSON_DEPTH, ApiError, Authenticate, page, too_deep, visible, whole_number
 from tuneforge.registry.store import KeyInfo
 from tuneforge.registry.tables import FileRow, JobRow
 
@@ -75,6 +77,11 @@ def check_jsonl(path: Path, filename: str, max_errors: int = 10) -> Checked:
         raise FileInvalid(f"{filename}: line {line} is not UTF-8 "
                           f"(byte {raw[e.start]:#x}); re-encode the file as UTF-8") from None
     lines = text.split("\n")
+    deep = [str(i) for i, line in enumerate(lines, 1) if too_deep(line)]
+    if deep:  # before any parser sees them: Python's JSON parser recurses and would crash on them
+        shown = ", ".join(deep[:max_errors]) + (" ..." if len(deep) > max_errors else "")
+        raise FileInvalid(f"{filename}: line(s) {shown} nest deeper than {MAX_JSON_DEPTH} levels; "
+                          "a chat or preference row nests a few")
     converted = [_from_openai_preference(line) for line in lines]
     is_pref = converted != lines
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,12 +130,7 @@ def files_router(db: JobDB, cfg: JobsConfig, authenticate: Authenticate) -> APIR
     @router.post("/v1/files")
     async def upload(request: Request):
         key = authenticate(request)
-        if int(request.headers.get("content-length") or 0) > store.limit + 65536:  # before reading any of it
-            raise ApiError(413, store.too_large)
-        try:
-            form = await request.form()
-        except Exception as e:  # noqa: BLE001 - starlette's parser errors are all 'bad request' to the client
-            raise ApiError(400, f"the request is not multipart/form-data with 'file' and 'purpose' ({e})") from None
+        form = await store.read_form(request)
         try:
             return file_object(await store.add(form, key))
         finally:
@@ -186,6 +188,9 @@ def _mark_deleted(s, file_id: str, key: KeyInfo | None) -> FileRow:
     return f
 
 
+FORM_OVERHEAD = 65536  # room for the multipart headers and the 'purpose' field beside the file
+
+
 class Uploads:
     """The files folder: an upload is streamed, checked and renamed into place, then recorded."""
 
@@ -193,6 +198,31 @@ class Uploads:
         self.root, self.run = root, run
         self.limit = int(max_file_mb * 1024 * 1024)
         self.too_large = f"the upload is larger than the {max_file_mb:g} MB limit (jobs.max_file_mb)"
+
+    async def read_form(self, request: Request) -> FormData:
+        """The multipart form, read as it arrives and abandoned (413) once the body passes the
+        limit plus room for the form's headers: a Content-Length over it is refused before a
+        byte is read, and a chunked body stops at the limit; the parser's spooled temp file of
+        the partial upload is closed (deleted) on the way out."""
+        declared = whole_number(request.headers.get("content-length", "").strip())
+        if declared is not None and declared > self.limit + FORM_OVERHEAD:
+            raise ApiError(413, self.too_large)
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise ApiError(400, "the request is not multipart/form-data with 'file' and 'purpose'")
+
+        async def bounded():
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > self.limit + FORM_OVERHEAD:
+                    raise ApiError(413, self.too_large)
+                yield chunk
+
+        try:
+            return await MultiPartParser(request.headers, bounded()).parse()
+        except MultiPartException as e:
+            raise ApiError(400, f"the request is not multipart/form-data with 'file' and 'purpose' ({e.message})"
+                           ) from None
 
     async def add(self, form, key: KeyInfo | None) -> FileRow:
         upload, purpose = form.get("file"), form.get("purpose")

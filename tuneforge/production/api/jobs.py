@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from fastapi import APIRouter, Request
@@ -28,21 +29,23 @@ from tuneforge.plugins import validate_config
 from tuneforge.production.api.files import files_router
 from tuneforge.production.api.job_queue import ACTIVE, JobDB, Worker, metrics_rows
 from tuneforge.production.config import JobsConfig, jobs_home
-from tuneforge.production.http import ApiError, Authenticate, page, visible
-from tuneforge.registry.store import KeyInfo, Registry, RegistryError
+from tuneforge.production.http import ApiError, Authenticate, may_call, page, read_json, visible
+from tuneforge.registry.store import KeyInfo, Registry, RegistryError, parse_ref
 from tuneforge.registry.tables import FileRow, JobEventRow, JobRow
 
 
 # --- the request --------------------------------------------------------------------------
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/NaN (JSON's 1e309 parses as inf) would be stored and then fail every read of the job
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Hyperparameters(_Req):
-    n_epochs: int | Literal["auto"] = Field("auto", ge=1)
-    batch_size: int | Literal["auto"] = Field("auto", ge=1)
-    learning_rate_multiplier: float | Literal["auto"] = Field("auto", gt=0)
-    beta: float | Literal["auto"] = Field("auto", gt=0)  # dpo only
+    # The bound is on the number only: on the union it was applied to an explicit "auto" too (a 500).
+    n_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    beta: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"  # dpo only
 
 
 class _MethodPart(_Req):
@@ -121,6 +124,25 @@ def build_run_config(req: CreateJob, base: str, parent: dict | None, train_path:
 
 # --- objects ------------------------------------------------------------------------------
 def job_object(j: JobRow) -> dict:
+    """The job as OpenAI shows it. A stored row that does not make a valid JSON object (a
+    value written before today's checks, e.g. an inf hyperparameter) is shown as failed with
+    the reason, so one bad row never turns the key's whole job list into a 500."""
+    try:
+        obj = _job_object(j)
+        json.dumps(obj, allow_nan=False)  # what the response will do
+        return obj
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
+                "status": "failed", "fine_tuned_model": None, "finished_at": j.finished_at,
+                "error": {"code": "invalid_stored_job", "param": None,
+                          "message": f"the stored job cannot be read ({type(e).__name__}: {e}); create it again"},
+                "hyperparameters": None, "method": None, "organization_id": "tuneforge", "result_files": [],
+                "seed": j.seed if isinstance(j.seed, int) else None, "trained_tokens": None,
+                "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
+                "integrations": [], "metadata": None, "user_provided_suffix": j.suffix}
+
+
+def _job_object(j: JobRow) -> dict:
     return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
             "status": j.status, "error": j.error, "fine_tuned_model": j.fine_tuned_model,
             "finished_at": j.finished_at, "hyperparameters": _hp(j), "method": j.method,
@@ -240,16 +262,14 @@ def get_job(s, job_id: str, key: KeyInfo | None) -> JobRow:
 
 
 async def _create_request(request: Request) -> CreateJob:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "the request body is not JSON") from None
+    body = await read_json(request)  # 400 when not JSON or nested too deep
     try:
         req = CreateJob.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        # loc names union members too (n_epochs.int, n_epochs.literal['auto']): keep the field path.
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "float", "literal")))
+        # loc names union members too (n_epochs.constrained-int, .literal[...]): keep the field path.
+        union = ("int", "float", "literal", "constrained-")
+        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(union))
         raise ApiError(400, f"'{param}': {err['msg']}", param=param) from None
     if req.integrations:
         raise ApiError(400, "integrations are not supported by this server", param="integrations")
@@ -269,16 +289,37 @@ def _job_file(s, file_id: str | None, param: str, kind: str, req: CreateJob, key
     return f
 
 
+def _offered(model: str, cfg: JobsConfig) -> bool:
+    """A base model the server offers every key (serve.yaml jobs.base_models, the zoo's chat models)."""
+    return model in cfg.base_models or (model in EMBEDDED and EMBEDDED[model].kind == "causal-lm")
+
+
+def _check_base_scope(model: str, key: KeyInfo | None, cfg: JobsConfig, registered: bool = False) -> None:
+    """A job trains from a registered model only if the key may call it (else 403 naming it),
+    checked before the registry is asked, so a key learns nothing of models it may not use.
+    The server's base models are offered to every key."""
+    try:
+        name = parse_ref(model)[0]
+    except RegistryError as e:  # e.g. "bot:2" for "bot:v2"
+        raise ApiError(400, str(e), param="model") from None
+    if (registered or not _offered(model, cfg)) and not may_call(key, name):
+        raise ApiError(403, f"key {key.name} may not fine-tune from '{name}': it may use only "
+                            f"{', '.join(key.models)} and the server's base models", "permission_error", "model")
+
+
 def _job_row(req: CreateJob, key: KeyInfo | None, busy, registry: Registry, cfg: JobsConfig):
     """Check the request's files and model, build its run config; returns the transaction
     that inserts the queued job and its first events."""
     kind = "preference" if req.method.type == "dpo" else "sft"
     train, val = busy(lambda s: (_job_file(s, req.training_file, "training_file", kind, req, key),
                                  _job_file(s, req.validation_file, "validation_file", kind, req, key)))
+    _check_base_scope(req.model, key, cfg)
     try:
         base, parent = resolve_base(req.model, registry, cfg)
     except LookupError as e:
         raise ApiError(404, str(e), "not_found_error", "model") from None
+    if parent is not None:  # a registered model (another tenant's weights): the key must be scoped to it
+        _check_base_scope(req.model, key, cfg, registered=True)
     job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
     job_dir = jobs_home(cfg) / "jobs" / job_id
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)

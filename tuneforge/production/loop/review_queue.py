@@ -134,7 +134,8 @@ def _fill_once(reg: Registry, rules: QueueRules) -> Counter:
 def item_view(item: ReviewItem, log: RequestLog, feedback: list[Feedback]) -> dict:
     """One item as the terminal and the HTTP API show it."""
     return {"id": item.id, "request_id": item.request_id, "reason": item.reason, "detail": item.detail,
-            "queued_at": item.queued_at.isoformat(), "route": log.route, "version": log.version, "arm": log.arm,
+            "queued_at": item.queued_at.isoformat(), "model": log.model, "route": log.route,
+            "version": log.version, "arm": log.arm,
             "messages": log.messages, "prompt": log.prompt, "response": log.response,
             "feedback": [{"score": f.score, "thumbs": f.thumbs, "correction": f.correction, "comment": f.comment}
                          for f in feedback],
