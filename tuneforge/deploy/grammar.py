@@ -43,15 +43,23 @@ def _lark_string(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid Lark string literal
 
 
+def _compact(schema: dict) -> str:
+    """The schema for ``%json``, with json.dumps' separators and no other whitespace: by default
+    llguidance lets whitespace run freely between tokens, and a weak model then writes
+    newlines until max_tokens (seen with the random test model)."""
+    fixed = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return json.dumps(schema | {"x-guidance": fixed | schema.get("x-guidance", {})})
+
+
 def json_grammar(schema: dict | None) -> str:
     """Lark text for one JSON value matching ``schema`` (None: any JSON object)."""
-    return f"start: %json {json.dumps(schema if schema is not None else {'type': 'object'})}\n"
+    return f"start: %json {_compact(schema if schema is not None else {'type': 'object'})}\n"
 
 
 def tool_call_grammar(schema: dict) -> str:
     """Lark text for exactly one call block ``<tool_call>\\n{json matching schema}\\n</tool_call>``."""
     return (f"start: {_lark_string(TOOL_CALL_OPEN + chr(10))} call {_lark_string(chr(10) + TOOL_CALL_CLOSE)}\n"
-            f"call: %json {json.dumps(schema)}\n")
+            f"call: %json {_compact(schema)}\n")
 
 
 def check_grammar(lark: str) -> None:
