@@ -4,7 +4,10 @@ server builds it) and the time per generated token to compute the allowed-token 
 it to one row of logits. The token walk feeds the tokens of a valid call, so every step is a
 real mid-JSON state.
 
-    PYTHONPATH=. python benchmarks/grammar_overhead.py [--tokenizer smollm2-135m-instruct]
+    PYTHONPATH=. python benchmarks/grammar_overhead.py [--tokenizer smollm2-135m-instruct] [--engine]
+
+``--engine`` also times the served path end to end: LocalEngine answers one chat on the base
+model with and without a JSON-schema grammar (greedy, fp32, one row), in ms per generated token.
 """
 
 from __future__ import annotations
@@ -87,9 +90,36 @@ def bench_llguidance(tok, schema: dict, text: str, vocab: int) -> dict:
     return {"tokenizer_s": tokenizer_s, "compile_s": compile_s, "steps": steps}
 
 
+def bench_engine(model: str, repeats: int = 3) -> None:
+    import asyncio
+
+    from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
+    from tuneforge.deploy.grammar import json_grammar
+
+    order = {"type": "object", "properties": {"item": {"type": "string"}, "qty": {"type": "integer"},
+                                              "notes": {"type": "string"}}, "required": ["item", "qty", "notes"]}
+    msgs = [{"role": "user", "content": "Write an order for 3 boxes of nails as JSON with a long note."}]
+
+    async def run() -> None:
+        engine = LocalEngine("cpu", "fp32", max_batch=1)
+        await engine.load(GenRequest("base", None, model))
+        for _ in range(repeats):
+            for grammar in (None, json_grammar(order)):
+                t0 = time.perf_counter()
+                out = await collect(engine.stream(GenRequest("base", None, model, msgs, max_tokens=48,
+                                                             grammar=grammar)))
+                dt = time.perf_counter() - t0
+                print(f"engine {'grammar' if grammar else 'free   '}: {out.completion_tokens} tokens, "
+                      f"{dt * 1000 / max(1, out.completion_tokens):.1f} ms/token, {out.text[:60]!r}")
+        await engine.close()
+
+    asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    ap.add_argument("--engine", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = load_tokenizer(args.tokenizer)
@@ -103,6 +133,8 @@ def main() -> None:
         print(f"{name}: vocab {vocab}, compile ms {extra}, {len(ms)} tokens, mask+apply per token: "
               f"median {statistics.median(ms):.3f} ms, p90 {sorted(ms)[int(len(ms) * 0.9)]:.3f} ms, "
               f"max {max(ms):.3f} ms, first {ms[0]:.3f} ms")
+    if args.engine:
+        bench_engine(args.tokenizer)
 
 
 if __name__ == "__main__":

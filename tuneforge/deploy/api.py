@@ -172,18 +172,21 @@ _NEVER = {  # field -> why tuneforge does not honour it
 }
 
 
+_PENALTY = ("OpenAI's additive penalty is not transformers' multiplicative repetition penalty; "
+            "tuneforge does not approximate it (send 0 or leave it out)")
+_STORE = "stored completions are not kept per request; the request log follows serve.yaml's logging section"
+
+
 def refusals(body: ChatRequest | CompletionRequest) -> list[tuple[str, str]]:
     """(field, why) for each field of ``body`` that the server cannot honour (see module doc)."""
     out = [(f, why) for f, why in _NEVER.items() if getattr(body, f, None) is not None]
     for f in ("presence_penalty", "frequency_penalty"):
         if getattr(body, f):
-            out.append((f, "OpenAI's additive penalty is not transformers' multiplicative repetition "
-                           "penalty; tuneforge does not approximate it (send 0 or leave it out)"))
+            out.append((f, _PENALTY))
     if body.logit_bias:
         out.append(("logit_bias", "token biases are not applied (send {} or leave it out)"))
     if body.store:
-        out.append(("store", "stored completions are not kept per request; the request log follows "
-                             "serve.yaml's logging section"))
+        out.append(("store", _STORE))
     if body.service_tier not in (None, "auto", "default"):
         out.append(("service_tier", "one service tier only ('auto'/'default')"))
     if (body.n or 1) > 1 and body.stream:

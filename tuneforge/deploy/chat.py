@@ -13,12 +13,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
 from tuneforge.deploy.api import ChatRequest, CompletionRequest, refusals
-from tuneforge.deploy.encode import encode_json, encode_stream
+from tuneforge.deploy.encode import Asked, encode_json, encode_stream
 from tuneforge.deploy.engines import Chunk, cut_at_stop
 from tuneforge.deploy.gateway import Gateway, new_id
 from tuneforge.deploy.grammar import GrammarError, check_grammar, json_grammar
@@ -47,17 +46,6 @@ def chat_router(gateway: Gateway) -> APIRouter:
         return await complete(gateway, request, body, "completion")
 
     return router
-
-
-@dataclass
-class Asked:
-    """What a request asks of the engine beyond its text (decoded once, used by every step)."""
-
-    tools: ToolPlan
-    grammar: str | None = None  # the output's grammar (a required call's, or response_format's)
-    logprobs: int | None = None  # None: no logprobs; k: with the k most likely alternatives
-    n: int = 1
-    include_usage: bool = False
 
 
 async def complete(gateway: Gateway, request: Request, body: ChatRequest | CompletionRequest, endpoint: str):
@@ -114,12 +102,9 @@ def decode_asked(body: ChatRequest | CompletionRequest, record: RequestRecord, s
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     used = {"tools": plan.tools is not None, "tool_choice": plan.grammar is not None,
             "response_format": grammar is not None and plan.grammar is None, "logprobs": logprobs is not None}
-    for field, needs in (("tools", "tools"), ("tool_choice", "grammar"), ("response_format", "grammar"),
-                         ("logprobs", "logprobs")):
-        if used[field] and needs not in supports:
-            have = ", ".join(sorted(supports)) or "none of tools, grammars, logprobs"
-            raise ApiError(400, f"'{field}' is not supported by this server's engine (it supports: {have})",
-                           param=field)
+    for field in (f for f, on in used.items() if on and f not in supports):
+        have = ", ".join(sorted(supports)) or "none of tools, tool_choice, response_format, logprobs"
+        raise ApiError(400, f"'{field}' is not supported by this server's engine (it supports: {have})", param=field)
     return Asked(plan, grammar, logprobs, body.n or 1,
                  bool(body.stream_options and body.stream_options.include_usage))
 
@@ -131,7 +116,9 @@ def generation_params(body: ChatRequest | CompletionRequest, record: RequestReco
     return dict(messages=history(record.messages) if chat else None, prompt=None if chat else body.prompt,
                 max_tokens=min(asked_tokens, max_tokens), temperature=body.temperature or 0.0,
                 top_p=body.top_p or 1.0, seed=body.seed, tools=asked.tools.tools, grammar=asked.grammar,
-                logprobs=asked.logprobs)
+                logprobs=asked.logprobs,
+                response_format=body.response_format.model_dump(by_alias=True, exclude_none=True)
+                if chat and body.response_format is not None and asked.tools.grammar is None else None)
 
 
 # --- predict ----------------------------------------------------------------------------------

@@ -8,17 +8,25 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneforge.deploy.engines import Chunk, collect
 from tuneforge.deploy.gateway import Gateway, joined
-from tuneforge.deploy.tool_calls import ToolStream
+from tuneforge.deploy.tool_calls import ToolPlan, ToolStream
 from tuneforge.production.http import ApiError, RequestRecord
 
-if TYPE_CHECKING:
-    from tuneforge.deploy.chat import Asked
+
+@dataclass
+class Asked:
+    """What a request asks of the engine beyond its text (decoded once, used by every step)."""
+
+    tools: ToolPlan
+    grammar: str | None = None  # the output's grammar (a required call's, or response_format's)
+    logprobs: int | None = None  # None: no logprobs; k: with the k most likely alternatives
+    n: int = 1
+    include_usage: bool = False
 
 
 def _meta(record: RequestRecord, version: str) -> tuple[dict, dict]:

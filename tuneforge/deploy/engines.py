@@ -5,7 +5,7 @@ local  one base model per base name in this process, every registry version a na
        adapter on it; concurrent requests are micro-batched and requests for different
        plain LoRA adapters run in one forward pass (multilora.py; other adapter types
        through peft).
-vllm   forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
+vllm   (vllm_engine.py) forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
        --lora-modules NAME:vN=RUN_DIR/adapter per version).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import queue
 import threading
@@ -25,7 +24,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import torch
 
 from tuneforge.data.render import with_system
@@ -56,6 +54,7 @@ class GenRequest:
     tools: list[dict] | None = None  # rendered into the prompt with data.tools.chat_ids (as in training)
     grammar: str | None = None  # llguidance Lark text the output must match (grammar.py), then eos
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+    response_format: dict | None = None  # as the client sent it (vLLM enforces it itself; local: ``grammar``)
 
 
 @dataclass
@@ -250,7 +249,7 @@ class LocalEngine:
     a batch in the same two or three ops per layer); ``lora="peft"`` serves every adapter
     through peft (mixed batches with ``adapter_names=``), the path the benchmark compares against.
 
-    ``SUPPORTS``: tools, grammars (grammar.py) and logprobs, per request row.
+    ``SUPPORTS``: tools, tool_choice and response_format (grammars: grammar.py) and logprobs, per row.
 
     ``prefix_cache_mb``: memory for the KV of served sequences, per adapter, that later prompts
     starting with the same tokens reuse instead of computing again (prefix_cache.py; 0: off).
@@ -259,7 +258,7 @@ class LocalEngine:
     (prepack.py).
     """
 
-    SUPPORTS = frozenset({"logprobs", "tools", "grammar"})
+    SUPPORTS = frozenset({"logprobs", "tools", "tool_choice", "response_format"})
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
@@ -600,69 +599,3 @@ def _by_path(base: _Base, jobs: list[_Job]) -> dict[str, list[int]]:
 def _both(first, second):
     with first, second:
         yield
-
-
-# --- vllm: an OpenAI-compatible server over HTTP ------------------------------------------------
-def _vllm_logprobs(lp: dict | None) -> list[dict]:
-    """vLLM's logprobs of one streamed choice as OpenAI chat entries (chat: ``content`` already
-    is; completions: parallel ``tokens``/``token_logprobs``/``top_logprobs`` lists)."""
-    if not lp:
-        return []
-    if "content" in lp:
-        return list(lp["content"] or [])
-    tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
-    return [{"token": t, "logprob": v, "bytes": list(t.encode()),
-             "top_logprobs": [{"token": k, "logprob": x, "bytes": list(k.encode())} for k, x in (top or {}).items()]}
-            for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops, strict=False)]
-
-
-class VLLMEngine:
-    """``process``: the vLLM server tuneforge launched (stopped on close), or None for a URL.
-
-    ``SUPPORTS``: what chat.py may ask of it; logprobs pass through to vLLM. Tools and grammars
-    are not sent: vLLM renders tools only with templates that know them (SmolLM2's does not)
-    and parses calls only with a configured tool parser, so tuneforge refuses them (400) rather
-    than answer differently from the local engine."""
-
-    SUPPORTS = frozenset({"logprobs"})
-
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.process = process
-
-    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
-        body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.tools or req.grammar is not None:  # chat.py refuses these for this engine (SUPPORTS)
-            raise EngineError("the vLLM engine does not take tools or grammars from tuneforge")
-        chat = req.messages is not None
-        if chat:
-            path, body["messages"] = "/v1/chat/completions", with_system(req.messages, req.system_prompt)
-        else:
-            path, body["prompt"] = "/v1/completions", req.prompt
-        if req.logprobs is not None:  # vLLM computes them itself: passed through
-            body |= {"logprobs": True, "top_logprobs": req.logprobs} if chat else {"logprobs": req.logprobs}
-        finish, usage = None, {}
-        async with self.client.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                raise EngineError(f"vLLM answered {resp.status_code}: {(await resp.aread())[:300]!r}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                event = json.loads(line[5:])
-                usage = event.get("usage") or usage
-                for choice in event.get("choices") or []:
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    finish = choice.get("finish_reason") or finish
-                    if text:
-                        yield Chunk(text, logprobs=_vllm_logprobs(choice.get("logprobs"))
-                                    if req.logprobs is not None else None)
-        yield Chunk("", finish or "stop", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-
-    async def close(self) -> None:
-        await self.client.aclose()
-        if self.process is not None:
-            await asyncio.to_thread(self.process.stop)

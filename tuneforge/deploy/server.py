@@ -5,7 +5,7 @@ One chat request, from the socket to the engine:
   2. deploy/chat.py    chat_router: POST /v1/chat/completions -> complete: decode -> predict -> encode
   3. deploy/gateway.py Gateway.authenticate (key, scope, rate) -> route (routing.plan: alias / A-B arm
                        / fallback chain) -> generate (registry.resolve each target, engine.stream)
-  4. deploy/engines.py LocalEngine.stream (micro-batched, mixed adapters) or VLLMEngine.stream (HTTP)
+  4. deploy/engines.py LocalEngine.stream (micro-batched, mixed adapters) or vllm_engine.VLLMEngine.stream (HTTP)
   5. deploy/chat.py    encode_json / encode_stream -> Gateway.emit (metrics, log line, request hook:
                        production/request_log.py writes the request log)
 
@@ -31,10 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.deploy.admin import admin_router
 from tuneforge.deploy.chat import chat_router
 from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import LocalEngine, VLLMEngine
+from tuneforge.deploy.engines import LocalEngine
 from tuneforge.deploy.gateway import Gateway, new_id
 from tuneforge.deploy.logs import log_config
 from tuneforge.deploy.ops import ops_router
+from tuneforge.deploy.vllm_engine import VLLMEngine
 from tuneforge.deploy.vllm_launch import launch_vllm
 from tuneforge.production.api.feedback import feedback_router
 from tuneforge.production.api.jobs import jobs_router

@@ -7,13 +7,15 @@ import json
 import threading
 
 import pytest
-from deploy_helpers import fake_run, serve_in_thread as _serve
+from deploy_helpers import fake_run
+from deploy_helpers import serve_in_thread as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import GenRequest, LocalEngine, VLLMEngine, collect
+from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
 from tuneforge.deploy.server import create_app
+from tuneforge.deploy.vllm_engine import VLLMEngine
 from tuneforge.registry.store import Registry
 
 PROMPTS = ["2 apples and 3 pears", "hello", "one box of nails, please", "b c a"]
@@ -89,6 +91,16 @@ def test_vllm_engine_forwards_to_an_openai_compatible_server(runs, tmp_path):
             assert body["choices"][0]["message"]["content"] == "hi from bot:v1"
             assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["prompt_tokens"] == 7
             assert seen[-1]["model"] == "bot:v1" and seen[-1]["max_tokens"] == 3 and seen[-1]["stream"]
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+            r = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
+                                                     "logprobs": True, "top_logprobs": 2, "response_format": fmt})
+            assert r.status_code == 200, r.text
+            assert seen[-1]["logprobs"] is True and seen[-1]["top_logprobs"] == 2  # vLLM computes them
+            assert seen[-1]["response_format"] == fmt  # and enforces the schema itself
+            n_seen = len(seen)
+            r = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
+                                                     "tools": [{"type": "function", "function": {"name": "f"}}]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and len(seen) == n_seen
             body = c.post("/v1/completions", json={"model": "bot:v1", "prompt": "Once"}).json()
         assert body["choices"][0]["text"] == "hi from bot:v1" and seen[-1]["prompt"] == "Once"
 
