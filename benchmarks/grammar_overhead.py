@@ -41,7 +41,7 @@ CALL = {"name": "book_table", "arguments": {"restaurant": "Chez Nous", "people":
 
 
 def bench_xgrammar(tok, schema: dict, text: str, vocab: int) -> dict:
-    import xgrammar as xgr
+    import xgrammar as xgr  # deferred: a candidate under test, not a tuneforge dependency
 
     t0 = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
@@ -66,6 +66,7 @@ def bench_xgrammar(tok, schema: dict, text: str, vocab: int) -> dict:
 
 
 def bench_llguidance(tok, schema: dict, text: str, vocab: int) -> dict:
+    # deferred: each library is imported by its own benchmark only
     import llguidance
     import llguidance.hf
     import llguidance.torch
@@ -91,8 +92,9 @@ def bench_llguidance(tok, schema: dict, text: str, vocab: int) -> dict:
 
 
 def bench_engine(model: str, repeats: int = 3) -> None:
-    import asyncio
+    import asyncio  # deferred: only --engine runs an event loop
 
+    # deferred: only --engine loads the serving stack
     from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
     from tuneforge.deploy.grammar import json_grammar
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from deploy_helpers import fake_run
+from deploy_helpers import fake_run, serve_in_thread
 from fastapi.testclient import TestClient
 
 from tuneforge.deploy.config import ServeConfig
@@ -187,8 +187,6 @@ def test_the_base_is_scoped_like_any_model(client, tiny_model_dir):
 
 def test_openai_client_gets_tool_calls_n_and_logprobs(tiny_model_dir, tmp_path):
     openai = pytest.importorskip("openai")
-    from deploy_helpers import serve_in_thread
-
     engine = LocalEngine("cpu", "fp32", max_batch=8, batch_wait_ms=5)
     app = create_app(ServeConfig(base_model=tiny_model_dir, base_name=BASE), Registry(f"sqlite:///{tmp_path / 'r.db'}"),
                      engine)
