@@ -29,6 +29,7 @@ import torch
 from tuneforge.data.render import with_system
 from tuneforge.data.tools import chat_ids
 from tuneforge.deploy.grammar import RowProcessor
+from tuneforge.deploy.grammar import warm as warm_grammar
 from tuneforge.deploy.multilora import LoraBank
 from tuneforge.deploy.prefix_cache import PrefixCache
 from tuneforge.deploy.prepack import prepack
@@ -418,6 +419,7 @@ class LocalEngine:
             self.bases[req.base_model] = _Base(model, tok, bank, prefix_ok=_plain_kv(model),
                                                packed=prepack(list(bank.linears.values()), self.prepack,
                                                               self.fp32_prefill))
+            warm_grammar(tok, model.get_output_embeddings().weight.shape[0])
         base = self.bases[req.base_model]
         if req.adapter_dir is None:  # the base model alone: nothing to load, nothing in the LRU
             return base

@@ -83,6 +83,17 @@ def _lltokenizer(tok, vocab: int):
         return _tokenizers[key]
 
 
+def warm(tok, vocab: int) -> None:
+    """Index the tokenizer and compute one mask now (at model load, before /readyz), so the
+    first constrained request does not pay llguidance's one-time start (~0.5-1.8 s measured)."""
+    # deferred: llguidance is only needed by requests that constrain their output
+    import llguidance
+    import llguidance.torch
+
+    m = llguidance.LLMatcher(_lltokenizer(tok, vocab), llguidance.LLMatcher.grammar_from_lark(json_grammar(None)))
+    llguidance.torch.fill_next_token_bitmask(m, llguidance.torch.allocate_token_bitmask(1, vocab), 0)
+
+
 class RowProcessor:
     """Per-row grammar masks and logprob capture for one ``generate`` call (see module doc).
 
