@@ -6,7 +6,7 @@ One chat request, from the socket to the engine:
   3. deploy/gateway.py Gateway.authenticate (key, scope, rate) -> route (routing.plan: alias / A-B arm
                        / fallback chain) -> generate (registry.resolve each target, engine.stream)
   4. deploy/engines.py LocalEngine.stream (micro-batched, mixed adapters) or vllm_engine.VLLMEngine.stream (HTTP)
-  5. deploy/chat.py    encode_json / encode_stream -> Gateway.emit (metrics, log line, request hook:
+  5. deploy/encode.py  encode_json / encode_stream (tool_calls.py, logprobs) -> Gateway.emit (metrics, log line, request hook:
                        production/request_log.py writes the request log)
 
 Also mounted: ops.py (/healthz, /readyz, /metrics), admin.py (/admin: adapters, aliases), and

@@ -212,3 +212,46 @@ def test_openai_client_gets_tool_calls_n_and_logprobs(tiny_model_dir, tmp_path):
                                             logprobs=True, top_logprobs=2)
         assert lp.choices[0].logprobs.content and len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
     asyncio.run(engine.close())
+
+
+def test_rows_of_one_batch_keep_their_own_grammar_or_none(tiny_model_dir):
+    from tuneforge.deploy.engines import GenRequest, collect
+    from tuneforge.deploy.grammar import json_grammar
+
+    def req(grammar=None, logprobs=None):
+        return GenRequest(BASE, None, tiny_model_dir, [{"role": "user", "content": "hello"}], max_tokens=40,
+                          grammar=grammar, logprobs=logprobs)
+
+    async def run(engine, reqs):
+        out = await asyncio.gather(*(collect(engine.stream(r)) for r in reqs))
+        await engine.close()
+        return out
+
+    alone = asyncio.run(run(LocalEngine("cpu", "fp32", max_batch=1), [req()]))[0]
+    batched = LocalEngine("cpu", "fp32", max_batch=4, batch_wait_ms=300)
+    free, constrained, with_lp = asyncio.run(run(batched, [req(), req(json_grammar(ORDER)), req(logprobs=1)]))
+    assert max(len(b) for b in batched.batches) == 3  # one generate call served all three rows
+    assert free.text == alone.text == with_lp.text  # rows without a grammar are untouched
+    assert _valid(constrained.text, ORDER) and not _valid(free.text, ORDER)
+    assert free.logprobs is None and len(with_lp.logprobs) == with_lp.completion_tokens
+
+
+def test_auto_calls_parse_and_bad_blocks_come_back_as_content():
+    from tuneforge.deploy.tool_calls import ToolPlan, ToolStream
+
+    plan = ToolPlan(TOOLS, {"get_weather", "add"}, choice="auto")
+    good = 'Checking.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": true}}\n</tool_call>'
+    message, reason, errors = plan.reply(good, "stop")
+    assert reason == "tool_calls" and message["content"] == "Checking." and not errors
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"a": 1, "b": True}
+    bad = 'Hm <tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>'
+    message, reason, errors = plan.reply(bad, "stop")
+    assert reason == "stop" and message["content"] == bad and "unknown function 'nope'" in errors[0]
+    two = good + '\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": false}}\n</tool_call>'
+    message, _, errors = ToolPlan(TOOLS, {"add"}, parallel=False, choice="auto").reply(two, "stop")
+    assert len(message["tool_calls"]) == 1 and "parallel_tool_calls" in errors[0]
+    stream = ToolStream(plan)  # content streams until a block may open, the call comes at the end
+    sent = "".join(stream.feed(good[i:i + 3]) for i in range(0, len(good), 3))
+    rest, deltas, reason = stream.finish("stop")
+    assert sent == "Checking.\n" and rest == ""
+    assert reason == "tool_calls" and deltas[0]["function"]["name"] == "add"
