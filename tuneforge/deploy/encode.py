@@ -106,12 +106,15 @@ async def _sse(gateway: Gateway, record: RequestRecord, version: str, meta: dict
     chat = record.endpoint == "chat"
     first, stream = choice
     tools = ToolStream(asked.tools)
+    offset = 0  # completions: text_offset of the chunk's first token
 
     def event(delta: dict | None = None, text: str = "", reason: str | None = None, lps=None, **extra) -> str:
+        nonlocal offset
         if chat:
             c = {"index": 0, "delta": delta or {}, "logprobs": chat_logprobs(lps), "finish_reason": reason}
         else:
-            c = {"index": 0, "text": text, "logprobs": text_logprobs(lps), "finish_reason": reason}
+            c = {"index": 0, "text": text, "logprobs": text_logprobs(lps, offset), "finish_reason": reason}
+            offset += len(text)
         return "data: " + json.dumps({"id": record.request_id, "object": "chat.completion.chunk" if chat
                                       else "text_completion", "created": created, "model": version,
                                       "choices": [c], "tuneforge": meta} | extra) + "\n\n"

@@ -255,3 +255,18 @@ def test_auto_calls_parse_and_bad_blocks_come_back_as_content():
     rest, deltas, reason = stream.finish("stop")
     assert sent == "Checking.\n" and rest == ""
     assert reason == "tool_calls" and deltas[0]["function"]["name"] == "add"
+
+
+def test_streamed_completion_logprobs_follow_the_text(client):
+    with client.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "2 apples", "max_tokens": 5,
+                                                        "logprobs": 1, "stream": True}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    text, tokens, offsets = "", [], []
+    for e in events:
+        c = e["choices"][0]
+        text += c["text"]
+        if c["logprobs"]:
+            tokens += c["logprobs"]["tokens"]
+            offsets += c["logprobs"]["text_offset"]
+    assert "".join(tokens) == text and 1 <= len(tokens) <= 5
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
