@@ -169,7 +169,23 @@ def test_stream_include_usage_and_streamed_tool_call(client):
     assert isinstance(json.loads(args), dict)
 
 
-def test_the_base_is_scoped_like_any_model(client, tiny_model_dir):
+def test_streamed_completion_logprobs_follow_the_text(client):
+    with client.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "2 apples", "max_tokens": 5,
+                                                        "logprobs": 1, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    text, tokens, offsets = "", [], []
+    for e in events:
+        c = e["choices"][0]
+        text += c["text"]
+        if c["logprobs"]:
+            tokens += c["logprobs"]["tokens"]
+            offsets += c["logprobs"]["text_offset"]
+    assert "".join(tokens) == text and 1 <= len(tokens) <= 5
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_the_base_is_scoped_like_any_model(client, tiny_model_dir):  # last on ``client``: it creates keys
     reg = client.registry
     reg.add(fake_run(tiny_model_dir, client.run_root / "r1", seed=1), "bot")
     _, tenant = reg.create_key("tenant", ["bot"])
@@ -193,8 +209,8 @@ def test_openai_client_gets_tool_calls_n_and_logprobs(tiny_model_dir, tmp_path):
     with serve_in_thread(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         assert BASE in [m.id for m in client.models.list().data]
-        ask = dict(model=BASE, messages=[{"role": "user", "content": "weather in Oslo?"}], tools=TOOLS,
-                   tool_choice="required", max_tokens=100)
+        ask = {"model": BASE, "messages": [{"role": "user", "content": "weather in Oslo?"}], "tools": TOOLS,
+               "tool_choice": "required", "max_tokens": 100}
         resp = client.chat.completions.create(**ask)
         (call,) = resp.choices[0].message.tool_calls
         assert resp.choices[0].finish_reason == "tool_calls" and json.loads(call.function.arguments)
@@ -256,17 +272,3 @@ def test_auto_calls_parse_and_bad_blocks_come_back_as_content():
     assert sent == "Checking.\n" and rest == ""
     assert reason == "tool_calls" and deltas[0]["function"]["name"] == "add"
 
-
-def test_streamed_completion_logprobs_follow_the_text(client):
-    with client.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "2 apples", "max_tokens": 5,
-                                                        "logprobs": 1, "stream": True}) as r:
-        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
-    text, tokens, offsets = "", [], []
-    for e in events:
-        c = e["choices"][0]
-        text += c["text"]
-        if c["logprobs"]:
-            tokens += c["logprobs"]["tokens"]
-            offsets += c["logprobs"]["text_offset"]
-    assert "".join(tokens) == text and 1 <= len(tokens) <= 5
-    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
