@@ -48,7 +48,8 @@ def _compact(schema: dict) -> str:
     llguidance lets whitespace run freely between tokens, and a weak model then writes
     newlines until max_tokens (seen with the random test model)."""
     fixed = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    return json.dumps(schema | {"x-guidance": fixed | schema.get("x-guidance", {})})
+    own = schema.get("x-guidance")
+    return json.dumps(schema | {"x-guidance": fixed | (own if isinstance(own, dict) else {})})
 
 
 def json_grammar(schema: dict | None) -> str:
@@ -67,7 +68,10 @@ def check_grammar(lark: str) -> None:
     # deferred: llguidance is only needed by requests that constrain their output
     import llguidance
 
-    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
+    try:
+        error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(lark))
+    except Exception as e:  # noqa: BLE001 - whatever the schema, a 400 and never a 500
+        error = f"{type(e).__name__}: {e}"
     if error:
         raise GrammarError(error)
 

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tuneforge.data.tools import TOOL_CALL_OPEN, call_schema, parse_tool_calls
-from tuneforge.deploy.grammar import tool_call_grammar
+from tuneforge.deploy.grammar import GrammarError, check_grammar, tool_call_grammar
 from tuneforge.production.http import ApiError
 
 
@@ -60,7 +60,13 @@ class ToolPlan:
         if not wanted <= set(names):
             raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
                            param="tool_choice")
-        return cls(tools, wanted, tool_call_grammar(call_schema(tools, wanted)), parallel, "required")
+        grammar = tool_call_grammar(call_schema(tools, wanted))
+        try:
+            check_grammar(grammar)
+        except GrammarError as e:
+            raise ApiError(400, f"the parameters of the tools cannot be enforced for tool_choice: {e}",
+                           param="tools") from None
+        return cls(tools, wanted, grammar, parallel, "required")
 
     def reply(self, text: str, finish_reason: str) -> tuple[dict, str, list[str]]:
         """(message, finish_reason, errors) for a finished text."""

@@ -122,6 +122,10 @@ def test_history_with_tool_calls_and_results(client):
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"pattern": "(("}}}}}]}, "tools"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(client, extra, field):
     r = _chat(client, "hi", **extra)
