@@ -117,8 +117,14 @@ def generation_params(body: ChatRequest | CompletionRequest, record: RequestReco
                 max_tokens=min(asked_tokens, max_tokens), temperature=body.temperature or 0.0,
                 top_p=body.top_p or 1.0, seed=body.seed, tools=asked.tools.tools, grammar=asked.grammar,
                 logprobs=asked.logprobs,
+                passthrough={"tool_choice": _dump(body.tool_choice), "parallel_tool_calls": body.parallel_tool_calls}
+                if chat and asked.tools.tools else None,
                 response_format=body.response_format.model_dump(by_alias=True, exclude_none=True)
                 if chat and body.response_format is not None and asked.tools.grammar is None else None)
+
+
+def _dump(value):
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 # --- predict ----------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class EngineConfig(Strict):
     url: str | None = None
     api_key: str | None = None
     launch: VLLMLaunch | None = None
+    vllm_tools: bool = Field(
+        False, description="vLLM parses tool calls (started with --enable-auto-tool-choice --tool-call-parser NAME, "
+                           "e.g. in launch.args): tools and tool_choice pass through; off: tool requests get a 400")
 
     @model_validator(mode="after")
     def _url_for_vllm(self):

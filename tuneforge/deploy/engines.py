@@ -56,6 +56,7 @@ class GenRequest:
     grammar: str | None = None  # llguidance Lark text the output must match (grammar.py), then eos
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     response_format: dict | None = None  # as the client sent it (vLLM enforces it itself; local: ``grammar``)
+    passthrough: dict | None = None  # tool_choice, parallel_tool_calls as sent, for engines that do tools (vLLM)
 
 
 @dataclass

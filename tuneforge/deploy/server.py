@@ -148,9 +148,9 @@ def build_engine(cfg: ServeConfig):
     if e.kind == "vllm" and e.launch is not None:
         # the versions to serve as LoRA modules come from the registry
         proc = launch_vllm(e.launch, Registry(cfg.registry), tuneforge_home() / "logs" / f"vllm-{e.launch.port}.log")
-        return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc)
+        return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc, tools=e.vllm_tools)
     if e.kind == "vllm":
-        return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
+        return VLLMEngine(e.url, e.api_key, cfg.timeout_s, tools=e.vllm_tools)
     return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens,
                        lora=e.lora, prefix_cache_mb=e.prefix_cache_mb, prepack=e.prepack,
                        fp32_prefill=e.fp32_prefill)

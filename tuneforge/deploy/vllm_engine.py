@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from tuneforge.data.render import with_system
+from tuneforge.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from tuneforge.deploy.engines import Chunk, EngineError, GenRequest
 
 
@@ -26,39 +27,57 @@ def _vllm_logprobs(lp: dict | None) -> list[dict]:
             for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops, strict=False)]
 
 
+def _block(name: str, arguments: str) -> str:
+    try:
+        args = json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        args = arguments  # parse_tool_calls reports it as a call whose arguments are not JSON
+    return "\n" + TOOL_CALL_OPEN + "\n" + json.dumps({"name": name, "arguments": args}) + "\n" + TOOL_CALL_CLOSE
+
+
 class VLLMEngine:
     """``process``: the vLLM server tuneforge launched (stopped on close), or None for a URL.
 
     ``SUPPORTS``: what chat.py may ask of it; logprobs and response_format pass through to vLLM
-    (which computes and enforces them itself). Tools are not sent: vLLM renders tools only with
-    templates that know them (SmolLM2's does not) and parses calls only with a tool parser set
-    at its launch, so tuneforge refuses them (400) rather than answer differently from the
-    local engine."""
+    (which computes and enforces them itself). Tools pass through only with ``tools=True``
+    (serve.yaml ``engine.vllm_tools``: vLLM was started with ``--enable-auto-tool-choice
+    --tool-call-parser NAME``, so it renders them with the model's template, parses the calls
+    and constrains a required one); its calls come back as ``<tool_call>`` blocks that chat.py
+    parses like the local engine's. Without it tools are refused (400): vLLM renders tools only
+    with templates that know them (SmolLM2's does not) and parses calls only with a tool parser."""
 
-    SUPPORTS = frozenset({"logprobs", "response_format"})
-
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None):
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None,
+                 tools: bool = False):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.process = process
+        self.SUPPORTS = frozenset({"logprobs", "response_format"} | ({"tools", "tool_choice"} if tools else set()))
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
+    def body(self, req: GenRequest) -> tuple[str, dict]:
+        """(path, JSON body) of the vLLM request."""
         body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
                 "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
         if req.seed is not None:
             body["seed"] = req.seed
-        if req.tools:  # chat.py refuses them for this engine (SUPPORTS)
-            raise EngineError("the vLLM engine does not take tools from tuneforge")
+        if req.tools and "tools" not in self.SUPPORTS:  # chat.py refuses them for this engine
+            raise EngineError("this vLLM engine does not take tools (engine.vllm_tools is off)")
         chat = req.messages is not None
         if chat:
             path, body["messages"] = "/v1/chat/completions", with_system(req.messages, req.system_prompt)
+            body |= {k: v for k, v in (req.passthrough or {}).items() if v is not None}  # tool_choice ...
+            if req.tools:
+                body["tools"] = req.tools
             if req.response_format is not None:  # vLLM's own structured output enforces it
                 body["response_format"] = req.response_format
         else:
             path, body["prompt"] = "/v1/completions", req.prompt
         if req.logprobs is not None:  # vLLM computes them itself: passed through
             body |= {"logprobs": True, "top_logprobs": req.logprobs} if chat else {"logprobs": req.logprobs}
-        finish, usage = None, {}
+        return path, body
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
+        path, body = self.body(req)
+        finish, usage, calls = None, {}, {}  # calls: index -> [name, arguments text]
         async with self.client.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 raise EngineError(f"vLLM answered {resp.status_code}: {(await resp.aread())[:300]!r}")
@@ -68,11 +87,20 @@ class VLLMEngine:
                 event = json.loads(line[5:])
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    text = choice.get("text") or delta.get("content") or ""
                     finish = choice.get("finish_reason") or finish
+                    for tc in delta.get("tool_calls") or []:
+                        fn = tc.get("function") or {}
+                        call = calls.setdefault(tc.get("index", 0), ["", ""])
+                        call[0] += fn.get("name") or ""
+                        call[1] += fn.get("arguments") or ""
                     if text:
                         yield Chunk(text, logprobs=_vllm_logprobs(choice.get("logprobs"))
                                     if req.logprobs is not None else None)
+        if calls:  # as the text the local engine's model writes; chat.py parses it back into tool_calls
+            yield Chunk("".join(_block(name, args) for _, (name, args) in sorted(calls.items())))
+            finish = "stop" if finish == "tool_calls" else finish
         yield Chunk("", finish or "stop", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
     async def close(self) -> None:
