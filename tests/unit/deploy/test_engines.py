@@ -11,6 +11,7 @@ from deploy_helpers import fake_run
 from deploy_helpers import serve_in_thread as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from fastapi.testclient import TestClient
 
 from tuneforge.deploy.config import ServeConfig
 from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
@@ -121,8 +122,6 @@ def test_vllm_with_a_tool_parser_gets_tools_passed_through(runs, tmp_path):
     reg.add(runs[0], "bot")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     with _serve(_fake_vllm(seen)) as url:
-        from fastapi.testclient import TestClient
-
         with TestClient(create_app(ServeConfig(), reg, VLLMEngine(url, tools=True))) as c:
             body = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
                                                         "tools": tools, "tool_choice": "required"}).json()

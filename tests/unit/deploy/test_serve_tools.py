@@ -10,8 +10,10 @@ from deploy_helpers import fake_run, serve_in_thread
 from fastapi.testclient import TestClient
 
 from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import LocalEngine
+from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
+from tuneforge.deploy.grammar import json_grammar
 from tuneforge.deploy.server import create_app
+from tuneforge.deploy.tool_calls import ToolPlan, ToolStream
 from tuneforge.registry.store import Registry
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -235,9 +237,6 @@ def test_openai_client_gets_tool_calls_n_and_logprobs(tiny_model_dir, tmp_path):
 
 
 def test_rows_of_one_batch_keep_their_own_grammar_or_none(tiny_model_dir):
-    from tuneforge.deploy.engines import GenRequest, collect
-    from tuneforge.deploy.grammar import json_grammar
-
     def req(grammar=None, logprobs=None):
         return GenRequest(BASE, None, tiny_model_dir, [{"role": "user", "content": "hello"}], max_tokens=40,
                           grammar=grammar, logprobs=logprobs)
@@ -257,8 +256,6 @@ def test_rows_of_one_batch_keep_their_own_grammar_or_none(tiny_model_dir):
 
 
 def test_auto_calls_parse_and_bad_blocks_come_back_as_content():
-    from tuneforge.deploy.tool_calls import ToolPlan, ToolStream
-
     plan = ToolPlan(TOOLS, {"get_weather", "add"}, choice="auto")
     good = 'Checking.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": true}}\n</tool_call>'
     message, reason, errors = plan.reply(good, "stop")
