@@ -8,7 +8,8 @@ requests is either honoured or refused with a 400 that names it:
 
 honoured   model, messages (tool_calls and tool results included), prompt, max_tokens,
            max_completion_tokens, temperature, top_p, stream, stream_options.include_usage
-           (a final chunk with usage), stop, seed, n (1-8; not with stream), logprobs /
+           (a final chunk with usage), stop, seed, n (1-8; streamed chunks carry their
+           choice's index), logprobs /
            top_logprobs (chat: bool + 0-20; completions: int 0-20), tools, tool_choice,
            parallel_tool_calls, response_format (text, json_object, json_schema: enforced
            while decoding, deploy/grammar.py);
@@ -117,7 +118,7 @@ class _Sampling(_Closed):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=MAX_N, description=f"choices to generate (at most {MAX_N}; not with stream)")
+    n: int | None = Field(None, ge=1, le=MAX_N, description=f"choices to generate (at most {MAX_N})")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -189,8 +190,6 @@ def refusals(body: ChatRequest | CompletionRequest) -> list[tuple[str, str]]:
         out.append(("store", _STORE))
     if body.service_tier not in (None, "auto", "default"):
         out.append(("service_tier", "one service tier only ('auto'/'default')"))
-    if (body.n or 1) > 1 and body.stream:
-        out.append(("n", "n > 1 is not streamed (send stream=false, or n=1)"))
     if isinstance(body, ChatRequest):
         if body.modalities not in (None, ["text"]):
             out.append(("modalities", "text output only (['text'])"))

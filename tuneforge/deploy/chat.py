@@ -60,7 +60,7 @@ async def complete(gateway: Gateway, request: Request, body: ChatRequest | Compl
         gateway.emit(record, t0)
         raise
     if body.stream:
-        return encode_stream(gateway, record, version, choices[0], asked, t0)
+        return encode_stream(gateway, record, version, choices, asked, t0)
     return await encode_json(gateway, record, version, choices, asked, t0)
 
 

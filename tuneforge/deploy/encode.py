@@ -5,6 +5,7 @@ reason, and with ``stream_options.include_usage`` a last chunk carrying usage)."
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -94,62 +95,87 @@ async def encode_json(gateway: Gateway, record: RequestRecord, version: str,
                          "usage": _usage(outs[0].prompt_tokens, completion), "tuneforge": meta}, headers=headers)
 
 
-def encode_stream(gateway: Gateway, record: RequestRecord, version: str, choice: tuple[Chunk, AsyncIterator[Chunk]],
-                  asked: Asked, t0: float) -> StreamingResponse:
+def encode_stream(gateway: Gateway, record: RequestRecord, version: str,
+                  choices: list[tuple[Chunk, AsyncIterator[Chunk]]], asked: Asked, t0: float) -> StreamingResponse:
     meta, headers = _meta(record, version)
-    return StreamingResponse(_sse(gateway, record, version, meta, choice, asked, int(time.time()), t0),
+    return StreamingResponse(_sse(gateway, record, version, meta, choices, asked, int(time.time()), t0),
                              media_type="text/event-stream", headers=headers)
 
 
-async def _sse(gateway: Gateway, record: RequestRecord, version: str, meta: dict,
-               choice: tuple[Chunk, AsyncIterator[Chunk]], asked: Asked, created: int, t0: float):
-    chat = record.endpoint == "chat"
-    first, stream = choice
-    tools = ToolStream(asked.tools)
-    offset = 0  # completions: text_offset of the chunk's first token
+async def _merged(choices: list[tuple[Chunk, AsyncIterator[Chunk]]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) from every choice's stream as they come (n > 1 streams interleave)."""
+    queue: asyncio.Queue = asyncio.Queue()
 
-    def event(delta: dict | None = None, text: str = "", reason: str | None = None, lps=None, **extra) -> str:
-        nonlocal offset
+    async def drain(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for c in stream:
+                await queue.put((i, c))
+        except Exception as e:  # noqa: BLE001 - re-raised in the reader
+            await queue.put((i, e))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(drain(i, s)) for i, (first, s) in enumerate(choices) if first.finish_reason is None]
+    try:
+        for _ in range(len(tasks)):
+            while True:
+                i, c = await queue.get()
+                if c is None:
+                    break
+                if isinstance(c, Exception):
+                    raise c
+                yield i, c
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse(gateway: Gateway, record: RequestRecord, version: str, meta: dict,
+               choices: list[tuple[Chunk, AsyncIterator[Chunk]]], asked: Asked, created: int, t0: float):
+    chat = record.endpoint == "chat"
+    tools = [ToolStream(asked.tools) for _ in choices]
+    offsets = [0] * len(choices)  # completions: text_offset of each choice's next token
+    lasts = [first for first, _ in choices]
+
+    def event(i: int, delta: dict | None = None, text: str = "", reason: str | None = None, lps=None,
+              **extra) -> str:
         if chat:
-            c = {"index": 0, "delta": delta or {}, "logprobs": chat_logprobs(lps), "finish_reason": reason}
+            c = {"index": i, "delta": delta or {}, "logprobs": chat_logprobs(lps), "finish_reason": reason}
         else:
-            c = {"index": 0, "text": text, "logprobs": text_logprobs(lps, offset), "finish_reason": reason}
-            offset += len(text)
+            c = {"index": i, "text": text, "logprobs": text_logprobs(lps, offsets[i]), "finish_reason": reason}
+            offsets[i] += len(text)
         return "data: " + json.dumps({"id": record.request_id, "object": "chat.completion.chunk" if chat
                                       else "text_completion", "created": created, "model": version,
                                       "choices": [c], "tuneforge": meta} | extra) + "\n\n"
 
-    def piece(c: Chunk, role: bool = False) -> str | None:
-        text = tools.feed(c.text)  # completions: a ToolPlan without tools passes text through
+    def piece(i: int, c: Chunk, role: bool = False) -> str | None:
+        text = tools[i].feed(c.text)  # completions: a ToolPlan without tools passes text through
         if not (role or text or c.logprobs):
             return None
         delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text else {})
-        return event(delta, text, lps=c.logprobs)
+        return event(i, delta, text, lps=c.logprobs)
 
-    last = first
     try:
-        for c in [first]:
-            out = piece(c, role=chat)
+        for out in (piece(i, first, role=chat) for i, (first, _) in enumerate(choices)):
             if out:
                 yield out
-        if first.finish_reason is None:
-            async for c in stream:
-                last = c
-                out = piece(c)
-                if out:
-                    yield out
-        for ev in _ending(event, tools, last.finish_reason or "stop", chat, meta):
-            yield ev
+        async for i, c in _merged(choices):
+            lasts[i] = c
+            out = piece(i, c)
+            if out:
+                yield out
+        for i, last in enumerate(lasts):
+            for ev in _ending(functools.partial(event, i), tools[i], last.finish_reason or "stop", chat, meta):
+                yield ev
         if asked.include_usage:
             yield "data: " + json.dumps({"id": record.request_id, "object": "chat.completion.chunk" if chat
                                          else "text_completion", "created": created, "model": version,
-                                         "choices": [], "usage": _usage(last.prompt_tokens,
-                                                                        last.completion_tokens)}) + "\n\n"
+                                         "choices": [], "usage": _usage(lasts[0].prompt_tokens, sum(
+                                             c.completion_tokens for c in lasts))}) + "\n\n"
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
         record.status, record.error = 500, f"{type(e).__name__}: {e}"
         yield "data: " + json.dumps({"error": {"message": record.error, "type": "server_error"}}) + "\n\n"
-    record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
-    record.response, record.finish_reason = tools.text, last.finish_reason
+    record.prompt_tokens, record.completion_tokens = lasts[0].prompt_tokens, sum(c.completion_tokens for c in lasts)
+    record.response, record.finish_reason = tools[0].text, lasts[0].finish_reason
     gateway.emit(record, t0)
     yield "data: [DONE]\n\n"
 

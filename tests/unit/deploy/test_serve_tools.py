@@ -117,7 +117,7 @@ def test_history_with_tool_calls_and_results(client):
 @pytest.mark.parametrize("extra, field", [
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1}, "frequency_penalty"),
     ({"logit_bias": {"5": 3}}, "logit_bias"), ({"store": True}, "store"), ({"n": 9}, "n"),
-    ({"n": 2, "stream": True}, "n"), ({"functions": [{"name": "f"}]}, "functions"),
+({"functions": [{"name": "f"}]}, "functions"),
     ({"reasoning_effort": "low"}, "reasoning_effort"), ({"audio": {"voice": "x"}}, "audio"),
     ({"some_new_field": 1}, "some_new_field"), ({"tool_choice": "required"}, "tool_choice"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"modalities": ["text", "audio"]}, "modalities"),
@@ -228,8 +228,16 @@ def test_openai_client_gets_tool_calls_n_and_logprobs(tiny_model_dir, tmp_path):
                 p["arguments"] += (d.function.arguments or "") if d.function else ""
         assert parts == {0: {"name": call.function.name, "arguments": call.function.arguments}}  # greedy: same call
         two = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], n=2,
-                                             max_tokens=4)
+                                             max_tokens=4, temperature=1.0, seed=1)
         assert [c.index for c in two.choices] == [0, 1]
+        texts, finished = {0: "", 1: ""}, set()
+        for chunk in client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                    max_tokens=4, temperature=1.0, seed=1, stream=True):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                if c.finish_reason:
+                    finished.add(c.index)
+        assert finished == {0, 1} and texts == {c.index: c.message.content for c in two.choices}  # same seeds
         lp = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                             logprobs=True, top_logprobs=2)
         assert lp.choices[0].logprobs.content and len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
