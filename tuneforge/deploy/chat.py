@@ -1,24 +1,27 @@
 """The OpenAI inference surface: /v1/chat/completions, /v1/completions, /v1/models.
 
 Each completion is three steps (litgpt's LitAPI): ``decode`` the body into a request record
-and generation parameters, ``predict`` through the gateway (authenticate, route, generate),
-``encode`` the answer as one JSON object or as server-sent events.
+and what it asks for (tools, grammar, logprobs, n; refusing by name what cannot be honoured,
+api.py), ``predict`` through the gateway (authenticate, route, generate n choices), ``encode``
+the answer as one JSON object or as server-sent events (tool calls and logprobs in OpenAI's
+shape: tool_calls.py, encode.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from tuneforge.deploy.api import ChatRequest, CompletionRequest
-from tuneforge.deploy.engines import Chunk, collect, cut_at_stop
-from tuneforge.deploy.gateway import Gateway, joined, new_id
+from tuneforge.deploy.api import ChatRequest, CompletionRequest, refusals
+from tuneforge.deploy.encode import Asked, encode_json, encode_stream
+from tuneforge.deploy.engines import Chunk, cut_at_stop
+from tuneforge.deploy.gateway import Gateway, new_id
+from tuneforge.deploy.grammar import GrammarError, check_grammar, json_grammar
+from tuneforge.deploy.tool_calls import ToolPlan, history
 from tuneforge.production.http import ApiError, RequestRecord
 
 
@@ -27,8 +30,12 @@ def chat_router(gateway: Gateway) -> APIRouter:
 
     @router.get("/v1/models")
     async def models(request: Request):
-        ids = gateway.model_ids(gateway.authenticate(request))
-        return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "tuneforge"} for i in ids]}
+        key = gateway.authenticate(request)
+        base = gateway.cfg.base_name
+        data = [{"id": i, "object": "model", "owned_by": "tuneforge"}
+                | ({"tuneforge": {"base": True, "model": gateway.cfg.base_model}} if i == base else {})
+                for i in gateway.model_ids(key)]
+        return {"object": "list", "data": data}
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
@@ -45,15 +52,16 @@ async def complete(gateway: Gateway, request: Request, body: ChatRequest | Compl
     t0 = time.perf_counter()
     record = decode(body, endpoint)
     try:
-        version, first, stream = await predict(gateway, request, body, record)
+        asked = decode_asked(body, record, getattr(gateway.engine, "SUPPORTS", frozenset()))
+        version, choices = await predict(gateway, request, body, record, asked)
     except ApiError as e:
         record.status, record.error = e.status, e.message
         e.request_id = record.request_id
         gateway.emit(record, t0)
         raise
     if body.stream:
-        return encode_stream(gateway, record, version, first, stream, t0)
-    return await encode_json(gateway, record, version, first, stream, t0)
+        return encode_stream(gateway, record, version, choices, asked, t0)
+    return await encode_json(gateway, record, version, choices, asked, t0)
 
 
 # --- decode -----------------------------------------------------------------------------------
@@ -67,43 +75,87 @@ def decode(body: ChatRequest | CompletionRequest, endpoint: str) -> RequestRecor
                          json_requested=fmt is not None and fmt.type in ("json_object", "json_schema"))
 
 
-def generation_params(body: ChatRequest | CompletionRequest, record: RequestRecord, max_tokens: int) -> dict:
+def decode_asked(body: ChatRequest | CompletionRequest, record: RequestRecord, supports: frozenset) -> Asked:
+    """Tools, grammar, logprobs, n; a 400 naming each field that cannot be honoured."""
+    refused = refusals(body)
+    if refused:
+        raise ApiError(400, "; ".join(f"'{name}' is not supported: {why}" for name, why in refused),
+                       param=refused[0][0])
     chat = record.endpoint == "chat"
-    asked = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
-    return dict(messages=_text_messages(record.messages) if chat else None, prompt=None if chat else body.prompt,
-                max_tokens=min(asked, max_tokens), temperature=body.temperature or 0.0,
-                top_p=body.top_p or 1.0, seed=body.seed)
+    plan = ToolPlan.of(body) if chat else ToolPlan()
+    grammar = plan.grammar
+    fmt = body.response_format if chat else None
+    if fmt is not None and fmt.type != "text":
+        if plan.grammar is not None:
+            raise ApiError(400, "response_format and a required tool call cannot both constrain the output",
+                           param="response_format")
+        if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        grammar = json_grammar(fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
+        try:
+            check_grammar(grammar)
+        except GrammarError as e:
+            raise ApiError(400, f"response_format.json_schema.schema cannot be enforced: {e}",
+                           param="response_format") from None
+    logprobs = (body.top_logprobs or 0) if chat and body.logprobs else (None if chat else body.logprobs)
+    if chat and body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    used = {"tools": plan.tools is not None, "tool_choice": plan.grammar is not None,
+            "response_format": grammar is not None and plan.grammar is None, "logprobs": logprobs is not None}
+    for field in (f for f, on in used.items() if on and f not in supports):
+        have = ", ".join(sorted(supports)) or "none of tools, tool_choice, response_format, logprobs"
+        raise ApiError(400, f"'{field}' is not supported by this server's engine (it supports: {have})", param=field)
+    return Asked(plan, grammar, logprobs, body.n or 1,
+                 bool(body.stream_options and body.stream_options.include_usage))
 
 
-def _text_messages(messages: list) -> list[dict]:
-    """OpenAI content may be a list of parts; the chat template wants one string per message."""
-    out = []
-    for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        out.append({"role": m["role"], "content": content})
-    return out
+def generation_params(body: ChatRequest | CompletionRequest, record: RequestRecord, asked: Asked,
+                      max_tokens: int) -> dict:
+    chat = record.endpoint == "chat"
+    asked_tokens = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
+    return dict(messages=history(record.messages) if chat else None, prompt=None if chat else body.prompt,
+                max_tokens=min(asked_tokens, max_tokens), temperature=body.temperature or 0.0,
+                top_p=body.top_p or 1.0, seed=body.seed, tools=asked.tools.tools, grammar=asked.grammar,
+                logprobs=asked.logprobs,
+                passthrough={"tool_choice": _dump(body.tool_choice), "parallel_tool_calls": body.parallel_tool_calls}
+                if chat and asked.tools.tools else None,
+                response_format=body.response_format.model_dump(by_alias=True, exclude_none=True)
+                if chat and body.response_format is not None and asked.tools.grammar is None else None)
+
+
+def _dump(value):
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 # --- predict ----------------------------------------------------------------------------------
-async def predict(gateway: Gateway, request: Request, body, record: RequestRecord
-                  ) -> tuple[str, Chunk, AsyncIterator[Chunk]]:
-    """(version that answers, its first chunk, the rest of its stream)."""
+async def predict(gateway: Gateway, request: Request, body, record: RequestRecord, asked: Asked
+                  ) -> tuple[str, list[tuple[Chunk, AsyncIterator[Chunk]]]]:
+    """(version that answers, each choice's first chunk and the rest of its stream)."""
     key = gateway.authenticate(request)
     record.key_id = key.id if key else None
     gateway.check_scope(key, record.model)
     user = str(body.user or (key.id if key else "") or uuid.uuid4())  # the A/B arm sticks to it
     p = gateway.route(record, user)
-    params = generation_params(body, record, gateway.cfg.max_tokens)
+    params = generation_params(body, record, asked, gateway.cfg.max_tokens)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or "" in stops:
         raise ApiError(400, "'stop' takes up to 4 non-empty strings")
-    version, stream, first = await gateway.generate(p, params, record)
-    if stops:
-        stream = cut_at_stop(_chain(first, stream), stops)
-        first = await stream.__anext__()
-    return version, first, stream
+
+    def check(out: Chunk) -> str | None:  # a required call must be one valid call
+        if out.finish_reason == "grammar_error":
+            return "the output could not follow its grammar"
+        return asked.tools.failure(out.text, out.finish_reason or "stop")
+
+    async def one(i: int) -> tuple[str, Chunk, AsyncIterator[Chunk]]:
+        seeded = params | {"seed": params["seed"] + i} if params["seed"] is not None and i else params
+        version, stream, first = await gateway.generate(p, seeded, record, check if asked.grammar else None)
+        if stops:
+            stream = cut_at_stop(_chain(first, stream), stops)
+            first = await stream.__anext__()
+        return version, first, stream
+
+    out = await asyncio.gather(*(one(i) for i in range(asked.n)))  # n rows batch together in the engine
+    return out[0][0], [(first, stream) for _, first, stream in out]
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
@@ -111,78 +163,3 @@ async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chun
     if first.finish_reason is None:
         async for c in rest:
             yield c
-
-
-# --- encode -----------------------------------------------------------------------------------
-def _meta(record: RequestRecord, version: str) -> tuple[dict, dict]:
-    """Which version and arm served it: the ``tuneforge`` field and the X-Tuneforge-* headers."""
-    meta = {"version": version, "arm": record.arm, "route": record.route, "fallback": record.fallback_reason}
-    headers = {"X-Tuneforge-Version": version, "X-Tuneforge-Arm": record.arm or "",
-               "X-Tuneforge-Fallback": record.fallback_reason or "", "X-Request-Id": record.request_id}
-    return meta, headers
-
-
-async def encode_json(gateway: Gateway, record: RequestRecord, version: str, first: Chunk,
-                      stream: AsyncIterator[Chunk], t0: float) -> JSONResponse:
-    chat, rid = record.endpoint == "chat", record.request_id
-    meta, headers = _meta(record, version)
-    created = int(time.time())
-    try:
-        rest = await asyncio.wait_for(collect(stream), gateway.cfg.timeout_s)
-    except Exception as e:  # noqa: BLE001 - the first chunk came; a failure now cannot fall back
-        record.status, record.error = 500, f"{type(e).__name__}: {e}"
-        gateway.emit(record, t0)
-        err = ApiError(500, f"generation failed: {record.error}", "server_error")
-        err.request_id = rid
-        raise err from None
-    out = joined(first, rest)
-    record.prompt_tokens, record.completion_tokens = out.prompt_tokens, out.completion_tokens
-    record.response, record.finish_reason = out.text, out.finish_reason
-    gateway.emit(record, t0)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
-              else {"index": 0, "text": out.text, "logprobs": None})
-    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": created, "model": version,
-                         "choices": [choice | {"finish_reason": out.finish_reason}],
-                         "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                                   "total_tokens": out.prompt_tokens + out.completion_tokens},
-                         "tuneforge": meta}, headers=headers)
-
-
-def encode_stream(gateway: Gateway, record: RequestRecord, version: str, first: Chunk,
-                  stream: AsyncIterator[Chunk], t0: float) -> StreamingResponse:
-    meta, headers = _meta(record, version)
-    return StreamingResponse(_sse(gateway, record, version, meta, first, stream, int(time.time()), t0),
-                             media_type="text/event-stream", headers=headers)
-
-
-async def _sse(gateway: Gateway, record: RequestRecord, version: str, meta: dict, first: Chunk,
-               stream: AsyncIterator[Chunk], created: int, t0: float):
-    chat = record.endpoint == "chat"
-
-    def event(c: Chunk, role: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant"} if role else {}) | ({"content": c.text} if c.text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-        return "data: " + json.dumps({"id": record.request_id,
-                                      "object": "chat.completion.chunk" if chat else "text_completion",
-                                      "created": created, "model": version, "choices": [choice],
-                                      "tuneforge": meta}) + "\n\n"
-
-    last, texts = first, [first.text]
-    try:
-        yield event(first, role=True)
-        if first.finish_reason is None:
-            async for c in stream:
-                last = c
-                texts.append(c.text)
-                yield event(c)
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
-        record.status, record.error = 500, f"{type(e).__name__}: {e}"
-        yield "data: " + json.dumps({"error": {"message": record.error, "type": "server_error"}}) + "\n\n"
-    record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
-    record.response, record.finish_reason = "".join(texts), last.finish_reason
-    gateway.emit(record, t0)
-    yield "data: [DONE]\n\n"

@@ -50,6 +50,9 @@ class EngineConfig(Strict):
     url: str | None = None
     api_key: str | None = None
     launch: VLLMLaunch | None = None
+    vllm_tools: bool = Field(
+        False, description="vLLM parses tool calls (started with --enable-auto-tool-choice --tool-call-parser NAME, "
+                           "e.g. in launch.args): tools and tool_choice pass through; off: tool requests get a 400")
 
     @model_validator(mode="after")
     def _url_for_vllm(self):
@@ -121,8 +124,21 @@ class ServeConfig(Strict):
     shutdown_grace_s: float = Field(30, ge=0, description="on SIGTERM/Ctrl-C, how long in-flight requests "
                                                           "may take to finish before the server exits")
     log_format: Literal["json", "text"] = Field("json", description="server logs: one JSON object per line, or text")
+    base_model: str | None = Field(
+        None, description="a base model (zoo alias such as smollm2-135m-instruct, or a folder) served without "
+                          "an adapter under base_name; listed in /v1/models; keys need base_name (or *) in scope")
+    base_name: str | None = Field(None, description="the public model id of base_model (default: the alias, or "
+                                                    "the folder's name)")
     engine: EngineConfig = EngineConfig()
     routes: dict[str, Route] = {}
+
+    @model_validator(mode="after")
+    def _base_name(self):
+        if self.base_model and not self.base_name:
+            self.base_name = Path(self.base_model.rstrip("/")).name
+        if self.base_name and not self.base_model:
+            raise ValueError("base_name needs base_model (the model to serve under that name)")
+        return self
     logging: LoggingConfig = LoggingConfig()  # request log, PII redaction, retention, opt-out
     jobs: JobsConfig = JobsConfig()
 

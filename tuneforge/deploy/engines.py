@@ -5,7 +5,7 @@ local  one base model per base name in this process, every registry version a na
        adapter on it; concurrent requests are micro-batched and requests for different
        plain LoRA adapters run in one forward pass (multilora.py; other adapter types
        through peft).
-vllm   forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
+vllm   (vllm_engine.py) forwards to a vLLM OpenAI-compatible server (started with --enable-lora and one
        --lora-modules NAME:vN=RUN_DIR/adapter per version).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import queue
 import threading
@@ -25,10 +24,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import torch
 
 from tuneforge.data.render import with_system
+from tuneforge.data.tools import chat_ids
+from tuneforge.deploy.grammar import RowProcessor
+from tuneforge.deploy.grammar import warm as warm_grammar
 from tuneforge.deploy.multilora import LoraBank
 from tuneforge.deploy.prefix_cache import PrefixCache
 from tuneforge.deploy.prepack import prepack
@@ -42,7 +43,7 @@ log = logging.getLogger("tuneforge.serve")
 @dataclass(frozen=True)
 class GenRequest:
     adapter: str  # the version reference, e.g. "support-bot:v2": the adapter's name in the engine
-    adapter_dir: str
+    adapter_dir: str | None  # None: the base model alone (served under its own name; ``adapter`` is that name)
     base_model: str
     messages: list[dict] | None = None  # chat; or a raw prompt for /v1/completions
     prompt: str | None = None
@@ -51,6 +52,11 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    tools: list[dict] | None = None  # rendered into the prompt with data.tools.chat_ids (as in training)
+    grammar: str | None = None  # llguidance Lark text the output must match (grammar.py), then eos
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+    response_format: dict | None = None  # as the client sent it (vLLM enforces it itself; local: ``grammar``)
+    passthrough: dict | None = None  # tool_choice, parallel_tool_calls as sent, for engines that do tools (vLLM)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Chunk:
     finish_reason: str | None = None  # set on the last chunk, with the token counts
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict] | None = None  # OpenAI's per-token entries for this chunk's tokens, when asked
 
 
 class EngineError(RuntimeError):
@@ -77,32 +84,52 @@ async def cut_at_stop(chunks: AsyncIterator[Chunk], stops: list[str]) -> AsyncIt
     its token counts: the engines generate up to max_tokens either way.
     """
     hold = max(len(s) for s in stops) - 1
-    buf = ""
+    buf, lps = "", None  # held text; logprob entries not yet sent (their tokens may be cut)
     async for c in chunks:
         buf += c.text
+        if c.logprobs is not None:
+            lps = (lps or []) + c.logprobs
         hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
         if hits:
             last = c
             async for last in chunks:  # noqa: B007 - only the final counts are wanted
                 pass
-            yield Chunk(buf[: min(hits)], "stop", last.prompt_tokens, last.completion_tokens)
+            yield Chunk(buf[: min(hits)], "stop", last.prompt_tokens, last.completion_tokens,
+                        _within(lps, min(hits)))
             return
         if c.finish_reason is not None:
-            yield Chunk(buf, c.finish_reason, c.prompt_tokens, c.completion_tokens)
+            yield Chunk(buf, c.finish_reason, c.prompt_tokens, c.completion_tokens, lps)
             return
         if len(buf) > hold:
             out, buf = buf[: len(buf) - hold], buf[len(buf) - hold :]
-            yield Chunk(out)
+            sent = _within(lps, len(out))
+            yield Chunk(out, logprobs=sent)
+            lps = lps[len(sent):] if lps is not None else None
     if buf:  # a stream that ended without a finish reason
-        yield Chunk(buf)
+        yield Chunk(buf, logprobs=lps)
+
+
+def _within(entries: list[dict] | None, chars: int) -> list[dict] | None:
+    """The leading logprob entries whose tokens fit in the first ``chars`` characters."""
+    if entries is None:
+        return None
+    out, used = [], 0
+    for e in entries:
+        used += len(e["token"])
+        if used > chars:
+            break
+        out.append(e)
+    return out
 
 
 async def collect(stream: AsyncIterator[Chunk]) -> Chunk:
-    parts, last = [], Chunk("")
+    parts, last, lps = [], Chunk(""), None
     async for c in stream:
         parts.append(c.text)
+        if c.logprobs is not None:
+            lps = (lps or []) + c.logprobs
         last = c
-    return Chunk("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return Chunk("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens, lps)
 
 
 # --- local: transformers + peft in this process -----------------------------------------------
@@ -150,6 +177,8 @@ class _RowStreamer:
         self.sent = [""] * len(jobs)
         self.done = [False] * len(jobs)
         self.started = False
+        self.rows = None  # grammar.RowProcessor of this batch, when a row asked for a grammar or logprobs
+        self.pending: list[list[dict] | None] = [None if j.req.logprobs is None else [] for j in jobs]
 
     def put(self, value: torch.Tensor) -> None:
         if not self.started:  # the first call carries the prompts
@@ -162,9 +191,11 @@ class _RowStreamer:
                 self._finish(i, "stop")
                 continue
             self.tokens[i].append(t)
+            if self.pending[i] is not None and self.rows is not None:
+                self.pending[i].append(self.rows.logprob(i, t))
             text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self._send(i, Chunk(text[len(self.sent[i]):]))
+                self._send(i, Chunk(text[len(self.sent[i]):], logprobs=self._take(i)))
                 self.sent[i] = text
             if len(self.tokens[i]) >= self.jobs[i].req.max_tokens:
                 self._finish(i, "length")
@@ -174,10 +205,20 @@ class _RowStreamer:
             if not self.done[i]:
                 self._finish(i, "length")
 
+    def _take(self, i: int) -> list[dict] | None:
+        out = self.pending[i]
+        if out is not None:
+            self.pending[i] = []
+        return out
+
     def _finish(self, i: int, reason: str) -> None:
         self.done[i] = True
         text = self.tok.decode(self.tokens[i], skip_special_tokens=True)
-        self._send(i, Chunk(text[len(self.sent[i]):], reason, self.prompt_lens[i], len(self.tokens[i])))
+        error = self.rows.errors[i] if self.rows is not None else None
+        if error and self.jobs[i].req.grammar is not None:
+            reason = "grammar_error"  # the grammar could not be followed (rare: a tokenizer gap); chat.py says so
+        self._send(i, Chunk(text[len(self.sent[i]):], reason, self.prompt_lens[i], len(self.tokens[i]),
+                            self._take(i)))
 
     def _send(self, i: int, chunk: Chunk) -> None:
         job = self.jobs[i]
@@ -210,12 +251,16 @@ class LocalEngine:
     a batch in the same two or three ops per layer); ``lora="peft"`` serves every adapter
     through peft (mixed batches with ``adapter_names=``), the path the benchmark compares against.
 
+    ``SUPPORTS``: tools, tool_choice and response_format (grammars: grammar.py) and logprobs, per row.
+
     ``prefix_cache_mb``: memory for the KV of served sequences, per adapter, that later prompts
     starting with the same tokens reuse instead of computing again (prefix_cache.py; 0: off).
     ``prepack``: "auto", "on" or "off", bf16 Linear weights packed once for oneDNN on a CPU;
     ``fp32_prefill``: "auto", "on" or "off", many-row products of packed models in float32
     (prepack.py).
     """
+
+    SUPPORTS = frozenset({"logprobs", "tools", "tool_choice", "response_format"})
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
@@ -375,7 +420,10 @@ class LocalEngine:
             self.bases[req.base_model] = _Base(model, tok, bank, prefix_ok=_plain_kv(model),
                                                packed=prepack(list(bank.linears.values()), self.prepack,
                                                               self.fp32_prefill))
+            warm_grammar(tok, model.get_output_embeddings().weight.shape[0])
         base = self.bases[req.base_model]
+        if req.adapter_dir is None:  # the base model alone: nothing to load, nothing in the LRU
+            return base
         if req.adapter not in base.paths:
             why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"
             if why is None:
@@ -397,7 +445,7 @@ class LocalEngine:
         with self.models_lock:  # no adapter changes while this batch generates
             for j in jobs:
                 base = self._model(j.req)
-            self._evict(keep={j.req.adapter for j in jobs})
+            self._evict(keep={j.req.adapter for j in jobs if j.req.adapter_dir is not None})
             jobs, prompts = self._prompts(jobs, base.tok)
             try:
                 for how, part in _by_path(base, jobs).items():
@@ -409,10 +457,9 @@ class LocalEngine:
         PromptTooLong and left out of the batch."""
         kept, prompts = [], []
         for j in jobs:
-            if j.req.messages is not None:
-                out = tok.apply_chat_template(with_system(j.req.messages, j.req.system_prompt), tokenize=True,
-                                              add_generation_prompt=True)
-                ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+            if j.req.messages is not None:  # rendered as in training, tools included (data/tools.py)
+                ids = chat_ids(tok, with_system(j.req.messages, j.req.system_prompt), j.req.tools,
+                               add_generation_prompt=True)
             else:
                 ids = tok(j.req.prompt, add_special_tokens=False).input_ids
             if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -428,7 +475,8 @@ class LocalEngine:
     def _generate(self, base: _Base, how: str, jobs: list[_Job], prompts: list[list[int]]) -> None:
         """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
         "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
-        from transformers import DynamicCache  # deferred: transformers loads with the first model, not at server start
+        # deferred: transformers loads with the first model, not at server start
+        from transformers import DynamicCache, LogitsProcessorList
 
         tok = base.tok
         r = jobs[0].req
@@ -439,8 +487,8 @@ class LocalEngine:
         adapters = [j.req.adapter for j in jobs]
         self.batches.append(adapters)
         model, extra, adapters_on = base.model, {}, contextlib.nullcontext()
-        if how == "gathered":
-            adapters_on = base.bank.rows(adapters)
+        if how == "gathered":  # base-only rows (no adapter_dir) get None: the base alone
+            adapters_on = base.bank.rows([j.req.adapter if j.req.adapter_dir is not None else None for j in jobs])
             if base.peft is not None and base.peft.peft_config:
                 adapters_on = _both(base.peft.disable_adapter(), adapters_on)  # peft's adapters stay out of it
         elif how == "peft-mixed":  # peft runs each layer once per adapter sub-batch
@@ -463,6 +511,10 @@ class LocalEngine:
                 cache.reused_tokens += reuse * len(jobs)
         ids, mask = _layout(prompts, reuse, tok.pad_token_id)
         streamer = _RowStreamer(jobs, [len(p) for p in prompts], tok)
+        if any(j.req.grammar is not None or j.req.logprobs is not None for j in jobs):
+            streamer.rows = RowProcessor(tok, [j.req.grammar for j in jobs], [j.req.logprobs for j in jobs],
+                                         lambda i: streamer.done[i])
+            extra = extra | {"logits_processor": LogitsProcessorList([streamer.rows])}
         autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else \
             contextlib.nullcontext()
         with autocast, adapters_on:
@@ -537,7 +589,7 @@ def _by_path(base: _Base, jobs: list[_Job]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for i, j in enumerate(jobs):
         a = j.req.adapter
-        if base.paths[a] == "gathered":
+        if j.req.adapter_dir is None or base.paths[a] == "gathered":
             key = "gathered"
         else:
             cfg = base.peft.peft_config[a]
@@ -550,43 +602,3 @@ def _by_path(base: _Base, jobs: list[_Job]) -> dict[str, list[int]]:
 def _both(first, second):
     with first, second:
         yield
-
-
-# --- vllm: an OpenAI-compatible server over HTTP ------------------------------------------------
-class VLLMEngine:
-    """``process``: the vLLM server tuneforge launched (stopped on close), or None for a URL."""
-
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60, process=None):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.process = process
-
-    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
-        body = {"model": req.adapter, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.messages is not None:
-            path, body["messages"] = "/v1/chat/completions", with_system(req.messages, req.system_prompt)
-        else:
-            path, body["prompt"] = "/v1/completions", req.prompt
-        finish, usage = None, {}
-        async with self.client.stream("POST", path, json=body) as resp:
-            if resp.status_code != 200:
-                raise EngineError(f"vLLM answered {resp.status_code}: {(await resp.aread())[:300]!r}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                event = json.loads(line[5:])
-                usage = event.get("usage") or usage
-                for choice in event.get("choices") or []:
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    finish = choice.get("finish_reason") or finish
-                    if text:
-                        yield Chunk(text)
-        yield Chunk("", finish or "stop", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-
-    async def close(self) -> None:
-        await self.client.aclose()
-        if self.process is not None:
-            await asyncio.to_thread(self.process.stop)

@@ -66,8 +66,10 @@ class Gateway:
         return self.authenticate(request, admin=True)
 
     def model_name(self, model: str) -> str:
-        """The name a key's scope lists: a route name, or the registry model of a reference."""
-        return model if model in self.cfg.routes else parse_ref(model)[0]
+        """The name a key's scope lists: a route name, the base model's name, or the registry
+        model of a reference. The base model is scoped like an adapter: a key calls it only when
+        its models list base_name (or "*"), so a tenant's key sees and calls its own models only."""
+        return model if model in self.cfg.routes or model == self.cfg.base_name else parse_ref(model)[0]
 
     def check_scope(self, key: KeyInfo | None, model: str) -> None:
         try:
@@ -80,7 +82,8 @@ class Gateway:
 
     def model_ids(self, key: KeyInfo | None) -> list[str]:
         """Routes, model names, their aliases and versions that ``key`` may call."""
-        ids = list(self.cfg.routes)
+        ids = [self.cfg.base_name] if self.cfg.base_name else []
+        ids += list(self.cfg.routes)
         for name in self.registry.models():
             ids += [name, *(f"{name}@{a}" for a in self.registry.aliases(name)),
                     *(v.ref for v in self.registry.versions(name))]
@@ -93,11 +96,16 @@ class Gateway:
         return p
 
     # --- generate -----------------------------------------------------------------------------
-    async def generate(self, p: Plan, params: dict, record: RequestRecord) -> tuple[str, AsyncIterator[Chunk], Chunk]:
+    async def generate(self, p: Plan, params: dict, record: RequestRecord,
+                       check: Callable[[Chunk], str | None] | None = None
+                       ) -> tuple[str, AsyncIterator[Chunk], Chunk]:
         """Try the plan's targets in order until one yields its first chunk within the timeout
         (and, when the route has guards, its whole output passes them): (version, the rest of
-        the stream, the first chunk)."""
-        reasons, unknown = [], []
+        the stream, the first chunk). ``check``: the request's own test of the whole output
+        (a required tool call must be one valid call); a failure moves down the chain like a
+        guard, and for a plain model name (no chain) is answered 422 when max_tokens cut the
+        output short, else 500."""
+        reasons, unknown, failed_check = [], [], None
 
         def skip(target, why: str, reason_class: str) -> None:
             reasons.append(f"{target}: {why}")
@@ -112,24 +120,28 @@ class Gateway:
                 return FIXED_REPLY, no_more(), Chunk(target.reply, "stop")
             try:
                 try:
-                    v = self.registry.resolve(target)
+                    ref, req = self.request_for(target, params)
                 except RegistryError as e:
                     unknown.append(str(e))
                     skip(target, str(e), "unknown_model")
                     continue
-                first, stream = await self._first(v, params)
-                if p.guards is not None:
+                first, stream = await self._first(req)
+                if p.guards is not None or check is not None:
                     # A guard judges the whole output, so it is generated (within the timeout)
                     # before anything is sent; a stream is then sent as one chunk.
                     rest = await asyncio.wait_for(collect(stream), self.cfg.timeout_s)
                     first, stream = joined(first, rest), no_more()
-                    failed = guard_failure(p.guards, first.text, record.json_requested)
+                    failed = p.guards and guard_failure(p.guards, first.text, record.json_requested)
                     if failed:
                         skip(target, f"guard {failed}", "guard_" + failed.split(":")[0])
                         continue
-                record.version = v.ref
+                    failed_check = check(first) if check is not None else None
+                    if failed_check:
+                        skip(target, failed_check, "tool_call")
+                        continue
+                record.version = ref
                 record.fallback_reason = "; ".join(reasons) or None
-                return v.ref, stream, first
+                return ref, stream, first
             except PromptTooLong as e:
                 raise ApiError(413, str(e)) from None  # the request is too long for any target
             except TimeoutError:
@@ -137,18 +149,35 @@ class Gateway:
             except Exception as e:  # noqa: BLE001 - any failure moves down the chain
                 skip(target, f"{type(e).__name__}: {e}", "error")
         record.fallback_reason = "; ".join(reasons)
+        if failed_check and len(p.targets) == 1:
+            cut = "max_tokens" in failed_check
+            raise ApiError(422 if cut else 500, failed_check, "invalid_request_error" if cut else "server_error")
         if len(unknown) == len(p.targets):
             raise ApiError(404, "; ".join(unknown), "not_found_error")
         raise ApiError(503, f"every target failed: {record.fallback_reason}", "server_error")
 
-    async def _first(self, v: VersionInfo, params: dict) -> tuple[Chunk, AsyncIterator[Chunk]]:
-        stream = self.engine.stream(gen_request(v, params)).__aiter__()
+    def request_for(self, target: str, params: dict) -> tuple[str, GenRequest]:
+        """(the version label that answers, the engine request): the base model alone under
+        its own name, else a registry version (RegistryError when there is none)."""
+        if self.cfg.base_name and target == self.cfg.base_name:
+            return target, GenRequest(adapter=target, adapter_dir=None, base_model=self.cfg.base_model, **params)
+        v = self.registry.resolve(target)
+        return v.ref, gen_request(v, params)
+
+    async def _first(self, req: GenRequest) -> tuple[Chunk, AsyncIterator[Chunk]]:
+        stream = self.engine.stream(req).__aiter__()
         return await asyncio.wait_for(stream.__anext__(), self.cfg.timeout_s), stream
 
     async def preload(self) -> None:
         """Load the base model(s) and registered adapters (up to the engine's LRU bound) before
         /readyz says ready, so a balancer's first request does not spend its timeout loading."""
         if hasattr(self.engine, "load"):
+            if self.cfg.base_name:
+                try:
+                    await self.engine.load(self.request_for(self.cfg.base_name, {})[1])
+                except Exception as e:  # noqa: BLE001 - adapters on other bases may still serve
+                    log.error("preload failed", extra={"version": self.cfg.base_name,
+                                                       "error": f"{type(e).__name__}: {e}"})
             room = getattr(self.engine, "max_adapters", None)
             refs = [v for name in self.registry.models() for v in self.registry.versions(name)]
             for v in refs[:room] if room else refs:
@@ -187,8 +216,9 @@ async def no_more():
 
 
 def joined(first: Chunk, rest: Chunk) -> Chunk:
+    lps = None if first.logprobs is None and rest.logprobs is None else (first.logprobs or []) + (rest.logprobs or [])
     return Chunk(first.text + rest.text, rest.finish_reason or first.finish_reason,
-                 rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens)
+                 rest.prompt_tokens or first.prompt_tokens, rest.completion_tokens or first.completion_tokens, lps)
 
 
 def gen_request(v: VersionInfo, params: dict) -> GenRequest:

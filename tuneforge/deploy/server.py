@@ -5,8 +5,8 @@ One chat request, from the socket to the engine:
   2. deploy/chat.py    chat_router: POST /v1/chat/completions -> complete: decode -> predict -> encode
   3. deploy/gateway.py Gateway.authenticate (key, scope, rate) -> route (routing.plan: alias / A-B arm
                        / fallback chain) -> generate (registry.resolve each target, engine.stream)
-  4. deploy/engines.py LocalEngine.stream (micro-batched, mixed adapters) or VLLMEngine.stream (HTTP)
-  5. deploy/chat.py    encode_json / encode_stream -> Gateway.emit (metrics, log line, request hook:
+  4. deploy/engines.py LocalEngine.stream (micro-batched, mixed adapters) or vllm_engine.VLLMEngine.stream (HTTP)
+  5. deploy/encode.py  encode_json / encode_stream (tool_calls.py, logprobs) -> Gateway.emit (metrics, log line, request hook:
                        production/request_log.py writes the request log)
 
 Also mounted: ops.py (/healthz, /readyz, /metrics), admin.py (/admin: adapters, aliases), and
@@ -31,10 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.deploy.admin import admin_router
 from tuneforge.deploy.chat import chat_router
 from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import LocalEngine, VLLMEngine
+from tuneforge.deploy.engines import LocalEngine
 from tuneforge.deploy.gateway import Gateway, new_id
 from tuneforge.deploy.logs import log_config
 from tuneforge.deploy.ops import ops_router
+from tuneforge.deploy.vllm_engine import VLLMEngine
 from tuneforge.deploy.vllm_launch import launch_vllm
 from tuneforge.production.api.feedback import feedback_router
 from tuneforge.production.api.jobs import jobs_router
@@ -147,9 +148,9 @@ def build_engine(cfg: ServeConfig):
     if e.kind == "vllm" and e.launch is not None:
         # the versions to serve as LoRA modules come from the registry
         proc = launch_vllm(e.launch, Registry(cfg.registry), tuneforge_home() / "logs" / f"vllm-{e.launch.port}.log")
-        return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc)
+        return VLLMEngine(proc.url, e.api_key, cfg.timeout_s, process=proc, tools=e.vllm_tools)
     if e.kind == "vllm":
-        return VLLMEngine(e.url, e.api_key, cfg.timeout_s)
+        return VLLMEngine(e.url, e.api_key, cfg.timeout_s, tools=e.vllm_tools)
     return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens,
                        lora=e.lora, prefix_cache_mb=e.prefix_cache_mb, prepack=e.prepack,
                        fp32_prefill=e.fp32_prefill)

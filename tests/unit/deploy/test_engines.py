@@ -7,13 +7,16 @@ import json
 import threading
 
 import pytest
-from deploy_helpers import fake_run, serve_in_thread as _serve
+from deploy_helpers import fake_run
+from deploy_helpers import serve_in_thread as _serve
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from fastapi.testclient import TestClient
 
 from tuneforge.deploy.config import ServeConfig
-from tuneforge.deploy.engines import GenRequest, LocalEngine, VLLMEngine, collect
+from tuneforge.deploy.engines import GenRequest, LocalEngine, collect
 from tuneforge.deploy.server import create_app
+from tuneforge.deploy.vllm_engine import VLLMEngine
 from tuneforge.registry.store import Registry
 
 PROMPTS = ["2 apples and 3 pears", "hello", "one box of nails, please", "b c a"]
@@ -61,6 +64,16 @@ def _fake_vllm(seen: list) -> FastAPI:
         chat = "messages" in body
 
         def events():
+            if body.get("tools"):  # a vLLM with a tool parser: the call comes as tool_call deltas
+                fn = body["tools"][0]["function"]["name"]
+                for delta in [{"tool_calls": [{"index": 0, "id": "x", "type": "function",
+                                               "function": {"name": fn, "arguments": ""}}]},
+                              {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+                              {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}]:
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta, 'finish_reason': None}]})}\n\n"
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'tool_calls'}]})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             for word in ["hi ", "from ", body["model"]]:
                 choice = {"index": 0, "finish_reason": None} | ({"delta": {"content": word}} if chat else {"text": word})
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
@@ -89,8 +102,33 @@ def test_vllm_engine_forwards_to_an_openai_compatible_server(runs, tmp_path):
             assert body["choices"][0]["message"]["content"] == "hi from bot:v1"
             assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["prompt_tokens"] == 7
             assert seen[-1]["model"] == "bot:v1" and seen[-1]["max_tokens"] == 3 and seen[-1]["stream"]
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+            r = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
+                                                     "logprobs": True, "top_logprobs": 2, "response_format": fmt})
+            assert r.status_code == 200, r.text
+            assert seen[-1]["logprobs"] is True and seen[-1]["top_logprobs"] == 2  # vLLM computes them
+            assert seen[-1]["response_format"] == fmt  # and enforces the schema itself
+            n_seen = len(seen)
+            r = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
+                                                     "tools": [{"type": "function", "function": {"name": "f"}}]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools" and len(seen) == n_seen
             body = c.post("/v1/completions", json={"model": "bot:v1", "prompt": "Once"}).json()
         assert body["choices"][0]["text"] == "hi from bot:v1" and seen[-1]["prompt"] == "Once"
+
+
+def test_vllm_with_a_tool_parser_gets_tools_passed_through(runs, tmp_path):
+    seen = []
+    reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}")
+    reg.add(runs[0], "bot")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with _serve(_fake_vllm(seen)) as url:
+        with TestClient(create_app(ServeConfig(), reg, VLLMEngine(url, tools=True))) as c:
+            body = c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": "x"}],
+                                                        "tools": tools, "tool_choice": "required"}).json()
+    assert seen[-1]["tools"] == tools and seen[-1]["tool_choice"] == "required"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", body
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
 
 
 def test_openai_client_against_the_gateway_on_localhost(runs, tiny_model_dir, tmp_path):

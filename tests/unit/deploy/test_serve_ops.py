@@ -25,7 +25,11 @@ from tuneforge.registry.store import Registry
 
 
 class ScriptedEngine:
-    """Answers each version with a fixed text; ``load`` waits until ``release`` is set."""
+    """Answers each version with a fixed text; ``load`` waits until ``release`` is set.
+    It takes response_format's grammar (else the server refuses json requests with a 400) and
+    ignores it: its scripted texts are what a guard must catch."""
+
+    SUPPORTS = frozenset({"response_format"})
 
     def __init__(self, outputs: dict[str, str], fail=()):
         self.outputs, self.fail = outputs, set(fail)
@@ -253,7 +257,9 @@ def test_graceful_shutdown_lets_a_running_stream_finish(reg):
     thread.join(30)
     assert not thread.is_alive()
     chunks = [json.loads(x[6:]) for x in after if x.startswith("data: {")]
-    assert len(chunks) == 9 and [x for x in after if x][-1] == "data: [DONE]"
+    # the 9 text chunks still to go, then OpenAI's finish chunk (empty delta, finish_reason)
+    assert len(chunks) == 10 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert [x for x in after if x][-1] == "data: [DONE]"
     with pytest.raises(httpx.ConnectError):  # and it stopped accepting
         httpx.get(f"http://127.0.0.1:{port}/healthz")
 

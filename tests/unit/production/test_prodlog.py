@@ -22,7 +22,11 @@ from tuneforge.registry.store import Registry
 
 
 class EchoEngine:
-    """Answers with a fixed text that contains a phone number (to check response redaction)."""
+    """Answers with a fixed text that contains a phone number (to check response redaction).
+    It declares response_format (the server refuses json requests to engines that do not) and
+    ignores it: the log records that JSON was asked, whatever came back."""
+
+    SUPPORTS = frozenset({"response_format"})
 
     async def stream(self, req):
         yield Chunk("Call me at +1 415 555 0132 ")
