@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import ConfigError
     from tuneforge.data.load import DataError
     from tuneforge.data.render import RenderError
+    from tuneforge.io import DiskFullError
     from tuneforge.models.load import ModelLoadError
     from tuneforge.runs import RunError
     from tuneforge.train.callbacks import TrainingDiverged
@@ -55,6 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, RenderError, ModelLoadError, RunError, FileExistsError, FileNotFoundError,
-            TrainingDiverged) as e:
+            TrainingDiverged, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,9 @@ def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler,
     if not write:
         return None
     target = ckpt_root / f"step-{pos.step:06d}"
-    with atomic_dir(target) as tmp:
+    needed = sum(t.nbytes for t in weights.values()) + sum(
+        v.nbytes for s in optim["state"].values() for v in s.values() if isinstance(v, torch.Tensor))
+    with atomic_dir(target, lambda p: (p / "position.json").is_file(), what="checkpoint", needed=needed) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(pos)))

@@ -56,7 +56,7 @@ def stage_configs(raw: dict, source: str | None = None) -> dict[str, RunConfig]:
 def merge_run(run_dir: Path, out: Path, dtype: torch.dtype) -> Path:
     """A run's adapter merged into its base model: a plain HF folder the next stage loads."""
     model, tok, _ = load_run(run_dir, "cpu", dtype, merge=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, lambda p: (p / "config.json").is_file(), what="merged model folder") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)  # with the run's tokenizer fixes
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +20,7 @@ from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.prepare import Splits, build_splits
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.hardware import environment, peak_memory, pick_device, pick_dtype
-from tuneforge.io import atomic_write_text, write_json
+from tuneforge.io import OutputRefused, atomic_write_text, disk_full, is_disk_full, write_json
 from tuneforge.models.load import meta_module_names
 from tuneforge.plugins import method_of, objective_of
 from tuneforge.train.multitask import Task, task_configs
@@ -58,8 +59,25 @@ def new_run_dir(cfg: RunConfig, create: bool = True) -> Path:
     if create:
         if (run_dir / "config.yaml").exists():
             raise FileExistsError(f"{run_dir} already holds a run; pick another run_name or resume it with --resume")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise OutputRefused(f"{run_dir} holds files tuneforge did not write (it is no run folder: no "
+                                f"config.yaml); pick another run_name or output_dir. Nothing was changed")
+        writable(run_dir)
     return run_dir
+
+
+def writable(run_dir: Path) -> None:
+    """Make ``run_dir`` and prove a file can be written there, or say what to change (before
+    minutes of loading and training, not at the first checkpoint)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(run_dir, 1) from None
+        raise ConfigError([f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); "
+                           f"set output_dir to a writable folder (e.g. add output_dir=$HOME/runs to the command)"]) from None
 
 
 # --- one-task recipes (pairs, heads, online RL) ---------------------------------------------

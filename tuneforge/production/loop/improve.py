@@ -215,7 +215,7 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
         validation_inputs=[str(files["feedback_holdout"])], test_inputs=[str(files["test"])],
         task="sft", format="chat", clean=d.clean, pii=d.pii, dedup=d.dedup,
         split=SplitOptions(seed=cfg.seed, leakage="remove", leakage_threshold=d.leakage_threshold)),
-        prepared, console)
+        prepared, console, overwrite=True)  # the work folder is this job's own
     train_ids = [train[k - 1]["_item"] for k in _lines_kept(prepared, "train", files["feedback"])]
     held_ids = [held[k - 1]["_item"] for k in _lines_kept(prepared, "validation", files["feedback_holdout"])]
     if not train_ids or not held_ids:

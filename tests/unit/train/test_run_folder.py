@@ -1,0 +1,35 @@
+"""The run folder: never one tuneforge did not make, and an unwritable output_dir is a config error."""
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import ConfigError
+from tuneforge.io import OutputRefused
+from tuneforge.plugins import validate_config
+from tuneforge.train.run_folder import new_run_dir
+
+
+def test_run_folder_is_never_one_holding_other_files(tiny_raw_cfg, tmp_path):
+    cfg = validate_config(tiny_raw_cfg)
+    foreign = tmp_path / "runs" / "tiny"
+    foreign.mkdir(parents=True)
+    (foreign / "metrics.jsonl").write_text("mine\n")
+    with pytest.raises(OutputRefused, match="holds files tuneforge did not write"):
+        new_run_dir(cfg)
+    assert [p.name for p in foreign.iterdir()] == ["metrics.jsonl"]
+
+
+def test_unwritable_output_dir_is_a_config_error_naming_the_fix(tiny_raw_cfg, monkeypatch):
+    cfg = validate_config(tiny_raw_cfg)
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if "runs" in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"output_dir: cannot write the run folder .*Permission denied.*writable"):
+        new_run_dir(cfg)
