@@ -9,6 +9,7 @@ the same: the shards are gathered into whole tensors to write, and cut again whe
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.io import atomic_dir, atomic_write_text
 from tuneforge.train import distributed
+
+log = logging.getLogger("tuneforge.train")
 
 
 @dataclass
@@ -123,10 +126,22 @@ def restore_latest(run_dir: Path, model, optimizer, scheduler, metrics: Path | N
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be redone)."""
+    """Drop metric rows logged after the checkpoint we resume from (they will be redone).
+    A line that is not a metrics row (a last line cut short when the run was killed mid-write)
+    is dropped with a warning: the resumed run logs those steps again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+            if row_step <= step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):
+            log.warning("warning: %s:%d is not a metrics row (cut short when the run stopped?); skipped: %.60s",
+                        path, n, line)
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
