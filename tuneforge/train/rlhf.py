@@ -13,10 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, parse_overrides
+from tuneforge.config import (
+    ConfigError,
+    RunConfig,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+)
 from tuneforge.hardware import pick_device, pick_dtype
 from tuneforge.io import atomic_dir, write_json
 from tuneforge.plugins import validate_config
@@ -67,7 +72,7 @@ def run_chain(path: str | Path, overrides: list[str] = (), console: Console | No
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
-    raw = deep_merge(yaml.safe_load(path.read_text()) or {}, parse_overrides(list(overrides)))
+    raw = deep_merge(read_yaml(path), parse_overrides(list(overrides)))
     configs = stage_configs(raw, str(path))
     root = Path(configs["sft"].output_dir)
     chain = {"config": str(path), "stages": {}}

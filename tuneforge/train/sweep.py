@@ -21,12 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import ConfigError, Strict, format_errors
+from tuneforge.config import ConfigError, Strict, format_errors, read_yaml
 from tuneforge.io import write_json
 from tuneforge.plugins import load_config
 from tuneforge.train.callbacks import TrainingDiverged
@@ -57,7 +56,7 @@ def load_space(path: str | Path) -> dict[str, Dimension]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"search space {path} does not exist"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError([f"{path}: map config keys to ranges, e.g. train.lr: {{low: 1.0e-4, high: 1.0e-3, log: true}}"])
     space, problems = {}, []
