@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tuneforge.config import DataConfig, MessagesOptions
+from tuneforge.config import DataConfig, MessagesOptions, Strict
 from tuneforge.data.builtin import paraphrase_rows
 from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
@@ -170,8 +170,7 @@ def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
 # is written in one atomic rename at the end.
 
 
-class PrepareOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PrepareOptions(Strict):
     inputs: list[str]
     validation_inputs: list[str] = Field([], description="held-out rows given as files (not carved from inputs)")
     test_inputs: list[str] = []
