@@ -52,14 +52,16 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-# What torch.save / safetensors raise when a write comes up short (their writers hide the OSError).
-_SHORT_WRITE = ("unexpected pos", "no space left", "file write failed", "enospc")
+# What torch.save (RuntimeError) and safetensors (SafetensorError, an Exception) raise when a
+# write comes up short: their writers do not pass the OSError on.
+_SHORT_WRITE = ("unexpected pos", "no space left", "file write failed", "enospc", "storagefull",
+                "disk quota exceeded")
 
 
 def is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _SHORT_WRITE)
+    return isinstance(e, Exception) and any(s in str(e).lower() for s in _SHORT_WRITE)
 
 
 def mount_point(path: Path) -> Path:
@@ -110,7 +112,7 @@ def atomic_dir(target: Path, owned: Callable[[Path], bool] | None = None, *, ove
     try:
         try:
             yield tmp
-        except (OSError, RuntimeError) as e:
+        except Exception as e:
             if is_disk_full(e):
                 raise disk_full(target, needed, tmp) from e
             raise

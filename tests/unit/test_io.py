@@ -44,8 +44,11 @@ def test_output_may_not_be_contain_or_lie_inside_an_input(tmp_path):
             check_output(out, lambda p: True, inputs=[src])
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")])
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+    __import__("safetensors").SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })')])
 def test_full_disk_is_one_clear_error_and_nothing_half_written(tmp_path, failure):
     target = tmp_path / "out"
     with pytest.raises(DiskFullError) as info:

@@ -33,3 +33,24 @@ def test_unwritable_output_dir_is_a_config_error_naming_the_fix(tiny_raw_cfg, mo
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(ConfigError, match=r"output_dir: cannot write the run folder .*Permission denied.*writable"):
         new_run_dir(cfg)
+
+
+def test_full_disk_during_training_is_one_line_and_no_half_checkpoint(tiny_raw_cfg, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from tuneforge.cli import main
+    from tuneforge.train import checkpoint as ckpt
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("TUNEFORGE_ALLOCATOR", "off")  # in process: no re-exec
+    monkeypatch.setattr(ckpt, "save_file", full)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw_cfg | {"train": tiny_raw_cfg["train"] | {"max_steps": 3}}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: no space left on device" in err and "checkpoints/step-000000): " in err and " MB needed" in err
+    assert "Traceback" not in err
+    run = tmp_path / "runs" / "tiny"
+    assert list((run / "checkpoints").iterdir()) == []
