@@ -20,6 +20,7 @@ from tuneforge.cli.deploy import add_deploy_parsers
 from tuneforge.cli.evaluate import add_evaluate_parsers
 from tuneforge.cli.production import add_production_parsers
 from tuneforge.cli.train import add_train_parsers
+from tuneforge.io import DiskFullError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft calls a transformers method that transformers 5 marks deprecated; the warning is not
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import ConfigError
     from tuneforge.data.load import DataError
     from tuneforge.data.render import RenderError
-    from tuneforge.io import DiskFullError
     from tuneforge.models.load import ModelLoadError
     from tuneforge.runs import RunError
     from tuneforge.train.callbacks import TrainingDiverged

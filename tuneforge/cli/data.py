@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tuneforge.io import OutputRefused
+
 
 def _console():
     from rich.console import Console
@@ -141,8 +143,6 @@ def _generated_by_us(path: Path) -> bool:
 
 def _check_generate_output(out: Path, overwrite: bool) -> None:
     """Never write over a file ``data generate`` did not write; over its own only with --overwrite."""
-    from tuneforge.io import OutputRefused  # deferred: keeps `tuneforge --help` import-light (cli/__init__.py)
-
     if out.is_dir():
         raise OutputRefused(f"{out} is a folder; -o names the .jsonl file to write")
     if not out.exists():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import sys
 
+from tuneforge.io import DiskFullError
+
 
 def rich_console():
     from rich.console import Console  # rich loads in ~0.1 s: only commands that print pay for it
@@ -19,7 +21,6 @@ def user_errors(fn):
     def wrapper(args):
         # Imported when the command runs (they import torch): see cli/__init__.py.
         from tuneforge.deploy.gguf_export import GGUFExportError
-        from tuneforge.io import DiskFullError
         from tuneforge.registry.store import RegistryError
         from tuneforge.runs import RunError
 
