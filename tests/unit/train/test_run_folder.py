@@ -54,3 +54,18 @@ def test_full_disk_during_training_is_one_line_and_no_half_checkpoint(tiny_raw_c
     assert "Traceback" not in err
     run = tmp_path / "runs" / "tiny"
     assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_a_claimed_run_folder_may_hold_the_callers_files_first(tiny_raw_cfg, tmp_path):
+    from tuneforge.train.run_folder import claim_run_dir
+
+    cfg = validate_config(tiny_raw_cfg)
+    run_dir = tmp_path / "runs" / "tiny"
+    claim_run_dir(run_dir)
+    (run_dir / "improve-data").mkdir()
+    assert new_run_dir(cfg) == run_dir
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("x")
+    with pytest.raises(OutputRefused):
+        claim_run_dir(other)

@@ -55,6 +55,7 @@ from tuneforge.registry.store import Registry, VersionInfo
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.runs import load_for_inference, load_run_config
 from tuneforge.train.run import train
+from tuneforge.train.run_folder import claim_run_dir
 
 LINEAGE = "improve.json"
 
@@ -306,6 +307,7 @@ def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | Non
     run_dir = Path(cfg.output_dir) / (cfg.run_name or f"{name}-improve-{datetime.now():%Y%m%d-%H%M%S}")
     if (run_dir / "config.yaml").exists() or (run_dir / LINEAGE).exists():
         raise FileExistsError(f"{run_dir} already holds a run; set run_name to another folder")
+    claim_run_dir(run_dir)  # never a folder of someone else's: its data goes there before the run starts
     console.rule(f"improve {current.ref} -> {run_dir}")
     lineage = {"model": name, "from": current.ref, "from_run": current.run_dir, "run_dir": str(run_dir),
                "started": datetime.now().isoformat(timespec="seconds"), "config": cfg.model_dump(), "steps": []}
