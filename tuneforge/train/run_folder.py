@@ -91,8 +91,8 @@ def writable(run_dir: Path) -> None:
     except OSError as e:
         if is_disk_full(e):
             raise disk_full(run_dir, 1) from None
-        raise ConfigError([f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); "
-                           f"set output_dir to a writable folder (e.g. add output_dir=$HOME/runs to the command)"]) from None
+        fix = "set output_dir to a writable folder (e.g. add output_dir=$HOME/runs to the command)"
+        raise ConfigError([f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); {fix}"]) from None
 
 
 # --- one-task recipes (pairs, heads, online RL) ---------------------------------------------
