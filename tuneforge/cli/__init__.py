@@ -9,6 +9,7 @@ modules when it runs, not at start-up: they pull in torch and transformers (seco
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -58,4 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RenderError, ModelLoadError, RunError, FileExistsError, FileNotFoundError,
             TrainingDiverged, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only output folder or file system; other OS errors stay tracebacks
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}: tuneforge cannot write there; pick a folder you can write "
+              f"(or fix its permissions)", file=sys.stderr)
         return 2

@@ -114,6 +114,8 @@ def start_run(cfg: RunConfig, resume: Path | None, console: Console) -> RunStart
     load and split the data (one task: plugins.py refuses data.tasks for these recipes)."""
     preflight(cfg)
     run_dir = resume or new_run_dir(cfg)
+    if resume:
+        writable(run_dir)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)

@@ -95,3 +95,19 @@ def test_generate_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err and len(out.read_text().splitlines()) == 3
     assert main(["data", "generate", "orders", "-n", "5", "-o", str(out), "--overwrite"]) == 0
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_read_only_output_folder_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    rows = _rows_file(tmp_path / "rows.jsonl")
+
+    def read_only(*a, dir=None, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    assert main(["data", "prepare", str(rows), "-o", str(tmp_path / "out"), "--no-near-dedup"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path}: Read-only file system: tuneforge cannot write there" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
