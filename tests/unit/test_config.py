@@ -139,3 +139,15 @@ def test_non_utf8_config_names_the_file_and_byte_offset(tmp_path, capsys):
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert "byte offset 19" in err and "Traceback" not in err
+
+
+def test_serve_monitor_and_improve_configs_name_a_non_utf8_byte_too(tmp_path):
+    from tuneforge.deploy.config import load_serve_config
+    from tuneforge.production.config import load_monitor_config
+    from tuneforge.production.loop.improve import load_improve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_bytes(b"host: caf\xe9\n")
+    for load in (load_serve_config, load_monitor_config, load_improve_config):
+        with pytest.raises(ConfigError, match=r"serve.yaml is not UTF-8 text: byte 0xe9 at byte offset 9"):
+            load(path)

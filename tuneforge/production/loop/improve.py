@@ -39,7 +39,7 @@ from scipy.stats import fisher_exact
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, deep_merge, format_errors
+from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, deep_merge, format_errors, read_yaml
 from tuneforge.data.clean import CleanOptions
 from tuneforge.data.dedup import DedupOptions
 from tuneforge.data.manifest import MANIFEST
@@ -116,7 +116,7 @@ class ImproveConfig(Strict):
 def load_improve_config(path: str | Path | None) -> ImproveConfig:
     if path is not None and not Path(path).is_file():
         raise ConfigError([f"config file {path} does not exist"])
-    raw = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
+    raw = read_yaml(Path(path)) if path else {}
     try:
         return ImproveConfig.model_validate(raw)
     except ValidationError as e:
