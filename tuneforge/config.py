@@ -9,6 +9,7 @@ objective sections are plug points: this module is plain typed data and knows no
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -346,6 +347,31 @@ def format_errors(err: ValidationError, cls: type[BaseModel], prefix: tuple = ()
         else:
             problems.append(f"'{where}': {e['msg']} (got {e.get('input')!r})")
     return problems
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML config file's top-level mapping ({} when empty), or a ConfigError naming the
+    file and what is wrong: not UTF-8 (with the byte offset), not YAML, not a mapping."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {path}: {e.strerror or e}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        why = f"byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}); save the file as UTF-8"
+        raise ConfigError([f"{path} is not UTF-8 text: {why}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path} must hold a mapping at the top level"])
+    return raw
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -9,20 +9,40 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, format_errors, parse_overrides
+from tuneforge.config import ConfigError, RunConfig, deep_merge, format_errors, parse_overrides, read_yaml
 from tuneforge.methods import METHODS, Method, methods_taking
 from tuneforge.objectives import OBJECTIVES, Objective
 
 
 def method_of(cfg: RunConfig) -> Method:
-    return METHODS[cfg.method.name]
+    return _plugged(METHODS, "method", getattr(cfg.method, "name", None))
 
 
 def objective_of(cfg: RunConfig) -> Objective:
-    return OBJECTIVES[cfg.objective.name]
+    return _plugged(OBJECTIVES, "objective", getattr(cfg.objective, "name", None))
+
+
+def _plugged(registry: dict, section: str, name):
+    """The plug-in registered under ``name``, or a ConfigError naming the field (never a
+    TypeError or KeyError: a config built without validate_config may hold anything)."""
+    problem = name_problem(registry, section, name)
+    if problem:
+        raise ConfigError([problem])
+    return registry[name]
+
+
+def name_problem(registry: dict, section: str, name) -> str | None:
+    """Why ``name`` is not a registered plug-in of ``section`` (None when it is one)."""
+    if not isinstance(name, str):
+        return (f"'{section}.name' must be a name (text), e.g. {section}: {{name: {next(iter(sorted(registry)))}}}; "
+                f"got {type(name).__name__} {name!r:.60}")
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(registry))}"
+        return f"unknown {section} '{name}': {hint}"
+    return None
 
 
 def validate_config(raw: dict, source: str | None = None) -> RunConfig:
@@ -45,10 +65,9 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
             continue
         value = {"name": default_name, **value}
         name = value["name"]
-        if name not in registry:
-            close = difflib.get_close_matches(str(name), list(registry), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(registry))}"
-            problems.append(f"unknown {section} '{name}': {hint}")
+        problem = name_problem(registry, section, name)
+        if problem:
+            problems.append(problem)
             continue
         opts_cls = registry[name].options
         try:
@@ -107,11 +126,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file {path} does not exist"])
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path} is not valid YAML: {e}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path} must hold a mapping at the top level"])
+        raw = read_yaml(path)
     raw = deep_merge(raw, parse_overrides(list(overrides)))
     return validate_config(raw, str(path) if path else None)

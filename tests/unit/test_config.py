@@ -101,3 +101,53 @@ def test_non_finite_floats_are_refused(tmp_path, override):
     with pytest.raises(ConfigError) as e:
         load_config(p, [override])
     assert override.split("=")[0] in str(e.value) and "finite" in str(e.value)
+
+
+@pytest.mark.parametrize("section,name,kind", [("method", ["lora"], "list"), ("objective", {"sft": 1}, "dict"),
+                                               ("method", 5, "int"), ("objective", None, "NoneType")])
+def test_wrong_typed_plugin_name_is_a_config_error_naming_the_field(section, name, kind):
+    with pytest.raises(ConfigError) as e:
+        validate_config(base() | {section: {"name": name}})
+    assert f"'{section}.name' must be a name (text)" in str(e.value) and f"got {kind}" in str(e.value)
+
+
+def test_method_of_on_an_unvalidated_config_is_a_config_error():
+    from types import SimpleNamespace
+
+    from tuneforge.plugins import method_of, objective_of
+
+    cfg = SimpleNamespace(method=SimpleNamespace(name=["lora"]), objective=SimpleNamespace(name="nope"))
+    with pytest.raises(ConfigError, match=r"'method.name' must be a name \(text\).*got list"):
+        method_of(cfg)
+    with pytest.raises(ConfigError, match="unknown objective 'nope'"):
+        objective_of(cfg)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "ia3"])
+def test_empty_target_modules_is_refused(method):
+    with pytest.raises(ConfigError, match="needs at least one target module; .*all-linear"):
+        validate_config(base() | {"method": {"name": method, "target_modules": []}})
+
+
+def test_non_utf8_config_names_the_file_and_byte_offset(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"data:\n  train: [caf\xe9.jsonl]\n")
+    with pytest.raises(ConfigError, match=r"run.yaml is not UTF-8 text: byte 0xe9 at byte offset 19 \(line 2\)"):
+        load_config(path)
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "byte offset 19" in err and "Traceback" not in err
+
+
+def test_serve_monitor_and_improve_configs_name_a_non_utf8_byte_too(tmp_path):
+    from tuneforge.deploy.config import load_serve_config
+    from tuneforge.production.config import load_monitor_config
+    from tuneforge.production.loop.improve import load_improve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_bytes(b"host: caf\xe9\n")
+    for load in (load_serve_config, load_monitor_config, load_improve_config):
+        with pytest.raises(ConfigError, match=r"serve.yaml is not UTF-8 text: byte 0xe9 at byte offset 9"):
+            load(path)

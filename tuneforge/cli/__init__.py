@@ -9,6 +9,7 @@ modules when it runs, not at start-up: they pull in torch and transformers (seco
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -20,6 +21,7 @@ from tuneforge.cli.deploy import add_deploy_parsers
 from tuneforge.cli.evaluate import add_evaluate_parsers
 from tuneforge.cli.production import add_production_parsers
 from tuneforge.cli.train import add_train_parsers
+from tuneforge.io import DiskFullError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft calls a transformers method that transformers 5 marks deprecated; the warning is not
@@ -55,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, RenderError, ModelLoadError, RunError, FileExistsError, FileNotFoundError,
-            TrainingDiverged) as e:
+            TrainingDiverged, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only output folder or file system; other OS errors stay tracebacks
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}: tuneforge cannot write there; pick a folder you can write "
+              f"(or fix its permissions)", file=sys.stderr)
         return 2

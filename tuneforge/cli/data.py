@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tuneforge.io import OutputRefused
+
 
 def _console():
     from rich.console import Console
@@ -60,7 +62,7 @@ def cmd_prepare(args) -> int:
     except ValidationError as e:
         raise DataError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     console = _console()
-    m = prepare(opts, Path(args.output), console)
+    m = prepare(opts, Path(args.output), console, overwrite=args.overwrite)
     _print_summary(m, console)
     console.print(f"[bold green]prepared[/] {args.output} (report.md, manifest.json, lengths.png)")
     return 0
@@ -121,11 +123,35 @@ def cmd_generate(args) -> int:
         rows = list(generate(args.task, n=args.n, seed=args.seed))
     except ValueError as e:
         raise DataError(str(e)) from None
+    _check_generate_output(Path(args.output), args.overwrite)
     # Rows say they are synthetic, so a later `prepare` of this file counts them as such.
     atomic_write_text(Path(args.output), "".join(json.dumps({**r, "_synthetic": True}, ensure_ascii=False) + "\n"
                                                  for r in rows))
     print(f"wrote {len(rows)} synthetic {args.task} rows to {args.output}")
     return 0
+
+
+def _generated_by_us(path: Path) -> bool:
+    """A file ``data generate`` wrote: every row carries ``"_synthetic": true``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        return bool(lines) and all(json.loads(line).get("_synthetic") is True for line in lines)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_generate_output(out: Path, overwrite: bool) -> None:
+    """Never write over a file ``data generate`` did not write; over its own only with --overwrite."""
+    if out.is_dir():
+        raise OutputRefused(f"{out} is a folder; -o names the .jsonl file to write")
+    if not out.exists():
+        return
+    if not _generated_by_us(out):
+        raise OutputRefused(f"{out} exists and is not a file `tuneforge data generate` wrote; pick a new file "
+                            f"(nothing was changed: --overwrite replaces only a generated file)")
+    if not overwrite:
+        raise OutputRefused(f"{out} already holds generated rows; pass --overwrite to replace it")
 
 
 def add_data_parser(sub) -> None:
@@ -135,7 +161,9 @@ def add_data_parser(sub) -> None:
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, folders (mixed files or a saved datasets folder), builtin:TASK, "
                    "or LLaMA-Factory's dataset_info.json#NAME")
-    p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
+    p.add_argument("-o", "--output", required=True, help="output folder: new or empty (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder (only one "
+                   "tuneforge wrote: a folder holding other files, or an input, is never replaced)")
     p.add_argument("--task", default="auto", choices=["auto", "sft", "preference", "unpaired", "classification", "text"])
     p.add_argument("--format", default="auto", help="force a format: chat, sharegpt, instruction, "
                    "prompt_completion, preference, classification, text")
@@ -181,5 +209,6 @@ def add_data_parser(sub) -> None:
     g.add_argument("task", help="orders (sft), sentiment (classification), preferences (preference)")
     g.add_argument("-n", type=int, default=800)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("-o", "--output", required=True)
+    g.add_argument("-o", "--output", required=True, help="a new .jsonl file")
+    g.add_argument("--overwrite", action="store_true", help="replace a file this command wrote before")
     g.set_defaults(fn=cmd_generate)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import sys
 
+from tuneforge.io import DiskFullError
+
 
 def rich_console():
     from rich.console import Console  # rich loads in ~0.1 s: only commands that print pay for it
@@ -24,7 +26,7 @@ def user_errors(fn):
 
         try:
             return fn(args)
-        except (RegistryError, RunError, GGUFExportError) as e:
+        except (RegistryError, RunError, GGUFExportError, DiskFullError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 

@@ -8,14 +8,14 @@ import re
 import unicodedata
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tuneforge.config import Strict
 from tuneforge.data.formats import map_texts, row_texts
 from tuneforge.data.manifest import Stage
 
 
-class CleanOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CleanOptions(Strict):
     normalize: Literal["NFC", "NFKC", "none"] = Field(
         "NFC", description="NFKC also folds compatibility forms (full-width letters, ligatures, superscripts)")
     control_chars: bool = Field(True, description="remove control and zero-width characters (keeps \\n and \\t)")

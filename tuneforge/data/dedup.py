@@ -22,16 +22,16 @@ import hashlib
 import re
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tuneforge.config import Strict
 from tuneforge.data.formats import row_texts, structure_key
 from tuneforge.data.manifest import Stage
 
 _WORD = re.compile(r"\w+")
 
 
-class DedupOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DedupOptions(Strict):
     exact: bool = Field(True, description="drop rows whose text equals an earlier row's (case and spacing ignored)")
     near: bool = Field(True, description="drop near-duplicates (MinHash LSH)")
     threshold: float = Field(0.85, gt=0, le=1, description="estimated Jaccard similarity of word 3-grams")

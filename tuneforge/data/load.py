@@ -98,6 +98,9 @@ def _too_big(n: int) -> str:
     return f"row too large: {n / 1e6:.1f}M characters > {MAX_ROW_CHARS / 1e6:.0f}M limit"
 
 
+NESTED = "nested too deeply: more levels of [ and { than Python's JSON reader follows"
+
+
 def _read_jsonl(path: Path, text: str):
     lines = text.split("\n")
     for i, line in enumerate(lines, 1):
@@ -113,6 +116,9 @@ def _read_jsonl(path: Path, text: str):
             why = "truncated last line" if last else "invalid JSON"
             yield Record(str(path), i, None, f"{why}: {e.msg} at column {e.colno}")
             continue
+        except RecursionError:  # json's decoder recurses once per level of [ or {
+            yield Record(str(path), i, None, NESTED)
+            continue
         if not isinstance(obj, dict):
             yield Record(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
             continue
@@ -124,6 +130,9 @@ def _read_json(path: Path, text: str):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); for one object per line use .jsonl") from None
+    except RecursionError:
+        raise DataError(f"{path}: {NESTED}; a JSON array file is read whole, so one such row stops it: write the "
+                        f"rows one object per line (.jsonl) to have them dropped and counted instead") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))  # {"data": [...]}
     if not isinstance(obj, list):

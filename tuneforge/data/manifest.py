@@ -86,5 +86,15 @@ def is_prepared(path) -> bool:
     return p.is_dir() and (p / MANIFEST).is_file()
 
 
+def made_by_prepare(path) -> bool:
+    """A folder ``tuneforge data prepare`` wrote: its manifest.json carries the stages and
+    the accounting (a manifest.json of another tool does not)."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and {"stages", "accounting", "splits"} <= m.keys()
+
+
 def read_manifest(folder) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())

@@ -15,16 +15,16 @@ import re
 from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tuneforge.config import Strict
 from tuneforge.data.formats import map_texts
 from tuneforge.data.manifest import Stage
 
 TYPES = ("SECRET", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", "PHONE", "IP_ADDRESS")
 
 
-class PIIOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PIIOptions(Strict):
     action: Literal["redact", "drop", "off"] = Field(
         "redact", description="redact: replace with <TYPE>; drop: remove rows that contain any; off")
     types: list[Literal["SECRET", "EMAIL", "IBAN", "CREDIT_CARD", "SSN", "PHONE", "IP_ADDRESS"]] = list(TYPES)

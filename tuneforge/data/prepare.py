@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tuneforge.config import DataConfig, MessagesOptions
+from tuneforge.config import DataConfig, MessagesOptions, Strict
 from tuneforge.data.builtin import paraphrase_rows
 from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
@@ -29,6 +29,7 @@ from tuneforge.data.manifest import (
     SPLITS,
     Stage,
     is_prepared,
+    made_by_prepare,
     read_manifest,
     rows_sha256,
     source_entry,
@@ -37,7 +38,7 @@ from tuneforge.data.manifest import (
 from tuneforge.data.pii import PIIOptions, pii_rows
 from tuneforge.data.report import plot_lengths, render_report
 from tuneforge.data.split import SplitOptions, leakage_stage, prompt_signatures, split_indices, stratum_targets
-from tuneforge.io import atomic_dir, sha256_file, write_json
+from tuneforge.io import atomic_dir, check_output, sha256_file, write_json
 from tuneforge.models.load import load_tokenizer
 
 
@@ -169,8 +170,7 @@ def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
 # is written in one atomic rename at the end.
 
 
-class PrepareOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PrepareOptions(Strict):
     inputs: list[str]
     validation_inputs: list[str] = Field([], description="held-out rows given as files (not carved from inputs)")
     test_inputs: list[str] = []
@@ -265,13 +265,24 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
-    """Run the whole preparation and write ``out_dir``; returns the manifest."""
+def input_paths(opts: PrepareOptions) -> list[Path]:
+    """The files and folders the inputs are read from (builtin: tasks have none)."""
+    specs = [*opts.inputs, *opts.validation_inputs, *opts.test_inputs]
+    return [Path(s.split("#", 1)[0]) for s in specs if not s.startswith("builtin:")]
+
+
+def prepare(opts: PrepareOptions, out_dir: Path, console=None, overwrite: bool = False) -> dict:
+    """Run the whole preparation and write ``out_dir``; returns the manifest.
+
+    ``out_dir`` must be new, empty, or (with ``overwrite``) a folder this command wrote; it
+    may not be, contain or lie inside an input. Checked before any work and again at the write."""
+    out_dir = Path(out_dir)
+    check_output(out_dir, made_by_prepare, overwrite=overwrite, what="prepared folder", inputs=input_paths(opts))
     with _no_cyclic_gc():
-        return _prepare(opts, Path(out_dir), console)
+        return _prepare(opts, out_dir, console, overwrite)
 
 
-def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
+def _prepare(opts: PrepareOptions, out_dir: Path, console=None, overwrite: bool = False) -> dict:
     say = console.print if console else (lambda *a, **k: None)
     tok = None
     if opts.tokenizer:
@@ -351,7 +362,7 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
                           **shape_stats(part)} for name, part in parts.items()},
     }
     manifest["synthetic"] = any(s["synthetic_rows"] for s in manifest["splits"].values())
-    write_prepared(out_dir, parts, manifest, lengths)
+    write_prepared(out_dir, parts, manifest, lengths, overwrite=overwrite, inputs=input_paths(opts))
     return manifest
 
 
@@ -383,8 +394,10 @@ def _accounting(stages: list[Stage], parts: dict, pools: dict) -> dict:
     return out
 
 
-def write_prepared(out_dir: Path, parts: dict, manifest: dict, lengths: dict) -> None:
-    with atomic_dir(Path(out_dir)) as tmp:
+def write_prepared(out_dir: Path, parts: dict, manifest: dict, lengths: dict, overwrite: bool = False,
+                   inputs: list[Path] = ()) -> None:
+    with atomic_dir(Path(out_dir), made_by_prepare, overwrite=overwrite, what="prepared folder",
+                    inputs=inputs) as tmp:
         for name, part in parts.items():
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for r in part:

@@ -14,15 +14,15 @@ from collections import defaultdict
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tuneforge.config import Strict
 from tuneforge.data.dedup import components, signatures, similar_pairs, text_key
 from tuneforge.data.formats import prompt_text
 from tuneforge.data.manifest import SPLITS, Stage
 
 
-class SplitOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SplitOptions(Strict):
     validation: float = Field(0.1, ge=0, description="share (< 1) or number of rows (>= 1)")
     test: float = Field(0.1, ge=0, description="share (< 1) or number of rows (>= 1)")
     seed: int = 0

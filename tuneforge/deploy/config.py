@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import ConfigError, Strict, format_errors
+from tuneforge.config import ConfigError, Strict, format_errors, read_yaml
 from tuneforge.production.config import JobsConfig, LoggingConfig
 from tuneforge.registry.store import Arm
 
@@ -144,7 +143,7 @@ class ServeConfig(Strict):
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    raw = read_yaml(Path(path)) if path else {}
     try:
         return ServeConfig.model_validate(raw or {})
     except ValidationError as e:

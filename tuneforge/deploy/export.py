@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.render import with_system
-from tuneforge.io import atomic_dir, write_json
+from tuneforge.io import atomic_dir, check_output, write_json
 from tuneforge.models.load import resolve
 from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
 
@@ -35,9 +35,13 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
     run = read_run(run_dir)
     out = Path(out) if out else run.run_dir / "export" / fmt
+    # The run's own files are inputs (only RUN_DIR/export holds exports); checked before the slow merge.
+    guard = {"owned": made_by_export, "what": "export folder",
+             "inputs": [p for p in run.run_dir.iterdir() if p.name != "export"]}
+    check_output(out, **guard)
     model, tok, _ = load_run(run.run_dir, merge=True)  # fp32 on the CPU: what every format starts from
     extra: dict = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, **guard) as tmp:
         if fmt == "merged":
             model.to(DTYPES[dtype]).save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -60,6 +64,15 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
             extra["vs_bf16"] = compare_models(reference, qmodel, tok, _probe_prompts(run, tok))
         write_json(tmp / "manifest.json", manifest(run, fmt, tmp, extra))
     return out
+
+
+def made_by_export(folder: Path) -> bool:
+    """A folder ``tuneforge export`` wrote: its manifest.json names the format and the source run."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") in FORMATS and "source_run" in m
 
 
 def manifest(run: RunInfo, fmt: str, folder: Path, extra: dict) -> dict:

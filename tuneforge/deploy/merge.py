@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import ConfigError
-from tuneforge.io import atomic_dir, write_json
+from tuneforge.io import atomic_dir, check_output, write_json
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.runs import load_run_config
 
 HOWS = ("linear", "ties", "dare_linear", "dare_ties")
 MERGEABLE = ("lora", "qlora")
+MERGE_FILE = "tuneforge_merge.json"  # also the proof that tuneforge made the folder (it may replace it)
 
 
 def check_runs(cfgs: list[tuple[Path, object]], weights: list[float], how: str) -> list[str]:
@@ -49,6 +50,7 @@ def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, 
     from peft import PeftModel  # deferred: peft imports transformers; config validation and --help stay quick
 
     runs = [Path(r) for r in runs]
+    check_output(out, lambda p: (p / MERGE_FILE).is_file(), what="merged adapter folder", inputs=runs)
     cfgs = [(r, load_run_config(r)) for r in runs]
     problems = check_runs(cfgs, weights, how)
     if problems:
@@ -64,14 +66,14 @@ def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, 
     model.add_weighted_adapter(names, weights, adapter_name="merged", combination_type=how, **kw)
     for name in names:
         model.delete_adapter(name)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, lambda p: (p / MERGE_FILE).is_file(), what="merged adapter folder", inputs=runs) as tmp:
         model.save_pretrained(tmp / "peft", selected_adapters=["merged"])
         # peft writes a non-default adapter into a sub-folder named after it; lift it to the top.
         for f in (tmp / "peft" / "merged").iterdir():
             shutil.move(str(f), tmp / f.name)
         shutil.rmtree(tmp / "peft")
         load_tokenizer(first.model.name, revision=first.model.revision).save_pretrained(tmp)
-        write_json(tmp / "tuneforge_merge.json", {"runs": [str(r.resolve()) for r in runs], "weights": weights,
+        write_json(tmp / MERGE_FILE, {"runs": [str(r.resolve()) for r in runs], "weights": weights,
                                                   "how": how, "density": density if kw else None,
                                                   "base": first.model.name})
     return out

@@ -52,11 +52,15 @@ class Method:
                          f"serve the run folder (base + adapter) instead of exporting a merged model")
 
 
+def _peft_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
 class PeftMethod(Method):
     """A method that wraps the base with peft: saves/loads a standard peft adapter folder."""
 
     def save(self, model, out_dir: Path) -> None:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, _peft_adapter, what="adapter folder") as tmp:
             model.save_pretrained(tmp)
 
     def load(self, base_model, run_dir: Path):

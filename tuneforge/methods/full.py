@@ -55,7 +55,7 @@ def save_trained(model, out_dir: Path, manifest: dict) -> None:
     """Only the tensors that trained (by parameter name) + a manifest saying what they are."""
 
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, lambda p: (p / MANIFEST_FILE).is_file(), what="adapter folder") as tmp:
         save_file(state, str(tmp / TRAINED_FILE))
         (tmp / MANIFEST_FILE).write_text(json.dumps({**manifest, "tensors": sorted(state)}, indent=1))
 
@@ -103,7 +103,7 @@ class Full(Method):
         return model.requires_grad_(True)
 
     def save(self, model, out_dir: Path) -> None:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, lambda p: (p / "config.json").is_file(), what="model folder") as tmp:
             model.save_pretrained(tmp)
 
     def load(self, base_model, run_dir: Path):

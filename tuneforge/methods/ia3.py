@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tuneforge.config import Strict
 from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
@@ -21,6 +21,14 @@ class Ia3Options(Strict):
         None, description="default: peft's choice for the architecture (Llama: k_proj, v_proj, down_proj)")
     feedforward_modules: list[str] | None = Field(
         None, description="targets whose input (not output) is scaled; must be a subset of target_modules")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, v):
+        if v == []:
+            raise ValueError("IA3 needs at least one target module; leave it unset (peft's choice), use "
+                             "all-linear or name them")
+        return v
 
 
 @register_method

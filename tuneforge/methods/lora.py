@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tuneforge.config import Strict
 from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
@@ -23,6 +23,13 @@ class LoraOptions(Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, v):
+        if v == []:  # peft would wrap nothing, and the run would train no weight at all
+            raise ValueError("LoRA needs at least one target module; use all-linear or name them")
+        return v
 
 
 class DoraOptions(LoraOptions):

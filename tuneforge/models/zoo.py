@@ -109,7 +109,7 @@ def convert_gguf(gguf_path: Path, out: Path, source_note: str = "") -> Path:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     fixes = fix_chat_tokenizer(tok, model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, lambda p: (p / "tuneforge_conversion.json").is_file(), what="converted model") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(

@@ -9,10 +9,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import ConfigError, Strict, deep_merge, format_errors
+from tuneforge.config import ConfigError, Strict, deep_merge, format_errors, read_yaml
 from tuneforge.plugins import validate_config
 
 
@@ -153,7 +152,7 @@ def parse_window(text: str) -> timedelta:
 
 
 def load_monitor_config(path: str | Path | None, overrides: dict | None = None) -> MonitorConfig:
-    raw = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    raw = read_yaml(Path(path)) if path else {}
     raw |= {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         return MonitorConfig.model_validate(raw)

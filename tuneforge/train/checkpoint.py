@@ -9,6 +9,7 @@ the same: the shards are gathered into whole tensors to write, and cut again whe
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.io import atomic_dir, atomic_write_text
 from tuneforge.train import distributed
+
+log = logging.getLogger("tuneforge.train")
 
 
 @dataclass
@@ -72,7 +75,9 @@ def save_checkpoint(ckpt_root: Path, pos: Position, model, optimizer, scheduler,
     if not write:
         return None
     target = ckpt_root / f"step-{pos.step:06d}"
-    with atomic_dir(target) as tmp:
+    needed = sum(t.nbytes for t in weights.values()) + sum(
+        v.nbytes for s in optim["state"].values() for v in s.values() if isinstance(v, torch.Tensor))
+    with atomic_dir(target, lambda p: (p / "position.json").is_file(), what="checkpoint", needed=needed) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps(asdict(pos)))
@@ -121,10 +126,22 @@ def restore_latest(run_dir: Path, model, optimizer, scheduler, metrics: Path | N
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (they will be redone)."""
+    """Drop metric rows logged after the checkpoint we resume from (they will be redone).
+    A line that is not a metrics row (a last line cut short when the run was killed mid-write)
+    is dropped with a warning: the resumed run logs those steps again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+            if row_step <= step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):
+            log.warning("warning: %s:%d is not a metrics row (cut short when the run stopped?); skipped: %.60s",
+                        path, n, line)
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 

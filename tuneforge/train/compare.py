@@ -26,7 +26,7 @@ from tuneforge.evaluate.incontext import RETRIEVERS, draw_shots, query_text, rag
 from tuneforge.evaluate.measure import GenSettings, measure
 from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.stats import bootstrap_mean_ci
-from tuneforge.io import write_json
+from tuneforge.io import check_output, write_json
 from tuneforge.plugins import load_config
 from tuneforge.runs import load_for_inference
 from tuneforge.train.run import train
@@ -107,6 +107,8 @@ def recommend(rows: list[dict], tolerance: float) -> dict:
 
 def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
     console = console or Console()
+    if opts.out:  # before minutes of training: a folder of someone else's is never written into
+        check_output(Path(opts.out), _compare_folder, what="compare folder")
 
     # --- setup and data ----------------------------------------------------------------
     cfg = load_config(opts.config, opts.overrides)
@@ -126,6 +128,7 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
     gen = GenSettings(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, device=device,
                       dtype=str(dtype).replace("torch.", ""))
     out = Path(opts.out) if opts.out else run_dir / "compare"
+    check_output(out, _compare_folder, what="compare folder")
     out.mkdir(parents=True, exist_ok=True)
 
     # --- retrieval index over the training examples, then every strategy ------------------
@@ -163,6 +166,10 @@ def run_compare(opts: CompareOptions, console: Console | None = None) -> Path:
                "data_manifest_sha256": splits.manifest_hash()}
     write_json(out / "compare.json", results)
     return write_report(results, opts, gen, out, console)
+
+
+def _compare_folder(folder: Path) -> bool:
+    return (folder / "compare.json").is_file()
 
 
 def fine_tuned_run(opts: CompareOptions, cfg, manifest_hash: str, console: Console) -> Path:

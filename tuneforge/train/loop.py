@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tuneforge.allocator import free_memory_releaser
 from tuneforge.config import RunConfig
 from tuneforge.hardware import autocast, to_device
+from tuneforge.io import disk_full, is_disk_full
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
 from tuneforge.train.callbacks import EarlyStopping, NanGuard, TrainingDiverged, scale_lr
@@ -330,8 +331,14 @@ class Loop:
 
     def log(self, row: dict) -> None:
         if self.main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            line = json.dumps(row) + "\n"
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(line)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full(self.metrics_path, len(line)) from e
+                raise
 
     # --- finish ----------------------------------------------------------------------------
 

@@ -13,10 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, parse_overrides
+from tuneforge.config import (
+    ConfigError,
+    RunConfig,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+)
 from tuneforge.hardware import pick_device, pick_dtype
 from tuneforge.io import atomic_dir, write_json
 from tuneforge.plugins import validate_config
@@ -56,7 +61,7 @@ def stage_configs(raw: dict, source: str | None = None) -> dict[str, RunConfig]:
 def merge_run(run_dir: Path, out: Path, dtype: torch.dtype) -> Path:
     """A run's adapter merged into its base model: a plain HF folder the next stage loads."""
     model, tok, _ = load_run(run_dir, "cpu", dtype, merge=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, lambda p: (p / "config.json").is_file(), what="merged model folder") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)  # with the run's tokenizer fixes
     return out
@@ -67,7 +72,7 @@ def run_chain(path: str | Path, overrides: list[str] = (), console: Console | No
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
-    raw = deep_merge(yaml.safe_load(path.read_text()) or {}, parse_overrides(list(overrides)))
+    raw = deep_merge(read_yaml(path), parse_overrides(list(overrides)))
     configs = stage_configs(raw, str(path))
     root = Path(configs["sft"].output_dir)
     chain = {"config": str(path), "stages": {}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +20,7 @@ from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.prepare import Splits, build_splits
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.hardware import environment, peak_memory, pick_device, pick_dtype
-from tuneforge.io import atomic_write_text, write_json
+from tuneforge.io import OutputRefused, atomic_write_text, check_output, disk_full, is_disk_full, write_json
 from tuneforge.models.load import meta_module_names
 from tuneforge.plugins import method_of, objective_of
 from tuneforge.train.multitask import Task, task_configs
@@ -52,14 +53,46 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(problems)
 
 
+CLAIM = ".tuneforge-run"  # a folder made for a run before its first file (improve puts its data there)
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` (new or empty) and mark it as tuneforge's: ``new_run_dir`` then trains
+    in it although it already holds files (the caller's own, written before the run starts)."""
+    check_output(run_dir, claimed, what="run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CLAIM).write_text("made by tuneforge for a run\n")
+
+
+def claimed(run_dir: Path) -> bool:
+    return (run_dir / CLAIM).is_file()
+
+
 def new_run_dir(cfg: RunConfig, create: bool = True) -> Path:
     name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}"
     run_dir = Path(cfg.output_dir) / name
     if create:
         if (run_dir / "config.yaml").exists():
             raise FileExistsError(f"{run_dir} already holds a run; pick another run_name or resume it with --resume")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not claimed(run_dir):
+            raise OutputRefused(f"{run_dir} holds files tuneforge did not write (it is no run folder: no "
+                                f"config.yaml); pick another run_name or output_dir. Nothing was changed")
+        writable(run_dir)
     return run_dir
+
+
+def writable(run_dir: Path) -> None:
+    """Make ``run_dir`` and prove a file can be written there, or say what to change (before
+    minutes of loading and training, not at the first checkpoint)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(run_dir, 1) from None
+        fix = "set output_dir to a writable folder (e.g. add output_dir=$HOME/runs to the command)"
+        raise ConfigError([f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); {fix}"]) from None
 
 
 # --- one-task recipes (pairs, heads, online RL) ---------------------------------------------
@@ -81,6 +114,8 @@ def start_run(cfg: RunConfig, resume: Path | None, console: Console) -> RunStart
     load and split the data (one task: plugins.py refuses data.tasks for these recipes)."""
     preflight(cfg)
     run_dir = resume or new_run_dir(cfg)
+    if resume:
+        writable(run_dir)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     device = pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)

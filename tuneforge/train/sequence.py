@@ -14,11 +14,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import ConfigError, RunConfig, TaskConfig, deep_merge, parse_overrides
+from tuneforge.config import ConfigError, RunConfig, TaskConfig, deep_merge, parse_overrides, read_yaml
 from tuneforge.io import write_json
 from tuneforge.plugins import validate_config
 from tuneforge.train.run import train
@@ -68,7 +67,7 @@ def load_sequence(path: str | Path, overrides: list[str] = ()) -> list[RunConfig
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     return stage_configs(deep_merge(raw, parse_overrides(list(overrides))), str(path))
 
 

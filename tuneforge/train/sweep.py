@@ -21,13 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import ConfigError, Strict, format_errors
-from tuneforge.io import write_json
+from tuneforge.config import ConfigError, Strict, format_errors, read_yaml
+from tuneforge.io import check_output, write_json
 from tuneforge.plugins import load_config
 from tuneforge.train.callbacks import TrainingDiverged
 from tuneforge.train.run import train
@@ -57,7 +56,7 @@ def load_space(path: str | Path) -> dict[str, Dimension]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"search space {path} does not exist"])
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError([f"{path}: map config keys to ranges, e.g. train.lr: {{low: 1.0e-4, high: 1.0e-3, log: true}}"])
     space, problems = {}, []
@@ -118,6 +117,8 @@ def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], tr
         raise ConfigError(["a sweep is scored on the validation loss: set data.val_size > 0 or data.validation"])
     picker = make_sampler(sampler, space, seed)
     root = Path(base.output_dir) / (base.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-sweep")
+    # A sweep folder (its study.db) is resumed; a folder holding anything else is never written into.
+    check_output(root, lambda p: (p / "study.db").is_file(), what="sweep folder")
     root.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(

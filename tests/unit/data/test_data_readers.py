@@ -106,3 +106,30 @@ def test_several_inputs_are_each_a_source(tmp_path):
     rows, rep = load_rows([a, "builtin:orders?n=3"])
     assert {s: v["read"] for s, v in rep.sources.items()} == {a: 2, "builtin:orders?n=3": 3}
     assert rep.sources["builtin:orders?n=3"]["synthetic"] and not rep.sources[a]["synthetic"]
+
+
+def test_deeply_nested_jsonl_row_is_dropped_and_counted_with_its_line(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    deep = '{"prompt": "p", "completion": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    rows = [json.dumps({"prompt": f"question {i} about things?", "completion": f"answer {i}"}) for i in range(30)]
+    p = tmp_path / "deep.jsonl"
+    p.write_text("\n".join(rows[:3] + [deep] + rows[3:]) + "\n")
+    got, rep = load_rows([str(p)])
+    assert len(got) == 30 and rep.dropped["row: nested too deeply"] == 1
+    assert rep.examples["row: nested too deeply"][0].startswith(f"{p}:4: nested too deeply")
+    assert main(["data", "prepare", str(p), "-o", str(tmp_path / "out"), "--no-near-dedup"]) == 0
+    acc = json.loads((tmp_path / "out" / "manifest.json").read_text())["accounting"]["inputs"]
+    assert acc["read"] == 31 and acc["dropped"]["load: row: nested too deeply"] == 1
+
+
+def test_deeply_nested_json_array_file_is_a_clear_error(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    p = tmp_path / "deep.json"
+    p.write_text('[{"prompt": "p", "completion": "c"}, {"x": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(DataError, match="nested too deeply.*one object per line"):
+        load_rows([str(p)])
+    assert main(["data", "prepare", str(p), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "deep.json: nested too deeply" in err and "Traceback" not in err and not (tmp_path / "out").exists()

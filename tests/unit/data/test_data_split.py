@@ -79,3 +79,20 @@ def test_leakage_exact_and_near_is_found_and_removed_by_default():
     assert [r["_where"] for r in kept] == ["x:3"] and st.dropped == {"prompt also in train": 2}
     kept, st = leakage_stage(train, test, SplitOptions(leakage="report", leakage_threshold=0.7))
     assert len(kept) == 3 and st.changed["prompt also in train (kept)"] == 2
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_option_values_are_refused(value, tmp_path, capsys):
+    from pydantic import ValidationError
+
+    from tuneforge.cli import main
+    from tuneforge.data.dedup import DedupOptions
+
+    for make in (lambda v: SplitOptions(validation=v), lambda v: SplitOptions(leakage_threshold=v),
+                 lambda v: DedupOptions(threshold=v)):
+        with pytest.raises(ValidationError, match="finite number"):
+            make(float(value))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a?", "completion": "b"}\n')
+    assert main(["data", "prepare", str(rows), "--val", value, "-o", str(tmp_path / "out")]) == 2
+    assert "validation: Input should be a finite number" in capsys.readouterr().err

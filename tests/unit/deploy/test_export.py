@@ -98,3 +98,24 @@ def test_int8_export_reloads_exactly_and_reports_speed_and_quality(run_dir, tune
     assert (a - f).abs().max() < 0.2 * f.abs().max()
     report = json.loads((out / "manifest.json").read_text())["vs_bf16"]
     assert set(report["tokens_per_s"]) == {"bf16", "int8"} and 0 <= report["next_token_agreement"] <= 1
+
+
+def test_export_and_merge_never_replace_a_folder_tuneforge_did_not_make(run_dir, tmp_path, capsys):
+    from tuneforge.cli import main
+    from tuneforge.io import OutputRefused
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(OutputRefused, match="holds files tuneforge did not write"):
+        export(run_dir, "merged", foreign)
+    for out, word in ((run_dir, "contains"), (run_dir / "adapter", "is"), (run_dir.parent, "contains")):
+        with pytest.raises(OutputRefused, match=f"{word} the input"):
+            export(run_dir, "merged", out)
+    assert main(["merge-adapters", str(run_dir), str(run_dir), "--out", str(foreign)]) == 2
+    assert "holds files tuneforge did not write" in capsys.readouterr().err
+    assert main(["merge-adapters", str(run_dir), str(run_dir), "--out", str(run_dir / "merged")]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (run_dir / "adapter").is_dir()
+    assert main(["export", str(run_dir), "--format", "merged", "--out", str(foreign)]) == 2
+    assert "holds files tuneforge did not write" in capsys.readouterr().err

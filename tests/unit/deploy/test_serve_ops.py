@@ -272,3 +272,27 @@ def test_body_limit_spares_file_uploads(reg, tmp_path):
     # /v1/files has its own limit (jobs.max_file_mb): a 300-byte upload is judged by that route
     r = c.post("/v1/files", files={"file": ("a.jsonl", b"y" * 300)}, data={"purpose": "fine-tune"})
     assert r.status_code != 413, r.text
+
+
+@pytest.mark.parametrize("length", ["9" * 19, "1" + "0" * 5000])
+def test_absurd_content_length_is_a_413_not_a_500(length):
+    import asyncio
+
+    from tuneforge.deploy.server import BodyLimit
+
+    async def never(scope, receive, send):
+        raise AssertionError("the app must not be reached")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST",
+             "headers": [(b"content-length", length.encode())]}
+    asyncio.run(BodyLimit(never, 1000)(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert b"max_request_bytes" in b"".join(m.get("body", b"") for m in sent)

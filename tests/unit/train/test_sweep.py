@@ -75,3 +75,17 @@ def test_grid_sampler_needs_choices(tiny_raw_cfg, tmp_path):
     (tmp_path / "space.yaml").write_text("train.lr: {low: 1.0e-4, high: 1.0e-2}\n")
     with pytest.raises(ConfigError, match="train.lr is a range"):
         run_sweep(str(tmp_path / "cfg.yaml"), [], load_space(tmp_path / "space.yaml"), trials=2, sampler="grid")
+
+
+def test_sweep_never_writes_into_a_folder_it_did_not_make(tiny_raw_cfg, tmp_path):
+    from tuneforge.io import OutputRefused
+
+    raw = tiny_raw_cfg | {"run_name": "sweep"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "space.yaml").write_text("train.lr: {choices: [1.0e-3, 1.0e-2]}\n")
+    root = tmp_path / "runs" / "sweep"
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text("my own notes")
+    with pytest.raises(OutputRefused, match="holds files tuneforge did not write"):
+        run_sweep(str(tmp_path / "cfg.yaml"), [], load_space(tmp_path / "space.yaml"), trials=1)
+    assert [p.name for p in root.iterdir()] == ["sweep.json"] and (root / "sweep.json").read_text() == "my own notes"

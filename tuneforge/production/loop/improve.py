@@ -39,7 +39,7 @@ from scipy.stats import fisher_exact
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, deep_merge, format_errors
+from tuneforge.config import ConfigError, EvalConfig, RunConfig, Strict, deep_merge, format_errors, read_yaml
 from tuneforge.data.clean import CleanOptions
 from tuneforge.data.dedup import DedupOptions
 from tuneforge.data.manifest import MANIFEST
@@ -55,6 +55,7 @@ from tuneforge.registry.store import Registry, VersionInfo
 from tuneforge.registry.tables import Feedback, RequestLog, ReviewItem
 from tuneforge.runs import load_for_inference, load_run_config
 from tuneforge.train.run import train
+from tuneforge.train.run_folder import claim_run_dir
 
 LINEAGE = "improve.json"
 
@@ -115,7 +116,7 @@ class ImproveConfig(Strict):
 def load_improve_config(path: str | Path | None) -> ImproveConfig:
     if path is not None and not Path(path).is_file():
         raise ConfigError([f"config file {path} does not exist"])
-    raw = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
+    raw = read_yaml(Path(path)) if path else {}
     try:
         return ImproveConfig.model_validate(raw)
     except ValidationError as e:
@@ -215,7 +216,7 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
         validation_inputs=[str(files["feedback_holdout"])], test_inputs=[str(files["test"])],
         task="sft", format="chat", clean=d.clean, pii=d.pii, dedup=d.dedup,
         split=SplitOptions(seed=cfg.seed, leakage="remove", leakage_threshold=d.leakage_threshold)),
-        prepared, console)
+        prepared, console, overwrite=True)  # the work folder is this job's own
     train_ids = [train[k - 1]["_item"] for k in _lines_kept(prepared, "train", files["feedback"])]
     held_ids = [held[k - 1]["_item"] for k in _lines_kept(prepared, "validation", files["feedback_holdout"])]
     if not train_ids or not held_ids:
@@ -306,6 +307,7 @@ def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | Non
     run_dir = Path(cfg.output_dir) / (cfg.run_name or f"{name}-improve-{datetime.now():%Y%m%d-%H%M%S}")
     if (run_dir / "config.yaml").exists() or (run_dir / LINEAGE).exists():
         raise FileExistsError(f"{run_dir} already holds a run; set run_name to another folder")
+    claim_run_dir(run_dir)  # never a folder of someone else's: its data goes there before the run starts
     console.rule(f"improve {current.ref} -> {run_dir}")
     lineage = {"model": name, "from": current.ref, "from_run": current.run_dir, "run_dir": str(run_dir),
                "started": datetime.now().isoformat(timespec="seconds"), "config": cfg.model_dump(), "steps": []}

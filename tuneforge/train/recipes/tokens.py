@@ -37,7 +37,7 @@ from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.loop import Loop, Window, restore_trainable
 from tuneforge.train.multitask import Task, load_tasks, training_mixture
 from tuneforge.train.privacy import dp_loss_scale
-from tuneforge.train.run_folder import manifest_hash, new_run_dir, preflight, report_tasks
+from tuneforge.train.run_folder import manifest_hash, new_run_dir, preflight, report_tasks, writable
 from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss
 
 
@@ -126,6 +126,8 @@ def setup(cfg: RunConfig, resume: Path | None, console: Console | None, force: b
     if not force:  # the estimate of `tuneforge plan`: refuse, with the fix, a run that cannot fit
         ensure_fits(cfg, device)
     run_dir = resume or new_run_dir(cfg, create=world.is_main)
+    if world.is_main and resume:
+        writable(run_dir)  # a run folder made read-only since: a config error now, not at the first checkpoint
     if world.is_main:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         write_json(run_dir / "environment.json", environment(device, dtype)
