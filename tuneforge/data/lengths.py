@@ -13,12 +13,14 @@ import numpy as np
 
 from tuneforge.data.formats import kind_of
 from tuneforge.data.manifest import Stage
+from tuneforge.data.tools import chat_text
 
 PERCENTILES = (50, 90, 95, 99)
 
 
-def _render(tok, conversations: list[list[dict]]) -> list[str]:
-    return tok.apply_chat_template(conversations, tokenize=False)
+def _render(tok, conversations: list[list[dict]], rows: list[dict]) -> list[str]:
+    # Each row with its own tools, rendered as training renders them (data/tools.py).
+    return [chat_text(tok, msgs, r.get("tools")) for msgs, r in zip(conversations, rows)]
 
 
 def token_lengths(tok, rows: list[dict], batch: int = 1024) -> np.ndarray:
@@ -27,14 +29,14 @@ def token_lengths(tok, rows: list[dict], batch: int = 1024) -> np.ndarray:
         part = rows[s:s + batch]
         kind = kind_of(part[0]) if part else "text"
         if kind == "sft":
-            texts = _render(tok, [r["messages"] for r in part])
+            texts = _render(tok, [r["messages"] for r in part], part)
         elif kind == "unpaired":
-            texts = _render(tok, [r["prompt"] + r["completion"] for r in part])
+            texts = _render(tok, [r["prompt"] + r["completion"] for r in part], part)
         elif kind == "segments":  # the rendering is the segments themselves (no template)
             texts = ["".join(s["text"] for s in r["segments"]) for r in part]
         elif kind == "preference":  # the longer of the two completions is what must fit
-            chosen = _render(tok, [r["prompt"] + r["chosen"] for r in part])
-            rejected = _render(tok, [r["prompt"] + r["rejected"] for r in part])
+            chosen = _render(tok, [r["prompt"] + r["chosen"] for r in part], part)
+            rejected = _render(tok, [r["prompt"] + r["rejected"] for r in part], part)
             texts = [max(c, r_, key=len) for c, r_ in zip(chosen, rejected)]
         else:
             texts = [r["text"] for r in part]

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tuneforge.data.tools import call_schema, chat_text, parse_tool_calls, render_messages, tool_template
+from tuneforge.data.lengths import token_lengths
+from tuneforge.data.tools import call_schema, chat_ids, chat_text, parse_tool_calls, render_messages, tool_template
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -103,3 +104,10 @@ def test_call_schema_covers_the_named_functions_only():
     assert [o["properties"]["name"]["const"] for o in both["anyOf"]] == ["get_weather", "send_email"]
     with pytest.raises(ValueError, match="no tool named"):
         call_schema([WEATHER], {"nope"})
+
+
+def test_token_lengths_count_the_rows_tools_as_training_renders_them(tiny_tok):
+    with_tools = {"messages": CONVERSATION, "tools": [WEATHER, EMAIL]}
+    without = {"messages": [CONVERSATION[0], {"role": "assistant", "content": "No idea."}]}
+    got = token_lengths(tiny_tok, [with_tools, without]).tolist()
+    assert got == [len(chat_ids(tiny_tok, CONVERSATION, [WEATHER, EMAIL])), len(chat_ids(tiny_tok, without["messages"]))]
