@@ -67,7 +67,8 @@ def shape_stats(rows: list[dict]) -> dict:
     if kind == "preference":
         return {"multi_turn_prompts": sum(len(r["prompt"]) > 1 for r in rows)}
     if kind == "unpaired":
-        return {"labels": {"desirable": sum(r["label"] for r in rows), "undesirable": sum(not r["label"] for r in rows)}}
+        good = sum(r["label"] for r in rows)
+        return {"labels": {"desirable": good, "undesirable": len(rows) - good}}
     return {}
 
 

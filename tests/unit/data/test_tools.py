@@ -110,4 +110,5 @@ def test_token_lengths_count_the_rows_tools_as_training_renders_them(tiny_tok):
     with_tools = {"messages": CONVERSATION, "tools": [WEATHER, EMAIL]}
     without = {"messages": [CONVERSATION[0], {"role": "assistant", "content": "No idea."}]}
     got = token_lengths(tiny_tok, [with_tools, without]).tolist()
-    assert got == [len(chat_ids(tiny_tok, CONVERSATION, [WEATHER, EMAIL])), len(chat_ids(tiny_tok, without["messages"]))]
+    assert got == [len(chat_ids(tiny_tok, CONVERSATION, [WEATHER, EMAIL])),
+                   len(chat_ids(tiny_tok, without["messages"]))]
