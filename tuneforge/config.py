@@ -50,6 +50,37 @@ class TaskConfig(Strict):
     test_size: float | None = Field(None, ge=0, lt=1, description="default: data.test_size")
 
 
+class MessagesOptions(Strict):
+    """Where a row's conversation lives and how its messages are spelled (Axolotl's
+    ``chat_template`` options; LLaMA-Factory's ``tags`` map onto the same fields)."""
+
+    field: str | None = Field(
+        None, description="the row field holding the message list (Axolotl field_messages); default: messages, "
+        "or conversations for ShareGPT rows")
+    role_key: str | None = Field(None, description="message key of the role; default: role, else from")
+    content_key: str | None = Field(None, description="message key of the text; default: content, else value")
+    roles: dict[str, list[str]] = Field(
+        {}, description="tuneforge role -> source role names, e.g. {user: [human], assistant: [gpt]}; roles: "
+        "system, user, assistant, tool, tool_call (a turn whose text is the JSON of a call, LLaMA-Factory's "
+        "function_call); names not listed fall back to the usual ones (human, gpt, observation, ...)")
+    train_key: str | None = Field(
+        None, description="per-message training flag (bool); default: training, else train. An assistant turn "
+        "flagged false is not trained (weight 0)")
+    roles_to_train: list[str] = Field(["assistant"], description="only [assistant] is supported")
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = sorted(set(self.roles) - {"system", "user", "assistant", "tool", "tool_call"})
+        if bad:
+            raise ValueError(f"data.messages.roles: unknown tuneforge role(s) {bad} "
+                             "(use system, user, assistant, tool, tool_call)")
+        if self.roles_to_train != ["assistant"]:
+            raise ValueError(f"data.messages.roles_to_train={self.roles_to_train}: tuneforge trains the assistant "
+                             "turns only (prompts are context, never targets); mark single assistant turns "
+                             "untrained with the train_key flag instead")
+        return self
+
+
 class DataConfig(Strict):
     train: list[str] = Field(
         [], description="files (jsonl/json/csv/tsv/parquet/txt), folders, builtin:TASK[?n=N&seed=S], "
@@ -68,6 +99,11 @@ class DataConfig(Strict):
     system_prompt: str | None = Field(
         None, description="system message added to every conversation that lacks one"
     )
+    messages: MessagesOptions = Field(
+        MessagesOptions(), description="how chat rows spell their messages (Axolotl chat_template options)")
+    ignore_fields: list[str] = Field(
+        [], description="row fields dropped before loading (counted in the report), e.g. [kto_tag] to train "
+        "KTO rows' answers as SFT")
     val_size: float = Field(0.1, ge=0, lt=1, description="share of train held out when validation is empty")
     test_size: float = Field(0.1, ge=0, lt=1, description="share of train held out when test is empty")
     max_length: int = Field(512, gt=8)

@@ -36,6 +36,7 @@ def options_from_args(args):
     return PrepareOptions(
         inputs=args.inputs, validation_inputs=args.validation_input, test_inputs=args.test_input, task=args.task,
         format=args.format, columns=_columns(args.column), text_unit=args.text_unit, strict=args.strict,
+        ignore_fields=args.ignore_field,
         clean=CleanOptions(normalize=args.normalize, min_chars=args.min_chars, max_chars=args.max_chars,
                            languages=args.language),
         pii=PIIOptions(action=args.pii),
@@ -96,9 +97,12 @@ def cmd_inspect(args) -> int:
         for pool, a in m["accounting"].items():
             console.print(f"{pool}: {a['read']} read = {a['written']} written + {sum(a['dropped'].values())} dropped")
         return 0
-    rows, rep = load_rows([args.path], args.format, _columns(args.column), text_unit=args.text_unit)
+    rows, rep = load_rows([args.path], args.format, _columns(args.column), text_unit=args.text_unit,
+                          ignore_fields=args.ignore_field)
     console.print(f"[bold]{args.path}[/]: {rep.read} rows read, {rep.kept} usable; {rep.kind} rows, "
                   f"format {rep.format}: {rep.format_reason}")
+    for note in rep.notes():
+        console.print(f"  {note}")
     for f, why in rep.skipped.items():
         console.print(f"[yellow]skipped[/] {f}: {why}")
     for reason, n in rep.dropped.most_common():
@@ -129,12 +133,16 @@ def add_data_parser(sub) -> None:
                                                                                             required=True)
     p = d.add_parser("prepare", help="load, validate, clean, de-duplicate, redact, split and report",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="files, folders (mixed files or a saved datasets folder), builtin:TASK")
+    p.add_argument("inputs", nargs="+", help="files, folders (mixed files or a saved datasets folder), builtin:TASK, "
+                   "or LLaMA-Factory's dataset_info.json#NAME")
     p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
-    p.add_argument("--task", default="auto", choices=["auto", "sft", "preference", "classification", "text"])
+    p.add_argument("--task", default="auto", choices=["auto", "sft", "preference", "unpaired", "classification", "text"])
     p.add_argument("--format", default="auto", help="force a format: chat, sharegpt, instruction, "
                    "prompt_completion, preference, classification, text")
     p.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN", help="map a format field")
+    p.add_argument("--ignore-field", action="append", default=[], metavar="NAME",
+                   help="drop this row field before loading (counted in the report), e.g. kto_tag to train "
+                   "KTO rows as SFT (repeatable)")
     p.add_argument("--text-unit", default="block", choices=["block", "file"], help="plain text: row per block/file")
     p.add_argument("--strict", action="store_true", help="fail on the first bad row")
     p.add_argument("--validation-input", action="append", default=[], help="held-out validation file")
@@ -165,6 +173,7 @@ def add_data_parser(sub) -> None:
     i.add_argument("path")
     i.add_argument("--format", default="auto")
     i.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN")
+    i.add_argument("--ignore-field", action="append", default=[], metavar="NAME")
     i.add_argument("--text-unit", default="block", choices=["block", "file"])
     i.set_defaults(fn=cmd_inspect)
 

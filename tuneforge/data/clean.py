@@ -75,9 +75,19 @@ def clean_rows(rows: list[dict], opts: CleanOptions) -> tuple[list[dict], Stage]
     return out, stage.check()
 
 
+def _said(m: dict) -> str:
+    # A turn that calls tools says it with the calls (its content may be ""): it counts as text.
+    return m["content"] or ("(tool call)" if m.get("tool_calls") else "")
+
+
 def _required_texts(row: dict) -> list[str]:
+    # Tool results may be empty (a function that returns nothing); other turns must say something.
     if "messages" in row:
-        return [m["content"] for m in row["messages"] if m["role"] != "system"]
-    if "chosen" in row:
-        return [row["chosen"][-1]["content"], row["rejected"][-1]["content"], row["prompt"][-1]["content"]]
+        return [_said(m) for m in row["messages"] if m["role"] not in ("system", "tool")]
+    if "chosen" in row or "completion" in row:
+        answers = ("chosen", "rejected") if "chosen" in row else ("completion",)
+        last = row["prompt"][-1]
+        return [_said(row[k][-1]) for k in answers] + ([] if last["role"] == "tool" else [_said(last)])
+    if "segments" in row:
+        return ["".join(s["text"] for s in row["segments"] if s["label"])]
     return [row["text"]]

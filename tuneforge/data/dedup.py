@@ -24,7 +24,7 @@ import re
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneforge.data.formats import row_texts
+from tuneforge.data.formats import row_texts, structure_key
 from tuneforge.data.manifest import Stage
 
 _WORD = re.compile(r"\w+")
@@ -169,7 +169,9 @@ def exact_dedup(rows: list[dict]) -> tuple[list[dict], Stage]:
     first: dict[bytes, str] = {}
     out = []
     for row in rows:
-        key = text_key("\x1f".join(row_texts(row) + [str(row.get("label", ""))]))
+        # Tools, calls, weights and segment labels count too: rows that differ only there are different rows.
+        shape = structure_key(row)
+        key = text_key("\x1f".join(row_texts(row) + [str(row.get("label", ""))] + ([shape] if shape else [])))
         if key in first:
             stage.drop("exact duplicate", f"{row.get('_where', '?')} repeats {first[key]}")
         else:
@@ -184,7 +186,7 @@ def near_dedup(rows: list[dict], opts: DedupOptions) -> tuple[list[dict], Stage]
     the row it resembles."""
     stage = Stage("near_dedup", input=len(rows), info={"threshold": opts.threshold, "num_perm": opts.num_perm,
                                                         "bands_x_rows": list(lsh_params(opts.threshold, opts.num_perm))})
-    sig = signatures(["\n".join(row_texts(r)) for r in rows], opts.num_perm, opts.seed)
+    sig = signatures(["\n".join(row_texts(r) + [structure_key(r)]) for r in rows], opts.num_perm, opts.seed)
     i, j, est = similar_pairs(sig, opts.threshold)
     labels = components(len(rows), i, j)
     sim = dict(zip(j.tolist(), est.tolist()))

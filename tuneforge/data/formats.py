@@ -2,8 +2,14 @@
 
 Every format converts to the canonical row of its *kind*:
 
-- ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-  ending with an assistant turn (formats chat, sharegpt, instruction, prompt_completion).
+- ``sft``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+  "tools"?: [...]}`` ending with a trained assistant turn (formats chat, sharegpt, instruction,
+  prompt_completion); assistant turns may carry ``tool_calls`` and ``weight`` 0|1, tool
+  results ``tool_call_id`` and ``name`` (formats_tools.py has the shapes).
+- ``unpaired``: ``{"prompt": [...], "completion": [assistant message], "label": bool}``, KTO's
+  desirable (True) / undesirable (False) answers (formats_other.py); never trained as SFT.
+- ``segments``: ``{"segments": [{"text": str, "label": bool}, ...]}`` (Axolotl's template-free
+  input_output rows), trained by the sft objective on the segments whose label is true.
 - ``preference``: ``{"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}``,
   TRL's conversational preference shape; plain strings become one user / assistant turn.
 - ``classification``: ``{"text": str, "label": str}`` (labels are class names, kept as strings
@@ -21,20 +27,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from tuneforge.data.errors import RowError
+from tuneforge.data.formats_tools import check_turns, convert_messages, tools_of, with_tools
+from tuneforge.data.rows import kind_of, map_texts, prompt_text, row_texts, structure_key
 
-class RowError(ValueError):
-    def __init__(self, field: str, reason: str):
-        self.field, self.reason = field, reason
-        super().__init__(f"field '{field}': {reason}")
+# Re-exported: formats raise RowError; the row helpers were born here and are imported from here.
+__all__ = ["RowError", "kind_of", "map_texts", "prompt_text", "row_texts", "structure_key"]
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
     required: tuple[str, ...]
-    convert: Callable[[dict, dict], dict]  # (row, columns) -> canonical row
+    convert: Callable[..., dict]  # (row, columns) -> canonical row; (row, columns, MessagesOptions) if options
     description: str
     kind: str = "sft"
+    optional: tuple[str, ...] = ()  # other fields it reads: they are not reported as unknown
+    options: bool = False  # convert takes data.messages (MessagesOptions) as a third argument
+
+    def consumes(self, columns: dict) -> set[str]:
+        return {columns.get(f, f) for f in self.required + self.optional}
+
+
+# The row kinds an objective's kind accepts: the sft objective also trains segments rows
+# (per-segment labels render to the same ids/labels, render.render_segments).
+TRAINS = {"sft": {"sft", "segments"}}
+
+
+def kind_fits(wanted: str | None, kind: str) -> bool:
+    return wanted is None or kind in TRAINS.get(wanted, {wanted})
 
 
 FORMATS: dict[str, Format] = {}
@@ -47,9 +68,6 @@ def register_format(fmt: Format) -> Format:
     return fmt
 
 
-ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 def _get(row: dict, columns: dict, field: str, *, kind=str, allow_empty=False):
@@ -64,44 +82,50 @@ def _get(row: dict, columns: dict, field: str, *, kind=str, allow_empty=False):
     return value
 
 
-def _check_turns(messages: list[dict], field: str) -> list[dict]:
-    if not messages:
-        raise RowError(field, "empty conversation")
-    for i, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise RowError(f"{field}[{i}].role", f"unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise RowError(f"{field}[{i}].content", f"expected str, got {type(m['content']).__name__}")
-    if messages[-1]["role"] != "assistant":
-        raise RowError(field, "conversation does not end with an assistant turn")
-    if not messages[-1]["content"].strip():
-        raise RowError(f"{field}[{len(messages) - 1}].content", "empty response")
-    return messages
+_check_turns = check_turns
 
 
-def _chat(row, columns):
-    field = columns.get("messages", "messages")
-    raw = _get(row, columns, "messages", kind=list)
-    msgs = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"{field}[{i}]", "each message needs 'role' and 'content'")
-        msgs.append({"role": m["role"], "content": m["content"]})
-    return {"messages": _check_turns(msgs, field)}
+def _messages_field(columns: dict, opts, default: str) -> str:
+    return columns.get(default, opts.field if opts is not None and opts.field else default)
 
 
-def _sharegpt(row, columns):
-    field = columns.get("conversations", "conversations")
-    raw = _get(row, columns, "conversations", kind=list)
-    msgs = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or "from" not in m or "value" not in m:
-            raise RowError(f"{field}[{i}]", "each turn needs 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(m["from"]).lower())
-        if role is None:
-            raise RowError(f"{field}[{i}].from", f"unknown role {m['from']!r}")
-        msgs.append({"role": role, "content": m["value"]})
-    return {"messages": _check_turns(msgs, field)}
+def _chat(row, columns, opts=None):
+    field = _messages_field(columns, opts, "messages")
+    raw = _get(row, {"messages": field}, "messages", kind=list)
+    msgs = convert_messages(raw, field, opts)
+    return with_tools(_check_turns(msgs, field), tools_of(row, columns), row)
+
+
+def _sharegpt(row, columns, opts=None):
+    field = _messages_field(columns, opts, "conversations")
+    raw = _get(row, {"conversations": field}, "conversations", kind=list)
+    msgs = convert_messages(raw, field, opts)
+    msgs = _with_system_column(msgs, row, columns)
+    return with_tools(_check_turns(msgs, field), tools_of(row, columns), row)
+
+
+def _with_system_column(msgs: list[dict], row: dict, columns: dict) -> list[dict]:
+    """LLaMA-Factory's ``system`` column: the system prompt of a row whose turns have none."""
+    system = row.get(columns.get("system", "system"))
+    if isinstance(system, str) and system.strip() and (not msgs or msgs[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *msgs]
+    return msgs
+
+
+def _history(row, columns) -> list[dict]:
+    """Alpaca ``history``: [[user, assistant], ...] turns before the instruction (LLaMA-Factory)."""
+    key = columns.get("history", "history")
+    value = row.get(key)
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise RowError(key, f"expected a list of [user, assistant] pairs, got {type(value).__name__}")
+    out = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RowError(f"{key}[{i}]", "expected a [user, assistant] pair of strings")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
 
 
 def _instruction(row, columns):
@@ -112,7 +136,7 @@ def _instruction(row, columns):
         raise RowError(key, f"expected str, got {type(extra).__name__}")
     output = _get(row, columns, "output")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    msgs = [*_history(row, columns), {"role": "user", "content": user}, {"role": "assistant", "content": output}]
     system_key = columns.get("system", "system")
     if isinstance(row.get(system_key), str) and row[system_key].strip():
         msgs.insert(0, {"role": "system", "content": row[system_key]})
@@ -125,30 +149,29 @@ def _prompt_completion(row, columns):
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
 
 
-register_format(Format("chat", ("messages",), _chat, "OpenAI chat: messages=[{role, content}]"))
-register_format(Format("sharegpt", ("conversations",), _sharegpt, "ShareGPT: conversations=[{from, value}]"))
-register_format(Format("instruction", ("instruction", "output"), _instruction, "alpaca: instruction, input?, output"))
+register_format(Format("chat", ("messages",), _chat, "OpenAI chat: messages=[{role, content}], tools?",
+                       optional=("tools", "functions", "parallel_tool_calls"), options=True))
+register_format(Format("sharegpt", ("conversations",), _sharegpt,
+                       "ShareGPT: conversations=[{from, value}], system?, tools?",
+                       optional=("system", "tools"), options=True))
+register_format(Format("instruction", ("instruction", "output"), _instruction,
+                       "alpaca: instruction, input?, output, system?, history?", optional=("input", "system", "history")))
 register_format(Format("prompt_completion", ("prompt", "completion"), _prompt_completion, "prompt, completion"))
 
 
 def _turns(value, field: str, default_role: str) -> list[dict]:
-    """A plain string as one turn, or a list of {role, content} messages (checked)."""
+    """A plain string as one turn, or a list of messages (checked; tool calls and results kept)."""
     if isinstance(value, str):
         if not value.strip():
             raise RowError(field, "empty")
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise RowError(field, f"expected str or a list of messages, got {type(value).__name__}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(f"{field}[{i}]", "each message needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise RowError(f"{field}[{i}].role", f"unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise RowError(f"{field}[{i}].content", f"expected str, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return convert_messages(value, field)
+
+
+def _answered(turns: list[dict]) -> bool:
+    return turns[-1]["role"] == "assistant" and bool(turns[-1]["content"].strip() or turns[-1].get("tool_calls"))
 
 
 def _preference(row, columns):
@@ -162,12 +185,34 @@ def _preference(row, columns):
     out = {"prompt": prompt}
     for side in ("chosen", "rejected"):
         turns = _turns(row[fields[side]], fields[side], "assistant")
-        if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        if not _answered(turns):
             raise RowError(fields[side], "does not end with a non-empty assistant turn")
         out[side] = turns
     if out["chosen"] == out["rejected"]:
         raise RowError(fields["rejected"], "identical to chosen (no preference signal)")
-    return out
+    return with_tools_only(out, tools_of(row, columns))
+
+
+def with_tools_only(out: dict, tools: list[dict]) -> dict:
+    return {**out, "tools": tools} if tools else out
+
+
+def _unpaired(row, columns):
+    """TRL's unpaired preference rows (what KTO trains on): prompt, completion, label bool."""
+    fields = {f: columns.get(f, f) for f in ("prompt", "completion", "label")}
+    for key in fields.values():
+        if row.get(key) is None:
+            raise RowError(key, "missing")
+    prompt = _turns(row[fields["prompt"]], fields["prompt"], "user")
+    if prompt[-1]["role"] == "assistant":
+        raise RowError(fields["prompt"], "prompt ends with an assistant turn")
+    completion = _turns(row[fields["completion"]], fields["completion"], "assistant")
+    if not _answered(completion):
+        raise RowError(fields["completion"], "does not end with a non-empty assistant turn")
+    if not isinstance(row[fields["label"]], bool):
+        raise RowError(fields["label"], f"expected true (desirable) or false, got {row[fields['label']]!r}")
+    return with_tools_only({"prompt": prompt, "completion": completion, "label": row[fields["label"]]},
+                           tools_of(row, columns))
 
 
 def _classification(row, columns):
@@ -186,56 +231,17 @@ def _text(row, columns):
 
 
 register_format(Format("preference", ("prompt", "chosen", "rejected"), _preference,
-                       "preference pairs: prompt, chosen, rejected (strings or message lists)", "preference"))
+                       "preference pairs: prompt, chosen, rejected (strings or message lists)", "preference",
+                       optional=("tools",)))
+register_format(Format("unpaired", ("prompt", "completion", "label"), _unpaired,
+                       "unpaired (KTO): prompt, completion, label true|false", "unpaired", optional=("tools",)))
 register_format(Format("classification", ("text", "label"), _classification, "text, label", "classification"))
 register_format(Format("text", ("text",), _text, "raw text for continued pre-training", "text"))
-
-def _map_turns(turns: list[dict], fn) -> list[dict]:
-    return [{**m, "content": fn(m["content"])} for m in turns]
-
-
-def map_texts(row: dict, fn) -> dict:
-    """The canonical row with ``fn`` applied to every text string (message contents,
-    text, prompts); roles, labels and ``_`` bookkeeping keys are left alone."""
-    if "messages" in row:
-        return {**row, "messages": _map_turns(row["messages"], fn)}
-    if "chosen" in row:
-        return {**row, **{k: _map_turns(row[k], fn) for k in ("prompt", "chosen", "rejected")}}
-    return {**row, "text": fn(row["text"])}
-
-
-def row_texts(row: dict) -> list[str]:
-    """Every text string of a canonical row, in order."""
-    if "messages" in row:
-        return [m["content"] for m in row["messages"]]
-    if "chosen" in row:
-        return [m["content"] for k in ("prompt", "chosen", "rejected") for m in row[k]]
-    return [row["text"]]
-
-
-def kind_of(row: dict) -> str:
-    if "messages" in row:
-        return "sft"
-    if "chosen" in row:
-        return "preference"
-    return "classification" if "label" in row else "text"
-
-
-def prompt_text(row: dict) -> str:
-    """What a model is asked: the key for leakage checks and for keeping alike prompts on
-    one side of a split (an sft row's turns before the answer; a document's whole text)."""
-    kind = kind_of(row)
-    if kind == "sft":
-        return "\n".join(m["content"] for m in row["messages"][:-1])
-    if kind == "preference":
-        return "\n".join(m["content"] for m in row["prompt"])
-    return row["text"]
-
 
 def detect(keys: set[str], columns: dict, kind: str | None = None) -> tuple[str, str]:
     """The format whose required fields the rows carry, and why it was chosen. ``kind``
     limits the choice to formats an objective trains on (sft, preference, ...)."""
-    candidates = [f for f in FORMATS.values() if kind is None or f.kind == kind]
+    candidates = [f for f in FORMATS.values() if kind_fits(kind, f.kind)]
     matches = [f for f in candidates if all(columns.get(r, r) in keys for r in f.required)]
     if not matches:
         wanted = "; ".join(f"{f.name}: {', '.join(f.required)}" for f in candidates)

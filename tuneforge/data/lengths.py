@@ -28,13 +28,17 @@ def token_lengths(tok, rows: list[dict], batch: int = 1024) -> np.ndarray:
         kind = kind_of(part[0]) if part else "text"
         if kind == "sft":
             texts = _render(tok, [r["messages"] for r in part])
+        elif kind == "unpaired":
+            texts = _render(tok, [r["prompt"] + r["completion"] for r in part])
+        elif kind == "segments":  # the rendering is the segments themselves (no template)
+            texts = ["".join(s["text"] for s in r["segments"]) for r in part]
         elif kind == "preference":  # the longer of the two completions is what must fit
             chosen = _render(tok, [r["prompt"] + r["chosen"] for r in part])
             rejected = _render(tok, [r["prompt"] + r["rejected"] for r in part])
             texts = [max(c, r_, key=len) for c, r_ in zip(chosen, rejected)]
         else:
             texts = [r["text"] for r in part]
-        ids = tok(texts, add_special_tokens=kind in ("text", "classification"))["input_ids"]
+        ids = tok(texts, add_special_tokens=kind in ("text", "classification", "segments"))["input_ids"]
         out.extend(map(len, ids))
     return np.asarray(out, dtype=np.int64)
 
@@ -60,6 +64,8 @@ def shape_stats(rows: list[dict]) -> dict:
                 "with_system_prompt": sum(r["messages"][0]["role"] == "system" for r in rows)}
     if kind == "preference":
         return {"multi_turn_prompts": sum(len(r["prompt"]) > 1 for r in rows)}
+    if kind == "unpaired":
+        return {"labels": {"desirable": sum(r["label"] for r in rows), "undesirable": sum(not r["label"] for r in rows)}}
     return {}
 
 

@@ -15,12 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from tuneforge.config import MessagesOptions
+from tuneforge.data import formats_other  # noqa: F401 - registers the preference, KTO and segments formats
 from tuneforge.data.builtin import generate
-from tuneforge.data.formats import FORMATS, RowError, detect
+from tuneforge.data.dataset_info import DatasetInfoError, is_dataset_info, names_error, resolve
+from tuneforge.data.fields import unread_field
+from tuneforge.data.formats import FORMATS, RowError, detect, kind_fits
+from tuneforge.data.formats_tools import unknown_message_keys
 
 
 class DataError(ValueError):
     """A problem that stops data loading (missing file, no usable rows, --strict)."""
+
+
+class UnreadFieldError(DataError):
+    """Rows carry a field with meaning that the chosen format does not read (MEANINGFUL)."""
 
 
 @dataclass
@@ -46,6 +55,9 @@ class LoadReport:
     kind: str = ""  # sft | preference | classification | text (see formats.py)
     sources: dict = field(default_factory=dict)  # source -> {"read", "kept", "format", "synthetic"}
     skipped: dict = field(default_factory=dict)  # file in a folder -> why it was not read
+    unknown_fields: Counter = field(default_factory=Counter)  # row field no format reads -> rows
+    ignored_fields: Counter = field(default_factory=Counter)  # data.ignore_fields dropped -> rows
+    split_pairs: int = 0  # preference pairs split into two unpaired rows each (KTO)
 
     def drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -59,7 +71,22 @@ class LoadReport:
     def as_dict(self) -> dict:
         return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
                 "examples": self.examples, "format": self.format, "format_reason": self.format_reason,
-                "kind": self.kind, "sources": self.sources, "skipped_files": self.skipped}
+                "kind": self.kind, "sources": self.sources, "skipped_files": self.skipped,
+                "unknown_fields": dict(self.unknown_fields), "ignored_fields": dict(self.ignored_fields),
+                "split_pairs": self.split_pairs}
+
+    def notes(self) -> list[str]:
+        """What a reader should know besides drops: unknown, ignored fields and split pairs."""
+        out = []
+        if self.unknown_fields:
+            out.append("unknown fields (not trained on): " + ", ".join(
+                f"{k} ({n} rows)" for k, n in self.unknown_fields.most_common()))
+        if self.ignored_fields:
+            out.append("ignored fields (data.ignore_fields): " + ", ".join(
+                f"{k} ({n} rows)" for k, n in self.ignored_fields.most_common()))
+        if self.split_pairs:
+            out.append(f"{self.split_pairs} pairs split into {2 * self.split_pairs} unpaired rows")
+        return out
 
 
 # A row this long is almost always a mistake (a whole corpus on one line, a binary blob);
@@ -224,6 +251,11 @@ def read_records(spec: str, text_unit: str = "block", skipped: dict | None = Non
     path = Path(spec)
     if not path.exists():
         raise DataError(f"data file {path} does not exist (working directory: {Path.cwd()})")
+    if is_dataset_info(path):  # a catalogue of datasets, not rows: never read it as a JSON array
+        try:
+            raise DataError(names_error(path))
+        except DatasetInfoError as e:
+            raise DataError(str(e)) from None
     if path.is_dir():
         if is_hf_dataset_dir(path):
             yield from _read_hf_dir(path)
@@ -280,17 +312,17 @@ def _reason_key(field: str, reason: str) -> str:
 
 
 def _detect_sources(records: list[Record], fmt: str, columns: dict,
-                    kind: str | None = None) -> dict[str, tuple[str, str]]:
+                    kind: str | None = None, forced_by: str = "set by the user") -> dict[str, tuple[str, str]]:
     """The format of each source and why. Detection is per source so a folder may mix
     files of different shapes (alpaca JSONL beside a prompt/completion CSV)."""
     if fmt != "auto":
         if fmt not in FORMATS:
             raise DataError(f"unknown data.format '{fmt}'; known: {', '.join(FORMATS)}")
-        if kind is not None and FORMATS[fmt].kind != kind:
-            fits = ", ".join(f.name for f in FORMATS.values() if f.kind == kind)
+        if not kind_fits(kind, FORMATS[fmt].kind):
+            fits = ", ".join(f.name for f in FORMATS.values() if kind_fits(kind, f.kind))
             raise DataError(f"data.format '{fmt}' holds {FORMATS[fmt].kind} rows but this objective trains on "
                             f"{kind} rows: use {fits}")
-        return {r.source: (fmt, "set by the user") for r in records}
+        return {r.source: (fmt, forced_by) for r in records}
     keys: dict[str, set] = {}
     for r in records:
         seen = keys.setdefault(r.source, set())
@@ -313,34 +345,148 @@ def _detect_sources(records: list[Record], fmt: str, columns: dict,
                     raise DataError(f"{source} holds {FORMATS[other].kind} rows ({other}); this objective "
                                     f"trains on {kind} rows (set objective.name to match the data)") from None
             raise DataError(f"{source}: {e.reason}") from None
-    kinds = {FORMATS[f].kind: s for s, (f, _) in out.items() if f}
-    if len(kinds) > 1:
-        shown = ", ".join(f"{k} ({s})" for k, s in kinds.items())
-        raise DataError(f"the inputs mix row kinds: {shown}; prepare each kind separately or set --format")
     return out
 
 
+def _refuse_meaningful(records: list[Record], formats: dict, how: dict, kind: str) -> None:
+    """Before any row is converted (a row of another kind would only be dropped as malformed):
+    a field with meaning that the source's format does not read stops loading."""
+    seen: set = set()
+    for rec in records:
+        if rec.data is None or not formats[rec.source][0]:
+            continue
+        shape = (rec.source, frozenset(rec.data))  # rows of one shape are checked once
+        if shape in seen:
+            continue
+        seen.add(shape)
+        fmt = FORMATS[formats[rec.source][0]]
+        problem = unread_field(rec.data.keys(), fmt.consumes(how[rec.source].columns), fmt.name, kind)
+        if problem:
+            raise UnreadFieldError(f"{rec.where}: {problem}")
+
+
+@dataclass
+class _Group:
+    """The records of one data spec and how to read them (a dataset_info.json#NAME entry sets
+    its own format, columns and message spelling)."""
+    records: list
+    fmt: str
+    columns: dict
+    messages: MessagesOptions | None
+    forced_by: str = "set by the user"
+
+
+def _group(spec: str, fmt: str, columns: dict, messages, text_unit: str, skipped,
+           kind: str | None = None, ignore=()) -> _Group:
+    try:
+        info = resolve(spec)
+    except DatasetInfoError as e:
+        raise DataError(str(e)) from None
+    if info is None:
+        return _Group(list(read_records(spec, text_unit, skipped)), fmt, columns, messages)
+    if info.rows is not None:
+        records = [Record(spec, i, r) for i, r in enumerate(info.rows, 1)]
+    else:
+        records = [r for p in info.paths for r in read_records(p, text_unit, skipped)]
+    entry_fmt, entry_cols = info.format, info.columns
+    # An sft objective reads a KTO or ranking entry's conversation alone: its tag or answers
+    # columns are then refused as meaningful (or dropped when ignored), never silently lost.
+    tag = entry_cols.get("kto_tag")
+    if entry_fmt in ("kto", "sharegpt_preference") and (
+            (kind is not None and kind_fits(kind, "sft")) or (tag is not None and tag in ignore)):
+        entry_fmt, entry_cols = "sharegpt", info.plain_columns
+    return _Group(records, entry_fmt if fmt == "auto" else fmt, {**entry_cols, **columns},
+                  info.messages or messages, f"{spec}: LLaMA-Factory dataset_info.json entry")
+
+
+def _ignore(records: list[Record], ignore: set[str], report: LoadReport) -> None:
+    if not ignore:
+        return
+    for rec in records:
+        if rec.data is not None and ignore & rec.data.keys():
+            for k in ignore & rec.data.keys():
+                report.ignored_fields[k] += 1
+            rec.data = {k: v for k, v in rec.data.items() if k not in ignore}
+
+
+def _detect_group(g: _Group, kind: str | None) -> tuple[dict, bool]:
+    """Formats per source, and whether preference pairs are split for an unpaired (KTO) objective."""
+    try:
+        return _detect_sources(g.records, g.fmt, g.columns, kind, g.forced_by), False
+    except DataError as first:
+        if kind != "unpaired":
+            raise
+        try:
+            return _detect_sources(g.records, g.fmt, g.columns, "preference", g.forced_by), True
+        except DataError:
+            raise first from None  # neither kind: say what the unpaired objective wanted
+
+
+def _split_pair(row: dict) -> list[dict]:
+    """One preference pair -> a desirable and an undesirable unpaired row (KTO)."""
+    extra = {"tools": row["tools"]} if row.get("tools") else {}
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True, **extra},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **extra}]
+
+
 def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, strict: bool = False,
-              text_unit: str = "block", kind: str | None = None):
+              text_unit: str = "block", kind: str | None = None, messages: MessagesOptions | None = None,
+              ignore_fields: list[str] | tuple = ()):
     """Canonical rows (with their source and line) and the report of what was dropped.
-    ``kind``: only formats of that kind (what the objective trains on); None: any."""
-    columns = columns or {}
+    ``kind``: only formats of that kind (what the objective trains on); None: any.
+    ``messages``: how chat rows spell their messages; ``ignore_fields``: row fields dropped first."""
+    columns = dict(columns or {})
+    if messages is not None and messages.field and "messages" not in columns:
+        columns["messages"] = messages.field
     skipped: dict | None = None if strict else {}
-    records = [r for spec in specs for r in read_records(spec, text_unit, skipped)]
+    groups = [_group(spec, fmt, columns, messages, text_unit, skipped, kind, ignore_fields) for spec in specs]
+    records = [r for g in groups for r in g.records]
     report = LoadReport(read=len(records), skipped=skipped or {})
     if not records:
         raise DataError(f"no rows in {', '.join(specs)}: the data is empty"
                         + (f" (skipped: {skipped})" if skipped else ""))
-    formats = _detect_sources(records, fmt, columns, kind)
+    formats, how, split = {}, {}, set()
+    for g in groups:
+        _ignore(g.records, set(ignore_fields), report)
+        found, pairs = _detect_group(g, kind)
+        formats.update(found)
+        how.update({r.source: g for r in g.records})
+        split |= set(found) if pairs else set()
+    kinds = {FORMATS[f].kind: s for s, (f, _) in formats.items() if f}
+    if len(kinds) > 1:
+        shown = ", ".join(f"{k} ({s})" for k, s in kinds.items())
+        raise DataError(f"the inputs mix row kinds: {shown}; prepare each kind separately or set --format")
     names = list(dict.fromkeys(f for f, _ in formats.values() if f))
     report.format = "+".join(names)
-    report.kind = FORMATS[names[0]].kind if names else ""
+    report.kind = "unpaired" if split else (FORMATS[names[0]].kind if names else "")
     reasons = list(dict.fromkeys(r for f, r in formats.values() if f))
     report.format_reason = reasons[0] if len(reasons) == 1 else "; ".join(
         f"{s}: {r}" for s, (f, r) in formats.items() if f)
     for source, (f, _) in formats.items():
         report.sources[source] = {"read": 0, "kept": 0, "format": f,
                                   "synthetic": source.startswith("builtin:")}
+    _refuse_meaningful(records, formats, how, report.kind)
+    rows = _convert_all(records, formats, how, split, report, strict)
+    report.kept = sum(s["kept"] for s in report.sources.values())
+    report.check()
+    if not rows:
+        shown = "; ".join(ex for exs in report.examples.values() for ex in exs[:1])
+        raise DataError(f"no usable rows in {', '.join(specs)} ({report.read} read, all dropped): {shown}")
+    return rows, report
+
+
+def _count_unknown(data: dict, fmt, g: _Group, report: LoadReport) -> None:
+    """Row fields, and message keys of a conversation, that the format does not read."""
+    consumed = fmt.consumes(g.columns)
+    report.unknown_fields.update(k for k in data if k not in consumed and not k.startswith("_"))
+    if fmt.options:
+        field = g.columns.get(fmt.required[0]) or (g.messages.field if g.messages and g.messages.field
+                                                     else fmt.required[0])
+        report.unknown_fields.update(f"{field}[].{k}" for k in unknown_message_keys(data.get(field), g.messages))
+
+
+def _convert_all(records: list[Record], formats: dict, how: dict, split: set, report: LoadReport,
+                 strict: bool) -> list[dict]:
     rows = []
     for rec in records:
         src = report.sources[rec.source]
@@ -348,23 +494,25 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
         if rec.data is None:
             reason, detail = _reason_key("row", rec.error), f"{rec.where}: {rec.error}"
         else:
+            g = how[rec.source]
+            fmt = FORMATS[formats[rec.source][0]]
             try:
-                row = FORMATS[formats[rec.source][0]].convert(rec.data, columns)
+                row = fmt.convert(rec.data, g.columns, g.messages) if fmt.options else fmt.convert(rec.data, g.columns)
             except RowError as e:
                 reason, detail = _reason_key(e.field, e.reason), f"{rec.where}: field '{e.field}': {e.reason}"
             else:
-                row["_where"] = rec.where
-                if rec.data.get("_synthetic") is True:  # written by `tuneforge data generate`
-                    row["_synthetic"] = True
-                rows.append(row)
+                _count_unknown(rec.data, fmt, g, report)
+                out = _split_pair(row) if rec.source in split else [row]
+                report.split_pairs += len(out) > 1
+                for i, r in enumerate(out):
+                    # Each row keeps a unique "source:line" (prepare keys token lengths by it).
+                    r["_where"] = rec.where if len(out) == 1 else f"{rec.where}{'ab'[i]}"
+                    if rec.data.get("_synthetic") is True:  # written by `tuneforge data generate`
+                        r["_synthetic"] = True
+                rows.extend(out)
                 src["kept"] += 1
                 continue
         if strict:
             raise DataError(detail)
         report.drop(reason, detail)
-    report.kept = len(rows)
-    report.check()
-    if not rows:
-        shown = "; ".join(ex for exs in report.examples.values() for ex in exs[:1])
-        raise DataError(f"no usable rows in {', '.join(specs)} ({report.read} read, all dropped): {shown}")
-    return rows, report
+    return rows

@@ -17,13 +17,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneforge.config import DataConfig
+from tuneforge.config import DataConfig, MessagesOptions
 from tuneforge.data.builtin import paraphrase_rows
 from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
-from tuneforge.data.formats import row_texts
+from tuneforge.data.formats import kind_fits, row_texts
 from tuneforge.data.lengths import length_stats, overlength_stage, shape_stats, token_lengths
-from tuneforge.data.load import DataError, LoadReport, load_rows
+from tuneforge.data.load import DataError, LoadReport, UnreadFieldError, load_rows
 from tuneforge.data.manifest import (
     MANIFEST,
     SPLITS,
@@ -60,14 +60,22 @@ class Splits:
 
 
 def _content(row: dict):
-    return row["messages"] if "messages" in row else {k: v for k, v in row.items() if k != "_where"}
+    # A chat row without tools hashes as its messages alone (as before tools existed).
+    if "messages" in row and not any(k in row for k in ("tools", "parallel_tool_calls")):
+        return row["messages"]
+    return {k: v for k, v in row.items() if k != "_where"}
 
 
 def _prompt_key(row: dict) -> str:
-    # Chat rows group by the conversation before the answer; other kinds by their input.
+    # Chat rows group by the conversation before the answer (and the tools it may call);
+    # other kinds by their input.
     if "messages" in row:
-        return json.dumps(row["messages"][:-1], sort_keys=True)
-    return json.dumps(row.get("prompt", row.get("text")), sort_keys=True)
+        key = row["messages"][:-1] if "tools" not in row else [row["tools"], row["messages"][:-1]]
+        return json.dumps(key, sort_keys=True)
+    if "segments" in row:
+        return json.dumps([s for s in row["segments"] if not s["label"]], sort_keys=True)
+    key = row.get("prompt", row.get("text"))
+    return json.dumps(key if "tools" not in row else [row["tools"], key], sort_keys=True)
 
 
 def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[list[dict]]:
@@ -105,13 +113,14 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
 
 
 # The format that reads back each kind of canonical row from a prepared folder.
-CANONICAL_FORMAT = {"sft": "chat", "preference": "preference", "classification": "classification", "text": "text"}
+CANONICAL_FORMAT = {"sft": "chat", "preference": "preference", "classification": "classification",
+                    "text": "text", "unpaired": "unpaired", "segments": "segments"}
 
 
 def load_prepared(folder: str, data: DataConfig, kind: str = "sft") -> Splits:
     """The splits of a folder written by ``tuneforge data prepare`` (its own split is kept)."""
     manifest = read_manifest(folder)
-    if manifest.get("kind") != kind:
+    if not kind_fits(kind, manifest.get("kind", "")):
         raise DataError(f"{folder} holds {manifest.get('kind')} rows; this objective trains on {kind} rows")
     if data.validation or data.test:
         raise DataError(f"{folder} is a prepared folder with its own validation/test splits; "
@@ -120,7 +129,7 @@ def load_prepared(folder: str, data: DataConfig, kind: str = "sft") -> Splits:
     for name in SPLITS:
         path = Path(folder) / f"{name}.jsonl"
         has_rows = path.is_file() and path.stat().st_size > 0
-        parts[name], reports[name] = (load_rows([str(path)], CANONICAL_FORMAT[kind]) if has_rows
+        parts[name], reports[name] = (load_rows([str(path)], CANONICAL_FORMAT[manifest["kind"]]) if has_rows
                                       else ([], LoadReport()))
     if not parts["train"]:
         raise DataError(f"{folder}: train.jsonl is empty")
@@ -133,12 +142,13 @@ def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
     if len(data.train) == 1 and is_prepared(data.train[0]):
         return load_prepared(data.train[0], data, kind)
     reports = {}
-    train, reports["train"] = load_rows(data.train, data.format, data.columns, kind=kind)
+    how = {"kind": kind, "messages": data.messages, "ignore_fields": data.ignore_fields}
+    train, reports["train"] = load_rows(data.train, data.format, data.columns, **how)
     validation = test = []
     if data.validation:
-        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns, kind=kind)
+        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns, **how)
     if data.test:
-        test, reports["test"] = load_rows(data.test, data.format, data.columns, kind=kind)
+        test, reports["test"] = load_rows(data.test, data.format, data.columns, **how)
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:
@@ -164,10 +174,13 @@ class PrepareOptions(BaseModel):
     inputs: list[str]
     validation_inputs: list[str] = Field([], description="held-out rows given as files (not carved from inputs)")
     test_inputs: list[str] = []
-    task: Literal["auto", "sft", "preference", "classification", "text"] = Field(
-        "auto", description="the row kind expected; checked against what the format detection finds")
+    task: Literal["auto", "sft", "preference", "unpaired", "classification", "text"] = Field(
+        "auto", description="the row kind expected: detection picks among its formats (unpaired: preference "
+        "pairs are split into a desirable and an undesirable row)")
     format: str = "auto"
     columns: dict[str, str] = {}
+    messages: MessagesOptions = MessagesOptions()
+    ignore_fields: list[str] = Field([], description="row fields dropped before loading (counted)")
     text_unit: Literal["block", "file"] = Field("block", description="plain text: one row per blank-line block or per file")
     strict: bool = Field(False, description="fail on the first bad row instead of dropping and counting it")
     clean: CleanOptions = CleanOptions()
@@ -212,14 +225,28 @@ def _filter(rows: list[dict], opts: PrepareOptions, pool: str, tok, known: dict[
 
 def _load(specs: list[str], opts: PrepareOptions, pool: str) -> tuple[list[dict], LoadReport, Stage]:
     t, cpu = time.perf_counter(), time.process_time()
-    rows, rep = load_rows(specs, opts.format, opts.columns, strict=opts.strict, text_unit=opts.text_unit)
-    if opts.task != "auto" and rep.kind != opts.task:
+    how = {"strict": opts.strict, "text_unit": opts.text_unit, "messages": opts.messages,
+           "ignore_fields": opts.ignore_fields}
+    try:  # --task picks among its kind's formats (and splits pairs for unpaired)
+        rows, rep = load_rows(specs, opts.format, opts.columns, kind=None if opts.task == "auto" else opts.task,
+                              **how)
+    except UnreadFieldError:
+        raise
+    except DataError:
+        if opts.task == "auto":
+            raise
+        rows, rep = load_rows(specs, opts.format, opts.columns, **how)  # to say what the rows are instead
+    if opts.task != "auto" and not kind_fits(opts.task, rep.kind):
         raise DataError(f"{pool}: --task {opts.task} but the rows are {rep.kind} rows ({rep.format_reason}); "
                         f"set --format or map columns with --column FIELD=COLUMN")
     for r in rows:
         r["_synthetic"] = r.get("_synthetic", False) or rep.sources[r["_where"].rsplit(":", 1)[0]]["synthetic"]
-    stage = Stage("load", input=rep.read, kept=rep.kept, dropped=Counter(rep.dropped), examples=rep.examples,
+    # Split pairs (KTO) add rows: the load stage keeps the rows it hands on, and says how many were added.
+    stage = Stage("load", input=rep.read + rep.split_pairs, kept=len(rows), dropped=Counter(rep.dropped),
+                  examples=rep.examples,
                   info={"pool": pool, "format": rep.format, "format_reason": rep.format_reason,
+                        "unknown_fields": dict(rep.unknown_fields), "ignored_fields": dict(rep.ignored_fields),
+                        "split_pairs": rep.split_pairs, "notes": rep.notes(),
                         "seconds": round(time.perf_counter() - t, 3),
                         "cpu_seconds": round(time.process_time() - cpu, 3)})
     return rows, rep, stage.check()
@@ -261,7 +288,9 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None) -> dict:
         kinds.add(reports[pool].kind)
         rows[pool], more = _filter(loaded, opts, pool, tok, known)
         stages += [st, *more]
-        say(f"{pool}: {st.input} read -> {len(rows[pool])} kept after filters")
+        say(f"{pool}: {reports[pool].read} read -> {len(rows[pool])} kept after filters")
+        for note in reports[pool].notes():
+            say(f"{pool}: {note}")
     if len(kinds) > 1:
         raise DataError(f"inputs and held-out files hold different row kinds: {sorted(kinds)}")
     kind = kinds.pop()
@@ -344,10 +373,13 @@ def _accounting(stages: list[Stage], parts: dict, pools: dict) -> dict:
         mine = [s for s in stages if s.info.get("pool") == pool]
         origin = {n: n if pools.get(n) else "inputs" for n in SPLITS}  # train always comes from the inputs
         written = sum(len(parts[n]) for n in SPLITS if origin[n] == pool)
-        read = next(s.input for s in mine if s.name == "load")
+        load = next(s for s in mine if s.name == "load")
+        read = load.input - load.info.get("split_pairs", 0)
+        added = load.info.get("split_pairs", 0)
         dropped = {f"{s.name}: {reason}": n for s in mine for reason, n in s.dropped.items()}
-        assert read == written + sum(dropped.values()), f"{pool}: {read} read != {written} written + drops {dropped}"
-        out[pool] = {"read": read, "written": written, "dropped": dropped}
+        assert read + added == written + sum(dropped.values()), (
+            f"{pool}: {read} read + {added} added != {written} written + drops {dropped}")
+        out[pool] = {"read": read, "written": written, "dropped": dropped, **({"added": added} if added else {})}
     return out
 
 

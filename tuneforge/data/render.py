@@ -72,8 +72,10 @@ def encode_rows(tok, rows: list[dict], max_length: int, overlength: str, system_
     """Render every row; count (never hide) what happens to rows longer than max_length."""
     enc = Encoded(rows=[])
     for row in rows:
-        messages = with_system(row["messages"], system_prompt)
-        ids, labels = render_chat(tok, messages, row.get("tools"))
+        if "segments" in row:  # Axolotl input_output rows: no template, labels per segment
+            ids, labels = render_segments(tok, row["segments"])
+        else:
+            ids, labels = render_chat(tok, with_system(row["messages"], system_prompt), row.get("tools"))
         if len(ids) > max_length:
             detail = f"{row.get('_where', '?')}: {len(ids)} tokens > data.max_length={max_length}"
             if overlength == "error":
@@ -154,3 +156,21 @@ def packed_batch(bins: list[list[dict]], pad_id: int) -> dict:
             pos[i, at:] = torch.arange(pos[i, at - 1] + 1, pos[i, at - 1] + 1 + width - at)
     n_real = torch.tensor(sum(len(r["input_ids"]) for b in bins for r in b))
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_real": n_real}
+
+
+def render_segments(tok, segments: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a template-free row (Axolotl ``input_output``): each segment is
+    tokenized alone without special tokens and the pieces concatenated, so a segment boundary is
+    a token boundary and its label (trained or not) covers exactly its tokens. A bos token is
+    put first when the tokenizer has one and the text does not start with it (a model trained
+    with bos expects it); it is never trained."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg in segments:
+        part = tok(seg["text"], add_special_tokens=False)["input_ids"]
+        ids += part
+        labels += part if seg["label"] else [IGNORE] * len(part)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, labels = [bos, *ids], [IGNORE, *labels]
+    return ids, labels

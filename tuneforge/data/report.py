@@ -54,7 +54,12 @@ def render_report(m: dict) -> str:
                     "; ".join(f"{k}: {v}" for k, v in s["changed"].items()) or "-",
                     s.get("info", {}).get("seconds", "-")] for s in m["stages"]])
     for pool, a in m["accounting"].items():
-        out += ["", f"**{pool}**: {a['read']} read = {a['written']} written + {sum(a['dropped'].values())} dropped."]
+        added = f" + {a['added']} added by splitting pairs" if a.get("added") else ""
+        out += ["", f"**{pool}**: {a['read']} read{added} = {a['written']} written + "
+                f"{sum(a['dropped'].values())} dropped."]
+    for s in m["stages"]:
+        if s["name"] == "load":
+            out += [f"- {s['info'].get('pool', '')}: {note}" for note in s.get("info", {}).get("notes", [])]
     found = [s for s in m["stages"] if s["name"] == "pii" and s.get("info", {}).get("found")]
     for s in found:
         out += ["", "Personal data found (" + s["info"]["action"] + "): "

@@ -5,7 +5,7 @@ the token count of the whole accumulation window (see ``tuneforge.train.token_ba
 every trained token weighs the same whatever the batch or accumulation split.
 
 Objectives whose training is not "token loss over rendered rows" name their ``recipe`` by a
-short name (``pairs``, ``heads``, ``online_rl``; tuneforge.train.recipes resolves it). Every
+short name (``pairs``, ``unpaired``, ``heads``, ``online_rl``; tuneforge.train.recipes resolves it). Every
 objective declares the run settings its recipe cannot honour (``refuses``), so a config asking
 for one is refused when it is validated (tuneforge.plugins), with the reason.
 """
@@ -17,6 +17,7 @@ from tuneforge.objectives import sft as _sft  # noqa: E402,F401
 from tuneforge.objectives import cpt as _cpt  # noqa: E402,F401
 from tuneforge.objectives import distill as _distill  # noqa: E402,F401
 from tuneforge.objectives import preference as _preference  # noqa: E402,F401
+from tuneforge.objectives import kto as _kto  # noqa: E402,F401
 from tuneforge.objectives import reward as _reward  # noqa: E402,F401
 from tuneforge.objectives import classify as _classify  # noqa: E402,F401
 from tuneforge.objectives import policy as _policy  # noqa: E402,F401

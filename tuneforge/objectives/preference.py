@@ -1,5 +1,6 @@
 """Preference objectives on (prompt, chosen, rejected) pairs: DPO (sigmoid, IPO, hinge),
-SimPO, ORPO and KTO, as small pure losses over per-sequence log-probabilities.
+SimPO and ORPO, as small pure losses over per-sequence log-probabilities. (KTO trains on
+unpaired rows: tuneforge.objectives.kto.)
 
 Every loss takes summed response log-probs and response lengths (one value per pair) and
 returns ``(loss [B], chosen_reward [B], rejected_reward [B])``; the rewards are each
@@ -79,19 +80,6 @@ def orpo_loss(pc, pr, nc, nr, lam: float):
     return -ac - lam * F.logsigmoid(log_odds_c - log_odds_r), log_odds_c.detach(), log_odds_r.detach()
 
 
-def kto_loss(pc, pr, rc, rr, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
-    """KTO (Ethayarajh et al., 2024) with each pair read as one desirable (chosen) and one
-    undesirable (rejected) example. r = log π/π_ref; the reference point z is the batch's
-    mean r, clamped at 0 and detached (trl estimates it from mismatched prompt/answer pairs;
-    the batch mean is the simpler estimate of the same KL).
-    loss = w_d (1 - σ(β(r_c - z))) + w_u (1 - σ(β(z - r_r)))."""
-    r_c, r_r = pc - rc, pr - rr
-    z = torch.cat([r_c, r_r]).mean().clamp(min=0).detach()
-    loss = desirable_weight * (1 - torch.sigmoid(beta * (r_c - z))) + undesirable_weight * (
-        1 - torch.sigmoid(beta * (z - r_r)))
-    return loss, beta * r_c.detach(), beta * r_r.detach()
-
-
 # --- objectives (options + which loss) ----------------------------------------------------
 
 
@@ -111,13 +99,6 @@ class SimpoOptions(Strict):
 class OrpoOptions(Strict):
     name: Literal["orpo"] = "orpo"
     lam: float = Field(0.1, gt=0, description="weight of the odds-ratio term next to the SFT loss")
-
-
-class KtoOptions(Strict):
-    name: Literal["kto"] = "kto"
-    beta: float = Field(0.1, gt=0)
-    desirable_weight: float = Field(1.0, gt=0)
-    undesirable_weight: float = Field(1.0, gt=0)
 
 
 class PreferenceObjective(Objective):
@@ -163,12 +144,3 @@ class ORPO(PreferenceObjective):
 
     def pair_loss(self, opts, pc, pr, nc, nr, rc=None, rr=None):
         return orpo_loss(pc, pr, nc, nr, opts.lam)
-
-
-@register_objective
-class KTO(PreferenceObjective):
-    name = "kto"
-    options = KtoOptions
-
-    def pair_loss(self, opts, pc, pr, nc, nr, rc=None, rr=None):
-        return kto_loss(pc, pr, rc, rr, opts.beta, opts.desirable_weight, opts.undesirable_weight)

@@ -10,7 +10,7 @@ from tuneforge.data.load import DataError, load_rows
 from tuneforge.objectives.classify import classification_metrics
 from tuneforge.objectives.cpt import pack_text
 from tuneforge.objectives.distill import kd_loss_sum
-from tuneforge.objectives.preference import dpo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
+from tuneforge.objectives.preference import dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from tuneforge.objectives.reward import bradley_terry_loss, pairwise_accuracy
 from tuneforge.train.recipes.online_rl import hacking_alarm
 
@@ -48,15 +48,6 @@ def test_orpo():
     loss, oc, orj = orpo_loss(t(2 * math.log(0.5)), t(math.log(0.25)), t(2.0), t(1.0), lam=0.1)
     assert loss.item() == pytest.approx(-math.log(0.5) + 0.1 * math.log(1 + 1 / 3))
     assert (oc.item(), orj.item()) == pytest.approx((0.0, -math.log(3)))
-
-
-def test_kto():
-    # r_c = 0.5, r_r = -0.5, so the reference point z = mean = 0: 2 (1 - σ(0.05))
-    loss, _, _ = kto_loss(PC, PR, RC, RR, beta=0.1)
-    assert loss.sum().item() == pytest.approx(2 * (1 - 1 / (1 + math.exp(-0.05))))
-    # A positive mean drift becomes the reference point: r_c = 3, r_r = 1, z = 2.
-    loss, _, _ = kto_loss(t(3.0), t(1.0), t(0.0), t(0.0), beta=1.0)
-    assert loss.sum().item() == pytest.approx(2 * (1 - 1 / (1 + math.exp(-1.0))))
 
 
 def test_bradley_terry_and_pairwise_accuracy():

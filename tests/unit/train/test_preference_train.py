@@ -10,7 +10,8 @@ from tuneforge.plugins import validate_config
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.objectives import OBJECTIVES
-from tuneforge.train.recipes.pairs import Reference, batch_logps, encode_pairs, pair_batches, pair_step
+from tuneforge.train.recipes.pairs import encode_pairs, pair_batches, pair_step
+from tuneforge.train.recipes.scoring import Reference, batch_logps
 from tuneforge.train.run import train
 
 ROWS = [{"prompt": [{"role": "user", "content": f"order {i} coffee mugs"}], "chosen": '{"quantity": %d}' % i,
@@ -43,8 +44,7 @@ def test_reference_is_the_base_model(lora_model, tiny_model_dir, tiny_tok):
 
 
 @pytest.mark.parametrize("objective", [{"name": "dpo", "loss_type": "sigmoid"}, {"name": "dpo", "loss_type": "ipo"},
-                                       {"name": "dpo", "loss_type": "hinge"}, {"name": "simpo"}, {"name": "orpo"},
-                                       {"name": "kto"}])
+                                       {"name": "dpo", "loss_type": "hinge"}, {"name": "simpo"}, {"name": "orpo"}])
 def test_every_preference_loss_gives_gradients_to_the_adapter(lora_model, tiny_tok, objective):
     opts = validate_config({"data": {"train": ["x"]}, "objective": objective}).objective
     obj = OBJECTIVES[opts.name]

@@ -1,14 +1,12 @@
-"""The pair recipe (dpo, simpo, orpo, kto): setup -> pairs -> model -> evaluate (before) ->
+"""The pair recipe (dpo, simpo, orpo): setup -> pairs -> model -> evaluate (before) ->
 train (THE loop, tuneforge.train.loop) -> save -> evaluate (after).
 
-The reference model is the policy with its adapter disabled: no second copy of the
-weights. Methods without an adapter, and runs that start from an earlier run's adapter
-(train.init_from: the reference is where training starts), get a frozen copy.
+The model, its reference (the policy with its adapter disabled) and the held-out scoring
+are tuneforge.train.recipes.scoring's, shared with the unpaired recipe (kto).
 """
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -18,16 +16,17 @@ from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data.render import pad_batch, render_chat, with_system
-from tuneforge.hardware import autocast
 from tuneforge.io import write_json
-from tuneforge.methods import count_trainable
-from tuneforge.models.load import load_causal_lm, load_tokenizer
-from tuneforge.models.tokenizer import fix_chat_tokenizer
-from tuneforge.objectives.preference import sequence_logps
-from tuneforge.objectives.sft import body_and_head
 from tuneforge.plugins import method_of, objective_of
-from tuneforge.train.continual import init_from
 from tuneforge.train.loop import Loop, MeanSteps
+from tuneforge.train.recipes.scoring import (
+    Reference,
+    batch_logps,
+    load_policy,
+    save_policy,
+    score_held_out,
+    tokenizer_of,
+)
 from tuneforge.train.run_folder import finish, start_run
 
 
@@ -56,30 +55,6 @@ def pair_batches(pairs: list[dict], batch_size: int, pad_id: int, seed: int, epo
     ordered = [pairs[i] for i in order]
     return [pad_batch([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk], pad_id)
             for chunk in (ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size))]
-
-
-class Reference:
-    """Log-probs under the reference model: the adapter switched off, or a frozen copy (no
-    adapter to switch off, or ``frozen``: the starting weights are not the base model's)."""
-
-    def __init__(self, model, frozen: bool = False):
-        self.copy = (copy.deepcopy(model).eval().requires_grad_(False) if frozen or not hasattr(model, "disable_adapter")
-                     else None)
-        self.model = model
-
-    @torch.no_grad()
-    def logps(self, batch: dict):
-        if self.copy is not None:
-            return batch_logps(self.copy, batch)
-        with self.model.disable_adapter():
-            return batch_logps(self.model, batch)
-
-
-def batch_logps(model, batch: dict):
-    """(summed response log-prob [2B], response length [2B]) for a pair batch."""
-    body, head = body_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return sequence_logps(hidden.last_hidden_state, batch["labels"], head)
 
 
 def pair_step(model, reference: Reference | None, objective, opts, batch: dict):
@@ -119,8 +94,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     console = console or Console()
     # --- setup and data ----------------------------------------------------------------
     run = start_run(cfg, resume, console)
-    method, objective, opts = method_of(cfg), objective_of(cfg), cfg.objective
-    tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    objective, opts = objective_of(cfg), cfg.objective
+    tok = tokenizer_of(cfg)
     pairs, dropped = {}, {}
     for split in ("train", "validation", "test"):
         pairs[split], dropped[split] = encode_pairs(tok, getattr(run.splits, split), cfg.data.max_length,
@@ -131,18 +106,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         raise ConfigError([f"every training pair is longer than data.max_length={cfg.data.max_length}"])
 
     # --- model -------------------------------------------------------------------------
-    model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, run.dtype), run.device,
-                           cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code)
-    fix_chat_tokenizer(tok, model)
-    model = method.apply(model, cfg.method)
-    if cfg.train.init_from:
-        console.print(f"continuing from {cfg.train.init_from} ({init_from(model, cfg.train.init_from)} tensors)")
-    n_train, n_total = count_trainable(model)
-    # Taken from the starting weights, before the loop restores a checkpoint of a resumed run.
-    reference = Reference(model, frozen=bool(cfg.train.init_from)) if objective.needs_reference else None
-    console.print(f"[bold]{cfg.method.name}[/] + {objective.name}: {n_train:,} trainable of {n_total:,}; "
-                  f"reference: {'adapter disabled' if reference and reference.copy is None else 'frozen copy' if reference else 'none (reference-free loss)'}")
-
+    policy = load_policy(cfg, run, tok, objective.needs_reference, console)
+    model, reference = policy.model, policy.reference
     t, pad = cfg.train, tok.pad_token_id
     held = {s: pair_batches(pairs[s], cfg.eval.batch_size, pad, t.seed, 0, shuffle=False)
             for s in ("validation", "test") if pairs[s]}
@@ -150,32 +115,26 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     def on_held(split):
         return lambda: evaluate_pairs(model, reference, objective, opts, held[split], run.device)
 
-    results = {}
-    if "test" in held:  # before training the policy is the reference: the baseline
-        model.eval()  # no dropout: the baseline compares the same weights, not a dropout sample
-        with torch.no_grad(), autocast(run.device, run.dtype):
-            results["base"] = on_held("test")()
+    # Before training the policy is the reference: the baseline.
+    results = {"base": score_held_out(model, run, on_held("test"))} if "test" in held else {}
 
     # --- train -------------------------------------------------------------------------
     steps = MeanSteps(lambda epoch: pair_batches(pairs["train"], t.batch_size, pad, t.seed, epoch),
                       lambda b: pair_step(model, reference, objective, opts, b),
                       on_held("validation") if "validation" in held else None, len(pairs["train"]),
                       run.device, run.dtype)
-    outcome = Loop(cfg, run.run_dir, model, steps, method, device=run.device, dtype=run.dtype, console=console,
-                   resume=run.resume, on_eval=on_eval).run()
+    outcome = Loop(cfg, run.run_dir, model, steps, method_of(cfg), device=run.device, dtype=run.dtype,
+                   console=console, resume=run.resume, on_eval=on_eval).run()
 
     # --- save and evaluate ---------------------------------------------------------------
-    method.save(model, run.run_dir / "adapter")
-    tok.save_pretrained(run.run_dir / "adapter")
+    save_policy(cfg, run, model, tok)
     if "test" in held:
-        model.eval()
-        with torch.no_grad(), autocast(run.device, run.dtype):
-            results["tuned"] = on_held("test")()
+        results["tuned"] = score_held_out(model, run, on_held("test"))
         write_json(run.run_dir / "eval.json", results | {"pairs": len(pairs["test"])})
         console.print(f"held-out pairs ({len(pairs['test'])}): " + "  ".join(
             f"{m} {results['base'][m]:.3f} -> {results['tuned'][m]:.3f}"
             for m in ("logp_accuracy", "reward_accuracy", "reward_margin")))
-    return finish(run, {"steps": outcome.steps, "trainable_params": n_train, "total_params": n_total,
+    return finish(run, {"steps": outcome.steps, "trainable_params": policy.n_train, "total_params": policy.n_total,
                         "pairs": {k: len(v) for k, v in pairs.items()},
                         "dropped_pairs": {k: dict(v) for k, v in dropped.items() if v},
                         "validation": outcome.last_eval, **outcome.best, "eval": results}, console)
