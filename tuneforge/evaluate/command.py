@@ -328,6 +328,15 @@ def print_table(results: dict, under_test: str, console: Console) -> None:
         console.print(f"diagnosis [bold]{d['kind']}[/]: {d['evidence']}. Suggestion: {d['suggestion']}")
 
 
+TOOL_METRICS_TEXT = (
+    "Tool rows: the first assistant turn after the user is generated with the row's tools in the prompt and "
+    "scored as a call or not. tool_call_rate_when_needed and the argument metrics: rows whose reference calls "
+    "(arguments_valid_json: parsed and valid against the function's JSON schema; arguments_exact: equal to the "
+    "reference, numbers by value; argument_accuracy: share of arguments right); no_call_when_not_needed: rows "
+    "whose reference answers directly; first_turn_correct: the right decision and exactly the right calls (all "
+    "rows). answer_after_tool: token F1 of the final answer, prompted with the reference call and result.")
+
+
 def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | None, out: Path) -> list:
     header, rows = score_rows(results, under_test)
     blocks = [rp.heading("Results"),
@@ -336,6 +345,7 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
                       f"({results['bootstrap']['resamples']} resamples); corpus-level metrics (BLEU, chrF, macro/micro "
                       "scores) have no interval. Loss and perplexity: lower is better."),
               rp.table(header, rows),
+              rp.text(TOOL_METRICS_TEXT) if results["kind"] == "tools" else None,
               rp.table(["system", "seconds / request", "prompt tokens / request", "output tokens / request"],
                        [[n, f"{s['seconds_per_request']:.3f}", f"{s['prompt_tokens_per_request']:.0f}",
                          f"{s['output_tokens_per_request']:.1f}"] for n, s in systems.items()]),

@@ -113,3 +113,23 @@ def test_measure_tools_generates_both_turns(tiny_model_dir, tiny_tok):
     assert len(m["per_example"]["arguments_exact"]) == 1 and len(m["per_example"]["loss"]) == 2
     assert m["refs"][0].startswith("<tool_call>") and m["prompts"] == ["20 dollars in euros?", "hello"]
     assert m["main"] == "first_turn_correct" and 0 <= m["scores"]["tool_call_rate_when_needed"] <= 1
+
+
+def test_tuneforge_eval_detects_tool_rows_and_reports_them(tiny_model_dir, tmp_path):
+    from rich.console import Console  # deferred: only this test prints
+
+    from tuneforge.data.builtin import generate
+    from tuneforge.evaluate.command import EvalOptions, run_eval
+
+    data = tmp_path / "tools.jsonl"
+    rows = list(generate("tools", n=12, seed=3))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # OpenAI shape: the loader converts it
+    out = run_eval(EvalOptions(target=tiny_model_dir, data=str(data), out=str(tmp_path / "eval"), max_new_tokens=4,
+                               batch_size=6, forgetting_texts=0), Console(width=200, record=True))
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["kind"] == "tools" and res["n"] == 12
+    scores = res["systems"][tiny_model_dir]["scores"]
+    n_calls = sum(len(r["messages"]) == 4 for r in rows)
+    assert {"tool_call_rate_when_needed", "arguments_exact", "first_turn_correct", "answer_after_tool"} <= set(scores)
+    assert ("no_call_when_not_needed" in scores) == (n_calls < 12)
+    assert "first_turn_correct" in (out / "report.md").read_text() and "Tool rows:" in (out / "report.md").read_text()
