@@ -23,7 +23,7 @@ NOT_NEEDED_METRICS = ("no_call_when_not_needed",)
 
 def is_tool_row(row: dict) -> bool:
     """A row about tools: it offers tools, or a turn calls one / is a tool result."""
-    return bool(row.get("tools")) or any(m.get("tool_calls") or m["role"] == "tool" for m in row["messages"])
+    return bool(row.get("tools")) or any(m.get("tool_calls") or m["role"] == "tool" for m in row.get("messages", ()))
 
 
 def scored_turn(messages: list[dict]) -> int:
