@@ -287,3 +287,176 @@ def chatterbot_instructions(n: int = 100000, seed: int = 0, max_items: int = 6):
 
 
 GENERATORS["chatterbot_instructions"] = chatterbot_instructions
+
+
+# --- tools: when to call a function, which one, with which arguments ------------------------
+#
+# Rows in OpenAI's fine-tuning shape (the loader's chat format reads them): ``tools`` is a
+# list of {"type": "function", "function": {...}}, an assistant call has ``tool_calls`` with
+# ``arguments`` as a JSON *string*, a result is a ``tool`` message with ``tool_call_id``.
+
+
+def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required, "additionalProperties": False}}}
+
+
+CURRENCIES = {"USD": ["USD", "US dollars", "dollars"], "EUR": ["EUR", "euros"], "GBP": ["GBP", "British pounds", "pounds"],
+              "JPY": ["JPY", "Japanese yen", "yen"], "CAD": ["CAD", "Canadian dollars"], "CHF": ["CHF", "Swiss francs"]}
+PER_USD = {"USD": 1.0, "EUR": 0.92, "GBP": 0.79, "JPY": 151.3, "CAD": 1.36, "CHF": 0.88}
+TOOL_SPECS = {
+    "get_weather": _fn("get_weather", "Get the current weather in a city.",
+                       {"city": {"type": "string", "description": "City name, e.g. Lisbon"},
+                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"],
+                                 "description": "Temperature unit (default celsius)"}}, ["city"]),
+    "convert_currency": _fn("convert_currency", "Convert an amount of money from one currency to another.",
+                            {"amount": {"type": "number"},
+                             "from_currency": {"type": "string", "enum": sorted(CURRENCIES)},
+                             "to_currency": {"type": "string", "enum": sorted(CURRENCIES)}},
+                            ["amount", "from_currency", "to_currency"]),
+    "create_calendar_event": _fn("create_calendar_event", "Add an event to the user's calendar.",
+                                 {"title": {"type": "string"},
+                                  "date": {"type": "string", "description": "YYYY-MM-DD"},
+                                  "time": {"type": "string", "description": "HH:MM, 24-hour clock"}},
+                                 ["title", "date", "time"]),
+    "lookup_order": _fn("lookup_order", "Look up the status of a customer order by its ID.",
+                        {"order_id": {"type": "string", "description": "Order ID like ORD-12345"}}, ["order_id"]),
+    "send_email": _fn("send_email", "Send an email on the user's behalf.",
+                      {"to": {"type": "string", "description": "Recipient email address"},
+                       "subject": {"type": "string"}}, ["to", "subject"]),
+    "get_stock_price": _fn("get_stock_price", "Get the latest price of a stock by its ticker symbol.",
+                           {"symbol": {"type": "string", "description": "Ticker symbol, e.g. AAPL"}}, ["symbol"]),
+}
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+EVENTS = ["Dentist appointment", "Team standup", "Lunch with Sam", "Project review", "Yoga class", "Call with the bank",
+          "Parent-teacher meeting", "Flight to Berlin", "Budget planning", "Birthday dinner"]
+SUBJECTS = ["Quarterly report", "Meeting notes", "Invoice 2231", "Holiday plans", "Contract renewal",
+            "Welcome aboard", "Schedule change", "Thank you"]
+TICKERS = {"AAPL": "Apple", "MSFT": "Microsoft", "NVDA": "Nvidia", "AMZN": "Amazon", "TSLA": "Tesla", "GOOGL": "Alphabet"}
+ORDER_STATUS = [("shipped", "is on its way"), ("delivered", "has been delivered"), ("processing", "is being prepared"),
+                ("cancelled", "was cancelled")]
+CONDITIONS = ["sunny", "cloudy", "light rain", "snow", "windy", "clear skies", "fog"]
+
+
+def _weather(rng):
+    city = rng.choice(CITIES)
+    unit = rng.choice(["celsius", "fahrenheit"]) if rng.random() < 0.4 else None
+    ask = rng.choice(["What's the weather like in {c}?", "Is it cold in {c} right now?", "weather {c}",
+                      "Can you check the current weather in {c} for me?", "How warm is it in {c} today?",
+                      "I'm flying to {c} tonight - what's the weather there?"]).format(c=city)
+    if unit:
+        ask += rng.choice([f" Give me the temperature in {unit}.", f" Use {unit}, please.", f" ({unit})"])
+    args = {"city": city, **({"unit": unit} if unit else {})}
+    celsius, cond = rng.randint(-8, 34), rng.choice(CONDITIONS)
+    temp = celsius if unit != "fahrenheit" else round(celsius * 9 / 5 + 32)
+    result = {"city": city, "temperature": temp, "unit": unit or "celsius", "conditions": cond}
+    answer = f"It's currently {temp}°{'F' if unit == 'fahrenheit' else 'C'} in {city} with {cond}."
+    return ask, args, result, answer
+
+
+def _currency(rng):
+    src, dst = rng.sample(sorted(CURRENCIES), 2)
+    amount = rng.choice([rng.randint(5, 2000), round(rng.uniform(1, 500), 2)])
+    s, d = rng.choice(CURRENCIES[src]), rng.choice(CURRENCIES[dst])
+    ask = rng.choice(["Convert {a} {s} to {d}.", "How much is {a} {s} in {d}?", "What are {a} {s} worth in {d}?",
+                      "I have {a} {s}. How many {d} is that?", "{a} {s} to {d} please"]).format(a=amount, s=s, d=d)
+    converted = round(amount / PER_USD[src] * PER_USD[dst], 2)
+    args = {"amount": amount, "from_currency": src, "to_currency": dst}
+    result = {"amount": amount, "from": src, "to": dst, "converted": converted, "rate": round(PER_USD[dst] / PER_USD[src], 4)}
+    return ask, args, result, f"{amount} {src} is about {converted} {dst}."
+
+
+def _calendar(rng):
+    title, month, day = rng.choice(EVENTS), rng.randint(1, 12), rng.randint(1, 28)
+    hour, minute = rng.randint(7, 20), rng.choice([0, 0, 15, 30, 45])
+    date, time_ = f"2026-{month:02d}-{day:02d}", f"{hour:02d}:{minute:02d}"
+    spoken_date = rng.choice([f"{MONTHS[month - 1]} {day}, 2026", f"{day} {MONTHS[month - 1]} 2026", date])
+    h12 = f"{hour % 12 or 12}{f':{minute:02d}' if minute else ''} {'pm' if hour >= 12 else 'am'}"
+    spoken_time = rng.choice([time_, h12])
+    ask = rng.choice(["Add '{t}' to my calendar on {d} at {h}.", "Schedule {t} for {d} at {h}.",
+                      "Put a calendar event called \"{t}\" on {d}, {h}.", "Can you book {t} on {d} at {h}?"]
+                     ).format(t=title, d=spoken_date, h=spoken_time)
+    result = {"event_id": f"evt_{rng.randint(1000, 9999)}", "status": "created"}
+    return ask, {"title": title, "date": date, "time": time_}, result, f"Done: \"{title}\" is on your calendar for {date} at {time_}."
+
+
+def _order(rng):
+    order_id = f"ORD-{rng.randint(10000, 99999)}"
+    ask = rng.choice(["Where is my order {o}?", "Can you check the status of order {o}?", "Any update on {o}?",
+                      "I ordered something last week, the ID is {o}. Has it shipped?", "status of {o}"]).format(o=order_id)
+    status, prose = rng.choice(ORDER_STATUS)
+    result = {"order_id": order_id, "status": status, "items": rng.randint(1, 4)}
+    return ask, {"order_id": order_id}, result, f"Your order {order_id} {prose}."
+
+
+def _email(rng):
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    to, subject = f"{first.lower()}.{last.lower()}@example.com", rng.choice(SUBJECTS)
+    ask = rng.choice(["Send an email to {e} with the subject \"{s}\".", "Email {e}, subject: {s}.",
+                      "Please write to {e} - subject line \"{s}\".", "Could you email {e} about \"{s}\"?"]
+                     ).format(e=to, s=subject)
+    result = {"message_id": f"msg_{rng.randint(100000, 999999)}", "status": "sent"}
+    return ask, {"to": to, "subject": subject}, result, f"Sent your email \"{subject}\" to {to}."
+
+
+def _stock(rng):
+    symbol = rng.choice(sorted(TICKERS))
+    name = rng.choice([symbol, TICKERS[symbol]])
+    ask = rng.choice(["What's {n} trading at?", "Price of {n} stock?", "How much is one share of {n} right now?",
+                      "Check the stock price for {n}."]).format(n=name)
+    price = round(rng.uniform(50, 900), 2)
+    result = {"symbol": symbol, "price": price, "currency": "USD"}
+    return ask, {"symbol": symbol}, result, f"{TICKERS[symbol]} ({symbol}) is trading at ${price}."
+
+
+TOOL_TASKS = {"get_weather": _weather, "convert_currency": _currency, "create_calendar_event": _calendar,
+              "lookup_order": _order, "send_email": _email, "get_stock_price": _stock}
+
+
+def _no_tool(rng) -> tuple[str, str]:
+    """A message that needs no function: small talk, or a question answered directly."""
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    return rng.choice([
+        ("Hi there!", "Hello! How can I help you today?"),
+        ("Thanks, that's all I needed.", "You're welcome! Have a great day."),
+        ("What can you do?", "I can check the weather, convert currencies, manage your calendar, look up orders, "
+                             "send emails and get stock prices. What would you like?"),
+        (f"What is {a} times {b}?", f"{a} times {b} is {a * b}."),
+        (f"What's {a} plus {b}?", f"{a} plus {b} is {a + b}."),
+        ("How many days are in a week?", "There are 7 days in a week."),
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Tell me a fun fact.", "Octopuses have three hearts."),
+        ("Good morning!", "Good morning! What can I do for you?"),
+        ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
+    ])
+
+
+def tools(n: int = 600, seed: int = 0, no_tool_share: float = 0.15):
+    """Tool-calling conversations: the user asks, the assistant calls the right function with
+    the right arguments (``call_0``), the tool answers, the assistant answers from the result;
+    ``no_tool_share`` of the rows need no call (a plain answer: when NOT to call). Each row
+    offers 2-4 of the six tools, always the right one, in random order."""
+    rng = random.Random(seed)
+    names = sorted(TOOL_TASKS)
+    for _ in range(n):
+        needed = None if rng.random() < no_tool_share else rng.choice(names)
+        others = rng.sample([x for x in names if x != needed], rng.randint(2, 4) - (needed is not None))
+        offered = [*others, *([needed] if needed else [])]
+        rng.shuffle(offered)
+        row = {"tools": [TOOL_SPECS[x] for x in offered]}
+        if needed is None:
+            ask, answer = _no_tool(rng)
+            row["messages"] = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+            yield row
+            continue
+        ask, args, result, answer = TOOL_TASKS[needed](rng)
+        call = {"id": "call_0", "type": "function", "function": {"name": needed, "arguments": json.dumps(args)}}
+        row["messages"] = [{"role": "user", "content": ask},
+                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "call_0", "content": json.dumps(result)},
+                           {"role": "assistant", "content": answer}]
+        yield row
+
+
+GENERATORS["tools"] = tools

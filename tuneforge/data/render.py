@@ -3,6 +3,12 @@
 Labels: the assistant turns' tokens plus the end-of-turn (eos) token that closes each, so
 the tuned model learns to stop; prompts (system/user, turn headers) are IGNORE. The
 template's text after the end-of-turn token (a newline, for ChatML) is not trained.
+
+Rows with tools (``tools``, assistant ``tool_calls``, ``tool`` results) render through
+``data/tools.py``: the model's own template when it renders tools, else the fallback format.
+An assistant turn's tool-call blocks are trained like its text; tool results (a user turn in
+the fallback, a ``tool`` turn natively) never are. An assistant turn with ``weight: 0`` is
+context only: no labels.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.data.tools import chat_ids
+
 IGNORE = -100
 
 
@@ -19,21 +27,21 @@ class RenderError(ValueError):
     pass
 
 
-def _ids(tok, messages, add_generation_prompt=False) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+def _ids(tok, messages, add_generation_prompt=False, tools=None) -> list[int]:
+    return chat_ids(tok, messages, tools or None, add_generation_prompt=add_generation_prompt)
 
 
-def render_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation (labels are IGNORE outside assistant spans)."""
+def render_chat(tok, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation (labels are IGNORE outside assistant spans;
+    ``tools``: the row's tool schemas, rendered as the template or the fallback does)."""
     eos = tok.eos_token_id
-    full = _ids(tok, messages)
+    full = _ids(tok, messages, tools=tools)
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
-        prefix = _ids(tok, messages[:i], add_generation_prompt=True)
-        start, end = len(prefix), len(_ids(tok, messages[: i + 1]))
+        prefix = _ids(tok, messages[:i], add_generation_prompt=True, tools=tools)
+        start, end = len(prefix), len(_ids(tok, messages[: i + 1], tools=tools))
         if full[:start] != prefix:
             raise RenderError("the chat template's prompt prefix does not tokenize as a prefix of the conversation")
         # Train up to and including the end-of-turn token; not the template's trailing text.
@@ -46,9 +54,10 @@ def render_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return full, labels
 
 
-def prompt_ids(tok, messages: list[dict]) -> list[int]:
-    """The prompt for generation: every turn before the final assistant one, plus its header."""
-    return _ids(tok, messages[:-1], add_generation_prompt=True)
+def prompt_ids(tok, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt for generation: every turn before the final assistant one, plus its header
+    (with the row's ``tools`` listed the way training rendered them)."""
+    return _ids(tok, messages[:-1], add_generation_prompt=True, tools=tools)
 
 
 @dataclass
@@ -66,7 +75,7 @@ def encode_rows(tok, rows: list[dict], max_length: int, overlength: str, system_
         if "segments" in row:  # Axolotl input_output rows: no template, labels per segment
             ids, labels = render_segments(tok, row["segments"])
         else:
-            ids, labels = render_chat(tok, with_system(row["messages"], system_prompt))
+            ids, labels = render_chat(tok, with_system(row["messages"], system_prompt), row.get("tools"))
         if len(ids) > max_length:
             detail = f"{row.get('_where', '?')}: {len(ids)} tokens > data.max_length={max_length}"
             if overlength == "error":

@@ -30,6 +30,7 @@ from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.perplexity import nll_per_row, summarize, text_rows
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.stats import paired_bootstrap
+from tuneforge.evaluate.tool_metrics import is_tool_row
 from tuneforge.io import write_json
 from tuneforge.runs import load_for_inference, load_run_config
 
@@ -81,14 +82,19 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     rows = rows[: opts.limit] if opts.limit else rows
     convs = [with_system(r["messages"], system_prompt) for r in rows]
     refs = [c[-1]["content"] for c in convs]
-    kind = task_kind(refs)
+    # Rows about tools are scored as tool calling (the first assistant turn: call or not).
+    kind = "tools" if any(is_tool_row(r) for r in rows) else task_kind(refs)
     labels = sorted({normalize(r["messages"][-1]["content"]) for r in train_rows} | {normalize(r) for r in refs}) \
         if kind == "classification" else None
     console.print(f"[bold]eval[/] {opts.target} on {opts.data}: {len(convs)} rows, task kind {kind}")
+    if kind == "tools" and opts.few_shot:
+        console.print("[yellow]--few-shot skipped[/]: in-context examples are not written for tool rows")
+        opts = opts.model_copy(update={"few_shot": 0})
 
     # --- systems: baselines first, the model under test last ---------------------------
     shots = draw_shots([r["messages"] for r in train_rows], opts.few_shot, opts.seed)
-    task = _Task(convs, [with_examples(c, shots) for c in convs], kind, labels, gen)
+    task = _Task(convs, [with_examples(c, shots) for c in convs], kind, labels, gen,
+                 [r.get("tools") or [] for r in rows])
     other = load_for_inference(opts.baseline, opts.device)[:2] if opts.baseline else None
     under_test = "tuned" if is_run else opts.target
     systems = measure_systems(model, tok, is_run, other, under_test, task, opts, console)
@@ -127,6 +133,7 @@ class _Task:
     kind: str
     labels: list[str] | None
     gen: GenSettings
+    tools: list[list[dict]] | None = None  # each row's tool schemas (kind "tools")
 
 
 def measure_systems(model, tok, is_run: bool, other, under_test: str, task: _Task, opts: EvalOptions,
@@ -137,7 +144,7 @@ def measure_systems(model, tok, is_run: bool, other, under_test: str, task: _Tas
 
     def run_system(name, m, t, cs, with_loss=True, label=None):
         systems[name] = measure(m, t, cs, kind=task.kind, labels=task.labels, gen=task.gen, label=label or name,
-                                with_loss=with_loss)
+                                with_loss=with_loss, tools=task.tools)
 
     if is_run:
         with model.disable_adapter():
@@ -321,6 +328,15 @@ def print_table(results: dict, under_test: str, console: Console) -> None:
         console.print(f"diagnosis [bold]{d['kind']}[/]: {d['evidence']}. Suggestion: {d['suggestion']}")
 
 
+TOOL_METRICS_TEXT = (
+    "Tool rows: the first assistant turn after the user is generated with the row's tools in the prompt and "
+    "scored as a call or not. tool_call_rate_when_needed and the argument metrics: rows whose reference calls "
+    "(arguments_valid_json: parsed and valid against the function's JSON schema; arguments_exact: equal to the "
+    "reference, numbers by value; argument_accuracy: share of arguments right); no_call_when_not_needed: rows "
+    "whose reference answers directly; first_turn_correct: the right decision and exactly the right calls (all "
+    "rows). answer_after_tool: token F1 of the final answer, prompted with the reference call and result.")
+
+
 def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | None, out: Path) -> list:
     header, rows = score_rows(results, under_test)
     blocks = [rp.heading("Results"),
@@ -329,6 +345,7 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
                       f"({results['bootstrap']['resamples']} resamples); corpus-level metrics (BLEU, chrF, macro/micro "
                       "scores) have no interval. Loss and perplexity: lower is better."),
               rp.table(header, rows),
+              rp.text(TOOL_METRICS_TEXT) if results["kind"] == "tools" else None,
               rp.table(["system", "seconds / request", "prompt tokens / request", "output tokens / request"],
                        [[n, f"{s['seconds_per_request']:.3f}", f"{s['prompt_tokens_per_request']:.0f}",
                          f"{s['output_tokens_per_request']:.1f}"] for n, s in systems.items()]),

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from tuneforge.data.render import IGNORE, pad_batch, prompt_ids, render_chat
 
 
-def answer_rows(tok, convs: list[list[dict]]) -> list[dict]:
-    """Token ids with labels on the final assistant turn only (the reference answer)."""
+def answer_rows(tok, convs: list[list[dict]], tools: list[list[dict]] | None = None) -> list[dict]:
+    """Token ids with labels on the final assistant turn only (the reference answer);
+    ``tools``: each conversation's tool schemas (rows with tools)."""
     rows = []
-    for conv in convs:
-        ids, labels = render_chat(tok, conv)
-        n_prompt = len(prompt_ids(tok, conv))
+    for conv, t in zip(convs, tools or [None] * len(convs)):
+        ids, labels = render_chat(tok, conv, t)
+        n_prompt = len(prompt_ids(tok, conv, t))
         rows.append({"input_ids": ids, "labels": [IGNORE] * n_prompt + labels[n_prompt:]})
     return rows
 
