@@ -13,6 +13,7 @@ from tuneforge.data.render import IGNORE
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.plugins import validate_config
+from tuneforge.train.recipes.pairs import encode_pairs
 from tuneforge.train.recipes.scoring import Reference
 from tuneforge.train.recipes.unpaired import (
     encode_unpaired,
@@ -108,3 +109,21 @@ def test_kto_run_writes_a_run_folder_and_moves_held_out_rows_to_their_side(tiny_
     assert all({"kl", "accuracy"} <= set(r) for r in rows if r["kind"] == "train")
     evals = [r for r in rows if r["kind"] == "eval"]
     assert evals and all({"kl", "accuracy", "reward_desirable", "reward_undesirable"} <= set(r) for r in evals)
+
+
+def test_rows_with_tools_render_them_in_the_prompt_and_train_the_call(tiny_tok):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": {}}}]}
+    prompt = [{"role": "user", "content": "weather?"}]
+    unpaired, _ = encode_unpaired(tiny_tok, [{"prompt": prompt, "completion": [call], "label": True, "tools": tools}],
+                                  512, None)
+    assert "<tools>" in tiny_tok.decode(unpaired[0]["prompt_ids"])
+    trained = [t for t in unpaired[0]["completion_labels"] if t != IGNORE]
+    assert "<tool_call>" in tiny_tok.decode(trained)
+    pairs, _ = encode_pairs(tiny_tok, [{"prompt": prompt, "chosen": [call], "tools": tools,
+                                        "rejected": [{"role": "assistant", "content": "no idea"}]}], 512, None)
+    for side in ("chosen", "rejected"):
+        assert "<tools>" in tiny_tok.decode(pairs[0][side]["input_ids"])
+    assert "<tool_call>" in tiny_tok.decode([t for t in pairs[0]["chosen"]["labels"] if t != IGNORE])

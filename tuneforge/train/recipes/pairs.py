@@ -39,7 +39,8 @@ def encode_pairs(tok, rows: list[dict], max_length: int, system_prompt: str | No
         prompt = with_system(row["prompt"], system_prompt)
         # An answer is a string, or (from prepared folders) a list of assistant turns.
         sides = {k: render_chat(tok, [*prompt, *(row[k] if isinstance(row[k], list)
-                                                  else [{"role": "assistant", "content": row[k]}])])
+                                                  else [{"role": "assistant", "content": row[k]}])],
+                                 row.get("tools"))
                  for k in ("chosen", "rejected")}
         if max(len(ids) for ids, _ in sides.values()) > max_length:
             dropped["longer than max_length"] += 1

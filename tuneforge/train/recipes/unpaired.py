@@ -53,11 +53,11 @@ def encode_unpaired(tok, rows: list[dict], max_length: int, system_prompt: str |
     out, dropped = [], Counter()
     for row in rows:
         prompt = with_system(row["prompt"], system_prompt)
-        ids, labels = render_chat(tok, [*prompt, *row["completion"]])
+        ids, labels = render_chat(tok, [*prompt, *row["completion"]], row.get("tools"))
         if len(ids) > max_length:
             dropped["longer than max_length"] += 1
             continue
-        cut = len(prompt_ids(tok, [*prompt, row["completion"][0]]))  # the prompt and the answer header
+        cut = len(prompt_ids(tok, [*prompt, row["completion"][0]], row.get("tools")))  # the prompt and the answer header
         out.append({"prompt_ids": ids[:cut], "completion_ids": ids[cut:], "completion_labels": labels[cut:],
                     "label": bool(row["label"])})
     return out, dropped
