@@ -68,7 +68,8 @@ class Admission:
         self.lock = threading.Lock()
         self.waiting: dict[int, int] = {}  # id(job) -> max_tokens, in arrival order
         self.running_until: float | None = None  # monotonic time the running batch should end
-        self.fit = StepFit()
+        self.fit = StepFit()  # a decode step's seconds by batch size
+        self.prefill_s = 0.0  # a batch's prompt pass (and the first token), recent average
         self.steps_per_token = 1.0  # a batch's steps / its largest max_tokens (eos ends rows early)
         self.refused = 0
         self.cancelled_rows = 0
@@ -106,12 +107,18 @@ class Admission:
             t = self._batch_s(len(jobs), max((j.req.max_tokens for j in jobs), default=0))
             self.running_until = None if t is None else time.monotonic() + t
 
-    def observe(self, rows: int, steps: int, seconds: float, max_tokens: int, cancelled: int) -> None:
-        """A generate call of ``rows`` rows ran ``steps`` steps in ``seconds``."""
+    def observe(self, rows: int, steps: int, prefill_s: float, decode_s: float, max_tokens: int,
+                cancelled: int) -> None:
+        """A generate call of ``rows`` rows took ``prefill_s`` to its first token, then ``decode_s``
+        for its other ``steps`` - 1 steps (kept apart: a short answer's time is mostly its prompt's)."""
         if steps <= 0:
             return
         with self.lock:
-            self.fit.add(rows, seconds / steps)
+            self.prefill_s = prefill_s if self.fit.n == 0 else 0.8 * self.prefill_s + 0.2 * prefill_s
+            if steps > 1:
+                self.fit.add(rows, decode_s / (steps - 1))
+            elif self.fit.n == 0:
+                self.fit.add(rows, prefill_s)  # only a prompt pass seen yet: a step costs at most that
             self.cancelled_rows += cancelled
             if not cancelled and max_tokens > 0:  # a cancelled row ends a batch early: not its natural length
                 self.steps_per_token = 0.8 * self.steps_per_token + 0.2 * min(1.0, steps / max_tokens)
@@ -123,7 +130,7 @@ class Admission:
     # --- estimate -----------------------------------------------------------------------------
     def _batch_s(self, rows: int, max_tokens: int) -> float | None:
         step = self.fit.step_s(rows)
-        return None if step is None else step * max(1.0, self.steps_per_token * max_tokens)
+        return None if step is None else self.prefill_s + step * max(0.0, self.steps_per_token * max_tokens - 1)
 
     def _estimate(self, queue: list[int]) -> float | None:
         """Seconds until the last of ``queue`` (max_tokens of each waiting request) is done."""

@@ -179,6 +179,7 @@ class _RowStreamer:
         self.done = [False] * len(jobs)
         self.started = False
         self.steps = 0  # generation steps seen (the first put carries the prompts, not a step)
+        self.first_at = self.last_at = 0.0  # perf_counter of the first and the last step's tokens
         self.rows = None  # grammar.RowProcessor of this batch, when a row asked for a grammar or logprobs
         self.pending: list[list[dict] | None] = [None if j.req.logprobs is None else [] for j in jobs]
 
@@ -187,6 +188,9 @@ class _RowStreamer:
             self.started = True
             return
         self.steps += 1
+        self.last_at = time.perf_counter()
+        if self.steps == 1:
+            self.first_at = self.last_at
         for i, t in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
             if self.done[i]:
                 continue
@@ -541,7 +545,8 @@ class LocalEngine:
                                  past_key_values=past, max_new_tokens=longest, stopping_criteria=StoppingCriteriaList(
                                      [stop]), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                  streamer=streamer, return_dict_in_generate=cache is not None, **extra, **sampling)
-        self.admission.observe(len(jobs), streamer.steps, time.perf_counter() - t0, longest, len(stop.cut))
+        self.admission.observe(len(jobs), streamer.steps, streamer.first_at - t0, streamer.last_at - streamer.first_at,
+                               longest, len(stop.cut))
         self.admission.rows.extend((j.req.adapter, len(streamer.tokens[i]), "cancelled" if i in stop.cut else "done")
                                    for i, j in enumerate(jobs))
         if cache is not None:
