@@ -87,8 +87,11 @@ class Admission:
                                  (wait or budget_s) - budget_s)
             if wait is not None and wait > budget_s:
                 self.refused += 1
+                # No sooner than the running batch's end: nothing queued starts before it.
+                running = max(0.0, self.running_until - time.monotonic()) if self.running_until else 0.0
                 raise Overloaded(f"the server is overloaded: this request would take ~{wait:.0f}s "
-                                 f"({len(ahead)} waiting), over timeout_s={budget_s:g}", wait - budget_s)
+                                 f"({len(ahead)} waiting), over timeout_s={budget_s:g}",
+                                 max(wait - budget_s, running))
 
     def add(self, job: Any) -> None:
         with self.lock:

@@ -71,8 +71,9 @@ async def complete(gateway: Gateway, request: Request, body: ChatRequest | Compl
     return Response(status_code=499)
 
 
-async def disconnected(request: Request, every_s: float = 0.25) -> None:
-    """Return once the client has disconnected (polled: the ASGI server reports it only when asked)."""
+async def disconnected(request: Request, every_s: float = 1.0) -> None:
+    """Return once the client has disconnected (polled: the ASGI server reports it only when asked;
+    seldom, as every wake-up takes the GIL from the engine's decode loop)."""
     while not await request.is_disconnected():
         await asyncio.sleep(every_s)
 
