@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ def start_server(workdir: Path, model: str, timeout_s: float | None, engine: dic
            "log_format": "text"} | ({"timeout_s": timeout_s} if timeout_s else {})
     (workdir / "serve.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    log = open(workdir / "server.log", "w")
+    log = open(workdir / "server.log", "w")  # noqa: SIM115 - the server process writes it until it ends
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--config", str(workdir / "serve.yaml"),
                              "--registry", f"sqlite:///{workdir / 'reg.db'}", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT,
