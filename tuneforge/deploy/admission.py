@@ -69,7 +69,7 @@ class Admission:
         self.waiting: dict[int, int] = {}  # id(job) -> max_tokens, in arrival order
         self.running_until: float | None = None  # monotonic time the running batch should end
         self.fit = StepFit()  # a decode step's seconds by batch size
-        self.prefill_s = 0.0  # a batch's prompt pass (and the first token), recent average
+        self.prefill_row_s = 0.0  # a batch's prompt pass (and first token) per row, recent average
         self.steps_per_token = 1.0  # a batch's steps / its largest max_tokens (eos ends rows early)
         self.refused = 0
         self.cancelled_rows = 0
@@ -117,7 +117,8 @@ class Admission:
         if steps <= 0:
             return
         with self.lock:
-            self.prefill_s = prefill_s if self.fit.n == 0 else 0.8 * self.prefill_s + 0.2 * prefill_s
+            per_row = prefill_s / rows
+            self.prefill_row_s = per_row if self.fit.n == 0 else 0.8 * self.prefill_row_s + 0.2 * per_row
             if steps > 1:
                 self.fit.add(rows, decode_s / (steps - 1))
             elif self.fit.n == 0:
@@ -133,7 +134,8 @@ class Admission:
     # --- estimate -----------------------------------------------------------------------------
     def _batch_s(self, rows: int, max_tokens: int) -> float | None:
         step = self.fit.step_s(rows)
-        return None if step is None else self.prefill_s + step * max(0.0, self.steps_per_token * max_tokens - 1)
+        return None if step is None else \
+            self.prefill_row_s * rows + step * max(0.0, self.steps_per_token * max_tokens - 1)
 
     def _estimate(self, queue: list[int]) -> float | None:
         """Seconds until the last of ``queue`` (max_tokens of each waiting request) is done."""

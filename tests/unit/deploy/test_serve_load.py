@@ -151,10 +151,10 @@ def test_admission_estimates_the_wait_and_refuses_what_cannot_finish():
     jobs = [type("Job", (), {"req": _Req(10)})() for _ in range(8)]
     for j in jobs:
         adm.add(j)
-    with pytest.raises(Overloaded) as e:  # two batches of 10 steps ahead: 2 s, then its own 1 s
+    with pytest.raises(Overloaded) as e:  # two batches ahead (4 prompts, 9 steps): 2 x 1.3 s, then its own 1 s
         adm.check(10, budget_s=2.5)
-    assert e.value.retry_after == 1
-    adm.check(10, budget_s=3.5)
+    assert e.value.retry_after == 2  # 3.6 s - 2.5 s, rounded up
+    adm.check(10, budget_s=4)
     for j in jobs[:4]:
         adm.forget(j)  # their callers left
     adm.check(10, budget_s=2.5)
