@@ -10,11 +10,12 @@ shape: tool_calls.py, encode.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from tuneforge.deploy.api import ChatRequest, CompletionRequest, refusals
 from tuneforge.deploy.encode import Asked, encode_json, encode_stream
@@ -49,8 +50,36 @@ def chat_router(gateway: Gateway) -> APIRouter:
 
 
 async def complete(gateway: Gateway, request: Request, body: ChatRequest | CompletionRequest, endpoint: str):
+    """Answer the request; a client that disconnects before its answer (or its stream) starts
+    cancels the work (its queued job is dropped, its batch row stops: admission.py) and is
+    logged as status 499."""
     t0 = time.perf_counter()
     record = decode(body, endpoint)
+    work = asyncio.ensure_future(_complete(gateway, request, body, record, t0))
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    record.status, record.error = 499, "client disconnected"
+    gateway.emit(record, t0)
+    return Response(status_code=499)
+
+
+async def disconnected(request: Request, every_s: float = 1.0) -> None:
+    """Return once the client has disconnected (polled: the ASGI server reports it only when asked;
+    seldom, as every wake-up takes the GIL from the engine's decode loop)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+
+
+async def _complete(gateway: Gateway, request: Request, body: ChatRequest | CompletionRequest,
+                    record: RequestRecord, t0: float):
     try:
         asked = decode_asked(body, record, getattr(gateway.engine, "SUPPORTS", frozenset()))
         version, choices = await predict(gateway, request, body, record, asked)
@@ -148,7 +177,8 @@ async def predict(gateway: Gateway, request: Request, body, record: RequestRecor
 
     async def one(i: int) -> tuple[str, Chunk, AsyncIterator[Chunk]]:
         seeded = params | {"seed": params["seed"] + i} if params["seed"] is not None and i else params
-        version, stream, first = await gateway.generate(p, seeded, record, check if asked.grammar else None)
+        version, stream, first = await gateway.generate(p, seeded, record, check if asked.grammar else None,
+                                                        whole=not body.stream)
         if stops:
             stream = cut_at_stop(_chain(first, stream), stops)
             first = await stream.__anext__()

@@ -32,6 +32,8 @@ class EngineConfig(Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_batch: int = Field(16, gt=0, description="most requests run in one forward pass")
     batch_wait_ms: float = Field(10, ge=0, description="how long the first request waits for others to batch with")
+    max_queue: int = Field(256, gt=0, description="most requests waiting for a batch; more are refused with 503 + "
+                                                  "Retry-After (so is one whose estimated wait passes timeout_s)")
     max_adapters: int | None = Field(None, gt=0, description="LRU bound on resident adapters (default: no bound)")
     lora: Literal["gathered", "peft"] = Field(
         "gathered", description="how plain LoRA adapters share a batch: gathered (all of a batch's adapters in "

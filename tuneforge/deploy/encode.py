@@ -64,12 +64,13 @@ async def encode_json(gateway: Gateway, record: RequestRecord, version: str,
     chat, rid = record.endpoint == "chat", record.request_id
     meta, headers = _meta(record, version)
     created = int(time.time())
-    try:
+    try:  # the gateway collected each choice within its timeout (generate's ``whole``): no waiting here
         rests = await asyncio.wait_for(asyncio.gather(*(collect(s) for _, s in choices)), gateway.cfg.timeout_s)
     except Exception as e:  # noqa: BLE001 - the first chunk came; a failure now cannot fall back
-        record.status, record.error = 500, f"{type(e).__name__}: {e}"
+        late = isinstance(e, TimeoutError)
+        record.status, record.error = (504, "timed out") if late else (500, f"{type(e).__name__}: {e}")
         gateway.emit(record, t0)
-        err = ApiError(500, f"generation failed: {record.error}", "server_error")
+        err = ApiError(record.status, f"generation failed: {record.error}", "server_error")
         err.request_id = rid
         raise err from None
     outs = [joined(first, rest) for (first, _), rest in zip(choices, rests, strict=True)]
@@ -174,6 +175,12 @@ async def _sse(gateway: Gateway, record: RequestRecord, version: str, meta: dict
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
         record.status, record.error = 500, f"{type(e).__name__}: {e}"
         yield "data: " + json.dumps({"error": {"message": record.error, "type": "server_error"}}) + "\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client disconnected (the server cancels or closes this generator); leaving here
+        # closes the engine streams (_merged), which cancels their generation.
+        record.status, record.error = 499, "client disconnected"
+        gateway.emit(record, t0)
+        raise
     record.prompt_tokens, record.completion_tokens = lasts[0].prompt_tokens, sum(c.completion_tokens for c in lasts)
     record.response, record.finish_reason = tools[0].text, lasts[0].finish_reason
     gateway.emit(record, t0)

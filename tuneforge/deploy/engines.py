@@ -28,6 +28,7 @@ import torch
 
 from tuneforge.data.render import with_system
 from tuneforge.data.tools import chat_ids
+from tuneforge.deploy.admission import Admission, RowStop
 from tuneforge.deploy.grammar import RowProcessor
 from tuneforge.deploy.grammar import warm as warm_grammar
 from tuneforge.deploy.multilora import LoraBank
@@ -177,6 +178,8 @@ class _RowStreamer:
         self.sent = [""] * len(jobs)
         self.done = [False] * len(jobs)
         self.started = False
+        self.steps = 0  # generation steps seen (the first put carries the prompts, not a step)
+        self.first_at = self.last_at = 0.0  # perf_counter of the first and the last step's tokens
         self.rows = None  # grammar.RowProcessor of this batch, when a row asked for a grammar or logprobs
         self.pending: list[list[dict] | None] = [None if j.req.logprobs is None else [] for j in jobs]
 
@@ -184,6 +187,10 @@ class _RowStreamer:
         if not self.started:  # the first call carries the prompts
             self.started = True
             return
+        self.steps += 1
+        self.last_at = time.perf_counter()
+        if self.steps == 1:
+            self.first_at = self.last_at
         for i, t in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
             if self.done[i]:
                 continue
@@ -264,7 +271,8 @@ class LocalEngine:
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
-                 prefix_cache_mb: float = 256, prepack: str = "auto", fp32_prefill: str = "auto"):
+                 prefix_cache_mb: float = 256, prepack: str = "auto", fp32_prefill: str = "auto",
+                 max_queue: int = 256):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
@@ -279,10 +287,17 @@ class LocalEngine:
         self.worker: threading.Thread | None = None
         self.lock = threading.Lock()
         self.models_lock = threading.RLock()
+        self.admission = Admission(max_batch, max_queue)  # admission.py: queue estimate, cancelled rows
+
+    def admit(self, req: GenRequest, budget_s: float) -> None:
+        """Raise admission.Overloaded when ``req`` would not finish within ``budget_s`` seconds
+        behind the work already queued, or the queue is full."""
+        self.admission.check(req.max_tokens, budget_s)
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
         self._start()
         job = _Job(req, asyncio.get_running_loop(), asyncio.Queue())
+        self.admission.add(job)
         self.jobs.put(job)
         try:
             while True:
@@ -295,7 +310,10 @@ class LocalEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            job.cancelled = True  # timed out or client gone: the worker skips it if not yet run
+            # Timed out or client gone: the worker skips it if not yet run, and a running batch
+            # stops generating its row (admission.RowStop).
+            job.cancelled = True
+            self.admission.forget(job)
 
     async def load(self, req: GenRequest) -> None:
         """Load ``req``'s base and adapter now (loading twice is a no-op); waits for a running batch."""
@@ -360,13 +378,17 @@ class LocalEngine:
                 if isinstance(nxt, _Call):
                     calls.append(nxt)  # after this batch, as a load or unload waits for a running batch
                     continue
-                batch.append(nxt)
-            for group in _groups([j for j in batch if not j.cancelled]):
+                if not nxt.cancelled:  # its caller is gone: it takes no row
+                    batch.append(nxt)
+            batch = [j for j in batch if not j.cancelled]
+            self.admission.started(batch)
+            for group in _groups(batch):
                 try:
                     self._run(group)
                 except Exception as e:  # noqa: BLE001 - handed to each request; the worker lives on
                     for j in group:
                         j.loop.call_soon_threadsafe(j.out.put_nowait, e)
+            self.admission.finished()
             for call in calls:
                 call.run()
 
@@ -476,7 +498,7 @@ class LocalEngine:
         """``how``: "gathered" (multilora.py), "peft-mixed" (peft ``adapter_names=``) or
         "peft-one:ADAPTER" (one peft adapter, made active); see _by_path."""
         # deferred: transformers loads with the first model, not at server start
-        from transformers import DynamicCache, LogitsProcessorList
+        from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
         tok = base.tok
         r = jobs[0].req
@@ -517,11 +539,16 @@ class LocalEngine:
             extra = extra | {"logits_processor": LogitsProcessorList([streamer.rows])}
         autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else \
             contextlib.nullcontext()
+        stop, t0, longest = RowStop(streamer, jobs), time.perf_counter(), max(j.req.max_tokens for j in jobs)
         with autocast, adapters_on:
             out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 past_key_values=past, max_new_tokens=max(j.req.max_tokens for j in jobs),
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
-                                 return_dict_in_generate=cache is not None, **extra, **sampling)
+                                 past_key_values=past, max_new_tokens=longest, stopping_criteria=StoppingCriteriaList(
+                                     [stop]), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 streamer=streamer, return_dict_in_generate=cache is not None, **extra, **sampling)
+        self.admission.observe(len(jobs), streamer.steps, streamer.first_at - t0, streamer.last_at - streamer.first_at,
+                               longest, len(stop.cut))
+        self.admission.rows.extend((j.req.adapter, len(streamer.tokens[i]), "cancelled" if i in stop.cut else "done")
+                                   for i, j in enumerate(jobs))
         if cache is not None:
             _remember(cache, adapters, prompts, reuse, streamer.tokens, out.past_key_values)
 

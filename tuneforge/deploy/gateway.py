@@ -22,6 +22,7 @@ import yaml
 from fastapi import Request
 
 from tuneforge.deploy import prometheus as metrics
+from tuneforge.deploy.admission import Overloaded
 from tuneforge.deploy.config import FixedReply, ServeConfig
 from tuneforge.deploy.engines import Chunk, GenRequest, PromptTooLong, collect
 from tuneforge.deploy.routing import Plan, RateLimiter, guard_failure, plan
@@ -97,18 +98,24 @@ class Gateway:
 
     # --- generate -----------------------------------------------------------------------------
     async def generate(self, p: Plan, params: dict, record: RequestRecord,
-                       check: Callable[[Chunk], str | None] | None = None
+                       check: Callable[[Chunk], str | None] | None = None, whole: bool = False
                        ) -> tuple[str, AsyncIterator[Chunk], Chunk]:
         """Try the plan's targets in order until one yields its first chunk within the timeout
         (and, when the route has guards, its whole output passes them): (version, the rest of
         the stream, the first chunk). ``check``: the request's own test of the whole output
         (a required tool call must be one valid call); a failure moves down the chain like a
         guard, and for a plain model name (no chain) is answered 422 when max_tokens cut the
-        output short, else 500."""
-        reasons, unknown, failed_check = [], [], None
+        output short, else 500. ``whole`` (a JSON answer): the whole output must come within
+        the target's timeout, else the next target is tried.
+
+        An engine with ``admit`` (local) first says whether the target can answer within the
+        timeout behind the work it has queued; refused, the next target is tried. When every
+        target was refused the answer is 503 with Retry-After; when they timed out, 504."""
+        reasons, unknown, failed_check, classes, retry = [], [], None, [], []
 
         def skip(target, why: str, reason_class: str) -> None:
             reasons.append(f"{target}: {why}")
+            classes.append(reason_class)
             log.warning("fallback", extra={"request_id": record.request_id, "route": record.route,
                                            "target": str(target), "reason": reason_class, "detail": why})
             if record.route:  # a plain model name has no chain: its failure is an error, not a fallback
@@ -125,11 +132,14 @@ class Gateway:
                     unknown.append(str(e))
                     skip(target, str(e), "unknown_model")
                     continue
+                deadline = time.monotonic() + self.cfg.timeout_s
+                if hasattr(self.engine, "admit"):
+                    self.engine.admit(req, self.cfg.timeout_s)
                 first, stream = await self._first(req)
-                if p.guards is not None or check is not None:
+                if p.guards is not None or check is not None or whole:
                     # A guard judges the whole output, so it is generated (within the timeout)
                     # before anything is sent; a stream is then sent as one chunk.
-                    rest = await asyncio.wait_for(collect(stream), self.cfg.timeout_s)
+                    rest = await asyncio.wait_for(collect(stream), max(0.0, deadline - time.monotonic()))
                     first, stream = joined(first, rest), no_more()
                     failed = p.guards and guard_failure(p.guards, first.text, record.json_requested)
                     if failed:
@@ -146,15 +156,13 @@ class Gateway:
                 raise ApiError(413, str(e)) from None  # the request is too long for any target
             except TimeoutError:
                 skip(target, f"timed out after {self.cfg.timeout_s:g}s", "timeout")
+            except Overloaded as e:
+                retry.append(e.retry_after)
+                skip(target, str(e), "overloaded")
             except Exception as e:  # noqa: BLE001 - any failure moves down the chain
                 skip(target, f"{type(e).__name__}: {e}", "error")
         record.fallback_reason = "; ".join(reasons)
-        if failed_check and len(p.targets) == 1:
-            cut = "max_tokens" in failed_check
-            raise ApiError(422 if cut else 500, failed_check, "invalid_request_error" if cut else "server_error")
-        if len(unknown) == len(p.targets):
-            raise ApiError(404, "; ".join(unknown), "not_found_error")
-        raise ApiError(503, f"every target failed: {record.fallback_reason}", "server_error")
+        raise _failure(p, record.fallback_reason, failed_check, unknown, classes, retry)
 
     def request_for(self, target: str, params: dict) -> tuple[str, GenRequest]:
         """(the version label that answers, the engine request): the base model alone under
@@ -204,6 +212,25 @@ class Gateway:
             "fallback_reason": record.fallback_reason, "error": record.error})
         if self.on_request is not None:
             self.on_request(record)
+
+
+def _failure(p: Plan, reasons: str, failed_check: str | None, unknown: list[str], classes: list[str],
+             retry: list[int]) -> ApiError:
+    """The error for a plan whose every target failed: 422/500 for a plain name's failed check,
+    404 when no target exists, 503 + Retry-After when the engine refused every target as
+    overloaded, 504 when they timed out (or were refused), else 503."""
+    if failed_check and len(p.targets) == 1:
+        cut = "max_tokens" in failed_check
+        return ApiError(422 if cut else 500, failed_check, "invalid_request_error" if cut else "server_error")
+    if len(unknown) == len(p.targets):
+        return ApiError(404, "; ".join(unknown), "not_found_error")
+    if classes and set(classes) == {"overloaded"}:
+        err = ApiError(503, f"server overloaded, retry later: {reasons}", "server_error")
+        err.retry_after = min(retry)  # the error handler sends it as Retry-After
+        return err
+    if "timeout" in classes and set(classes) <= {"timeout", "overloaded"}:
+        return ApiError(504, f"timed out: {reasons}", "server_error")
+    return ApiError(503, f"every target failed: {reasons}", "server_error")
 
 
 def new_id(chat: bool) -> str:

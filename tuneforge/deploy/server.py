@@ -82,7 +82,10 @@ def add_error_handlers(app: FastAPI, gateway: Gateway) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.request_id)
+        response = error_response(exc.status, exc.message, exc.type, exc.param, exc.request_id)
+        if getattr(exc, "retry_after", None) is not None:  # an overloaded engine says when to come back
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
@@ -154,7 +157,7 @@ def build_engine(cfg: ServeConfig):
         return VLLMEngine(e.url, e.api_key, cfg.timeout_s, tools=e.vllm_tools)
     return LocalEngine(e.device, e.dtype, e.max_batch, e.batch_wait_ms, e.max_adapters, cfg.max_prompt_tokens,
                        lora=e.lora, prefix_cache_mb=e.prefix_cache_mb, prepack=e.prepack,
-                       fp32_prefill=e.fp32_prefill)
+                       fp32_prefill=e.fp32_prefill, max_queue=e.max_queue)
 
 
 def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
