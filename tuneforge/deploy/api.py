@@ -123,7 +123,9 @@ class _Sampling(_Closed):
     stream_options: StreamOptions | None = None
     user: str | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
-    seed: int | None = Field(None, description="sampling seed: the same seed gives the same sampled answer")
+    # int64, as OpenAI documents it; torch's generator takes no more (2**64 was a 503).
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="sampling seed: the same seed gives the same sampled answer")
     # accepted only as no-ops (refused otherwise, by refusals()):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -117,7 +117,7 @@ def test_history_with_tool_calls_and_results(client):
 @pytest.mark.parametrize("extra, field", [
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1}, "frequency_penalty"),
     ({"logit_bias": {"5": 3}}, "logit_bias"), ({"store": True}, "store"), ({"n": 9}, "n"),
-({"functions": [{"name": "f"}]}, "functions"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"seed": 2**64, "temperature": 1}, "seed"),
     ({"reasoning_effort": "low"}, "reasoning_effort"), ({"audio": {"voice": "x"}}, "audio"),
     ({"some_new_field": 1}, "some_new_field"), ({"tool_choice": "required"}, "tool_choice"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"modalities": ["text", "audio"]}, "modalities"),
