@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
     {"registry"},               # versions, aliases, keys, the registry DB tables; an index of run folders
     {"production"},             # request log, feedback, review, jobs; monitor, drift, improve
     {"deploy"},                 # export, engines, the server (gateway + routers)
-    {"cli", "ui"},              # entry points: the command line, the web dashboard
+    {"ui"},                     # the web dashboard: pages on the server's app (create_app + /ui)
+    {"cli"},                    # entry points: the command line (`tuneforge ui`, `serve --ui`)
     {"__main__"},               # python -m tuneforge
 ]
 

@@ -104,15 +104,24 @@ def cmd_keys(args) -> int:
 
 def cmd_serve(args) -> int:
     from tuneforge.deploy.config import load_serve_config
-    from tuneforge.deploy.server import serve
+    from tuneforge.deploy.server import create_app, serve
     from tuneforge.deploy.vllm_launch import VLLMLaunchError
 
     cfg = load_serve_config(args.config)
     for field, value in (("host", args.host), ("port", args.port), ("registry", args.registry)):
         if value is not None:
             setattr(cfg, field, value)
+    factory = create_app
+    if args.ui:
+        # deferred: the dashboard (jinja2, its pages) only when asked for; cli/__init__.py says why
+        from tuneforge.ui.app import create_ui_app
+
+        def factory(*a, **kw):
+            return create_ui_app(*a, runs_dir=args.runs, **kw)
+
+        print(f"dashboard: http://{cfg.host}:{cfg.port}/ui (run folders from {args.runs})", file=sys.stderr)
     try:
-        serve(cfg)
+        serve(cfg, app_factory=factory)
     except VLLMLaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,4 +244,16 @@ def add_deploy_parsers(sub) -> None:
     s.add_argument("--config", help="serve.yaml (see examples/serve.yaml)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--ui", action="store_true", help="also serve the web dashboard at /ui")
+    s.add_argument("--runs", default="runs", help="with --ui: the folder of local run folders the dashboard lists")
     s.set_defaults(fn=cmd_serve)
+
+    u = with_registry(sub.add_parser(
+        "ui", help="web dashboard: runs, curves, new runs from a form (the server with /ui; 127.0.0.1:8000/ui)",
+        description="The server (same serve.yaml, keys and job worker) with the dashboard at /ui: run folders "
+                    "and queued runs, live loss curves, and a New run form checked by the config validator."))
+    u.add_argument("--config", help="serve.yaml (see examples/serve.yaml)")
+    u.add_argument("--runs", default="runs", help="the folder of local run folders to list (default: runs)")
+    u.add_argument("--host")
+    u.add_argument("--port", type=int)
+    u.set_defaults(fn=cmd_serve, ui=True)

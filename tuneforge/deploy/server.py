@@ -160,13 +160,16 @@ def build_engine(cfg: ServeConfig):
                        fp32_prefill=e.fp32_prefill, max_queue=e.max_queue)
 
 
-def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None) -> None:
+def serve(cfg: ServeConfig, on_request: Callable[[RequestRecord], None] | None = None,
+          app_factory: Callable[..., FastAPI] = create_app) -> None:
+    """Run the server; ``app_factory`` (same arguments as create_app) lets the dashboard
+    (tuneforge.ui.create_ui_app, a layer above) add its pages to the same app."""
     registry = Registry(cfg.registry)
     logger = None
     if cfg.logging.enabled and on_request is None:
         logger = on_request = RequestLogger(registry.engine, cfg.logging)
     engine = build_engine(cfg)
-    app = create_app(cfg, registry, engine, on_request)
+    app = app_factory(cfg, registry, engine, on_request)
     # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests (streams included)
     # finish for up to shutdown_grace_s, then runs the lifespan shutdown (engine close).
     try:

@@ -29,7 +29,14 @@ from tuneforge.plugins import validate_config
 from tuneforge.production.api.files import files_router
 from tuneforge.production.api.job_queue import ACTIVE, JobDB, Worker, metrics_rows
 from tuneforge.production.config import JobsConfig, jobs_home
-from tuneforge.production.http import ApiError, Authenticate, may_call, page, read_json, visible
+from tuneforge.production.http import (
+    ApiError,
+    Authenticate,
+    may_call,
+    page,
+    read_json,
+    visible,
+)
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, parse_ref
 from tuneforge.registry.tables import FileRow, JobEventRow, JobRow
 
@@ -226,7 +233,7 @@ def jobs_router(cfg: JobsConfig, registry: Registry, authenticate: Authenticate)
     @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel(request: Request, job_id: str):
         key = authenticate(request)
-        job = busy(lambda s: _cancel(s, job_id, key))
+        job = busy(lambda s: cancel_job(s, job_id, key))
         worker.wake.set()  # the worker sends the trainer SIGINT within half a second
         return job_object(job)
 
@@ -349,7 +356,7 @@ def _job_row(req: CreateJob, key: KeyInfo | None, busy, registry: Registry, cfg:
     return insert
 
 
-def _cancel(s, job_id: str, key: KeyInfo | None) -> JobRow:
+def cancel_job(s, job_id: str, key: KeyInfo | None) -> JobRow:
     j = get_job(s, job_id, key)
     if j.status not in ACTIVE:
         raise ApiError(400, f"job {job_id} has already finished ({j.status}); only queued or running "
@@ -359,3 +366,43 @@ def _cancel(s, job_id: str, key: KeyInfo | None) -> JobRow:
     s.add(JobEventRow(job_id=job_id, created_at=j.finished_at, level="warn",
                       message=f"Cancel requested (the job was {was})"))
     return j
+
+
+# --- runs from any run config (the dashboard's New run form) -------------------------------
+def queue_run_config(db: JobDB, raw: dict, key: KeyInfo | None, cfg: JobsConfig, label: str = "run") -> JobRow:
+    """Queue a full run config (anything `tuneforge train` accepts) on the same worker as the
+    fine-tuning jobs. The run goes where jobs go (its output_dir and run_name are the
+    queue's); its config is stored as the job's input file (kind "config"), so the job row
+    keeps the shape /v1/fine_tuning/jobs shows. Raises ConfigError when the config is invalid."""
+    job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+    job_dir = jobs_home(cfg) / "jobs" / job_id
+    run = validate_config(deep_merge(raw, {"output_dir": str(job_dir), "run_name": "run"}),
+                          "the run config").model_dump(mode="json")
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    path = jobs_home(cfg) / "files" / f"{file_id}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(run, sort_keys=False))
+    now = int(time.time())
+    kind = "dpo" if run["objective"]["name"] == "dpo" else "supervised"
+    hp = {"n_epochs": run["train"]["epochs"], "batch_size": run["train"]["batch_size"],
+          "learning_rate_multiplier": 1.0}
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label)[:40] or "run"
+
+    def insert(s):
+        s.add(FileRow(id=file_id, created_at=now, filename=f"{safe}.yaml", purpose="run-config", bytes=path.stat().st_size,
+                      path=str(path), train_path=str(path), kind="config", format="yaml", rows=0,
+                      key_id=key.id if key else None))
+        s.flush()
+        seq = (s.scalar(select(func.max(JobRow.seq))) or 0) + 1
+        j = JobRow(id=job_id, seq=seq, created_at=now, model=run["model"]["name"], training_file=file_id,
+                   method={"type": kind, kind: {"hyperparameters": hp}}, suffix=None, seed=run["train"]["seed"],
+                   metadata_={"source": "ui", "label": safe}, run_config=run, registry_name=f"ui-{safe}-{job_id[-8:]}",
+                   status="queued", run_dir=str(job_dir / "run"), key_id=key.id if key else None)
+        s.add(j)
+        s.flush()
+        s.add(JobEventRow(job_id=job_id, created_at=now, message=f"Created run from a config: {job_id} "
+                                                                  f"({run['method']['name']} + {run['objective']['name']} "
+                                                                  f"on {run['model']['name']})"))
+        return j
+
+    return db.run(insert)

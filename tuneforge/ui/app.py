@@ -1,0 +1,220 @@
+"""The dashboard's routes, mounted on the server's FastAPI app under /ui.
+
+create_ui_app builds the server app (deploy.server.create_app: gateway, keys, the
+fine-tuning job worker) and adds ui_router, so `tuneforge ui` and `tuneforge serve --ui`
+serve the same pages beside the API. Auth is the server's own: the API key given once at
+/ui/login is kept in an HttpOnly cookie and checked by Gateway.authenticate on every page
+and call. Runs started from the New run form are queued on the job worker
+(production.api.jobs.queue_run_config), the one that trains /v1/fine_tuning/jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import select
+
+from tuneforge.config import ConfigError
+from tuneforge.deploy.server import create_app
+from tuneforge.production.api.jobs import cancel_job, queue_run_config
+from tuneforge.production.http import ApiError, visible
+from tuneforge.registry.tables import JobRow
+from tuneforge.ui import newrun, runview
+from tuneforge.ui.charts import line_chart
+
+HERE = Path(__file__).parent
+COOKIE = "tuneforge_key"
+STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
+ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+ENV.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def create_ui_app(cfg, registry, engine, runs_dir: str | Path = "runs", on_request=None) -> FastAPI:
+    """The server app with the dashboard at /ui (and / redirecting there)."""
+    app = create_app(cfg, registry, engine, on_request)
+    app.include_router(ui_router(Path(runs_dir)))
+    return app
+
+
+def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+    return HTMLResponse(ENV.get_template(name).render(**ctx), status_code=status)
+
+
+def authenticate(request: Request, admin: bool = False):
+    """The request's key: the Authorization header, else the dashboard's cookie."""
+    token = request.cookies.get(COOKIE)
+    if token and "authorization" not in request.headers:
+        scope = dict(request.scope)
+        scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
+        request = Request(scope)
+    return request.app.state.gateway.authenticate(request, admin=admin)
+
+
+def page_key(request: Request):
+    """authenticate for HTML pages: a missing key is a redirect to the login page."""
+    try:
+        return authenticate(request), None
+    except ApiError as e:
+        if e.status == 401:
+            return None, RedirectResponse(f"/ui/login?next={request.url.path}", status_code=303)
+        return None, render("error.html", e.status, message=e.message)
+
+
+def worker_db(request: Request):
+    worker = getattr(request.app.state, "jobs_worker", None)
+    return worker.db if worker is not None else None
+
+
+def all_runs(request: Request, runs_dir: Path, key) -> list[runview.RunRow]:
+    """Local run folders (an open server or an admin key) and the key's queued/trained jobs."""
+    runs = runview.local_runs(runs_dir) if key is None or key.admin else []
+    db = worker_db(request)
+    if db is not None:
+        jobs = db.run(lambda s: list(s.scalars(select(JobRow).order_by(JobRow.seq))))
+        runs += [runview.job_run(j) for j in jobs if visible(j, key)]
+    return sorted(runs, key=lambda r: r.created, reverse=True)
+
+
+def find_run(request: Request, runs_dir: Path, key, run_id: str) -> runview.RunRow:
+    for r in all_runs(request, runs_dir, key):  # only ids the key may see; never a path from the URL
+        if r.id == run_id:
+            return r
+    raise ApiError(404, f"no run '{run_id}'", "not_found_error")
+
+
+def ui_router(runs_dir: Path) -> APIRouter:
+    router = APIRouter(prefix="/ui")
+    _session_routes(router)
+    _run_routes(router, runs_dir)
+    _new_run_routes(router)
+    return router
+
+
+def _session_routes(router: APIRouter) -> None:
+    @router.get("", include_in_schema=False)
+    async def home():
+        return RedirectResponse("/ui/runs", status_code=303)
+
+    @router.get("/static/{name}")
+    async def static(name: str):
+        if name not in STATIC:
+            raise ApiError(404, f"no static file '{name}'", "not_found_error")
+        return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name],
+                        headers={"Cache-Control": "no-cache"})
+
+    @router.get("/login")
+    async def login_page(next: str = "/ui/runs", error: str = ""):
+        return render("login.html", next=next if next.startswith("/ui") else "/ui/runs", error=error)
+
+    @router.post("/login")
+    async def login(request: Request):
+        form = await request.form()
+        token, nxt = str(form.get("key", "")).strip(), str(form.get("next", "/ui/runs"))
+        nxt = nxt if nxt.startswith("/ui") else "/ui/runs"
+        scope = dict(request.scope)
+        scope["headers"] = [(b"authorization", f"Bearer {token}".encode())]
+        try:
+            request.app.state.gateway.authenticate(Request(scope))
+        except ApiError as e:
+            return render("login.html", 401, next=nxt, error=e.message)
+        response = RedirectResponse(nxt, status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/ui")
+        return response
+
+    @router.post("/logout")
+    async def logout():
+        response = RedirectResponse("/ui/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/ui")
+        return response
+
+
+def _run_routes(router: APIRouter, runs_dir: Path) -> None:
+    @router.get("/runs")
+    async def runs_page(request: Request):
+        key, refused = page_key(request)
+        if refused:
+            return refused
+        runs = await asyncio.to_thread(all_runs, request, runs_dir, key)
+        return render("runs.html", runs=runs, runs_dir=runs_dir, key=key, nav="runs")
+
+    @router.get("/runs/{run_id}")
+    async def run_page(request: Request, run_id: str):
+        key, refused = page_key(request)
+        if refused:
+            return refused
+        try:
+            run = find_run(request, runs_dir, key, run_id)
+        except ApiError as e:
+            return render("error.html", e.status, message=e.message)
+        return render("run.html", run=run, key=key, nav="runs", config_yaml=newrun.equivalents(run.config)["yaml"],
+                      **live_context(run))
+
+    @router.get("/runs/{run_id}/live")
+    async def run_live(request: Request, run_id: str):
+        run = find_run(request, runs_dir, authenticate(request), run_id)
+        return render("run_live.html", run=run, **live_context(run))
+
+    @router.post("/runs/{run_id}/stop")
+    async def stop(request: Request, run_id: str):
+        key = authenticate(request)
+        db = worker_db(request)
+        if db is None or not run_id.startswith("ftjob-"):
+            raise ApiError(400, "only runs the job queue trains can be stopped here (a local run: Ctrl-C "
+                                "in its terminal; resume with `tuneforge train --resume RUN`)")
+        job = db.run_or_503(lambda s: cancel_job(s, run_id, key))
+        request.app.state.jobs_worker.wake.set()
+        return {"id": job.id, "status": job.status}
+
+
+def live_context(run: runview.RunRow) -> dict:
+    return {"chart": line_chart(runview.curves(run.run_dir), "loss"), "progress": runview.progress(run),
+            "figures": runview.figures(run.run_dir), "log": runview.log_tail(run),
+            "metrics": [r for r in runview.metrics_rows(run.run_dir / "metrics.jsonl")
+                        if r.get("kind") in ("train", "eval")][-15:],
+            "active": run.status in ("queued", "running"), "now": time.time()}
+
+
+def _new_run_routes(router: APIRouter) -> None:
+    @router.get("/new")
+    async def new_page(request: Request):
+        key, refused = page_key(request)
+        if refused:
+            return refused
+        return render("new.html", fields=newrun.FIELDS, key=key, nav="new",
+                      jobs=worker_db(request) is not None)
+
+    @router.post("/api/validate")
+    async def validate(request: Request):
+        authenticate(request)
+        form = await request.json()
+        checked = newrun.check(form if isinstance(form, dict) else {})
+        out = {"ok": checked.ok, "problems": checked.problems, **newrun.equivalents(checked.raw), "plan": None}
+        if checked.ok and form.get("plan", True):
+            try:
+                out["plan"] = await asyncio.to_thread(newrun.plan_summary, checked.config)
+            except Exception as e:  # noqa: BLE001 - a model that cannot be read: the plan says why, the form stays
+                out["plan_error"] = f"{type(e).__name__}: {e}"
+        return out
+
+    @router.post("/api/runs")
+    async def start(request: Request):
+        key = authenticate(request)
+        db = worker_db(request)
+        if db is None:
+            raise ApiError(503, "this server runs no job worker (serve.yaml jobs.enabled: false)", "server_error")
+        checked = newrun.check(await request.json())
+        if not checked.ok:
+            return JSONResponse({"ok": False, "problems": checked.problems}, status_code=400)
+        label = str(checked.raw.get("run_name") or "run")
+        try:
+            job = await asyncio.to_thread(queue_run_config, db, checked.raw, key, request.app.state.jobs_worker.cfg, label)
+        except ConfigError as e:
+            return JSONResponse({"ok": False, "problems": [{"field": newrun.field_of(p), "message": p}
+                                                           for p in e.problems]}, status_code=400)
+        request.app.state.jobs_worker.wake.set()
+        return {"ok": True, "id": job.id, "url": f"/ui/runs/{job.id}"}

@@ -1,0 +1,109 @@
+// tuneforge dashboard: live run updates, the New run form's checks and start, stop buttons.
+// Plain JS, no build step, nothing fetched from outside this server.
+"use strict";
+
+function formData(form) {
+  const out = {};
+  for (const el of form.querySelectorAll("input[name], textarea[name]")) out[el.name] = el.value;
+  return out;
+}
+
+async function postJSON(url, body) {
+  const r = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+                              body: JSON.stringify(body), credentials: "same-origin"});
+  let data = {};
+  try { data = await r.json(); } catch (e) { /* not JSON */ }
+  return {status: r.status, data};
+}
+
+function showProblems(form, problems) {
+  for (const el of form.querySelectorAll(".problem")) { el.hidden = true; el.textContent = ""; }
+  const general = document.getElementById("problems-general");
+  general.hidden = true; general.textContent = "";
+  for (const p of problems || []) {
+    const el = (p.field && document.getElementById("p-" + p.field)) || general;
+    el.hidden = false;
+    el.textContent = (el.textContent ? el.textContent + "\n" : "") + p.message;
+    el.closest(".field")?.classList.add("bad");
+  }
+  for (const f of form.querySelectorAll(".field")) {
+    if (f.querySelector(".problem").hidden) f.classList.remove("bad");
+  }
+}
+
+function showPlan(plan, error) {
+  const el = document.getElementById("plan");
+  if (error) { el.textContent = "no plan: " + error; return; }
+  if (!plan) { el.textContent = "-"; return; }
+  const mem = plan.memory.map(m => `${m.name}: ${m.free_gb} GB free of ${m.total_gb} GB`).join("; ");
+  const rows = plan.rows.map(r => `<tr><td>${r.method}</td><td>${r.trainable.toLocaleString()}</td>` +
+    `<td>${r.peak_gb}</td><td>${r.step_s == null ? "-" : r.step_s.toFixed(3)}</td>` +
+    `<td class="${r.fits ? "up" : "down"}">${r.fits ? "yes" : "no"}</td></tr>`).join("");
+  const total = plan.total_s == null ? "" : `<p>${plan.steps} steps: about ${Math.round(plan.total_s)} s</p>`;
+  el.innerHTML = `<p>${plan.device} (${plan.dtype}), batch ${plan.batch} x ${plan.seq} tokens; ${mem}</p>` +
+    `<table class="grid" id="plan-table"><thead><tr><th>method</th><th>trainable</th><th>peak GB</th>` +
+    `<th>step s</th><th>fits</th></tr></thead><tbody>${rows}</tbody></table>${total}`;
+}
+
+function setupNewRun(form) {
+  let timer = null, seq = 0;
+  const check = async () => {
+    const mine = ++seq;
+    const {data} = await postJSON("/ui/api/validate", formData(form));
+    if (mine !== seq) return;  // a newer check is on its way
+    showProblems(form, data.problems);
+    const verdict = document.getElementById("verdict");
+    verdict.textContent = data.ok ? "valid config" : `${(data.problems || []).length} problem(s)`;
+    verdict.className = data.ok ? "ok" : "error";
+    document.getElementById("yaml").textContent = data.yaml || "";
+    document.getElementById("cli").textContent = (data.cli || []).join("\n");
+    showPlan(data.plan, data.plan_error);
+  };
+  form.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(check, 400); });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const result = document.getElementById("start-result");
+    result.textContent = "queueing...";
+    const {status, data} = await postJSON("/ui/api/runs", formData(form));
+    if (data.ok) { window.location = data.url; return; }
+    showProblems(form, data.problems || [{field: "", message: data.error?.message || `error ${status}`}]);
+    result.textContent = "not started";
+  });
+  check();
+}
+
+function setupLive(section) {
+  const tick = async () => {
+    if (section.querySelector(".live")?.dataset.active !== "yes") return;
+    const r = await fetch(section.dataset.url, {credentials: "same-origin"});
+    if (r.ok) {
+      section.innerHTML = await r.text();
+      const status = section.querySelector(".live").dataset.status;
+      const badge = document.getElementById("status");
+      if (badge) { badge.textContent = status; badge.className = "status " + status; }
+      if (section.querySelector(".live").dataset.active !== "yes") {
+        document.getElementById("stop")?.remove();
+        return;
+      }
+    }
+    setTimeout(tick, 2000);
+  };
+  setTimeout(tick, 2000);
+}
+
+function setupStop(button) {
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    const {status, data} = await postJSON(button.dataset.url, {});
+    button.textContent = status === 200 ? `stopping (${data.status})` : (data.error?.message || "failed");
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("new-run");
+  if (form) setupNewRun(form);
+  const live = document.getElementById("live");
+  if (live) setupLive(live);
+  const stop = document.getElementById("stop");
+  if (stop) setupStop(stop);
+});
