@@ -29,14 +29,7 @@ from tuneforge.plugins import validate_config
 from tuneforge.production.api.files import files_router
 from tuneforge.production.api.job_queue import ACTIVE, JobDB, Worker, metrics_rows
 from tuneforge.production.config import JobsConfig, jobs_home
-from tuneforge.production.http import (
-    ApiError,
-    Authenticate,
-    may_call,
-    page,
-    read_json,
-    visible,
-)
+from tuneforge.production.http import ApiError, Authenticate, may_call, page, read_json, visible
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, parse_ref
 from tuneforge.registry.tables import FileRow, JobEventRow, JobRow
 
