@@ -33,7 +33,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", x_
             f'<text x="8" y="16" class="chart-title">{escape(title)}</text>')
     if not clean:
         return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data yet</text></svg>'
-    left, right, top, bottom = 52, 110, 26, 34  # right margin: the line labels
+    left, right, top, bottom = 52, 160, 26, 34  # right margin: the line labels
     xs = [x for v in clean.values() for x, _ in v]
     ys = [y for v in clean.values() for _, y in v]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
@@ -55,6 +55,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", x_
         parts.append(f'<text x="{px(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt(t)}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle">'
                  f'{escape(x_label)}</text>')
+    labels = []
     for i, (name, pts) in enumerate(clean.items()):
         colour = COLOURS[i % len(COLOURS)]
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -62,7 +63,15 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", x_
                      f'<title>{escape(name)}</title></polyline>')
         if len(pts) < 30:
             parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in pts]
-        lx, ly = pts[-1]
-        parts.append(f'<text x="{px(lx) + 6:.1f}" y="{py(ly) + 4:.1f}" fill="{colour}" class="line-label">'
-                     f'{escape(name)} {_fmt(ly)}</text>')
+        labels.append([py(pts[-1][1]) + 4, px(pts[-1][0]) + 6, colour, f"{name} {_fmt(pts[-1][1])}"])
+    parts += _labels(labels)
     return "".join(parts) + "</svg>"
+
+
+def _labels(labels: list[list]) -> list[str]:
+    """Line-end labels ([y, x, colour, text]), moved apart vertically so none overlaps another."""
+    labels.sort()
+    for a, b in zip(labels, labels[1:]):
+        b[0] = max(b[0], a[0] + 13)
+    return [f'<text x="{x:.1f}" y="{y:.1f}" fill="{colour}" class="line-label">{escape(text)}</text>'
+            for y, x, colour, text in labels]

@@ -115,3 +115,9 @@ def test_chart_labels_each_line_at_its_end_and_skips_non_finite_points():
     svg = line_chart({"train loss": [(1, 2.0), (2, float("nan")), (3, 1.0)], "validation loss": []}, "loss")
     assert svg.count("<polyline") == 1 and "train loss 1" in svg and "validation" not in svg
     assert "no data yet" in line_chart({}, "loss")
+
+
+def test_line_labels_that_would_overlap_are_moved_apart():
+    svg = line_chart({"a": [(1, 1.0), (2, 1.0)], "b": [(1, 2.0), (2, 1.0001)]}, "loss")
+    ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" fill="[^"]+" class="line-label"', svg)]
+    assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 13

@@ -39,7 +39,7 @@ function showPlan(plan, error) {
   const rows = plan.rows.map(r => `<tr><td>${r.method}</td><td>${r.trainable.toLocaleString()}</td>` +
     `<td>${r.peak_gb}</td><td>${r.step_s == null ? "-" : r.step_s.toFixed(3)}</td>` +
     `<td class="${r.fits ? "up" : "down"}">${r.fits ? "yes" : "no"}</td></tr>`).join("");
-  const total = plan.total_s == null ? "" : `<p>${plan.steps} steps: about ${Math.round(plan.total_s)} s</p>`;
+  const total = plan.total_s == null ? "" : `<p>${plan.steps} steps: about ${plan.total_s < 10 ? plan.total_s.toFixed(2) : Math.round(plan.total_s)} s of compute (rough; loading and evaluation come on top)</p>`;
   el.innerHTML = `<p>${plan.device} (${plan.dtype}), batch ${plan.batch} x ${plan.seq} tokens; ${mem}</p>` +
     `<table class="grid" id="plan-table"><thead><tr><th>method</th><th>trainable</th><th>peak GB</th>` +
     `<th>step s</th><th>fits</th></tr></thead><tbody>${rows}</tbody></table>${total}`;
