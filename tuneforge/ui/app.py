@@ -34,8 +34,9 @@ ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select
 ENV.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
-def create_ui_app(cfg, registry, engine, runs_dir: str | Path = "runs", on_request=None) -> FastAPI:
-    """The server app with the dashboard at /ui (and / redirecting there)."""
+def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path = "runs") -> FastAPI:
+    """The server app (create_app's arguments, so deploy.server.serve can take it as its
+    app_factory) with the dashboard at /ui, listing the run folders under ``runs_dir``."""
     app = create_app(cfg, registry, engine, on_request)
     app.include_router(ui_router(Path(runs_dir)))
     return app

@@ -55,4 +55,4 @@ def registry(tmp_path):
 @pytest.fixture
 def ui_app(tmp_path, runs_dir, registry):
     cfg = ServeConfig.model_validate({"jobs": {"home": str(tmp_path / "home"), "save_every": 3}})
-    return create_ui_app(cfg, registry, FakeEngine(), runs_dir)
+    return create_ui_app(cfg, registry, FakeEngine(), runs_dir=runs_dir)

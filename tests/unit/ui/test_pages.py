@@ -121,3 +121,26 @@ def test_line_labels_that_would_overlap_are_moved_apart():
     svg = line_chart({"a": [(1, 1.0), (2, 1.0)], "b": [(1, 2.0), (2, 1.0001)]}, "loss")
     ys = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" fill="[^"]+" class="line-label"', svg)]
     assert len(ys) == 2 and abs(ys[0] - ys[1]) >= 13
+
+
+def test_tuneforge_ui_and_serve_ui_build_the_server_app_with_the_dashboard(monkeypatch, tmp_path, runs_dir):
+    from fastapi import FastAPI  # deferred: only this test builds apps through the CLI
+
+    import tuneforge.deploy.server as server  # deferred: patched below, before the command looks it up
+    from tuneforge.cli import main  # deferred: the CLI parser, only for this test
+    from tuneforge.registry.store import Registry  # deferred: only this test opens a registry itself
+
+    built = []
+
+    def fake_serve(cfg, on_request=None, app_factory=server.create_app):
+        app = app_factory(cfg, Registry(cfg.registry), object(), None)
+        assert isinstance(app, FastAPI)
+        c = TestClient(app)  # no lifespan: no worker, no model preload
+        built.append((cfg.port, c.get("/ui/runs").status_code, c.get("/v1/models").status_code))
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    reg = f"sqlite:///{tmp_path / 'r.db'}"
+    assert main(["ui", "--runs", str(runs_dir), "--registry", reg, "--port", "8123"]) == 0
+    assert main(["serve", "--ui", "--registry", reg]) == 0
+    assert main(["serve", "--registry", reg]) == 0
+    assert built == [(8123, 200, 200), (8000, 200, 200), (8000, 404, 200)]
