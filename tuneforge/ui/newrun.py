@@ -90,6 +90,10 @@ def field_of(message: str) -> str:
     for key in _KEY.findall(message):
         if key in FIELDS:
             return key
+        if message.endswith("is required"):  # "'data' is required": its first input (data.train)
+            inside = [f for f in FIELDS if f.startswith(key + ".")]
+            if inside:
+                return inside[0]
         for f in FIELDS:  # 'method.r' belongs to the method's options: the YAML box holds them
             if key.startswith(f + "."):
                 return f

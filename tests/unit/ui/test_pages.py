@@ -108,6 +108,7 @@ def test_field_of_maps_messages_to_form_fields():
     assert field_of("'train.lr': Input should be a valid number (got 'x')") == "train.lr"
     assert field_of("unknown key 'method.rr': did you mean 'method.r'?") == "extra_yaml"
     assert field_of("unknown method 'lorra': did you mean 'lora'?") == "method.name"
+    assert field_of("'data' is required") == "data.train"
     assert field_of("2 problems") == ""
 
 
