@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from tuneforge.config import ConfigError
 from tuneforge.deploy.server import create_app
-from tuneforge.production.api.jobs import cancel_job, queue_run_config
+from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_job
 from tuneforge.production.http import ApiError, visible
 from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
@@ -160,14 +160,17 @@ def _run_routes(router: APIRouter, runs_dir: Path) -> None:
         run = find_run(request, runs_dir, authenticate(request), run_id)
         return render("run_live.html", run=run, **live_context(run))
 
-    @router.post("/runs/{run_id}/stop")
-    async def stop(request: Request, run_id: str):
+    @router.post("/runs/{run_id}/{action}")
+    async def stop_or_resume(request: Request, run_id: str, action: str):
         key = authenticate(request)
         db = worker_db(request)
+        if action not in ("stop", "resume"):
+            raise ApiError(404, f"no action '{action}' (stop, resume)", "not_found_error")
         if db is None or not run_id.startswith("ftjob-"):
-            raise ApiError(400, "only runs the job queue trains can be stopped here (a local run: Ctrl-C "
+            raise ApiError(400, f"only runs the job queue trains can {action} here (a local run: Ctrl-C "
                                 "in its terminal; resume with `tuneforge train --resume RUN`)")
-        job = db.run_or_503(lambda s: cancel_job(s, run_id, key))
+        change = cancel_job if action == "stop" else requeue_job
+        job = db.run_or_503(lambda s: change(s, run_id, key))
         request.app.state.jobs_worker.wake.set()
         return {"id": job.id, "status": job.status}
 

@@ -50,3 +50,34 @@ def test_a_run_started_from_the_form_trains_on_the_job_worker_and_its_page_follo
     assert job["status"] == "succeeded" and job["fine_tuned_model"].startswith("ui-from-form-")
     assert 'data-active="no"' in live.text and live.text.count("<polyline") == 2
     assert ">6 / 6<" in page and f"registered as <code>{job['fine_tuned_model']}</code>" in page
+
+
+def test_a_queued_run_can_be_stopped_and_resumed_from_its_page(ui_app, tiny_model_dir, monkeypatch):
+    # deferred: only this test swaps the trainer for a process that just waits (no training)
+    import sys
+
+    from tuneforge.production.api import job_queue
+
+    monkeypatch.setattr(job_queue, "TRAINER", [sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def status_of(c, url):
+        return re.search(r'data-status="(\w+)"', c.get(f"{url}/live").text).group(1)
+
+    def wait(c, url, want):
+        deadline = time.monotonic() + 30
+        while status_of(c, url) != want:
+            assert time.monotonic() < deadline, f"never {want}"
+            time.sleep(0.3)
+
+    with TestClient(ui_app) as c:
+        url = c.post("/ui/api/runs", json=form(tiny_model_dir)).json()["url"]
+        wait(c, url, "running")
+        assert 'id="stop"' in c.get(url).text
+        assert c.post(f"{url}/resume").status_code == 400  # only a cancelled run resumes
+        assert c.post(f"{url}/stop").json()["status"] == "cancelled"
+        page = c.get(url).text
+        assert 'id="resume"' in page and 'id="stop"' not in page
+        assert c.post(f"{url}/resume").json()["status"] == "queued"
+        wait(c, url, "running")  # the worker took it again
+        c.post(f"{url}/stop")
+        assert c.post(f"{url}/pause").status_code == 404

@@ -399,3 +399,14 @@ def queue_run_config(db: JobDB, raw: dict, key: KeyInfo | None, cfg: JobsConfig,
         return j
 
     return db.run(insert)
+
+
+def requeue_job(s, job_id: str, key: KeyInfo | None) -> JobRow:
+    """Queue a cancelled run again: the worker resumes it from its last checkpoint (exact
+    resume, `tuneforge train --resume`), or starts it afresh when none was written."""
+    j = get_job(s, job_id, key)
+    if j.status != "cancelled":
+        raise ApiError(400, f"job {job_id} is {j.status}; only a cancelled job can be resumed")
+    j.status, j.finished_at = "queued", None
+    s.add(JobEventRow(job_id=job_id, created_at=int(time.time()), message="Resume requested: queued again"))
+    return j

@@ -91,11 +91,12 @@ function setupLive(section) {
   setTimeout(tick, 2000);
 }
 
-function setupStop(button) {
+function setupAction(button) {  // stop / resume: the page reloads to follow the new state
   button.addEventListener("click", async () => {
     button.disabled = true;
     const {status, data} = await postJSON(button.dataset.url, {});
-    button.textContent = status === 200 ? `stopping (${data.status})` : (data.error?.message || "failed");
+    if (status === 200) { window.location.reload(); return; }
+    button.textContent = data.error?.message || "failed";
   });
 }
 
@@ -104,6 +105,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (form) setupNewRun(form);
   const live = document.getElementById("live");
   if (live) setupLive(live);
-  const stop = document.getElementById("stop");
-  if (stop) setupStop(stop);
+  for (const button of document.querySelectorAll("button.action")) setupAction(button);
 });
