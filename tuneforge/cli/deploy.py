@@ -236,6 +236,11 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("--hours", type=float, help="only requests of the last HOURS hours")
     ab.set_defaults(fn=cmd_ab)
 
+    add_serve_parsers(sub, with_registry)
+
+
+def add_serve_parsers(sub, with_registry) -> None:
+    """`serve` (the API, with `--ui` the dashboard too) and `ui` (the same server, dashboard on)."""
     s = with_registry(sub.add_parser(
         "serve", help="OpenAI-compatible API over the registry (127.0.0.1:8000)",
         description="OpenAI-compatible API over the registry (/v1/chat/completions, /v1/completions, /v1/models), "

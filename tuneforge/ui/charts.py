@@ -3,6 +3,7 @@ offline, and each line is labelled at its end (no legend to hunt for)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from html import escape
 
@@ -71,7 +72,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str = "", x_
 def _labels(labels: list[list]) -> list[str]:
     """Line-end labels ([y, x, colour, text]), moved apart vertically so none overlaps another."""
     labels.sort()
-    for a, b in zip(labels, labels[1:]):
+    for a, b in itertools.pairwise(labels):
         b[0] = max(b[0], a[0] + 13)
     return [f'<text x="{x:.1f}" y="{y:.1f}" fill="{colour}" class="line-label">{escape(text)}</text>'
             for y, x, colour, text in labels]

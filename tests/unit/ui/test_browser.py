@@ -55,7 +55,10 @@ def test_pages_render_errors_show_inline_and_a_form_run_is_followed_to_the_end(u
         browser.save_screenshot(str(ARTIFACTS / "run.png"))
 
         browser.get(f"{url}/ui/new")
-        field = lambda name: browser.find_element(By.ID, f"f-{name}")  # noqa: E731
+
+        def field(name):
+            return browser.find_element(By.ID, f"f-{name}")
+
         field("model.name").send_keys(tiny_model_dir)
         field("data.train").send_keys("builtin:orders?n=120&seed=3")
         field("train.lr").send_keys("fast")

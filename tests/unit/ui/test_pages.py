@@ -125,11 +125,12 @@ def test_line_labels_that_would_overlap_are_moved_apart():
 
 
 def test_tuneforge_ui_and_serve_ui_build_the_server_app_with_the_dashboard(monkeypatch, tmp_path, runs_dir):
-    from fastapi import FastAPI  # deferred: only this test builds apps through the CLI
+    # deferred: only this test builds apps through the CLI (server.serve is patched below)
+    from fastapi import FastAPI
 
-    import tuneforge.deploy.server as server  # deferred: patched below, before the command looks it up
-    from tuneforge.cli import main  # deferred: the CLI parser, only for this test
-    from tuneforge.registry.store import Registry  # deferred: only this test opens a registry itself
+    from tuneforge.cli import main
+    from tuneforge.deploy import server
+    from tuneforge.registry.store import Registry
 
     built = []
 
