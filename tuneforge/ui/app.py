@@ -22,7 +22,10 @@ from sqlalchemy import select
 from tuneforge.config import ConfigError
 from tuneforge.deploy.server import create_app
 from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_job
-from tuneforge.production.http import ApiError, visible
+from tuneforge.production.api.review import in_scope, scoped_item
+from tuneforge.production.http import ApiError, may_call, may_review, read_json, visible
+from tuneforge.production.loop.review_queue import ReviewError, decide, list_items
+from tuneforge.registry.store import PromotionRefused, RegistryError
 from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
 from tuneforge.ui.charts import line_chart
@@ -93,6 +96,8 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _session_routes(router)
     _run_routes(router, runs_dir)
     _new_run_routes(router)
+    _review_routes(router)
+    _model_routes(router)
     return router
 
 
@@ -222,3 +227,93 @@ def _new_run_routes(router: APIRouter) -> None:
                                                            for p in e.problems]}, status_code=400)
         request.app.state.jobs_worker.wake.set()
         return {"ok": True, "id": job.id, "url": f"/ui/runs/{job.id}"}
+
+
+# --- review queue: the same functions and access rule as /v1/review (production/api/review.py) ---
+
+def reviewer_key(request: Request):
+    """The key, if it may use the review queue: admin (every item) or --reviewer (its models'
+    items); a tenant's key is refused with the review API's own 403 message."""
+    key = authenticate(request)
+    if not may_review(key):
+        raise ApiError(403, f"key {key.name} may not use the review queue: it needs an admin or reviewer "
+                            "key (tuneforge keys create --admin | --reviewer)", "permission_error")
+    return key
+
+
+def review_items(request: Request, key, status: str) -> list[dict]:
+    items = list_items(request.app.state.registry, status)
+    return [i for i in items if in_scope(key, i)][:500]  # scope filtered before the cut, as the API does
+
+
+def _review_routes(router: APIRouter) -> None:
+    @router.get("/review")
+    async def review_page(request: Request, status: str = "pending", item: str = ""):
+        _, refused = page_key(request)
+        if refused:
+            return refused
+        try:
+            key = reviewer_key(request)
+        except ApiError as e:
+            return render("error.html", e.status, message=e.message)
+        status = status if status in ("pending", "decided", "all") else "pending"
+        items = await asyncio.to_thread(review_items, request, key, status)
+        current = next((i for i in items if str(i["id"]) == item), items[0] if items else None)
+        index = items.index(current) if current else -1
+        return render("review.html", key=key, nav="review", items=items, item=current, shown=status,
+                      prev=items[index - 1]["id"] if index > 0 else None,
+                      next=items[index + 1]["id"] if 0 <= index < len(items) - 1 else None)
+
+    @router.post("/review/{item_id}")
+    async def review_decide(request: Request, item_id: int):
+        key = reviewer_key(request)
+        body = await read_json(request)  # not JSON / nested too deep: the API's 400
+        body = body if isinstance(body, dict) else {}
+        reg = request.app.state.registry
+        try:
+            scoped_item(reg, key, item_id)  # 404 for an item that is not this reviewer's (no existence leak)
+            # The reviewer's name is the key's: a browser cannot claim to be someone else.
+            return decide(reg, item_id, str(body.get("decision", "")), key.name if key else "ui",
+                          body.get("corrected") or None)
+        except ReviewError as e:
+            raise ApiError(e.status, str(e), {404: "not_found_error", 409: "conflict_error"}
+                           .get(e.status, "invalid_request_error")) from None
+
+
+# --- models: registry versions and aliases; promote/rollback as /admin/aliases does ---------
+
+def model_views(request: Request, key) -> list[dict]:
+    """The registry models ``key`` may call, with versions, aliases and the alias history."""
+    reg = request.app.state.registry
+    return [{"name": n, "versions": reg.versions(n), "aliases": reg.aliases(n), "history": reg.history(n)[-10:]}
+            for n in reg.models() if may_call(key, n)]
+
+
+def _model_routes(router: APIRouter) -> None:
+    @router.get("/models")
+    async def models_page(request: Request):
+        key, refused = page_key(request)
+        if refused:
+            return refused
+        models = await asyncio.to_thread(model_views, request, key)
+        return render("models.html", key=key, nav="models", models=models)
+
+    @router.post("/models/{name}/{action}")
+    async def alias_change(request: Request, name: str, action: str):
+        authenticate(request, admin=True)  # moving an alias changes what every client of it gets
+        body = await read_json(request)  # not JSON / nested too deep: the API's 400
+        body = body if isinstance(body, dict) else {}
+        alias = str(body.get("alias", "")).strip()
+        if action not in ("promote", "rollback") or not alias:
+            raise ApiError(400, "POST /ui/models/NAME/promote {version, alias, force} "
+                                                  "or /ui/models/NAME/rollback {alias}")
+        reg = request.app.state.registry
+        try:
+            if action == "rollback":
+                return {"result": await asyncio.to_thread(reg.rollback, name, alias)}
+            ref = f"{name}:v{str(body.get('version', '')).lstrip('v')}"
+            return {"result": await asyncio.to_thread(reg.promote, ref, alias, bool(body.get("force")))}
+        except PromotionRefused as e:  # the gate's verdict, shown as is; force overrides it
+            raise ApiError(409, str(e), "conflict_error") from None
+        except RegistryError as e:
+            raise ApiError(400, str(e)) from None

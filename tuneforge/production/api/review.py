@@ -30,8 +30,8 @@ def _item_id(text: str) -> int:
     return number
 
 
-def _in_scope(key: KeyInfo | None, item: dict) -> bool:
-    """The name the request's key was checked against (its route, else the registry name)."""
+def in_scope(key: KeyInfo | None, item: dict) -> bool:
+    """(Public: the dashboard's review page, tuneforge/ui/app.py, checks with it too.) The name the request's key was checked against (its route, else the registry name)."""
     try:
         name = item["route"] or parse_ref(item["model"])[0]
     except RegistryError:
@@ -39,10 +39,10 @@ def _in_scope(key: KeyInfo | None, item: dict) -> bool:
     return reviews(key, name)
 
 
-def _scoped_item(reg: Registry, key: KeyInfo | None, item_id: int) -> dict:
+def scoped_item(reg: Registry, key: KeyInfo | None, item_id: int) -> dict:
     """The item, or UnknownItem when it is not the key's to review (not 403: no existence leak)."""
     item = get_item(reg, item_id)
-    if not _in_scope(key, item):
+    if not in_scope(key, item):
         raise UnknownItem(f"no review item with id {item_id}")
     return item
 
@@ -78,7 +78,7 @@ def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
         if key is None or key.admin:
             data = list_items(reg, status, reasons, n)
         else:  # a reviewer: the items of its models, filtered before the limit
-            data = [i for i in list_items(reg, status, reasons) if _in_scope(key, i)][:n]
+            data = [i for i in list_items(reg, status, reasons) if in_scope(key, i)][:n]
         return {"object": "list", "data": data}
 
     @router.get("/items/{item_id}")
@@ -87,7 +87,7 @@ def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
         if denied is not None:
             return denied
         try:
-            return _scoped_item(reg, key, _item_id(item_id))
+            return scoped_item(reg, key, _item_id(item_id))
         except ReviewError as e:
             return _error(e.status, str(e), "not_found_error")
 
@@ -108,7 +108,7 @@ def review_router(reg: Registry, authenticate: Authenticate) -> APIRouter:
             detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             return _error(400, f"expected {{decision, corrected?, reviewer}}: {detail}")
         try:
-            _scoped_item(reg, key, item)  # 404 for an item that is not this reviewer's
+            scoped_item(reg, key, item)  # 404 for an item that is not this reviewer's
             return decide(reg, item, body.decision, body.reviewer, body.corrected)
         except ReviewError as e:
             type_ = {404: "not_found_error", 409: "conflict_error"}.get(e.status, "invalid_request_error")

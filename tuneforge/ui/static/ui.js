@@ -100,7 +100,53 @@ function setupAction(button) {  // stop / resume: the page reloads to follow the
   });
 }
 
+function setupReview(section) {
+  // One decision per item; the page then moves to the next item (the queue is worked in order).
+  const result = document.getElementById("decide-result");
+  const send = async (decision) => {
+    if (!section.querySelector("button.decide")) return;  // already decided
+    const body = {decision};
+    if (decision === "correct") body.corrected = document.getElementById("corrected").value;
+    const {status, data} = await postJSON(section.dataset.url, body);
+    if (status === 200) { window.location = section.dataset.next || window.location.pathname; return; }
+    result.textContent = data.error?.message || `error ${status}`;
+  };
+  for (const b of section.querySelectorAll("button.decide")) b.addEventListener("click", () => send(b.dataset.decision));
+  document.addEventListener("keydown", (ev) => {
+    // Keys typed into the corrected answer are text, not shortcuts.
+    if (ev.target.closest("input, textarea") || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const go = {j: section.dataset.next, k: section.dataset.prev}[ev.key];
+    if (go) { window.location = go; return; }
+    const decision = {a: "accept", c: "correct", r: "reject"}[ev.key];
+    if (!decision) return;
+    ev.preventDefault();
+    if (decision === "correct") { document.getElementById("corrected")?.focus(); return; }  // edit, then click
+    send(decision);
+  });
+}
+
+function setupAliases() {  // promote (with force) and rollback; the gate's refusal is shown as is
+  const result = document.getElementById("alias-result");
+  const post = async (url, body) => {
+    const {status, data} = await postJSON(url, body);
+    if (status === 200) { window.location.reload(); return; }
+    result.textContent = data.error?.message || `error ${status}`;
+  };
+  for (const form of document.querySelectorAll("form.promote")) {
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      post(form.dataset.url, {version: form.version.value, alias: form.alias.value, force: form.force.checked});
+    });
+  }
+  for (const b of document.querySelectorAll("button.rollback")) {
+    b.addEventListener("click", () => post(b.dataset.url, {alias: b.dataset.alias}));
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const review = document.getElementById("review-item");
+  if (review) setupReview(review);
+  setupAliases();
   const form = document.getElementById("new-run");
   if (form) setupNewRun(form);
   const live = document.getElementById("live");
