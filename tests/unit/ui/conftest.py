@@ -56,3 +56,23 @@ def registry(tmp_path):
 def ui_app(tmp_path, runs_dir, registry):
     cfg = ServeConfig.model_validate({"jobs": {"home": str(tmp_path / "home"), "save_every": 3}})
     return create_ui_app(cfg, registry, FakeEngine(), runs_dir=runs_dir)
+
+
+@pytest.fixture
+def browser():
+    # deferred: selenium and the browser are test-only; modules using this import browser.pytestmark
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from tests.unit.ui.browser import ARTIFACTS, CHROMIUM, DRIVER
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # a local driver: Selenium Manager not asked
+    driver.implicitly_wait(0)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()

@@ -6,51 +6,12 @@ decisions by keyboard and click are saved, promote then rollback moves the alias
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-import pytest
 from deploy_helpers import serve_in_thread
 
+from tests.unit.ui.browser import ARTIFACTS, pytestmark, wait_for  # noqa: F401 - pytestmark: the skip
 from tests.unit.ui.conftest import make_run
 from tests.unit.ui.test_review_models import add_request
 from tuneforge.production.loop.review_queue import QueueRules, fill_queue, list_items
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="no chromium / chromedriver (apt-get install chromium chromium-driver)")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
-
-
-@pytest.fixture
-def browser():
-    # deferred: selenium is a test-only dependency, checked by importorskip above
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # a local driver: Selenium Manager not asked
-    driver.implicitly_wait(0)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    yield driver
-    driver.quit()
-
-
-def wait_for(driver, condition, timeout: float):
-    # deferred: selenium is a test-only dependency, checked by importorskip above
-    from selenium.common.exceptions import (
-        NoSuchElementException,
-        StaleElementReferenceException,
-    )
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # an element read while the page navigates goes stale: poll again, as for a missing one
-    return WebDriverWait(driver, timeout, poll_frequency=0.3,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
 
 
 def test_pages_render_errors_show_inline_and_a_form_run_is_followed_to_the_end(ui_app, tiny_model_dir, browser):
