@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from tuneforge.config import ConfigError
@@ -24,7 +27,7 @@ from tuneforge.deploy.server import create_app
 from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_job
 from tuneforge.production.api.review import in_scope, scoped_item
 from tuneforge.production.http import ApiError, may_call, may_review, read_json, visible
-from tuneforge.production.loop.review_queue import ReviewError, decide, list_items
+from tuneforge.production.loop.review_queue import QueueRules, ReviewError, decide, fill_queue, list_items
 from tuneforge.registry.store import PromotionRefused, RegistryError
 from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
@@ -243,12 +246,12 @@ def reviewer_key(request: Request):
 
 def review_items(request: Request, key, status: str) -> list[dict]:
     items = list_items(request.app.state.registry, status)
-    return [i for i in items if in_scope(key, i)][:500]  # scope filtered before the cut, as the API does
+    return [i for i in items if in_scope(key, i)]  # scope filtered before any cut, as the API does
 
 
 def _review_routes(router: APIRouter) -> None:
     @router.get("/review")
-    async def review_page(request: Request, status: str = "pending", item: str = ""):
+    async def review_page(request: Request, status: str = "pending", item: str = "", reason: str = ""):
         _, refused = page_key(request)
         if refused:
             return refused
@@ -257,12 +260,28 @@ def _review_routes(router: APIRouter) -> None:
         except ApiError as e:
             return render("error.html", e.status, message=e.message)
         status = status if status in ("pending", "decided", "all") else "pending"
-        items = await asyncio.to_thread(review_items, request, key, status)
+        scoped = await asyncio.to_thread(review_items, request, key, status)
+        reasons = Counter(i["reason"] for i in scoped)  # the filter links show every reason's count
+        items = [i for i in scoped if not reason or i["reason"] == reason][:500]
         current = next((i for i in items if str(i["id"]) == item), items[0] if items else None)
         index = items.index(current) if current else -1
+        here = f"/ui/review?status={status}" + (f"&reason={quote(reason)}" if reason else "")
         return render("review.html", key=key, nav="review", items=items, item=current, shown=status,
+                      reason=reason, reasons=sorted(reasons.items()), here=here,
                       prev=items[index - 1]["id"] if index > 0 else None,
                       next=items[index + 1]["id"] if 0 <= index < len(items) - 1 else None)
+
+    @router.post("/review/fill")
+    async def review_fill(request: Request):
+        # Filling reads every tenant's logged requests: an operator's action, as `tuneforge review` is.
+        authenticate(request, admin=True)
+        body = await read_json(request)
+        try:
+            rules = QueueRules.model_validate(body if isinstance(body, dict) else {})
+        except ValidationError as e:
+            raise ApiError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        added = await asyncio.to_thread(fill_queue, request.app.state.registry, rules)
+        return {"added": dict(added)}
 
     @router.post("/review/{item_id}")
     async def review_decide(request: Request, item_id: int):

@@ -87,3 +87,27 @@ def test_promote_then_rollback_moves_the_alias_and_needs_an_admin_key(ui_app, re
     assert none_left.status_code == 400 and "no earlier version" in none_left.json()["error"]["message"]
     assert 'data-alias="prod">bot@prod &rarr; v1' in page and page.count('<form class="promote"') == 2
     assert "rollback @prod: v2 &rarr; v1" in page
+
+
+def test_review_page_filters_by_reason_and_an_admin_fills_the_queue_from_the_page(ui_app, registry):
+    add_request(registry, "r1", score=0.1)
+    add_request(registry, "r2", thumbs="down")
+    add_request(registry, "r3", correction="4")
+    add_request(registry, "r4", score=0.9)
+    _, admin = registry.create_key("ops", ["*"], admin=True)
+    _, rev = registry.create_key("rev", ["bot"], reviewer=True)
+    with TestClient(ui_app) as c:
+        assert 'id="empty"' in c.get("/ui/review", headers=bearer(admin)).text  # nothing queued yet
+        assert c.post("/ui/review/fill", json={}, headers=bearer(rev)).status_code == 403  # reviewers decide, not fill
+        bad = c.post("/ui/review/fill", json={"low_score": 2}, headers=bearer(admin))
+        assert bad.status_code == 400 and "low_score" in bad.json()["error"]["message"]
+        filled = c.post("/ui/review/fill", json={"low_score": 0.5}, headers=bearer(admin))
+        assert filled.json()["added"] == {"low_feedback": 2, "correction": 1}  # r4 scored well: not queued
+        assert c.post("/ui/review/fill", json={}, headers=bearer(admin)).json()["added"] == {}  # each request once
+
+        page = c.get("/ui/review", headers=bearer(admin)).text
+        assert "low_feedback (2)" in page and "correction (1)" in page and 'id="fill"' in page
+        only = c.get("/ui/review?reason=correction", headers=bearer(admin)).text
+        assert len(re.findall(r'<tr data-id="(\d+)"', only)) == 1 and "(r3)" in only
+        assert 'data-here="/ui/review?status=pending&amp;reason=correction"' in only  # decisions stay in the filter
+        assert 'id="fill"' not in c.get("/ui/review", headers=bearer(rev)).text

@@ -108,7 +108,7 @@ function setupReview(section) {
     const body = {decision};
     if (decision === "correct") body.corrected = document.getElementById("corrected").value;
     const {status, data} = await postJSON(section.dataset.url, body);
-    if (status === 200) { window.location = section.dataset.next || window.location.pathname; return; }
+    if (status === 200) { window.location = section.dataset.next || section.dataset.here; return; }
     result.textContent = data.error?.message || `error ${status}`;
   };
   for (const b of section.querySelectorAll("button.decide")) b.addEventListener("click", () => send(b.dataset.decision));
@@ -122,6 +122,20 @@ function setupReview(section) {
     ev.preventDefault();
     if (decision === "correct") { document.getElementById("corrected")?.focus(); return; }  // edit, then click
     send(decision);
+  });
+}
+
+function setupFill(form) {  // admin: queue logged requests by the rules, then show the new counts
+  const result = document.getElementById("fill-result");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = {low_score: Number(form.low_score.value), sample_rate: Number(form.sample_rate.value),
+                  seed: Number(form.seed.value)};
+    const {status, data} = await postJSON("/ui/review/fill", body);
+    if (status !== 200) { result.textContent = data.error?.message || `error ${status}`; return; }
+    const added = Object.entries(data.added).map(([reason, n]) => `${n} ${reason}`).join(", ");
+    result.textContent = added ? `queued ${added}` : "nothing new to queue";
+    if (added) setTimeout(() => window.location.reload(), 1500);  // the list and reason counts include them
   });
 }
 
@@ -146,6 +160,8 @@ function setupAliases() {  // promote (with force) and rollback; the gate's refu
 document.addEventListener("DOMContentLoaded", () => {
   const review = document.getElementById("review-item");
   if (review) setupReview(review);
+  const fill = document.getElementById("fill");
+  if (fill) setupFill(fill);
   setupAliases();
   const form = document.getElementById("new-run");
   if (form) setupNewRun(form);
