@@ -17,27 +17,21 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from tuneforge.config import ConfigError
 from tuneforge.deploy.server import create_app
 from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_job
 from tuneforge.production.api.review import in_scope, scoped_item
-from tuneforge.production.http import ApiError, may_call, may_review, read_json, visible
+from tuneforge.production.http import ApiError, may_review, read_json
 from tuneforge.production.loop.review_queue import QueueRules, ReviewError, decide, fill_queue, list_items
-from tuneforge.registry.store import PromotionRefused, RegistryError
-from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
+from tuneforge.ui import models as models_page
 from tuneforge.ui.charts import line_chart
+from tuneforge.ui.web import COOKIE, HERE, all_runs, authenticate, find_run, page_key, render, worker_db
 
-HERE = Path(__file__).parent
-COOKIE = "tuneforge_key"
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
-ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-ENV.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path = "runs") -> FastAPI:
@@ -48,59 +42,13 @@ def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path =
     return app
 
 
-def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
-    return HTMLResponse(ENV.get_template(name).render(**ctx), status_code=status)
-
-
-def authenticate(request: Request, admin: bool = False):
-    """The request's key: the Authorization header, else the dashboard's cookie."""
-    token = request.cookies.get(COOKIE)
-    if token and "authorization" not in request.headers:
-        scope = dict(request.scope)
-        scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
-        request = Request(scope)
-    return request.app.state.gateway.authenticate(request, admin=admin)
-
-
-def page_key(request: Request):
-    """authenticate for HTML pages: a missing key is a redirect to the login page."""
-    try:
-        return authenticate(request), None
-    except ApiError as e:
-        if e.status == 401:
-            return None, RedirectResponse(f"/ui/login?next={request.url.path}", status_code=303)
-        return None, render("error.html", e.status, message=e.message)
-
-
-def worker_db(request: Request):
-    worker = getattr(request.app.state, "jobs_worker", None)
-    return worker.db if worker is not None else None
-
-
-def all_runs(request: Request, runs_dir: Path, key) -> list[runview.RunRow]:
-    """Local run folders (an open server or an admin key) and the key's queued/trained jobs."""
-    runs = runview.local_runs(runs_dir) if key is None or key.admin else []
-    db = worker_db(request)
-    if db is not None:
-        jobs = db.run(lambda s: list(s.scalars(select(JobRow).order_by(JobRow.seq))))
-        runs += [runview.job_run(j) for j in jobs if visible(j, key)]
-    return sorted(runs, key=lambda r: r.created, reverse=True)
-
-
-def find_run(request: Request, runs_dir: Path, key, run_id: str) -> runview.RunRow:
-    for r in all_runs(request, runs_dir, key):  # only ids the key may see; never a path from the URL
-        if r.id == run_id:
-            return r
-    raise ApiError(404, f"no run '{run_id}'", "not_found_error")
-
-
 def ui_router(runs_dir: Path) -> APIRouter:
     router = APIRouter(prefix="/ui")
     _session_routes(router)
     _run_routes(router, runs_dir)
     _new_run_routes(router)
     _review_routes(router)
-    _model_routes(router)
+    models_page.add_routes(router, runs_dir)
     return router
 
 
@@ -297,42 +245,3 @@ def _review_routes(router: APIRouter) -> None:
         except ReviewError as e:
             raise ApiError(e.status, str(e), {404: "not_found_error", 409: "conflict_error"}
                            .get(e.status, "invalid_request_error")) from None
-
-
-# --- models: registry versions and aliases; promote/rollback as /admin/aliases does ---------
-
-def model_views(request: Request, key) -> list[dict]:
-    """The registry models ``key`` may call, with versions, aliases and the alias history."""
-    reg = request.app.state.registry
-    return [{"name": n, "versions": reg.versions(n), "aliases": reg.aliases(n), "history": reg.history(n)[-10:]}
-            for n in reg.models() if may_call(key, n)]
-
-
-def _model_routes(router: APIRouter) -> None:
-    @router.get("/models")
-    async def models_page(request: Request):
-        key, refused = page_key(request)
-        if refused:
-            return refused
-        models = await asyncio.to_thread(model_views, request, key)
-        return render("models.html", key=key, nav="models", models=models)
-
-    @router.post("/models/{name}/{action}")
-    async def alias_change(request: Request, name: str, action: str):
-        authenticate(request, admin=True)  # moving an alias changes what every client of it gets
-        body = await read_json(request)  # not JSON / nested too deep: the API's 400
-        body = body if isinstance(body, dict) else {}
-        alias = str(body.get("alias", "")).strip()
-        if action not in ("promote", "rollback") or not alias:
-            raise ApiError(400, "POST /ui/models/NAME/promote {version, alias, force} "
-                                                  "or /ui/models/NAME/rollback {alias}")
-        reg = request.app.state.registry
-        try:
-            if action == "rollback":
-                return {"result": await asyncio.to_thread(reg.rollback, name, alias)}
-            ref = f"{name}:v{str(body.get('version', '')).lstrip('v')}"
-            return {"result": await asyncio.to_thread(reg.promote, ref, alias, bool(body.get("force")))}
-        except PromotionRefused as e:  # the gate's verdict, shown as is; force overrides it
-            raise ApiError(409, str(e), "conflict_error") from None
-        except RegistryError as e:
-            raise ApiError(400, str(e)) from None

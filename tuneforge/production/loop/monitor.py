@@ -310,10 +310,11 @@ class MonitorResult:
     queued_for_review: int = 0
 
 
-def monitor(registry: Registry, cfg: MonitorConfig, route: str | None = None, now: datetime | None = None,
-            embed=None, transport=None, progress: Callable[[str], None] = lambda msg: None) -> MonitorResult:
-    """Everything ``tuneforge monitor`` computes. ``embed`` replaces the MiniLM encoder and
-    ``transport`` the webhook's HTTP transport (tests)."""
+def measure(registry: Registry, cfg: MonitorConfig, route: str | None = None, now: datetime | None = None,
+            embed=None, progress: Callable[[str], None] = lambda msg: None) -> MonitorResult:
+    """The figures, drift and alerts of the window ending ``now``, with no side effect (no log
+    line, webhook, gauge or review item): what :func:`monitor` reports and the dashboard's
+    Models page draws, so both show the same numbers. ``embed`` replaces the MiniLM encoder."""
     end = now or utc_now()
     span = parse_window(cfg.since)
     start = end - span
@@ -343,10 +344,18 @@ def monitor(registry: Registry, cfg: MonitorConfig, route: str | None = None, no
             g["drift"] = _drift(registry, key, rows, cfg, references, embed or dr.minilm_pair)
         groups.append(g)
 
-    alerts = [a for g in groups for a in check(g, cfg, window)]
+    return MonitorResult(window, start, end, groups, [a for g in groups for a in check(g, cfg, window)])
+
+
+def monitor(registry: Registry, cfg: MonitorConfig, route: str | None = None, now: datetime | None = None,
+            embed=None, transport=None, progress: Callable[[str], None] = lambda msg: None) -> MonitorResult:
+    """Everything ``tuneforge monitor`` does: :func:`measure`, then the alerts to the log and the
+    webhook, the figures to Prometheus, drifted prompts onto the review queue. ``embed``
+    replaces the MiniLM encoder and ``transport`` the webhook's HTTP transport (tests)."""
+    result = measure(registry, cfg, route, now, embed, progress)
+    alerts, groups = result.alerts, result.groups
     for a in alerts:
         log.warning("ALERT %s", a.message)
-    result = MonitorResult(window, start, end, groups, alerts)
     if alerts and cfg.webhook:
         progress("sending alerts to the webhook")
         result.webhook_error = send_webhook(cfg.webhook, alerts, cfg.webhook_timeout_s, transport)

@@ -169,3 +169,28 @@ document.addEventListener("DOMContentLoaded", () => {
   if (live) setupLive(live);
   for (const button of document.querySelectorAll("button.action")) setupAction(button);
 });
+
+// models
+function setupRoutes() {  // A/B split and ending a test (admin key); a refusal is shown as is
+  const result = document.getElementById("alias-result");
+  const post = async (url, body) => {
+    const {status, data} = await postJSON(url, body);
+    if (status === 200) { window.location.reload(); return; }
+    result.textContent = data.error?.message || `error ${status}`;
+  };
+  for (const form of document.querySelectorAll("form.split")) {
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const weights = {};
+      // sent as typed: the server says which weight is not a number > 0
+      for (const input of form.querySelectorAll("input[name]")) weights[input.name] = Number(input.value.trim() || NaN);
+      post(form.dataset.url, {weights});
+    });
+  }
+  for (const b of document.querySelectorAll("button.end-test")) {
+    b.addEventListener("click", () => post(b.dataset.url, b.dataset.clear ? {clear: true} : {keep: b.dataset.keep}));
+  }
+  const windowForm = document.getElementById("models-window");
+  windowForm?.window.addEventListener("change", () => windowForm.submit());
+}
+if (document.getElementById("models-window")) document.addEventListener("DOMContentLoaded", setupRoutes);
