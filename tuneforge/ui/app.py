@@ -28,6 +28,7 @@ from tuneforge.production.loop.review_queue import ReviewError, decide, list_ite
 from tuneforge.registry.store import PromotionRefused, RegistryError
 from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
+from tuneforge.ui import compare
 from tuneforge.ui.charts import line_chart
 
 HERE = Path(__file__).parent
@@ -98,6 +99,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _new_run_routes(router)
     _review_routes(router)
     _model_routes(router)
+    compare.add_routes(router, runs_dir)
     return router
 
 
@@ -182,6 +184,7 @@ def _run_routes(router: APIRouter, runs_dir: Path) -> None:
 
 def live_context(run: runview.RunRow) -> dict:
     return {"chart": line_chart(runview.curves(run.run_dir), "loss"), "progress": runview.progress(run),
+            "throughput": line_chart(runview.throughput(run.run_dir), "throughput (tokens/s)", width=480),
             "figures": runview.figures(run.run_dir), "log": runview.log_tail(run),
             "metrics": [r for r in runview.metrics_rows(run.run_dir / "metrics.jsonl")
                         if r.get("kind") in ("train", "eval")][-15:],
