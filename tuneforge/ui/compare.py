@@ -132,9 +132,12 @@ def paired(first: tuple, other: tuple, metric: str, other_id: str, first_id: str
     if lacking:
         return {"note": f"{NO_PER_EXAMPLE} ({' and '.join(lacking)})"}
     a, b = per_a[metric], per_b[metric]
-    if keys_a is None or keys_b is None or len(keys_a) != len(a) or len(keys_b) != len(b):
+    if keys_a is None or keys_b is None:
         return {"note": "no interval: the scored examples are not listed (eval_samples.jsonl), so they cannot "
                         "be paired"}
+    if len(keys_a) != len(a) or len(keys_b) != len(b):
+        return {"note": "no interval: eval.json's per-example scores and eval_samples.jsonl's examples differ "
+                        "in number"}
     if keys_a != keys_b:
         # The same examples in another order pair up by (prompt, reference); anything else is not paired.
         if len(set(keys_a)) != len(keys_a) or set(keys_a) != set(keys_b):

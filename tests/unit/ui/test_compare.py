@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests.unit.ui.conftest import make_run
 from tuneforge.evaluate.stats import paired_bootstrap
+from tuneforge.ui.compare import paired
 from tuneforge.ui.newrun import form_to_raw
 
 PROMPTS = [f"order {i}" for i in range(8)]
@@ -104,6 +105,14 @@ def test_no_interval_when_one_run_lacks_per_example_scores_or_scored_other_examp
     assert "<b>+0.1875</b>" in lacking and "no interval: eval.json has no per-example scores (gamma)" in lacking
     assert "<b>+0.1875</b>" in other and "no interval: the runs were scored on different examples" in other
     assert "[" not in lacking + other
+
+
+def test_examples_pair_by_prompt_and_reference_in_any_order_and_unlisted_ones_do_not_pair():
+    keys = [("p1", "r1"), ("p2", "r2"), ("p3", "r3")]
+    same = paired((keys, {"f1": [1.0, 0.0, 0.5]}), (keys[::-1], {"f1": [0.5, 0.0, 1.0]}), "f1", "b", "a")
+    assert same == {"low": 0.0, "high": 0.0, "n": 3}  # the same scores once aligned: no difference at all
+    unlisted = paired((None, {"f1": [1.0]}), (None, {"f1": [0.0]}), "f1", "b", "a")
+    assert "cannot be paired" in unlisted["note"] and "low" not in unlisted
 
 
 def test_a_tenant_key_cannot_compare_local_runs_and_one_run_gets_a_message(ui_app, registry, runs_dir):
