@@ -27,6 +27,7 @@ from tuneforge.production.api.review import in_scope, scoped_item
 from tuneforge.production.http import ApiError, may_review, read_json
 from tuneforge.production.loop.review_queue import QueueRules, ReviewError, decide, fill_queue, list_items
 from tuneforge.ui import newrun, runview
+from tuneforge.ui import compare
 from tuneforge.ui import models as models_page
 from tuneforge.ui.charts import line_chart
 from tuneforge.ui.web import COOKIE, HERE, all_runs, authenticate, find_run, page_key, render, worker_db
@@ -49,6 +50,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _new_run_routes(router)
     _review_routes(router)
     models_page.add_routes(router, runs_dir)
+    compare.add_routes(router, runs_dir)
     return router
 
 
@@ -133,6 +135,7 @@ def _run_routes(router: APIRouter, runs_dir: Path) -> None:
 
 def live_context(run: runview.RunRow) -> dict:
     return {"chart": line_chart(runview.curves(run.run_dir), "loss"), "progress": runview.progress(run),
+            "throughput": line_chart(runview.throughput(run.run_dir), "throughput (tokens/s)", width=480),
             "figures": runview.figures(run.run_dir), "log": runview.log_tail(run),
             "metrics": [r for r in runview.metrics_rows(run.run_dir / "metrics.jsonl")
                         if r.get("kind") in ("train", "eval")][-15:],

@@ -112,6 +112,12 @@ def curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
                                 if r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float))]}
 
 
+def throughput(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    rows = metrics_rows(run_dir / "metrics.jsonl")
+    return {"tokens/s": [(r["step"], r["tokens_per_s"]) for r in rows
+                         if r.get("kind") == "train" and isinstance(r.get("tokens_per_s"), (int, float))]}
+
+
 def progress(run: RunRow) -> dict:
     """Step, target steps, throughput and a rough ETA from the metrics rows' file times."""
     rows = [r for r in metrics_rows(run.run_dir / "metrics.jsonl") if r.get("kind") == "train"]

@@ -23,7 +23,7 @@ def test_pages_render_errors_show_inline_and_a_form_run_is_followed_to_the_end(u
         assert browser.find_element(By.CSS_SELECTOR, 'tr[data-id="alpha"]').is_displayed()
         browser.save_screenshot(str(ARTIFACTS / "runs.png"))
         browser.get(f"{url}/ui/runs/alpha")
-        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 3  # loss, val loss, tokens/s
         browser.save_screenshot(str(ARTIFACTS / "run.png"))
 
         browser.get(f"{url}/ui/new")
@@ -55,7 +55,7 @@ def test_pages_render_errors_show_inline_and_a_form_run_is_followed_to_the_end(u
         wait_for(browser, lambda d: "/ui/runs/ftjob-" in d.current_url, 30)
         wait_for(browser, lambda d: d.find_element(By.ID, "status").text not in ("queued", "running"), 400)
         assert browser.find_element(By.ID, "status").text == "succeeded"
-        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 3  # loss, val loss, tokens/s
         browser.save_screenshot(str(ARTIFACTS / "run-finished.png"))
 
 

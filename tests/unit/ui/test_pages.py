@@ -28,7 +28,7 @@ def test_a_run_page_shows_curves_scores_metrics_and_config(ui_app):
         live = c.get("/ui/runs/alpha/live")
         missing = c.get("/ui/runs/..%2F..%2Fetc")
     assert r.status_code == 200
-    assert r.text.count("<polyline") == 2 and "train loss 1.4" in r.text and "validation loss 1.6" in r.text
+    assert r.text.count("<polyline") == 3 and "train loss 1.4" in r.text and "validation loss 1.6" in r.text
     assert re.search(r"json_exact</td>\s*<td>0.25</td><td>0.75</td>\s*<td class=\"up\">\+0.5</td>", r.text)
     assert 'id="metrics"' in r.text and "lora" in r.text and "max_steps: 6" in r.text
     assert live.status_code == 200 and 'data-active="no"' in live.text and "<svg" in live.text

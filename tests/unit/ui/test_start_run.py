@@ -48,7 +48,7 @@ def test_a_run_started_from_the_form_trains_on_the_job_worker_and_its_page_follo
         assert status == "succeeded", page
         job = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()  # the same job, through the jobs API
     assert job["status"] == "succeeded" and job["fine_tuned_model"].startswith("ui-from-form-")
-    assert 'data-active="no"' in live.text and live.text.count("<polyline") == 2
+    assert 'data-active="no"' in live.text and live.text.count("<polyline") == 3
     assert ">6 / 6<" in page and f"registered as <code>{job['fine_tuned_model']}</code>" in page
 
 

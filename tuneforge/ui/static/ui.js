@@ -194,3 +194,31 @@ function setupRoutes() {  // A/B split and ending a test (admin key); a refusal 
   windowForm?.window.addEventListener("change", () => windowForm.submit());
 }
 if (document.getElementById("models-window")) document.addEventListener("DOMContentLoaded", setupRoutes);
+// compare: "clone into the form" (/ui/new?from=RUN) fills the New run form from that run's config
+async function cloneInto(form, runId) {
+  const general = document.getElementById("problems-general");
+  const r = await fetch(`/ui/api/runs/${encodeURIComponent(runId)}/form`, {credentials: "same-origin"});
+  let data = {};
+  try { data = await r.json(); } catch (e) { /* not JSON */ }
+  if (!r.ok) {
+    general.hidden = false;
+    general.textContent = `cannot clone ${runId}: ${data.error?.message || "error " + r.status}`;
+    return;
+  }
+  for (const [name, value] of Object.entries(data.form)) {
+    const el = form.elements.namedItem(name);
+    if (el) el.value = value;
+  }
+  const note = document.createElement("p");
+  note.id = "cloned-from";
+  note.className = "muted";
+  note.textContent = `cloned from ${data.run}: change what you want, then start`;
+  form.prepend(note);
+  form.dispatchEvent(new Event("input"));  // the usual check, on the cloned values
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("new-run");
+  const from = new URLSearchParams(window.location.search).get("from");
+  if (form && from) cloneInto(form, from);
+});
