@@ -27,12 +27,12 @@ from tuneforge.production.http import ApiError, may_call, may_review, read_json,
 from tuneforge.production.loop.review_queue import ReviewError, decide, list_items
 from tuneforge.registry.store import PromotionRefused, RegistryError
 from tuneforge.registry.tables import JobRow
-from tuneforge.ui import newrun, runview
+from tuneforge.ui import newrun, playground, runview
 from tuneforge.ui.charts import line_chart
 
 HERE = Path(__file__).parent
 COOKIE = "tuneforge_key"
-STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
+STATIC = {"ui.css": "text/css", "ui.js": "text/javascript", "playground.js": "text/javascript"}
 ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 ENV.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
@@ -98,6 +98,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _new_run_routes(router)
     _review_routes(router)
     _model_routes(router)
+    playground.add_routes(router, runs_dir)
     return router
 
 
