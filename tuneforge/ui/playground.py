@@ -18,26 +18,10 @@ from fastapi import APIRouter, Request
 
 from tuneforge.deploy.api import ChatRequest
 from tuneforge.deploy.chat import complete
-
-
-def keyed(request: Request) -> Request:
-    """``request`` with the dashboard's cookie key as its Authorization header (an explicit
-    header wins, as in app.authenticate). complete() authenticates the key itself, so it is
-    checked, and counted against the key's rate, once per request, as on /v1."""
-    from tuneforge.ui.app import COOKIE  # app imports this module to mount it: import at call time
-
-    token = request.cookies.get(COOKIE)
-    if not token or "authorization" in request.headers:
-        return request
-    scope = dict(request.scope)
-    scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
-    return Request(scope, request.receive)  # receive: complete() watches for the client leaving
+from tuneforge.ui.web import keyed, page_key, render
 
 
 def add_routes(router: APIRouter, runs_dir: Path) -> None:
-    # app imports this module to mount its routes: its helpers are imported when mounting
-    from tuneforge.ui.app import page_key, render
-
     @router.get("/playground")
     async def playground_page(request: Request):
         key, refused = page_key(request)
@@ -53,5 +37,7 @@ def add_routes(router: APIRouter, runs_dir: Path) -> None:
 
     @router.post("/api/chat")
     async def playground_chat(request: Request, body: ChatRequest):
-        # FastAPI validated ``body`` as on /v1 (a bad or unknown field: the app's 400 naming it)
+        # FastAPI validated ``body`` as on /v1 (a bad or unknown field: the app's 400 naming it);
+        # complete() authenticates the cookie's key itself: checked, and counted against the
+        # key's rate, once per request, as on /v1.
         return await complete(request.app.state.gateway, keyed(request), body, "chat")
