@@ -41,14 +41,16 @@
     setup(col);
   }
 
-  // The numbers are required: an unreadable one is said, never replaced by a default.
+  // temperature and max_tokens are required, seed is optional (blank: none); an unreadable
+  // number is said, never replaced by a default.
   function params() {
     const out = {};
-    for (const [name, input] of [["temperature", form.temperature], ["max_tokens", form.max_tokens]]) {
+    for (const input of [form.temperature, form.max_tokens, form.seed]) {
+      if (input.value === "" && !input.required && input.validity.valid) continue;
       if (input.value === "" || !input.checkValidity()) {
-        throw new Error(`${name}: ${input.validationMessage || "a number is needed"}`);
+        throw new Error(`${input.name}: ${input.validationMessage || "a number is needed"}`);
       }
-      out[name] = Number(input.value);
+      out[input.name] = Number(input.value);
     }
     return out;
   }
