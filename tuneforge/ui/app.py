@@ -6,6 +6,8 @@ serve the same pages beside the API. Auth is the server's own: the API key given
 /ui/login is kept in an HttpOnly cookie and checked by Gateway.authenticate on every page
 and call. Runs started from the New run form are queued on the job worker
 (production.api.jobs.queue_run_config), the one that trains /v1/fine_tuning/jobs.
+The helpers every page module shares (render, authenticate, page_key, find_run, ...) are in
+web.py, so page modules mounted here (playground.py) need not import this module back.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_
 from tuneforge.production.api.review import in_scope, scoped_item
 from tuneforge.production.http import ApiError, may_review, read_json
 from tuneforge.production.loop.review_queue import QueueRules, ReviewError, decide, fill_queue, list_items
-from tuneforge.ui import newrun, runview
-from tuneforge.ui import compare
+from tuneforge.ui import compare, newrun, playground, runview
 from tuneforge.ui import models as models_page
 from tuneforge.ui.charts import line_chart
 from tuneforge.ui.web import COOKIE, HERE, all_runs, authenticate, find_run, page_key, render, worker_db
 
-STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
+STATIC = {"ui.css": "text/css", "ui.js": "text/javascript", "playground.js": "text/javascript"}
 
 
 def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path = "runs") -> FastAPI:
@@ -51,6 +52,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _review_routes(router)
     models_page.add_routes(router, runs_dir)
     compare.add_routes(router, runs_dir)
+    playground.add_routes(router, runs_dir)
     return router
 
 

@@ -1,7 +1,11 @@
-"""What every dashboard page module shares: the templates, the key check (header or cookie),
-the login redirect, and the runs a key may see. Page modules (app.py's routes, models.py, ...)
-import these from here, never from app.py, which imports the page modules (no import circle:
-tests/unit/test_layers.py)."""
+"""What every dashboard page module shares: the templates, the request's key (the API key
+given at /ui/login, kept in a cookie scoped to /ui, or an Authorization header) and the runs a
+key may see.
+
+Page modules (app.py's routers, playground.py, ...) import these from here, not from app.py:
+app.py imports the page modules to mount them, so importing app.py back would be an import
+circle (tests/unit/test_layers.py counts imports inside functions too).
+"""
 
 from __future__ import annotations
 
@@ -27,14 +31,21 @@ def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
     return HTMLResponse(ENV.get_template(name).render(**ctx), status_code=status)
 
 
+def keyed(request: Request) -> Request:
+    """``request`` with the dashboard's cookie key as its Authorization header, for code that
+    authenticates a request itself (Gateway.authenticate, deploy.chat.complete); an explicit
+    header wins."""
+    token = request.cookies.get(COOKIE)
+    if not token or "authorization" in request.headers:
+        return request
+    scope = dict(request.scope)
+    scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
+    return Request(scope, request.receive)  # receive: a handler may watch for the client leaving
+
+
 def authenticate(request: Request, admin: bool = False):
     """The request's key: the Authorization header, else the dashboard's cookie."""
-    token = request.cookies.get(COOKIE)
-    if token and "authorization" not in request.headers:
-        scope = dict(request.scope)
-        scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
-        request = Request(scope)
-    return request.app.state.gateway.authenticate(request, admin=admin)
+    return request.app.state.gateway.authenticate(keyed(request), admin=admin)
 
 
 def page_key(request: Request):
