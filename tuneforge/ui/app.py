@@ -28,6 +28,7 @@ from tuneforge.production.loop.review_queue import ReviewError, decide, list_ite
 from tuneforge.registry.store import PromotionRefused, RegistryError
 from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
+from tuneforge.ui import reports
 from tuneforge.ui.charts import line_chart
 
 HERE = Path(__file__).parent
@@ -98,6 +99,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     _new_run_routes(router)
     _review_routes(router)
     _model_routes(router)
+    reports.add_routes(router, runs_dir)
     return router
 
 
