@@ -15,27 +15,21 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-from sqlalchemy import select
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from tuneforge.config import ConfigError
 from tuneforge.deploy.server import create_app
 from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_job
 from tuneforge.production.api.review import in_scope, scoped_item
-from tuneforge.production.http import ApiError, may_call, may_review, read_json, visible
+from tuneforge.production.http import ApiError, may_call, may_review, read_json
 from tuneforge.production.loop.review_queue import ReviewError, decide, list_items
 from tuneforge.registry.store import PromotionRefused, RegistryError
-from tuneforge.registry.tables import JobRow
 from tuneforge.ui import newrun, runview
 from tuneforge.ui import reports
+from tuneforge.ui.common import COOKIE, HERE, all_runs, authenticate, find_run, page_key, render, worker_db
 from tuneforge.ui.charts import line_chart
 
-HERE = Path(__file__).parent
-COOKIE = "tuneforge_key"
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
-ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-ENV.filters["datetime"] = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path = "runs") -> FastAPI:
@@ -44,52 +38,6 @@ def create_ui_app(cfg, registry, engine, on_request=None, runs_dir: str | Path =
     app = create_app(cfg, registry, engine, on_request)
     app.include_router(ui_router(Path(runs_dir)))
     return app
-
-
-def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
-    return HTMLResponse(ENV.get_template(name).render(**ctx), status_code=status)
-
-
-def authenticate(request: Request, admin: bool = False):
-    """The request's key: the Authorization header, else the dashboard's cookie."""
-    token = request.cookies.get(COOKIE)
-    if token and "authorization" not in request.headers:
-        scope = dict(request.scope)
-        scope["headers"] = [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]
-        request = Request(scope)
-    return request.app.state.gateway.authenticate(request, admin=admin)
-
-
-def page_key(request: Request):
-    """authenticate for HTML pages: a missing key is a redirect to the login page."""
-    try:
-        return authenticate(request), None
-    except ApiError as e:
-        if e.status == 401:
-            return None, RedirectResponse(f"/ui/login?next={request.url.path}", status_code=303)
-        return None, render("error.html", e.status, message=e.message)
-
-
-def worker_db(request: Request):
-    worker = getattr(request.app.state, "jobs_worker", None)
-    return worker.db if worker is not None else None
-
-
-def all_runs(request: Request, runs_dir: Path, key) -> list[runview.RunRow]:
-    """Local run folders (an open server or an admin key) and the key's queued/trained jobs."""
-    runs = runview.local_runs(runs_dir) if key is None or key.admin else []
-    db = worker_db(request)
-    if db is not None:
-        jobs = db.run(lambda s: list(s.scalars(select(JobRow).order_by(JobRow.seq))))
-        runs += [runview.job_run(j) for j in jobs if visible(j, key)]
-    return sorted(runs, key=lambda r: r.created, reverse=True)
-
-
-def find_run(request: Request, runs_dir: Path, key, run_id: str) -> runview.RunRow:
-    for r in all_runs(request, runs_dir, key):  # only ids the key may see; never a path from the URL
-        if r.id == run_id:
-            return r
-    raise ApiError(404, f"no run '{run_id}'", "not_found_error")
 
 
 def ui_router(runs_dir: Path) -> APIRouter:

@@ -29,9 +29,11 @@ from tuneforge.evaluate.command import LOWER_IS_BETTER, score_rows
 from tuneforge.evaluate.diagnose import diagnose, read_curves
 from tuneforge.io import sha256_file
 from tuneforge.plugins import objective_of
+from tuneforge.production.http import ApiError
 from tuneforge.runs import load_run_config
 from tuneforge.train.compare import QUALITATIVE, compare_table
 from tuneforge.ui.charts import bar_chart
+from tuneforge.ui.common import find_run, page_key, render
 from tuneforge.ui.runview import RunRow, read_json
 
 CLIP = 400  # characters of an example shown before its "show all"
@@ -40,10 +42,6 @@ REREAD_LIMIT = 50 * 2**20  # data files re-read for examples only up to this siz
 
 
 def add_routes(router: APIRouter, runs_dir: Path) -> None:
-    # deferred: app.py imports this module in ui_router, so importing app at module level is a cycle
-    from tuneforge.production.http import ApiError
-    from tuneforge.ui.app import find_run, page_key, render
-
     async def run_or_error(request: Request, run_id: str):
         key, refused = page_key(request)
         if refused:
@@ -90,8 +88,8 @@ def task_view(run: RunRow, name: str, rep: dict, multitask: bool) -> dict:
                   or DataConfig.model_fields["max_length"].default)
     view = {"name": name, "rows": rep.get("rows", {}), "earlier": rep.get("earlier"), "manifest": manifest,
             "manifest_note": manifest_note, "prepared": rep.get("prepared"), "max_length": max_length,
-            "formats": {split: f"{load.get('format')} ({load.get('format_reason')})"
-                        for split, load in rep.get("load", {}).items()},
+            "formats": {split: f"{load['format']} ({load.get('format_reason')})"
+                        for split, load in rep.get("load", {}).items() if load.get("format")},
             "reasons": reasons(rep, manifest), "accounting": (manifest or {}).get("accounting", {})}
     view["histograms"], view["histogram_note"] = histograms(rep, manifest, max_length, run)
     view["leakage"], view["leakage_note"] = leakage(manifest, manifest_note)
@@ -153,13 +151,16 @@ def reasons(rep: dict, manifest: dict | None) -> list[dict]:
 
 
 def histograms(rep: dict, manifest: dict | None, max_length: int, run: RunRow) -> tuple[list[dict], str]:
-    charts = []
+    """The charts, and a note: what they leave out, or why there are none."""
+    charts, facts = [], []
     for split, enc in rep.get("render", {}).items():
         hist = enc.get("lengths")
         if hist and hist.get("counts"):
             charts.append({"source": "as trained (after truncation)", "split": split, "truncated": enc.get("truncated", 0),
                            "svg": _hist_svg(hist, f"{split}: {sum(hist['counts'])} rows, {enc.get('truncated', 0)} "
                                                   "truncated", "tokens", (max_length, f"max_length {max_length}"))})
+        elif enc.get("kept"):
+            facts.append(f"{split}: no token lengths in this run's data report (written before tuneforge recorded them)")
     if manifest:
         unit = manifest.get("length_unit", "tokens")
         over = {(st.get("info") or {}).get("pool"): st for st in manifest.get("stages", []) if st["name"] == "token_length"}
@@ -171,10 +172,11 @@ def histograms(rep: dict, manifest: dict | None, max_length: int, run: RunRow) -
                 charts.append({"source": "prepared folder (before training)", "split": split, "truncated": None,
                                "svg": _hist_svg(hist, f"{split}: {sum(hist['counts'])} rows ({unit})", unit,
                                                 (limit, f"max_length {limit}") if limit else None)})
-        if charts and limit:
-            charts[-1]["note"] = f"{over_n} rows outside the prepare-time token limits (every split, before the split)"
+        if limit:
+            facts.append(f"prepare: {over_n} row{'s' * (over_n != 1)} outside its token limits (max_length {limit}, "
+                         f"action {next(iter(over.values()))['info'].get('action')}; counted before the split)")
     if charts:
-        return charts, ""
+        return charts, "; ".join(facts)
     if rep.get("render"):
         why = ("it was written before tuneforge recorded token lengths in data_report.json; train again, or "
                "prepare the data with `tuneforge data prepare --tokenizer MODEL`")

@@ -43,7 +43,7 @@ from tuneforge.runs import load_run_config
 from tuneforge.train.compare import Prices, cost_of_ownership, recommend
 from tuneforge.train.run_folder import data_report
 
-MAX_LENGTH = 96
+MAX_LENGTH = 160
 
 
 def chat(q: str, a: str) -> dict:
@@ -62,7 +62,8 @@ def prepared_run(root, tmp_path, tiny_model_dir):
     test.write_text(json.dumps(chat("What is the refund policy for order 7?", "Within 30 days.")) + "\n"
                     + json.dumps(chat("Where is my parcel 55?", "It ships tomorrow.")) + "\n")
     prepared = tmp_path / "prepared"
-    prepare(PrepareOptions(inputs=["builtin:orders?n=60", str(extra)], test_inputs=[str(test)],
+    # the small file first: its rows lead the train split, so the page's examples include them
+    prepare(PrepareOptions(inputs=[str(extra), "builtin:orders?n=60"], test_inputs=[str(test)],
                            tokenizer=tiny_model_dir, max_length=MAX_LENGTH, overlength="truncate",
                            split=SplitOptions(validation=0, test=0)), prepared)
     data = DataConfig(train=[str(prepared)], max_length=MAX_LENGTH, overlength="truncate")
@@ -117,10 +118,13 @@ def test_data_page_shows_every_reason_lengths_leakage_pii_and_escaped_examples(u
     leak = next(st for st in manifest["stages"] if st["name"] == "leakage")
     assert re.search(r'<table class="grid" id="leakage">.*?<td class="count">' + str(leak["info"]["found"]), page, re.S)
     pii = next(st for st in manifest["stages"] if st["name"] == "pii")["info"]["found"]
-    assert pii["EMAIL"] == 1 and re.search(r'data-kind="EMAIL"><td>EMAIL</td><td class="count">1<', page)
+    assert pii["EMAIL"] == 1 and re.search(r'data-kind="EMAIL"><td>EMAIL</td><td class="count">1</td>'
+                                           r'<td class="count">0</td></tr>', page)  # inputs, then the test file
     # examples: from the prepared folder's splits, autoescaped, long ones clipped with "show all"
     assert 'class="example" data-split="train"' in page and 'class="example" data-split="test"' in page
-    assert "<script>" not in page.split("<main>")[1]
+    main = page.split("<main>")[1]
+    assert "<script>" not in main and "Show &lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; now" in main
+    assert "show all (" in main and "Mail me at &lt;EMAIL&gt; please" in main  # the redacted row as trained
     assert "Where is my parcel 55?" in page  # the test file's kept row
 
 
