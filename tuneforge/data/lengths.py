@@ -53,6 +53,19 @@ def length_stats(lengths: np.ndarray) -> dict:
             "total": int(lengths.sum())}
 
 
+def length_histogram(lengths, bins: int = 20) -> dict:
+    """Rows per length bin (``edges`` has one more entry than ``counts``; whole-number
+    edges, at most ``bins`` bins): the shape of the lengths, which percentiles alone hide."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return {"edges": [], "counts": []}
+    lo, hi = int(lengths.min()), int(lengths.max()) + 1
+    step = max(1, -(-(hi - lo) // bins))  # ceil: whole-number bins covering lo..hi
+    edges = np.arange(lo, hi + step, step)
+    counts, _ = np.histogram(lengths, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
 def shape_stats(rows: list[dict]) -> dict:
     """Label balance (classification) and turns per conversation (sft)."""
     if not rows:

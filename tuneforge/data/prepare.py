@@ -22,7 +22,7 @@ from tuneforge.data.builtin import paraphrase_rows
 from tuneforge.data.clean import CleanOptions, clean_rows
 from tuneforge.data.dedup import DedupOptions, exact_dedup, near_dedup
 from tuneforge.data.formats import kind_fits, row_texts
-from tuneforge.data.lengths import length_stats, overlength_stage, shape_stats, token_lengths
+from tuneforge.data.lengths import length_histogram, length_stats, overlength_stage, shape_stats, token_lengths
 from tuneforge.data.load import DataError, LoadReport, UnreadFieldError, load_rows
 from tuneforge.data.manifest import (
     MANIFEST,
@@ -359,6 +359,7 @@ def _prepare(opts: PrepareOptions, out_dir: Path, console=None, overwrite: bool 
         "accounting": accounting,
         "splits": {name: {"rows": len(part), "synthetic_rows": sum(bool(r.get("_synthetic")) for r in part),
                           "sha256": rows_sha256(part), "lengths": length_stats(lengths[name]),
+                          "histogram": length_histogram(lengths[name]),
                           **shape_stats(part)} for name, part in parts.items()},
     }
     manifest["synthetic"] = any(s["synthetic_rows"] for s in manifest["splits"].values())

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig, to_yaml
+from tuneforge.data.lengths import length_histogram
 from tuneforge.data.prepare import Splits, build_splits
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.hardware import environment, peak_memory, pick_device, pick_dtype
@@ -157,7 +158,10 @@ def data_report(splits, enc: dict) -> dict:
             "rows": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
             "load": {k: v.as_dict() for k, v in splits.reports.items()},
             "render": {k: {"kept": len(e.rows), "dropped": dict(e.dropped), "truncated": e.truncated,
-                           "examples": e.examples} for k, e in enc.items()}}
+                           "examples": e.examples,
+                           # token lengths as trained (truncated rows at max_length): the dashboard's histogram
+                           "lengths": length_histogram([len(r["input_ids"]) for r in e.rows])}
+                       for k, e in enc.items()}}
 
 
 def report_tasks(run_dir: Path, tasks: list[Task], mixture: dict, console: Console) -> None:

@@ -28,7 +28,7 @@ from tuneforge.production.api.jobs import cancel_job, queue_run_config, requeue_
 from tuneforge.production.api.review import in_scope, scoped_item
 from tuneforge.production.http import ApiError, may_review, read_json
 from tuneforge.production.loop.review_queue import QueueRules, ReviewError, decide, fill_queue, list_items
-from tuneforge.ui import compare, newrun, playground, runview
+from tuneforge.ui import compare, newrun, playground, reports, runview
 from tuneforge.ui import models as models_page
 from tuneforge.ui.charts import line_chart
 from tuneforge.ui.web import COOKIE, HERE, all_runs, authenticate, find_run, page_key, render, worker_db
@@ -53,6 +53,7 @@ def ui_router(runs_dir: Path) -> APIRouter:
     models_page.add_routes(router, runs_dir)
     compare.add_routes(router, runs_dir)
     playground.add_routes(router, runs_dir)
+    reports.add_routes(router, runs_dir)
     return router
 
 

@@ -76,3 +76,47 @@ def _labels(labels: list[list]) -> list[str]:
         b[0] = max(b[0], a[0] + 13)
     return [f'<text x="{x:.1f}" y="{y:.1f}" fill="{colour}" class="line-label">{escape(text)}</text>'
             for y, x, colour, text in labels]
+
+
+def bar_chart(bins: list[tuple[float, float, int]], title: str = "", x_label: str = "",
+              marker: tuple[float, str] | None = None, width: int = 640, height: int = 240) -> str:
+    """A histogram: ``bins`` = [(low, high, count)] side by side on a linear x axis, each bar's
+    count written above it (no axis to read values off). ``marker`` = (x, label): a dashed
+    vertical line, e.g. max_length, labelled beside it; the axis stretches to show it."""
+    head = (f'<svg class="chart bars" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f'<text x="8" y="16" class="chart-title">{escape(title)}</text>')
+    if not bins:
+        return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no rows</text></svg>'
+    left, right, top, bottom = 16, 16, 50, 34  # top margin: the marker label, then the counts above the bars
+    x0 = min(lo for lo, _, _ in bins)
+    x1 = max(max(hi for _, hi, _ in bins), marker[0] if marker else x0)
+    x0 = min(x0, marker[0]) if marker else x0
+    x1 = x1 if x1 > x0 else x0 + 1
+    peak = max(n for _, _, n in bins) or 1
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def py(n: float) -> float:
+        return top + (1 - n / peak) * (height - top - bottom)
+
+    base = height - bottom
+    parts = [head, f'<line x1="{left}" x2="{width - right}" y1="{base}" y2="{base}" class="axis"/>']
+    for lo, hi, n in bins:
+        x, w = px(lo), max(px(hi) - px(lo) - 1, 1)
+        parts.append(f'<rect class="bar" x="{x:.1f}" y="{py(n):.1f}" width="{w:.1f}" height="{base - py(n):.1f}">'
+                     f'<title>{_fmt(lo)}-{_fmt(hi)}: {n}</title></rect>')
+        if n:
+            parts.append(f'<text x="{x + w / 2:.1f}" y="{py(n) - 3:.1f}" text-anchor="middle" class="bar-value">'
+                         f'{n}</text>')
+    for t in _ticks(x0, x1, 6):
+        parts.append(f'<text x="{px(t):.1f}" y="{base + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle">{escape(x_label)}</text>')
+    if marker:
+        x = px(marker[0])
+        anchor = "end" if x > width / 2 else "start"
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 28}" y2="{base}" class="marker"/>'
+                     f'<text x="{x + (-4 if anchor == "end" else 4):.1f}" y="{top - 20}" text-anchor="{anchor}" '
+                     f'class="marker-label">{escape(marker[1])}</text>')
+    return "".join(parts) + "</svg>"
