@@ -151,7 +151,7 @@ def _new_run_routes(router: APIRouter) -> None:
         key, refused = page_key(request)
         if refused:
             return refused
-        return render("new.html", fields=newrun.FIELDS, key=key, nav="new",
+        return render("new.html", fields=newrun.FIELDS, choices=newrun.suggestions(), key=key, nav="new",
                       jobs=worker_db(request) is not None)
 
     @router.post("/api/validate")

@@ -28,6 +28,21 @@ FIELDS: dict[str, tuple[str, type]] = {
     "data.max_length": ("max length (tokens)", int),
 }
 EXTRA = "extra_yaml"  # the free YAML box: any key of docs/config.md
+
+
+def suggestions() -> dict[str, list[str]]:
+    """Choices offered under the text fields (an HTML datalist: typing anything else stays
+    possible, e.g. a hub id or a file path; the validator checks it): the registered methods
+    and objectives (plug-ins included), the embedded causal LMs, the built-in datasets."""
+    # deferred: the method/objective registries import torch; only the form page needs them
+    from tuneforge.data.builtin import GENERATORS
+    from tuneforge.methods import METHODS
+    from tuneforge.models.zoo import EMBEDDED
+    from tuneforge.objectives import OBJECTIVES
+
+    return {"method.name": sorted(METHODS), "objective.name": sorted(OBJECTIVES),
+            "model.name": [a for a, e in EMBEDDED.items() if e.kind == "causal-lm"],
+            "data.train": [f"builtin:{g}" for g in sorted(GENERATORS)]}
 _KEY = re.compile(r"'([A-Za-z_][\w]*(?:\.[\w]+)*)'")
 
 

@@ -76,6 +76,12 @@ def test_the_new_run_page_has_every_field(ui_app):
     for name in ("model.name", "data.train", "train.lr", "extra_yaml"):
         assert f'id="f-{name}"' in r.text and f'id="p-{name}"' in r.text
     assert 'id="start"' in r.text and "disabled" not in re.search(r'<button[^>]*id="start"[^>]*>', r.text).group(0)
+    # the registered methods and objectives (plug-ins included) are offered under their fields
+    methods = re.search(r'<datalist id="l-method.name">(.*?)</datalist>', r.text, re.S).group(1)
+    assert {"lora", "qlora", "full", "prompt"} <= set(re.findall(r'<option value="([^"]+)">', methods))
+    objectives = re.search(r'<datalist id="l-objective.name">(.*?)</datalist>', r.text, re.S).group(1)
+    assert {"sft", "dpo", "kto"} <= set(re.findall(r'<option value="([^"]+)">', objectives))
+    assert 'list="l-model.name"' in r.text and "smollm2-135m-instruct" in r.text
 
 
 def test_with_keys_pages_ask_for_a_key_and_a_tenant_sees_no_local_runs(ui_app, registry):
