@@ -115,6 +115,10 @@ class DataConfig(Strict):
         "drop", description="what happens to rows longer than max_length; always counted"
     )
     packing: bool = Field(False, description="pack several rows into each sequence (no padding)")
+    pii: Literal["redact", "drop", "off"] = Field(
+        "redact", description="personal data in raw files (emails, phones, cards, IBANs, SSNs, IPs, secrets): "
+        "redact to <TYPE> (as `data prepare` does), drop the row, or off; counted in data_report.json. "
+        "A prepared folder keeps what `data prepare` did")
 
     @model_validator(mode="after")
     def _sizes(self):

@@ -142,16 +142,24 @@ def quantized_bytes(numel: int, double_quant: bool) -> float:
 
 
 def quantized_params(model, opts) -> set[int]:
-    """ids of the weights a 4-bit load quantises: every nn.Linear of the base but the output head."""
-    if opts.name != "qlora":
+    """ids of the weights a 4-bit or 8-bit load quantises: every nn.Linear of the base but the output head."""
+    if opts.name != "qlora" and not getattr(opts, "load_in_8bit", False):
         return set()
     head = model.get_output_embeddings()
     return {id(m.weight) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in n}
 
 
+def int8_bytes(weight: torch.Tensor) -> int:
+    """LLM.int8() weights: one byte each + one fp32 scale per output row (bitsandbytes' SCB)."""
+    return weight.numel() + 4 * weight.shape[0]
+
+
 def weight_bytes(model, opts) -> int:
     quantized = quantized_params(model, opts)
+    if getattr(opts, "load_in_8bit", False):
+        return int(sum(int8_bytes(p) if id(p) in quantized else p.numel() * p.element_size()
+                       for p in model.parameters()))
     return int(sum(quantized_bytes(p.numel(), opts.double_quant) if id(p) in quantized
                    else p.numel() * p.element_size() for p in model.parameters()))
 
@@ -275,9 +283,13 @@ def _probe_config(model_config, layers: int):
 
 def _probe_method(opts) -> dict:
     # The 4-bit base needs a checkpoint to load; its adapter's ops are LoRA's (same rank, targets).
+    # An 8-bit base is the same: the probe trains LoRA's ops on a plain base (bitsandbytes' int8
+    # code pages are not counted; measured by benchmarks/plan_accuracy.py).
     raw = opts.model_dump()
     if raw["name"] == "qlora":
         raw = {k: v for k, v in raw.items() if k in LoraOptions.model_fields} | {"name": "lora"}
+    if raw.get("load_in_8bit"):
+        raw["load_in_8bit"] = False
     return raw
 
 
@@ -561,7 +573,8 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
 def comparison_methods(cfg, n_layers: int) -> dict[str, dict]:
     """The configured method plus the usual alternatives for this model."""
     rows = {"full": {"name": "full"}, "freeze": {"name": "freeze", "top_k": max(1, n_layers // 4)},
-            "lora": {"name": "lora", "r": 16}, "qlora": {"name": "qlora", "r": 16}}
+            "lora": {"name": "lora", "r": 16}, "lora 8-bit": {"name": "lora", "r": 16, "load_in_8bit": True},
+            "qlora": {"name": "qlora", "r": 16}}
     configured = cfg.method.model_dump()
     return {f"{cfg.method.name} (config)": configured} | {k: v for k, v in rows.items()
                                                            if validate_method(v) != cfg.method}

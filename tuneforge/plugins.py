@@ -7,6 +7,7 @@ everything that loads a config (train, plan, the CLI, jobs, run folders) comes t
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -127,5 +128,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError([f"config file {path} does not exist"])
         raw = read_yaml(path)
-    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    extra = parse_overrides(list(overrides))
+    raw = deep_merge(_switched(raw, extra), extra)
     return validate_config(raw, str(path) if path else None)
+
+
+def _switched(raw: dict, overrides: dict) -> dict:
+    """When the command line switches a method or objective (`method.name=ia3` over a LoRA
+    file), the file's options the new one does not take are left out, with a one-line notice
+    naming them: they belonged to the old choice. An option given on the command line itself
+    is kept, so a wrong one is still an error."""
+    out = dict(raw)
+    for section, registry in (("method", METHODS), ("objective", OBJECTIVES)):
+        asked, mine = overrides.get(section), raw.get(section)
+        if not (isinstance(asked, dict) and isinstance(mine, dict) and asked.get("name") in registry):
+            continue
+        if mine.get("name") == asked["name"]:
+            continue
+        takes = registry[asked["name"]].options.model_fields
+        left = [k for k in mine if k != "name" and k not in takes and k not in asked]
+        if left:
+            out[section] = {k: v for k, v in mine.items() if k not in left}
+            print(f"note: {section} switched to '{asked['name']}' on the command line: the file's "
+                  f"{', '.join(f'{section}.{k}' for k in left)} left out ({asked['name']} does not take "
+                  f"{'it' if len(left) == 1 else 'them'})", file=sys.stderr)
+    return out

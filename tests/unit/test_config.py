@@ -151,3 +151,29 @@ def test_serve_monitor_and_improve_configs_name_a_non_utf8_byte_too(tmp_path):
     for load in (load_serve_config, load_monitor_config, load_improve_config):
         with pytest.raises(ConfigError, match=r"serve.yaml is not UTF-8 text: byte 0xe9 at byte offset 9"):
             load(path)
+
+
+def test_switching_method_on_the_command_line_leaves_out_the_files_options_with_a_notice(tmp_path, capsys):
+    from tuneforge.plugins import load_config
+
+    (tmp_path / "run.yaml").write_text("model: {name: m}\ndata: {train: [builtin:orders]}\n"
+                                       "method: {name: lora, r: 8, alpha: 16, dropout: 0.05}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["method.name=ia3"])
+    assert cfg.method.name == "ia3"
+    note = capsys.readouterr().err
+    assert "method.r, method.alpha, method.dropout left out" in note and "ia3" in note
+    with pytest.raises(ConfigError, match="method.r"):  # given on the same command line: still an error
+        load_config(tmp_path / "run.yaml", ["method.name=ia3", "method.r=4"])
+    capsys.readouterr()
+    assert load_config(tmp_path / "run.yaml", ["method.r=4"]).method.r == 4  # no switch: nothing left out
+    assert capsys.readouterr().err == ""
+
+
+def test_overrides_may_follow_options(tmp_path):
+    from tuneforge.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["sweep", "cfg.yaml", "--space", "s.yaml", "--trials", "3", "run_name=x",
+                                       "train.lr=1e-3"])
+    assert args.overrides == ["run_name=x", "train.lr=1e-3"] and args.trials == 3 and args.space == "s.yaml"
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        parse_args(build_parser(), ["sweep", "cfg.yaml", "--space", "s.yaml", "--bogus"])

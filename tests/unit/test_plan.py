@@ -111,3 +111,22 @@ def test_suggestions_fix_what_does_not_fit(tiny_model_dir):
     tips = suggestions(cfg, est, int(free), torch.float32)
     assert any("gradient_checkpointing=true" in t for t in tips), tips
     assert any("train.batch_size=" in t and "grad_accum=" in t for t in tips), tips
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_8bit_weights_are_counted_as_loaded(small_dir):
+    """The plan's bytes for a LoRA on an int8 base = what bitsandbytes really holds: the int8
+    weights, their per-row scales (SCB) and the unquantised rest, adapters included."""
+    from tuneforge.methods import METHODS
+    from tuneforge.models.load import load_causal_lm
+
+    opts = _opts({"name": "lora", "r": 8, "load_in_8bit": True})
+    est = estimate(load_config(small_dir), opts, 2, 32, torch.float32, device="cuda")
+    method = METHODS["lora"]
+    model = method.apply(load_causal_lm(small_dir, torch.float32, "cpu",
+                                        quantization_config=method.quantization_config(opts, torch.float32)), opts)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(p.SCB.numel() * 4 for p in model.parameters() if getattr(p, "SCB", None) is not None)
+    assert est.weights == held
+    dense = estimate(load_config(small_dir), _opts({"name": "lora", "r": 8}), 2, 32, torch.float32, device="cuda")
+    assert est.weights < dense.weights / 2

@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, with key=value overrides allowed anywhere on the line (`tuneforge sweep CFG
+    --space S --trials 4 run_name=x`): argparse stops filling a positional list at the first
+    option, so overrides after options come back as extras and join the command's own."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    if overrides and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += overrides
+        extra = [x for x in extra if x not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # The errors users cause, reported as one line; their modules import torch (see above).
     from tuneforge.config import ConfigError
@@ -51,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.train.callbacks import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     if args.command in ("train", "sequence", "sweep", "rlhf"):
         reexec_with_allocator(argv)
     try:

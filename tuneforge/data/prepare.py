@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -49,6 +49,7 @@ class Splits:
     test: list[dict]
     reports: dict[str, LoadReport]
     prepared: dict | None = None  # {"path", "manifest_sha256"} when read from a prepared folder
+    pii: dict = field(default_factory=dict)  # split -> the PII stage's counts (raw files only)
 
     def manifest_hash(self) -> str:
         """sha256 over the canonical rows of every split: the data's identity in the lineage."""
@@ -142,14 +143,21 @@ def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
     """``kind``: the rows the objective trains on (sft, preference, classification, text)."""
     if len(data.train) == 1 and is_prepared(data.train[0]):
         return load_prepared(data.train[0], data, kind)
-    reports = {}
+    reports, pii = {}, {}
     how = {"kind": kind, "messages": data.messages, "ignore_fields": data.ignore_fields}
-    train, reports["train"] = load_rows(data.train, data.format, data.columns, **how)
-    validation = test = []
-    if data.validation:
-        validation, reports["validation"] = load_rows(data.validation, data.format, data.columns, **how)
-    if data.test:
-        test, reports["test"] = load_rows(data.test, data.format, data.columns, **how)
+
+    def load(name: str, specs: list[str]) -> list[dict]:
+        rows, reports[name] = load_rows(specs, data.format, data.columns, **how)
+        if data.pii == "off":
+            return rows
+        # The same pass as `data prepare`, so training on raw files never learns personal data unseen.
+        rows, stage = pii_rows(rows, PIIOptions(action=data.pii))
+        pii[name] = stage.as_dict()
+        return rows
+
+    train = load("train", data.train)
+    validation = load("validation", data.validation) if data.validation else []
+    test = load("test", data.test) if data.test else []
     carve = [(name, size) for name, size, given in (("validation", data.val_size, data.validation),
                                                     ("test", data.test_size, data.test)) if not given and size > 0]
     if carve:
@@ -161,7 +169,7 @@ def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
                 test = part
     if not train:
         raise DataError("no training rows left after holding out validation/test rows")
-    return Splits(train, validation, test, reports)
+    return Splits(train, validation, test, reports, pii=pii)
 
 
 # --- the `tuneforge data prepare` recipe ------------------------------------------------

@@ -7,6 +7,8 @@ A/B matrices plus one magnitude value per output feature.
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from typing import Literal
 
 import torch
@@ -23,6 +25,9 @@ class LoraOptions(Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    load_in_8bit: bool = Field(
+        False, description="load the frozen base's linear layers in int8 (bitsandbytes LLM.int8(), outliers "
+        "above 6.0 kept in 16-bit; ~1 byte per weight; CPU and CUDA); needs tuneforge[qlora]")
 
     @field_validator("target_modules")
     @classmethod
@@ -34,6 +39,15 @@ class LoraOptions(Strict):
 
 class DoraOptions(LoraOptions):
     name: Literal["dora"] = "dora"
+
+
+INSTALL_HINT = "pip install 'tuneforge[qlora]' (bitsandbytes==0.50.2)"
+
+
+def bitsandbytes_problem(what: str) -> str | None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{what} needs bitsandbytes, which is not installed: {INSTALL_HINT}"
+    return None
 
 
 def lora_config(opts, use_dora: bool = False, model=None):
@@ -56,7 +70,20 @@ class LoRA(PeftMethod):
     fast_bf16_inputs = True
 
     def check(self, opts, module_names):
-        return check_target_modules(opts.target_modules, module_names)
+        problem = bitsandbytes_problem(f"method {opts.name} with load_in_8bit") if opts.load_in_8bit else None
+        return ([problem] if problem else []) + check_target_modules(opts.target_modules, module_names)
+
+    def quantization_config(self, opts, compute_dtype):
+        if not opts.load_in_8bit:
+            return None
+        # deferred: transformers takes seconds to import; only code that builds a model pays
+        from transformers import BitsAndBytesConfig
+
+        # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16: that cast is
+        # LLM.int8()'s design (its outlier path is 16-bit), not a problem to report each step.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        # The head stays in the compute dtype, as in QLoRA: it is the layer most hurt by rounding.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "score"])
 
     def apply(self, model, opts):
         from peft import get_peft_model  # deferred: peft imports transformers; config validation and --help stay quick
@@ -68,7 +95,7 @@ class LoRA(PeftMethod):
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
         model = get_peft_model(model, lora_config(opts, self.use_dora, model))
         base = model.get_base_model()
-        if self.fast_bf16_inputs and base.dtype == torch.bfloat16 and type(base).__name__.endswith("ForCausalLM"):
+        if self.fast_bf16_inputs and not opts.load_in_8bit and base.dtype == torch.bfloat16 and type(base).__name__.endswith("ForCausalLM"):
             # A bf16 base trains under autocast. peft would cast each layer's bf16 input up
             # to the fp32 adapter dtype, and autocast straight back down for the matmul: two
             # copies of every activation per adapted layer, for the same result.

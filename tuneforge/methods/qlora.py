@@ -9,27 +9,23 @@ compute dtype, as in the QLoRA paper.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tuneforge.methods.base import check_target_modules, register_method
-from tuneforge.methods.lora import LoRA, LoraOptions
-
-INSTALL_HINT = "pip install 'tuneforge[qlora]' (bitsandbytes==0.50.2)"
-
+from tuneforge.methods.lora import LoRA, LoraOptions, bitsandbytes_problem
 
 class QloraOptions(LoraOptions):
     name: Literal["qlora"] = "qlora"
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base")
     double_quant: bool = Field(True, description="quantise the absmax scales too (~0.4 bit/param saved)")
 
-
-def bitsandbytes_problem() -> str | None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return f"method qlora needs bitsandbytes, which is not installed: {INSTALL_HINT}"
-    return None
+    @model_validator(mode="after")
+    def _four_bit(self):
+        if self.load_in_8bit:
+            raise ValueError("qlora loads the base in 4-bit; for an 8-bit base use method lora with load_in_8bit: true")
+        return self
 
 
 @register_method
@@ -41,7 +37,7 @@ class QLoRA(LoRA):
     shardable = False
 
     def check(self, opts, module_names):
-        problem = bitsandbytes_problem()
+        problem = bitsandbytes_problem("method qlora")
         return ([problem] if problem else []) + check_target_modules(opts.target_modules, module_names)
 
     def quantization_config(self, opts, compute_dtype):

@@ -157,6 +157,8 @@ def data_report(splits, enc: dict) -> dict:
     return {"manifest_sha256": splits.manifest_hash(), "prepared": splits.prepared,
             "rows": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
             "load": {k: v.as_dict() for k, v in splits.reports.items()},
+            # data.pii on raw files (a prepared folder's own PII stage is in its manifest)
+            "pii": splits.pii if splits.prepared is None else {"prepared": "see the folder's manifest.json"},
             "render": {k: {"kept": len(e.rows), "dropped": dict(e.dropped), "truncated": e.truncated,
                            "examples": e.examples,
                            # token lengths as trained (truncated rows at max_length): the dashboard's histogram
@@ -176,6 +178,12 @@ def report_tasks(run_dir: Path, tasks: list[Task], mixture: dict, console: Conso
         name = f"[{task.name}] " if len(tasks) > 1 else ""
         for k, r in task.splits.reports.items():
             console.print(f"{name}data {k}: {r.read} rows read, {r.kept} kept; format {r.format} ({r.format_reason})")
+            stage = task.splits.pii.get(k)
+            if stage and stage["info"].get("found"):
+                found = ", ".join(f"{n} {t}" for t, n in stage["info"]["found"].items())
+                did = (f"{sum(stage['dropped'].values())} rows dropped" if stage["dropped"]
+                       else f"{stage['changed'].get('rows redacted', 0)} rows redacted")
+                console.print(f"{name}data {k}: personal data found ({found}): {did} (data.pii={stage['info']['action']})")
             for reason, n in r.dropped.items():
                 console.print(f"  [yellow]dropped {n}[/] ({reason}), e.g. {r.examples[reason][0]}")
         for k, e in task.enc.items():

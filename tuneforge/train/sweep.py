@@ -124,7 +124,9 @@ def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], tr
     study = optuna.create_study(
         study_name="tuneforge", storage=f"sqlite:///{root / 'study.db'}", load_if_exists=True, direction="minimize",
         sampler=picker,
-        # No pruning before 2 trials finished or before a trial's second validation.
+        # No pruning before 2 trials finished or before a trial's second validation: trials
+        # report by validation index (0, 1, ...), so "warm-up 1" is one validation, whatever
+        # the training step it fell on (reporting training steps pruned at the first one).
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
 
     def objective(trial) -> float:
@@ -140,13 +142,15 @@ def run_sweep(config: str, overrides: list[str], space: dict[str, Dimension], tr
         cfg = load_config(config, [*overrides, *choice, f"output_dir={root}", f"run_name=trial-{trial.number:03d}"])
         trial.set_user_attr("run_dir", str(root / cfg.run_name))
         console.rule(f"trial {trial.number}: {' '.join(choice)}")
-        best = [float("inf")]
+        best, seen = [float("inf")], [0]
 
         def on_eval(step: int, val_loss: float) -> None:
             best[0] = min(best[0], val_loss)
-            trial.report(val_loss, step)
+            trial.report(val_loss, seen[0])  # the validation's index: the pruner compares like with like
+            seen[0] += 1
             if trial.should_prune():
-                raise optuna.TrialPruned(f"validation loss {val_loss:.4f} at step {step}")
+                raise optuna.TrialPruned(f"validation loss {val_loss:.4f} at step {step} "
+                                         f"(validation {seen[0]}) is worse than the median of earlier trials")
 
         train(cfg, console=console, on_eval=on_eval)
         return best[0]

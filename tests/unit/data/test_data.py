@@ -125,3 +125,22 @@ def test_chatterbot_topics_keeps_each_opener_once_and_drops_ambiguous_ones():
     assert stats["conversations_with_a_repeated_opener"] == 51 and stats["openers_under_several_categories"] == 1
     assert stats["categories_kept"] == {"chat": 4, "support": 4}
     assert stats["categories_below_min_count"] == {} and stats["rows"] == 8
+
+
+def test_training_on_raw_files_redacts_or_drops_personal_data_and_counts_it(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"mail me at jo{i}@example.com" if i < 3 else f"hi {i}"},
+                          {"role": "assistant", "content": "ok"}]} for i in range(20)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = str(tmp_path / "t.jsonl")
+
+    s = build_splits(DataConfig(train=[spec], val_size=0, test_size=0), seed=0)  # default: redact
+    texts = [r["messages"][0]["content"] for r in s.train]
+    assert len(s.train) == 20 and not any("@example.com" in t for t in texts)
+    assert sum("<EMAIL>" in t for t in texts) == 3
+    assert s.pii["train"]["info"]["found"] == {"EMAIL": 3} and s.pii["train"]["changed"] == {"rows redacted": 3}
+
+    dropped = build_splits(DataConfig(train=[spec], val_size=0, test_size=0, pii="drop"), seed=0)
+    assert len(dropped.train) == 17 and dropped.pii["train"]["dropped"] == {"contains personal data": 3}
+
+    kept = build_splits(DataConfig(train=[spec], val_size=0, test_size=0, pii="off"), seed=0)
+    assert sum("@example.com" in r["messages"][0]["content"] for r in kept.train) == 3 and kept.pii == {}

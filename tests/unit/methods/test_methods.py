@@ -27,6 +27,7 @@ CASES = {
     "lora-rs-all": {"name": "lora", "r": 4, "rslora": True},
     "dora": {"r": 4},
     "qlora": {"r": 4},
+    "lora-8bit": {"name": "lora", "r": 4, "load_in_8bit": True},
     "ia3": {},
     "prompt": {"num_virtual_tokens": 4, "init_text": "extract the order"},
     "ptuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
@@ -93,9 +94,9 @@ def _logits(model, vocab):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_only_trainable_parameters_change_and_saved_method_reloads(case, request, tmp_path):
-    if case == "qlora" and not HAS_BNB:
+    if case in ("qlora", "lora-8bit") and not HAS_BNB:
         pytest.skip("bitsandbytes not installed")
-    tiny_model_dir = request.getfixturevalue("tiny64_dir" if case == "qlora" else "tiny_model_dir")
+    tiny_model_dir = request.getfixturevalue("tiny64_dir" if case in ("qlora", "lora-8bit") else "tiny_model_dir")
     torch.manual_seed(0)
     opts = _opts(case)
     method = METHODS[opts.name]
@@ -165,6 +166,30 @@ def test_qlora_base_is_really_4bit(tiny64_dir):
     assert block_bytes(model) * 8 == block_bytes(dense)  # fp32 (4 bytes) -> 4 bits
 
 
+@needs_bnb
+def test_lora_8bit_base_is_really_int8_and_stays_frozen(tiny64_dir):
+    import bitsandbytes as bnb
+
+    opts = _opts("lora-8bit")
+    method = METHODS["lora"]
+    model = _load(tiny64_dir, method, opts)
+    linears = {n: m for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)}
+    assert linears and all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8
+                           for m in linears.values())
+    assert not isinstance(model.lm_head, bnb.nn.Linear8bitLt)  # the head stays in the compute dtype
+    int8 = {n: m.weight.detach().clone() for n, m in linears.items()}
+    model = method.apply(model, opts)
+    _train_steps(model, method, range(2))
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight
+             for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert all(torch.equal(after[n], w) for n, w in int8.items())
+
+
+def test_qlora_with_load_in_8bit_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="for an 8-bit base use method lora with load_in_8bit"):
+        validate_config({"data": {"train": ["builtin:orders"]}, "method": {"name": "qlora", "load_in_8bit": True}})
+
+
 def test_options_of_another_method_are_named_at_config_time():
     with pytest.raises(ConfigError, match="method 'prompt' has no option 'r'; it is an option of: dora, lora, qlora"):
         validate_config({"data": {"train": ["builtin:orders"]}, "method": {"name": "prompt", "r": 8}})
@@ -185,11 +210,13 @@ def test_method_checks_against_module_names(name, opts, expect, tiny_model_dir):
 
 
 def test_qlora_without_bitsandbytes_is_a_config_problem(monkeypatch):
-    from tuneforge.methods import qlora
+    from tuneforge.methods import lora
 
-    monkeypatch.setattr(qlora.importlib.util, "find_spec", lambda name: None)
-    problems = METHODS["qlora"].check(_opts("qlora"), ["model.layers.0.self_attn.q_proj"])
-    assert any("pip install 'tuneforge[qlora]'" in p for p in problems)
+    monkeypatch.setattr(lora.importlib.util, "find_spec", lambda name: None)
+    for case, method in (("qlora", "qlora"), ("lora-8bit", "lora")):
+        problems = METHODS[method].check(_opts(case), ["model.layers.0.self_attn.q_proj"])
+        assert any("pip install 'tuneforge[qlora]'" in p for p in problems), case
+    assert METHODS["lora"].check(_opts("lora-rs-all"), ["model.layers.0.self_attn.q_proj"]) == []  # 16-bit: no need
 
 
 @needs_bnb

@@ -1,6 +1,7 @@
 """Optuna sweep: every trial a run folder, validation losses reported per eval, best config written."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -30,7 +31,7 @@ def test_sweep_runs_trials_and_writes_the_best_config(tiny_raw_cfg, tmp_path):
     assert (root / "best_config.yaml").read_text() == (root / f"trial-{best['trial']:03d}/config.yaml").read_text()
     assert (root / "sweep.png").stat().st_size > 0
     study = optuna.load_study(study_name="tuneforge", storage=f"sqlite:///{root / 'study.db'}")
-    assert all(sorted(t.intermediate_values) == [2, 4] for t in study.trials)  # reported per eval (pruning input)
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in study.trials)  # per validation (pruning input)
 
 
 def test_space_errors_are_reported_together(tmp_path):
@@ -89,3 +90,29 @@ def test_sweep_never_writes_into_a_folder_it_did_not_make(tiny_raw_cfg, tmp_path
     with pytest.raises(OutputRefused, match="holds files tuneforge did not write"):
         run_sweep(str(tmp_path / "cfg.yaml"), [], load_space(tmp_path / "space.yaml"), trials=1)
     assert [p.name for p in root.iterdir()] == ["sweep.json"] and (root / "sweep.json").read_text() == "my own notes"
+
+
+def test_a_trial_is_pruned_at_its_second_validation_not_its_first(tiny_raw_cfg, tmp_path, monkeypatch):
+    """The docs' promise: no pruning before a trial's second validation, whatever step it falls on.
+    Training is replaced by fixed validation curves (eval at steps 2, 4, 6) so the pruner is the subject."""
+    import tuneforge.train.sweep as sweep
+
+    curves = {"a": [1.0, 0.9, 0.8], "b": [1.0, 0.9, 0.8], "c": [5.0, 5.0, 5.0]}  # c is worse from the start
+    seen = {}
+
+    def fake_train(cfg, console=None, on_eval=None):
+        name = "abc"[int(cfg.run_name.split("-")[1])]
+        (Path(cfg.output_dir) / cfg.run_name).mkdir(parents=True)
+        (Path(cfg.output_dir) / cfg.run_name / "config.yaml").write_text("{}")  # summarize copies the best one
+        for i, loss in enumerate(curves[name]):
+            seen.setdefault(name, []).append(i)
+            on_eval(2 * (i + 1), loss)
+
+    monkeypatch.setattr(sweep, "train", fake_train)
+    raw = tiny_raw_cfg | {"run_name": "prune"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "space.yaml").write_text("train.lr: {choices: [1.0e-3, 2.0e-3, 3.0e-3]}\n")
+    root = run_sweep(str(tmp_path / "cfg.yaml"), [], load_space(tmp_path / "space.yaml"), trials=3, sampler="grid")
+    states = [t["state"] for t in json.loads((root / "sweep.json").read_text())["trials"]]
+    assert states == ["complete", "complete", "pruned"]
+    assert seen["c"] == [0, 1]  # validated twice: kept after the first validation, pruned at the second

@@ -27,6 +27,8 @@ def test_lora_trains_adapters_only_and_adapter_reloads_with_identical_logits(tin
         assert (run_dir / f).exists(), f
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, 7))
+    pii = json.loads((run_dir / "data_report.json").read_text())["pii"]
+    assert pii["train"]["info"]["action"] == "redact" and pii["train"]["input"] > 0  # data.pii ran on the raw rows
     assert any(m["kind"] == "eval" for m in metrics)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
