@@ -199,7 +199,8 @@ def get_item(reg: Registry, item_id: int) -> dict:
 
 # --- the terminal loop (`tuneforge review`) ---------------------------------------------------
 
-KEYS = "[a]ccept  [c]orrect  [r]eject  [s]kip  [q]uit"
+# Escaped: rich reads "[a]" as a markup tag and would print "ccept orrect eject".
+KEYS = escape("[a]ccept  [c]orrect  [r]eject  [s]kip  [q]uit")
 
 
 def review_loop(reg: Registry, reviewer: str, reasons: list[str] | None = None, *, console=None,
