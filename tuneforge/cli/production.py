@@ -50,7 +50,7 @@ def cmd_review(args) -> int:
     if not args.no_fill:
         added = fill_queue(reg, QueueRules(low_score=args.low_score, sample_rate=args.sample_rate, seed=args.seed))
         console.print("queued " + (", ".join(f"{n} {r}" for r, n in added.items()) if added else "nothing new"))
-    review_loop(reg, args.reviewer, args.reason or None, console=console)
+    review_loop(reg, args.reviewer, args.reason or None, console=console, model=args.model)
     return 0
 
 
@@ -82,6 +82,8 @@ def add_production_parsers(sub) -> None:
     r.add_argument("--reviewer", default=getpass.getuser(), help="name recorded with each decision (default: $USER)")
     r.add_argument("--reason", action="append", choices=REASONS,
                    help="only items queued for this reason (repeatable; default: all)")
+    r.add_argument("--model", metavar="NAME", help="only items a version of this registry model answered "
+                   "(what `tuneforge improve NAME` trains on; default: all)")
     r.add_argument("--no-fill", action="store_true", help="do not queue new requests first; work what is queued")
     r.add_argument("--low-score", type=float, default=0.5, help="queue feedback scores below this (default 0.5)")
     r.add_argument("--sample-rate", type=float, default=0.0,

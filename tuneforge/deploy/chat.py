@@ -156,6 +156,9 @@ def _dump(value):
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
+SESSION_HEADER = "X-Session-Id"
+
+
 # --- predict ----------------------------------------------------------------------------------
 async def predict(gateway: Gateway, request: Request, body, record: RequestRecord, asked: Asked
                   ) -> tuple[str, list[tuple[Chunk, AsyncIterator[Chunk]]]]:
@@ -163,7 +166,10 @@ async def predict(gateway: Gateway, request: Request, body, record: RequestRecor
     key = gateway.authenticate(request)
     record.key_id = key.id if key else None
     gateway.check_scope(key, record.model)
-    user = str(body.user or (key.id if key else "") or uuid.uuid4())  # the A/B arm sticks to it
+    # The A/B arm sticks to the user: the `user` field, else a session header (apps without
+    # user ids, on an open server or one shared key), else the key; with none, each request
+    # draws its arm afresh.
+    user = str(body.user or request.headers.get(SESSION_HEADER) or (key.id if key else "") or uuid.uuid4())
     p = gateway.route(record, user)
     params = generation_params(body, record, asked, gateway.cfg.max_tokens)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

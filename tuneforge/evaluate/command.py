@@ -236,7 +236,8 @@ def compare_systems(base: dict, tuned: dict, opts: EvalOptions) -> dict:
         if name in base["per_example"] and name in tuned["per_example"]:
             row |= {k: v for k, v in paired_bootstrap(base["per_example"][name], tuned["per_example"][name],
                                                       n_resamples=opts.n_resamples, confidence=opts.confidence,
-                                                      seed=opts.seed).items() if k != "delta"}
+                                                      seed=opts.seed, lower_is_better=name in LOWER_IS_BETTER
+                                                      ).items() if k != "delta"}
         out[name] = row
     return out
 

@@ -1,7 +1,11 @@
 """Diagnosis from training curves (metrics.jsonl): over-fitting, under-fitting, too-high LR.
 
 Pure functions over lists of (step, value) so each rule is tested on synthetic curves.
-Every finding carries its evidence (numbers from the curve) and a suggested change.
+Every finding carries its evidence (numbers from the curve) and a suggested change. The
+diagnosis is ONE verdict: rules are tried in order of severity and the first that fires
+decides, so a run is never told both "stop earlier" and "train longer". Over-fitting is read
+from a smoothed validation curve with enough points (one noisy point proves nothing); with
+fewer the verdict says so.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pydantic import BaseModel
 
 
 class Finding(BaseModel):
-    kind: str  # overfitting | underfitting | lr_too_high | ok
+    kind: str  # overfitting | underfitting | lr_too_high | ok | too_few_points
     evidence: str
     suggestion: str
 
@@ -25,6 +29,7 @@ class Thresholds(BaseModel):
     overfit_rise: float = 0.05  # val loss this much (relative) above its minimum, at the end
     flat_drop: float = 0.10  # train loss fell by less than this share: the model barely learned
     high_loss: float = 2.0  # nats per token: still this high at the end is under-fitting
+    min_val_points: int = 4  # validation points needed to read a rise (smoothed over 3)
 
 
 Curve = list[tuple[int, float]]
@@ -74,13 +79,24 @@ def lr_too_high(train: Curve, th: Thresholds) -> Finding | None:
     return None
 
 
+def smooth(curve: Curve) -> Curve:
+    """Centred moving average over 3 points (2 at the ends): one noisy validation pass moves
+    the smoothed curve by a third, not enough to fake a rise."""
+    vals = [v for _, v in curve]
+    return [(s, sum(vals[max(0, i - 1):i + 2]) / len(vals[max(0, i - 1):i + 2])) for i, (s, _) in enumerate(curve)]
+
+
 def overfitting(train: Curve, val: Curve, th: Thresholds) -> Finding | None:
-    """Validation loss rose above its minimum while training loss kept falling."""
-    if len(val) < 3:
+    """The smoothed validation loss rose above its minimum, and stayed there for the last two
+    validations, while training loss kept falling."""
+    if len(val) < th.min_val_points:
         return None
-    best_step, best = min(val, key=lambda x: x[1])
-    last_step, last = val[-1]
+    smoothed = smooth(val)
+    best_step, best = min(smoothed, key=lambda x: x[1])
+    last_step, last = smoothed[-1]
     if best_step == last_step or last <= best * (1 + th.overfit_rise):
+        return None
+    if any(v <= best * (1 + th.overfit_rise) for _, v in val[-2:]):  # the rise must persist, not be one point
         return None
     train_at_best = [v for s, v in train if s <= best_step]
     train_after = [v for s, v in train if s > best_step]
@@ -90,8 +106,9 @@ def overfitting(train: Curve, val: Curve, th: Thresholds) -> Finding | None:
     if sum(train_after[-k:]) / k >= sum(train_at_best[-k:]) / len(train_at_best[-k:]):
         return None
     return Finding(kind="overfitting",
-                   evidence=(f"validation loss was lowest at step {best_step} ({best:.3f}) and rose to {last:.3f} "
-                             f"by step {last_step} (+{100 * (last / best - 1):.0f}%) while train loss kept falling"),
+                   evidence=(f"validation loss (smoothed over 3 validations) was lowest at step {best_step} "
+                             f"({best:.3f}) and rose to {last:.3f} by step {last_step} (+{100 * (last / best - 1):.0f}%) "
+                             f"while train loss kept falling"),
                    suggestion=(f"stop near step {best_step} (train.max_steps={best_step}), or add data, raise "
                                "method.dropout, lower method.r"))
 
@@ -115,17 +132,23 @@ def underfitting(train: Curve, val: Curve, th: Thresholds) -> Finding | None:
 
 
 def diagnose(train: Curve, val: Curve, th: Thresholds | None = None) -> list[Finding]:
-    """Findings in order of severity; a single ``ok`` finding when no rule fires."""
+    """One verdict (a one-element list): the first rule that fires, in order of severity
+    (a diverging curve makes the others meaningless; a validation loss that really rose means
+    more training would not help); else ``too_few_points`` when the validation curve is too
+    short to rule out over-fitting; else ``ok``."""
     th = th or Thresholds()
-    found = lr_too_high(train, th)
-    if found:  # a diverging curve makes the other rules meaningless
-        return [found]
-    found = [f for f in (overfitting(train, val, th), underfitting(train, val, th)) if f]
-    if found:
-        return found
+    for rule in (lr_too_high, lambda t, h: overfitting(t, val, h), lambda t, h: underfitting(t, val, h)):
+        found = rule(train, th)
+        if found:
+            return [found]
     if not train:
         return [Finding(kind="ok", evidence="no training curve", suggestion="-")]
     start, end = _window_mean(train)
     gap = f", validation {val[-1][1]:.3f}" if val else ""
+    if len(val) < th.min_val_points:
+        return [Finding(kind="too_few_points",
+                        evidence=f"train loss {start:.3f} -> {end:.3f}{gap}; {len(val)} validation point(s): not "
+                                 f"enough to tell over-fitting (needs {th.min_val_points})",
+                        suggestion="validate more often (lower train.eval_every) or train longer to tell")]
     return [Finding(kind="ok", evidence=f"train loss {start:.3f} -> {end:.3f}{gap}; no rule fired",
                     suggestion="none needed")]

@@ -11,9 +11,10 @@ import numpy as np
 
 
 def paired_bootstrap(a: list[float], b: list[float], *, n_resamples: int = 2000, confidence: float = 0.95,
-                     seed: int = 0) -> dict[str, float]:
-    """Mean(b) - mean(a) with a percentile CI, and the share of resamples where b <= a
-    (a one-sided bootstrap p-value for "b is better")."""
+                     seed: int = 0, lower_is_better: bool = False) -> dict[str, float]:
+    """Mean(b) - mean(a) with a percentile CI, and the share of resamples where b is not better
+    than a (a one-sided bootstrap p-value for "b is better"): b <= a, or b >= a for a metric
+    where lower is better (loss, perplexity)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"paired bootstrap needs two equal, non-empty score lists (got {a.size} and {b.size})")
@@ -24,7 +25,7 @@ def paired_bootstrap(a: list[float], b: list[float], *, n_resamples: int = 2000,
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(means, [tail, 1 - tail])
     return {"delta": float(diff.mean()), "low": float(lo), "high": float(hi),
-            "p_not_better": float((means <= 0).mean())}
+            "p_not_better": float((means >= 0).mean() if lower_is_better else (means <= 0).mean())}
 
 
 def bootstrap_mean_ci(x: list[float], *, n_resamples: int = 2000, confidence: float = 0.95,

@@ -139,6 +139,12 @@ def test_ab_weights_are_respected_and_arms_are_sticky(reg):
         assert seen[u] == pick_arm("bot-ab", route, u).name
     assert set(seen.values()) == {"control", "candidate"}
     assert plan("bot-ab", ROUTES, users[0]).targets[-1] == "bot:v3"
+    # No user field, no key: a session header keeps the arm; without it each request draws afresh.
+    for session in users[:8]:
+        arms = {c.post("/v1/chat/completions", headers={"X-Session-Id": session},
+                       json={"model": "bot-ab", "messages": [{"role": "user", "content": "hi"}]}).json()["tuneforge"]["arm"]
+                for _ in range(3)}
+        assert arms == {pick_arm("bot-ab", route, session).name}
 
 
 def test_fallback_on_error_and_on_timeout_is_taken_and_recorded(reg):

@@ -28,12 +28,26 @@ def test_overfitting_when_val_rises_while_train_falls():
     assert "step 30" in f.evidence and "train.max_steps=30" in f.suggestion
 
 
+def test_one_noisy_validation_point_is_not_overfitting_and_the_verdict_is_one():
+    """The case users saw: 'overfitting, stop near step 7' and 'underfitting, train longer' for
+    the same run, from one high validation point at the end."""
+    train = curve([3.2 - 0.05 * i for i in range(20)])  # falling, still above 2 nats at the end
+    noisy = curve([2.9, 2.7, 2.6, 2.75], every=5)  # one noisy point after the minimum
+    [f] = diagnose(train, noisy)
+    assert f.kind == "underfitting"
+    few = curve([2.0 * 0.9 ** i + 0.3 for i in range(20)])
+    [g] = diagnose(few, curve([1.5, 0.9], every=10))
+    assert g.kind == "too_few_points" and "2 validation point(s)" in g.evidence
+
+
 def test_underfitting_when_flat_or_high():
     assert kinds(curve([3.0, 2.98, 2.99, 2.97, 2.96, 2.97, 2.95, 2.96, 2.95, 2.94]), curve([2.96], 10)) == [
         "underfitting"]
     high = curve([6.0 - 0.1 * i for i in range(20)])  # falling, but still ~4 nats at the end
     [f] = diagnose(high, curve([4.3], 20))
     assert f.kind == "underfitting" and "still high" in f.evidence
+    rising = curve([2.0 * 0.9 ** i + 2.5 for i in range(60)])  # val truly rising AND high: over-fitting wins
+    assert kinds(rising, curve([3.0, 2.8, 2.7, 2.8, 2.95, 3.1], every=10)) == ["overfitting"]
 
 
 def test_too_high_lr_spikes_divergence_and_nan():
@@ -50,7 +64,7 @@ def test_near_zero_loss_wobble_is_not_a_spike():
     """A converged run's 0.002 -> 0.007 is 3.5x the median but 0.005 nats: noise, not a high LR."""
     converged = [0.5 * 0.7 ** i + 0.002 for i in range(40)]
     converged[35] = 0.007
-    assert kinds(curve(converged), []) == ["ok"]
+    assert kinds(curve(converged), []) == ["too_few_points"]  # no spike; without validation, no more to say
 
 
 def test_read_curves_from_metrics_jsonl(tmp_path):

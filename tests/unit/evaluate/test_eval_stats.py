@@ -37,3 +37,9 @@ def test_no_difference_interval_contains_zero_and_bad_input_fails():
     assert r["low"] == r["high"] == r["delta"] == 0.0
     with pytest.raises(ValueError):
         paired_bootstrap([1.0, 0.0], [1.0])
+
+
+def test_p_not_better_follows_the_metrics_direction():
+    base, tuned = [2.0, 2.1, 1.9, 2.2, 2.0, 2.05], [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]  # a clearly lower tuned loss
+    assert paired_bootstrap(base, tuned, lower_is_better=True)["p_not_better"] == 0.0
+    assert paired_bootstrap(base, tuned)["p_not_better"] == 1.0  # read as an accuracy: worse

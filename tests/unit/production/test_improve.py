@@ -74,7 +74,7 @@ def reviewed_registry(path: Path, run_dir, n: int = 14) -> Registry:
 def test_only_decided_rows_flow_into_the_improve_dataset(base_run, tmp_path):
     reg = reviewed_registry(tmp_path / "reg.db", base_run)
     cfg = ImproveConfig(holdout=0.25, replay_share=0.5, seed=1)
-    lineage = export_dataset(reg, Path(base_run), cfg, tmp_path / "data", QUIET)
+    lineage = export_dataset(reg, "bot", Path(base_run), cfg, tmp_path / "data", QUIET)
     prepared = Path(lineage["prepared"])
     train = [json.loads(x) for x in (prepared / "train.jsonl").read_text().splitlines()]
     held = [json.loads(x) for x in (prepared / "validation.jsonl").read_text().splitlines()]
@@ -94,10 +94,34 @@ def test_only_decided_rows_flow_into_the_improve_dataset(base_run, tmp_path):
     assert (prepared / "manifest.json").is_file()
 
 
+def test_improve_trains_only_on_its_own_models_answers(base_run, tmp_path):
+    """Two models behind one A/B route: the other model's reviewed answers never reach this
+    model's improve data, and improve.json's data record says which items were left out."""
+    reg = reviewed_registry(tmp_path / "reg.db", base_run)
+    reg.add(base_run, "overfit")
+    with Session(reg.engine) as s, s.begin():
+        for k in range(3):
+            s.add(RequestLog(id=f"other{k}", endpoint="chat", model="bot", route="bot", version="overfit:v1",
+                             arm="canary", messages=[{"role": "user", "content": f"other prompt {k}"}],
+                             response="bread bread"))
+            s.add(Feedback(request_id=f"other{k}", thumbs="down", correction=f"bread {k}"))
+    fill_queue(reg)
+    for item in list_items(reg, model="overfit"):
+        decide(reg, item["id"], "correct", "ana", item["feedback"][0]["correction"])
+    assert {i["version"] for i in list_items(reg, "all", model="bot")} == {"bot:v1"}  # review --model bot
+    lineage = export_dataset(reg, "bot", Path(base_run), ImproveConfig(holdout=0.25, seed=1), tmp_path / "data", QUIET)
+    prepared = Path(lineage["prepared"])
+    texts = (prepared / "train.jsonl").read_text() + (prepared / "validation.jsonl").read_text()
+    assert "bread" not in texts and "other prompt" not in texts
+    others = {i["id"] for i in list_items(reg, "decided", model="overfit")}
+    assert set(lineage["review_items_other_models"]["overfit:v1"]) == others and len(others) == 3
+    assert not others & (set(lineage["review_items_train"]) | set(lineage["review_items_holdout"]))
+
+
 def test_too_few_reviewed_items_is_a_clear_error(base_run, tmp_path):
     reg = reviewed_registry(tmp_path / "reg.db", base_run, n=4)  # 2 usable (1 accepted, 1 corrected)
-    with pytest.raises(ImproveError, match="2 reviewed item\\(s\\) ready.*tuneforge review"):
-        export_dataset(reg, Path(base_run), ImproveConfig(), tmp_path / "data", QUIET)
+    with pytest.raises(ImproveError, match="2 reviewed item\\(s\\) of bot ready.*tuneforge review --model bot"):
+        export_dataset(reg, "bot", Path(base_run), ImproveConfig(), tmp_path / "data", QUIET)
 
 
 def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_path):
@@ -261,4 +285,4 @@ def test_changed_training_data_is_refused(base_run, tmp_path):
     (run / "data_report.json").write_text(json.dumps(report | {"manifest_sha256": "0" * 64}))
     reg = reviewed_registry(tmp_path / "reg.db", run)
     with pytest.raises(ImproveError, match="changed since it was trained"):
-        export_dataset(reg, run, ImproveConfig(), tmp_path / "data", QUIET)
+        export_dataset(reg, "bot", run, ImproveConfig(), tmp_path / "data", QUIET)

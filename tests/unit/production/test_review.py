@@ -125,6 +125,7 @@ def test_terminal_loop_decides_skips_and_resumes(reg):
     assert done == {"correct": 2, "skip": 1}
     text = out.getvalue()
     assert "What is 2+2?" in text and "unknown key 'x'" in text and "score 0.2" in text
+    assert "[a]ccept  [c]orrect  [r]eject  [s]kip  [q]uit > " in text  # the keys, not eaten as markup
     decided = {i["request_id"]: i for i in list_items(reg, "decided")}
     assert decided["low"]["corrected"] == "The sum is\n4." and decided["fixed"]["corrected"] == "4"
     assert decided["low"]["reviewer"] == "ana"

@@ -126,24 +126,31 @@ def load_improve_config(path: str | Path | None) -> ImproveConfig:
 # --- data --------------------------------------------------------------------------------------
 
 
-def reviewed_rows(reg: Registry) -> list[tuple[int, dict]]:
-    """(item id, chat row) for every accepted or corrected item not yet in a canaried version.
+def reviewed_rows(reg: Registry, name: str) -> tuple[list[tuple[int, dict]], dict[str, list[int]]]:
+    """(item id, chat row) for every accepted or corrected item that a version of model ``name``
+    answered and that is not yet in a canaried version; and the ready items left out because
+    another model (or a bare base) answered them, by the version that did.
 
     Undecided and rejected items never come out of here: the decision is the gate into training.
-    The row is the logged conversation with the reviewed answer as the last assistant turn."""
-    out = []
+    Another model's answers are not this model's to learn from, even when an A/B route put both
+    behind one name. The row is the logged conversation with the reviewed answer as the last
+    assistant turn."""
+    out, others = [], {}
     with Session(reg.engine) as s:
         rows = s.execute(select(ReviewItem, RequestLog).join(RequestLog, RequestLog.id == ReviewItem.request_id)
                          .where(ReviewItem.decision.in_(("accept", "correct")), ReviewItem.used_in.is_(None))
                          .order_by(ReviewItem.id)).all()
         for item, log in rows:
+            if not (log.version or "").startswith(f"{name}:v"):
+                others.setdefault(log.version or log.model, []).append(item.id)
+                continue
             answer = item.corrected if item.decision == "correct" else log.response
             if log.messages:
                 messages = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in log.messages]
             else:
                 messages = [{"role": "user", "content": log.prompt or ""}]
             out.append((item.id, {"messages": messages + [{"role": "assistant", "content": answer or ""}]}))
-    return out
+    return out, others
 
 
 def _text(content) -> str:
@@ -175,17 +182,22 @@ def _recorded_manifest(run_dir: Path) -> str | None:
     return json.loads(report.read_text()).get("manifest_sha256") if report.is_file() else None
 
 
-def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: Path, console: Console) -> dict:
+def export_dataset(reg: Registry, name: str, current_run: Path, cfg: ImproveConfig, work: Path,
+                   console: Console) -> dict:
     """Write the improve dataset through the data stage; returns its lineage record.
 
     Prepared folder: train = reviewed rows + replay, validation = held-out reviewed rows (also
     the feedback evaluation set), test = the current version's test split minus any prompt
     that now appears in train."""
     run_cfg = load_run_config(Path(current_run))
-    items = reviewed_rows(reg)
+    items, others = reviewed_rows(reg, name)
+    if others:
+        console.print(f"improve data: {sum(map(len, others.values()))} reviewed item(s) left out, answered by "
+                      f"other models: " + ", ".join(f"{v} ({len(ids)})" for v, ids in others.items()))
     if len(items) < cfg.min_items:
-        raise ImproveError(f"{len(items)} reviewed item(s) ready (accepted or corrected, not used yet); improve needs "
-                           f"at least {cfg.min_items} (min_items). Work the queue first: tuneforge review")
+        raise ImproveError(f"{len(items)} reviewed item(s) of {name} ready (accepted or corrected, not used yet); "
+                           f"improve needs at least {cfg.min_items} (min_items). Work the queue first: "
+                           f"tuneforge review --model {name}")
     # Rows with the same prompt stay on one side, so a held-out answer is not trained on.
     held, train = split_by_prompt([row | {"_item": item_id} for item_id, row in items], [cfg.holdout], cfg.seed)
     if not held or not train:
@@ -229,6 +241,7 @@ def export_dataset(reg: Registry, current_run: Path, cfg: ImproveConfig, work: P
     return {"prepared": str(prepared), "manifest_sha256": manifest_sha(prepared),
             "review_items_train": train_ids, "review_items_holdout": held_ids,
             "review_items_dropped": sorted({i for i, _ in items} - set(train_ids) - set(held_ids)),
+            "review_items_other_models": others,  # ready, but another model answered them: never used here
             "replayed_rows": splits["train"]["rows"] - len(train_ids),
             "test_rows": {"current": len(current.test), "kept": splits["test"]["rows"]},
             "accounting": manifest["accounting"]}
@@ -313,7 +326,7 @@ def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | Non
                "started": datetime.now().isoformat(timespec="seconds"), "config": cfg.model_dump(), "steps": []}
 
     # --- data --------------------------------------------------------------------------
-    data = export_dataset(reg, Path(current.run_dir), cfg, run_dir / "improve-data", console)
+    data = export_dataset(reg, name, Path(current.run_dir), cfg, run_dir / "improve-data", console)
     lineage["data"] = data
 
     # --- train (continue from the current version) ----------------------------------------

@@ -143,11 +143,20 @@ def item_view(item: ReviewItem, log: RequestLog, feedback: list[Feedback]) -> di
             "decided_at": item.decided_at.isoformat() if item.decided_at else None, "used_in": item.used_in}
 
 
+def answered_by(name: str):
+    """SQL condition: the logged request was answered by a registry version of model ``name``
+    (bot:v1, bot:v2, ...), whatever route or A/B arm sent it there."""
+    return RequestLog.version.startswith(f"{name}:v", autoescape=True)
+
+
 def list_items(reg: Registry, status: Literal["pending", "decided", "all"] = "pending",
-               reasons: list[str] | None = None, limit: int | None = None) -> list[dict]:
-    """Items oldest first (a reviewer works the queue in order)."""
+               reasons: list[str] | None = None, limit: int | None = None, model: str | None = None) -> list[dict]:
+    """Items oldest first (a reviewer works the queue in order); ``model``: only items a version
+    of that registry model answered."""
     with Session(reg.engine) as s:
         q = select(ReviewItem, RequestLog).join(RequestLog, RequestLog.id == ReviewItem.request_id)
+        if model:
+            q = q.where(answered_by(model))
         if status == "pending":
             q = q.where(ReviewItem.decision.is_(None))
         elif status == "decided":
@@ -199,20 +208,22 @@ def get_item(reg: Registry, item_id: int) -> dict:
 
 # --- the terminal loop (`tuneforge review`) ---------------------------------------------------
 
-KEYS = "[a]ccept  [c]orrect  [r]eject  [s]kip  [q]uit"
+# Escaped: rich reads "[a]" as a markup tag and would print "ccept orrect eject".
+KEYS = escape("[a]ccept  [c]orrect  [r]eject  [s]kip  [q]uit")
 
 
 def review_loop(reg: Registry, reviewer: str, reasons: list[str] | None = None, *, console=None,
-                stdin: TextIO | None = None) -> Counter:
+                stdin: TextIO | None = None, model: str | None = None) -> Counter:
     """Show each pending item and read a key per line from ``stdin``; decisions are saved one
     by one, so quitting (q, end of input, Ctrl-C) loses nothing and the next run resumes with
     the items still pending. Returns counts per action."""
     console = console or Console()
     stdin = stdin or sys.stdin
     done: Counter = Counter()
-    items = list_items(reg, "pending", reasons)
+    items = list_items(reg, "pending", reasons, model=model)
     if not items:
-        console.print("review queue: nothing pending" + (f" for {', '.join(reasons)}" if reasons else ""))
+        console.print("review queue: nothing pending" + (f" for {', '.join(reasons)}" if reasons else "")
+                      + (f" answered by {model}" if model else ""))
         return done
 
     def ask(prompt: str) -> str | None:
