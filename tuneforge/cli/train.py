@@ -29,6 +29,9 @@ def cmd_train(args) -> int:
         from tuneforge.train.distributed import launch
         from tuneforge.train.run_folder import new_run_dir
 
+        if cfg.model.kind == "vision":
+            raise SystemExit(f"--nproc {args.nproc}: vision-language runs (model.kind=vision) train on one process "
+                             "(drop --nproc)")
         if OBJECTIVES[cfg.objective.name].recipe:
             # Their loops (pairs, heads, trl's policy trainer) do not split batches across
             # ranks: N processes would each train the whole run and write the same folder.
