@@ -12,6 +12,7 @@ Part names differ per family (transformers 5):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,16 @@ def find_parts(module_names: list[str]) -> Parts:
 
 def is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def is_vision_model(name: str) -> bool:
+    """Whether ``name`` (alias, folder, hub id) is a vision-language model (its config has a
+    vision_config); False for anything whose config cannot be read here."""
+    try:
+        return is_vision_config(load_config(name))
+    except (ModelLoadError, OSError, ValueError):
+        return False
 
 
 def meta_vision_module_names(name: str, **kw) -> list[str]:
