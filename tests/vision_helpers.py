@@ -98,3 +98,39 @@ def make_shapes(folder, n: int = 24, seed: int = 0) -> dict[str, Path]:
     paths["llava"].write_text("".join(json.dumps(r) + "\n" for r in llava))
     paths["chat"].write_text("".join(json.dumps(r) + "\n" for r in chat))
     return paths
+
+
+def build_tiny_idefics3(out_dir):
+    """A tiny Idefics3 (SmolVLM's family): a 2-layer SigLIP-style vision model, the pixel-shuffle
+    connector and a 2-layer Llama; images are split into 32px tiles plus a global view, each
+    written as <fake_token_around_image><row_i_col_j> + 4 <image> tokens."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    out_dir = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(build_tiny(out_dir / "text"))
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<global-img>",
+                                                          "<end_of_utterance>"]})
+    tok.add_tokens([f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+    tok.chat_template = TEMPLATE
+    images = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                    do_image_splitting=True)
+    proc = Idefics3Processor(image_processor=images, tokenizer=tok, chat_template=TEMPLATE, image_seq_len=4)
+    torch.manual_seed(0)
+    cfg = Idefics3Config(
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    model_dir = out_dir / "idefics3"
+    Idefics3ForConditionalGeneration(cfg).save_pretrained(model_dir)
+    proc.save_pretrained(model_dir)
+    return model_dir

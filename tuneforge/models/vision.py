@@ -29,6 +29,9 @@ IMAGE_TOKEN_ATTRS = ("image_token", "fake_image_token", "global_image_token", "b
                      "image_start_token", "image_end_token", "vision_start_token", "vision_end_token",
                      "video_token")
 
+KNOWN_IMAGE_TOKENS = {"<fake_token_around_image>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                      "<|video_pad|>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"}
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -123,8 +126,10 @@ def image_token_ids(proc) -> set[int]:
     for attr in ("image_token_id", "image_token_index"):
         if isinstance(getattr(proc, attr, None), int):
             out.add(getattr(proc, attr))
-    # Idefics3 / SmolVLM spell tile positions as added tokens: <row_1_col_1> ...
-    out |= {i for t, i in tok.get_added_vocab().items() if t.startswith(("<row_", "<global-img"))}
+    # Idefics3 / SmolVLM spell tile positions as added tokens (<row_1_col_1>, <global-img>, around
+    # them <fake_token_around_image>); Qwen2-VL wraps its pads in <|vision_start|> ... <|vision_end|>.
+    out |= {i for t, i in tok.get_added_vocab().items()
+            if t.startswith(("<row_", "<global-img")) or t in KNOWN_IMAGE_TOKENS}
     return out
 
 

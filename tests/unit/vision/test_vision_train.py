@@ -91,3 +91,42 @@ def test_what_a_vision_run_cannot_do_is_refused_with_the_reason(tiny_vlm_dir, tm
     with pytest.raises(ConfigError, match="model.vision is set but model.kind is text"):
         validate_config({"model": {"name": tiny_vlm_dir, "vision": {"train_projector": True}},
                          "data": {"train": ["x.jsonl"]}})
+
+
+def test_the_vision_example_validates():
+    from pathlib import Path
+
+    from tuneforge.plugins import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[3] / "examples" / "vision.yaml")
+    assert cfg.model.kind == "vision" and cfg.model.name == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert cfg.model.vision.train_vision_tower is False and cfg.method.name == "lora"
+
+
+def test_idefics3_family_split_images_are_never_trained(shapes, tmp_path):
+    """SmolVLM's family: each image is tiles + a global view, written with row/column and
+    around-image tokens; none of them is trained, the answer is, and the batch runs."""
+    from vision_helpers import build_tiny_idefics3
+
+    from tuneforge.models.vision import meta_vision_module_names
+
+    model_dir = str(build_tiny_idefics3(tmp_path))
+    proc = load_processor(model_dir)
+    ids_image = image_token_ids(proc)
+    tok = proc.tokenizer
+    assert {tok.convert_tokens_to_ids(t) for t in ("<image>", "<fake_token_around_image>", "<global-img>",
+                                                    "<row_1_col_1>")} <= ids_image
+    parts = find_parts(meta_vision_module_names(model_dir))
+    assert (parts.vision, parts.projector, parts.language) == ("model.vision_model", "model.connector",
+                                                              "model.text_model")
+    rows, _ = load_rows([str(shapes["chat"])], kind="vision")
+    enc = encode_rows(proc, rows[:2], 1024, "drop", 8).rows
+    batch = collate(proc, enc)
+    assert batch["pixel_values"].shape[1] == 5  # 4 tiles + the global view
+    trained = batch["labels"] != -100
+    assert not (trained & torch.isin(batch["input_ids"], torch.tensor(sorted(ids_image)))).any()
+    answer = rows[0]["messages"][-1]["content"][0]["text"]
+    assert tok.decode(batch["input_ids"][0][trained[0]]) == answer + "<|im_end|>\n"
+    model = apply_lora(load_vision_model(model_dir, torch.float32, "cpu"), LoraOptions(r=4), parts, VisionOptions())
+    loss, n = token_loss_sum(model, batch)
+    assert n == int(trained[:, 1:].sum()) and torch.isfinite(loss)
