@@ -135,6 +135,9 @@ def vision_problems(cfg: RunConfig, plugged: dict) -> list[str]:
                         f"turns) trains on rows with images")
     if cfg.train.distributed == "fsdp":
         problems.append("train.distributed=fsdp with model.kind=vision: the vision recipe runs on one process")
+    if cfg.data.messages != type(cfg.data.messages)():
+        problems.append("data.messages with model.kind=vision: rows with images are read in the ShareGPT/LLaVA "
+                        "(from/value) or OpenAI (role/content) spelling; rename their fields with data.columns")
     return problems
 
 

@@ -129,6 +129,13 @@ def row_images(row: dict) -> list[str]:
             for p in m["content"] if p.get("type") == "image"]
 
 
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """data.system_prompt as the first turn of a vision conversation that has none."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *messages]
+    return messages
+
+
 def n_images(messages: list[dict]) -> int:
     return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import EvalConfig
-from tuneforge.data.images import open_image
+from tuneforge.data.images import open_image, with_system
 from tuneforge.evaluate.metrics import score
 
 
@@ -103,6 +103,7 @@ def run_vision_eval(opts, cfg, target, console) -> Path:
         rows = splits.test
     else:
         rows, _ = load_rows([opts.data], cfg.data.format, cfg.data.columns, kind="vision")
+    rows = [{**r, "messages": with_system(r["messages"], cfg.data.system_prompt)} for r in rows]
     device = pick_device(opts.device)
     dtype = pick_dtype("auto", device)
     model, proc, _ = load_vision_run(target, device, dtype)

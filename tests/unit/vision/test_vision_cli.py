@@ -17,9 +17,9 @@ def test_train_then_eval_a_tiny_vlm(tiny_vlm_dir, shapes, tmp_path, monkeypatch)
         "model": {"name": tiny_vlm_dir, "kind": "vision", "vision": {"train_projector": True}},
         "data": {"train": [str(shapes["llava"])], "max_length": 96, "val_size": 0.15, "test_size": 0.15},
         "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"lr": 5e-3, "max_steps": 3, "batch_size": 4, "eval_every": 3, "save_every": 3, "dtype": "fp32",
+        "train": {"lr": 5e-3, "max_steps": 2, "batch_size": 4, "eval_every": 2, "save_every": 2, "dtype": "fp32",
                   "seed": 1},
-        "eval": {"max_new_tokens": 4, "limit": 3, "batch_size": 4},
+        "eval": {"max_new_tokens": 3, "limit": 2, "batch_size": 4},
         "output_dir": str(tmp_path / "runs"), "run_name": "vlm",
     }
     (tmp_path / "vision.yaml").write_text(yaml.safe_dump(config))
@@ -34,11 +34,11 @@ def test_train_then_eval_a_tiny_vlm(tiny_vlm_dir, shapes, tmp_path, monkeypatch)
     assert adapter["modules_to_save"] == ["model.multi_modal_projector"]
     assert all(".language_model." in t for t in adapter["target_modules"])  # LoRA never on the vision tower
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 3 and set(summary["eval"]) == {"base", "tuned"}
+    assert summary["steps"] == 2 and set(summary["eval"]) == {"base", "tuned"}
 
-    assert main(["eval", str(run), "--limit", "3"]) == 0
+    assert main(["eval", str(run), "--limit", "2"]) == 0
     results = json.loads((run / "eval" / "eval_results.json").read_text())
-    assert results["kind"] == "vision" and results["n"] == 3 and "exact_match" in results["systems"]["tuned"]["scores"]
+    assert results["kind"] == "vision" and results["n"] == 2 and "exact_match" in results["systems"]["tuned"]["scores"]
 
     # The saved run reloads to the trained weights: same logits as at the end of training.
     from tuneforge.data.load import load_rows

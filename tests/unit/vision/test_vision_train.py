@@ -130,3 +130,14 @@ def test_idefics3_family_split_images_are_never_trained(shapes, tmp_path):
     model = apply_lora(load_vision_model(model_dir, torch.float32, "cpu"), LoraOptions(r=4), parts, VisionOptions())
     loss, n = token_loss_sum(model, batch)
     assert n == int(trained[:, 1:].sum()) and torch.isfinite(loss)
+
+
+def test_system_prompt_is_rendered_and_data_messages_refused(proc, shapes, tiny_vlm_dir):
+    from tuneforge.train.recipes.vision import prompted
+
+    rows, _ = load_rows([str(shapes["llava"])], kind="vision")
+    (row,) = encode_rows(proc, prompted(rows[:1], "Name the shape."), 128, "drop", 8).rows
+    assert proc.tokenizer.decode(row["input_ids"]).startswith("<|im_start|>system\nName the shape.<|im_end|>")
+    with pytest.raises(ConfigError, match="data.messages with model.kind=vision"):
+        validate_config({"model": {"name": tiny_vlm_dir, "kind": "vision"},
+                         "data": {"train": ["x.jsonl"], "messages": {"field": "chat"}}})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from tuneforge.config import ConfigError, RunConfig, VisionOptions, to_yaml
-from tuneforge.data.images import n_images, open_image
+from tuneforge.data.images import n_images, open_image, with_system
 from tuneforge.data.load import DataError
 from tuneforge.data.prepare import build_splits
 from tuneforge.evaluate.plots import plot_losses
@@ -62,7 +62,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     # --- data --------------------------------------------------------------------------
     splits = build_splits(cfg.data, cfg.train.seed, "vision")
     proc = load_processor(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
-    enc = {k: encode_rows(proc, getattr(splits, k), cfg.data.max_length, cfg.data.overlength, vopts.max_images)
+    enc = {k: encode_rows(proc, prompted(getattr(splits, k), cfg.data.system_prompt), cfg.data.max_length,
+                          cfg.data.overlength, vopts.max_images)
            for k in ("train", "validation")}
     report_data(run_dir, splits, enc, console)
     if not enc["train"].rows:
@@ -99,7 +100,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- evaluate ----------------------------------------------------------------------
     if cfg.eval.metric != "none" and splits.test:
-        summary["eval"] = evaluate(cfg, model, proc, splits.test, device, dtype, run_dir, console)
+        summary["eval"] = evaluate(cfg, model, proc, prompted(splits.test, cfg.data.system_prompt), device, dtype,
+                                   run_dir, console)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(run_dir / "summary.json", summary)
     console.print(f"[bold green]done[/] in {summary['total_seconds']:.0f}s: {run_dir}")
@@ -130,6 +132,12 @@ def preflight(cfg: RunConfig):
     if problems:
         raise ConfigError(problems)
     return parts
+
+
+def prompted(rows: list[dict], system_prompt: str | None) -> list[dict]:
+    """The rows with data.system_prompt where they have no system turn (the split's rows, and so
+    its manifest hash, stay as loaded)."""
+    return [{**r, "messages": with_system(r["messages"], system_prompt)} for r in rows] if system_prompt else rows
 
 
 def setup(cfg: RunConfig, resume: Path | None, console: Console):
