@@ -32,6 +32,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class VisionOptions(Strict):
+    """A vision-language run (model.kind=vision): which parts of the VLM train besides the LoRA
+    adapters on its language model. The vision tower is frozen by default."""
+
+    train_projector: bool = Field(
+        False, description="train the projector (image features -> language model) in full; saved in the adapter")
+    train_vision_tower: bool = Field(
+        False, description="train the vision encoder in full (many more weights, and it can forget); saved in "
+        "the adapter")
+    max_images: int = Field(8, gt=0, description="a row with more images than this is dropped and counted")
+
+
 class ModelConfig(Strict):
     name: str = Field(
         "smollm2-135m-instruct",
@@ -40,6 +52,17 @@ class ModelConfig(Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    kind: Literal["text", "vision"] = Field(
+        "text", description="text: a causal LM; vision: an image-text-to-text model (AutoModelForImageTextToText "
+        "+ AutoProcessor) trained on rows with images")
+    vision: VisionOptions | None = Field(None, description="options of model.kind=vision (see VisionOptions)")
+
+    @model_validator(mode="after")
+    def _vision_options(self):
+        if self.vision is not None and self.kind != "vision":
+            raise ValueError("model.vision is set but model.kind is text: set model.kind=vision to train a "
+                             "vision-language model, or remove model.vision")
+        return self
 
 
 class TaskConfig(Strict):

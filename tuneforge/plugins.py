@@ -81,6 +81,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         problems += refused_settings(cfg, OBJECTIVES[plugged["objective"].name])
     if cfg is not None and cfg.train.distributed == "fsdp":
         problems += _fsdp_problems(cfg, plugged)
+    if cfg is not None and cfg.model.kind == "vision":
+        problems += vision_problems(cfg, plugged)
     if problems:
         raise ConfigError(problems, source)
     return cfg.model_copy(update=plugged)
@@ -104,6 +106,40 @@ def refused_settings(cfg: RunConfig, objective: Objective) -> list[str]:
     refused here rather than silently ignored by the recipe (fsdp: with the other fsdp problems)."""
     return [f"{SETTINGS[k][0]} with objective '{objective.name}': {why}"
             for k, why in objective.refuses.items() if k != "fsdp" and SETTINGS[k][1](cfg)]
+
+
+# What a vision-language run (model.kind=vision, train/recipes/vision.py) does not do, and why.
+VISION_REFUSES = {
+    "privacy": ("privacy", lambda c: c.privacy is not None, "DP-SGD is not wired into the vision recipe"),
+    "continual": ("continual (previous tasks, replay, EWC)", lambda c: bool(c.continual.previous or
+                  c.continual.ewc_lambda or c.continual.replay_share), "the vision recipe trains one task"),
+    "tasks": ("data.tasks", lambda c: bool(c.data.tasks), "the vision recipe trains one dataset: give data.train"),
+    "packing": ("data.packing", lambda c: c.data.packing, "rows with images are not packed (each row's image "
+                "tokens belong to its own images)"),
+    "truncate": ("data.overlength=truncate", lambda c: c.data.overlength == "truncate",
+                 "truncating a row can cut its image tokens apart from the image; use drop or error"),
+    "init_from": ("train.init_from", lambda c: c.train.init_from is not None, "not supported for vision runs yet"),
+}
+
+
+def vision_problems(cfg: RunConfig, plugged: dict) -> list[str]:
+    """Settings a vision-language run cannot honour, each with the reason (never accepted and dropped)."""
+    problems = [f"{key} with model.kind=vision: {why}" for key, asked, why in VISION_REFUSES.values() if asked(cfg)]
+    method = plugged.get("method")
+    if method is not None and method.name != "lora":
+        problems.append(f"method '{method.name}' with model.kind=vision: vision-language runs train LoRA on the "
+                        f"language model (method.name=lora), plus the projector / vision tower in full through "
+                        f"model.vision.train_projector / train_vision_tower")
+    objective = plugged.get("objective")
+    if objective is not None and objective.name != "sft":
+        problems.append(f"objective '{objective.name}' with model.kind=vision: only sft (loss on the assistant "
+                        f"turns) trains on rows with images")
+    if cfg.train.distributed == "fsdp":
+        problems.append("train.distributed=fsdp with model.kind=vision: the vision recipe runs on one process")
+    if cfg.data.messages != type(cfg.data.messages)():
+        problems.append("data.messages with model.kind=vision: rows with images are read in the ShareGPT/LLaVA "
+                        "(from/value) or OpenAI (role/content) spelling; rename their fields with data.columns")
+    return problems
 
 
 def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:

@@ -50,6 +50,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torc
     cfg = load_run_config(run_dir)
     if not (run_dir / "adapter").is_dir():
         raise RunError(f"{run_dir} is a run without a saved adapter (did it finish? try --resume)")
+    if cfg.model.kind == "vision":
+        raise RunError(f"{run_dir} is a vision-language run (model.kind=vision): `tuneforge eval` and `tuneforge "
+                       f"serve` take it; text-only commands (generate, chat, export, merge) do not yet")
     method = method_of(cfg)
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     # A quantised base (qlora) cannot take merged weights: merging loads it unquantised.
@@ -62,6 +65,24 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torc
         model = method.merge(model)
         fix_chat_tokenizer(tok, model)  # eos = end of turn in the folded model's config and generation config
     return model.eval(), tok, cfg
+
+
+def load_vision_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, processor, config) of a vision-language run: the VLM with its LoRA adapter (and the
+    projector / vision tower it trained in full) on top, the processor saved with the adapter."""
+    from tuneforge.models.vision import fix_vision_generation, load_processor, load_vision_model
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.model.kind != "vision":
+        raise RunError(f"{run_dir} is a text run (model.kind=text)")
+    if not (run_dir / "adapter").is_dir():
+        raise RunError(f"{run_dir} is a run without a saved adapter (did it finish? try --resume)")
+    proc = load_processor(str(run_dir / "adapter"))
+    base = load_vision_model(cfg.model.name, dtype, device, cfg.model.attn_implementation, cfg.model.revision,
+                             cfg.model.trust_remote_code)
+    fix_vision_generation(proc, base)
+    return method_of(cfg).load(base, run_dir).eval(), proc, cfg
 
 
 def load_head(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -29,6 +29,9 @@ def cmd_train(args) -> int:
         from tuneforge.train.distributed import launch
         from tuneforge.train.run_folder import new_run_dir
 
+        if cfg.model.kind == "vision":
+            raise SystemExit(f"--nproc {args.nproc}: vision-language runs (model.kind=vision) train on one process "
+                             "(drop --nproc)")
         if OBJECTIVES[cfg.objective.name].recipe:
             # Their loops (pairs, heads, trl's policy trainer) do not split batches across
             # ranks: N processes would each train the whole run and write the same folder.
@@ -70,7 +73,12 @@ def cmd_check(args) -> int:
     from tuneforge.train.run_folder import preflight
 
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg)
+    if cfg.model.kind == "vision":  # the model's parts and the LoRA targets inside its language model
+        from tuneforge.train.recipes.vision import preflight as vision_preflight
+
+        vision_preflight(cfg)
+    else:
+        preflight(cfg)
     print(to_yaml(cfg), end="")
     rich_console().print("[green]config OK[/]")
     return 0
@@ -80,7 +88,13 @@ def cmd_plan(args) -> int:
     from tuneforge.plan import print_plan
     from tuneforge.plugins import load_config
 
-    print_plan(load_config(args.config, args.overrides), rich_console())
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind == "vision":
+        from tuneforge.config import ConfigError
+
+        raise ConfigError(["tuneforge plan does not estimate vision-language runs (model.kind=vision) yet: its "
+                           "memory and time model covers causal LMs; `tuneforge check` validates the config"])
+    print_plan(cfg, rich_console())
     return 0
 
 

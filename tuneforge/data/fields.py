@@ -22,7 +22,10 @@ MEANINGFUL = {
     "weight": ("which answers are trained", "objective sft on chat rows (`--task sft`)",
                "train every row in full", {"classification", "text"}),
     "segments": ("per-segment training", "objective sft (Axolotl input_output rows)", "drop it", None),
-    "images": ("images", "a vision model trainer (tuneforge does not train vision yet)", "train the text alone", None),
+    "images": ("images", "a vision-language run (model.kind=vision, a VLM as model.name)", "train the text alone",
+               None),
+    "image": ("an image (LLaVA rows)", "a vision-language run (model.kind=vision, a VLM as model.name)",
+              "train the text alone", None),
     "videos": ("videos", "a vision model trainer (tuneforge does not train vision yet)", "train the text alone", None),
     "audios": ("audio", "an audio model trainer (tuneforge does not train audio yet)", "train the text alone", None),
 }

@@ -44,6 +44,7 @@ class Format:
     kind: str = "sft"
     optional: tuple[str, ...] = ()  # other fields it reads: they are not reported as unknown
     options: bool = False  # convert takes data.messages (MessagesOptions) as a third argument
+    wants_source: bool = False  # the row reaches convert with "_source" (its file: relative image paths)
 
     def consumes(self, columns: dict) -> set[str]:
         return {columns.get(f, f) for f in self.required + self.optional}

@@ -113,8 +113,9 @@ def _content(m: dict, key: str, field: str) -> str:
         for j, p in enumerate(value):
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-                raise RowError(f"{field}.{key}[{j}]", f"only text parts are trained, got {kind!r} "
-                                                      "(tuneforge does not train vision or audio yet)")
+                raise RowError(f"{field}.{key}[{j}]", f"only text parts are trained here, got {kind!r} "
+                                                      "(rows with images train with model.kind=vision; audio is "
+                                                      "not trained)")
             parts.append(p["text"])
         return "".join(parts)
     if not isinstance(value, str):

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 from tuneforge.config import MessagesOptions
 from tuneforge.data import formats_other  # noqa: F401 - registers the preference, KTO and segments formats
+from tuneforge.data import images  # noqa: F401 - registers the vision formats (rows with images)
 from tuneforge.data.builtin import generate
 from tuneforge.data.dataset_info import DatasetInfoError, is_dataset_info, names_error, resolve
 from tuneforge.data.fields import unread_field
@@ -505,8 +506,9 @@ def _convert_all(records: list[Record], formats: dict, how: dict, split: set, re
         else:
             g = how[rec.source]
             fmt = FORMATS[formats[rec.source][0]]
+            data = {**rec.data, "_source": rec.source} if fmt.wants_source else rec.data
             try:
-                row = fmt.convert(rec.data, g.columns, g.messages) if fmt.options else fmt.convert(rec.data, g.columns)
+                row = fmt.convert(data, g.columns, g.messages) if fmt.options else fmt.convert(data, g.columns)
             except RowError as e:
                 reason, detail = _reason_key(e.field, e.reason), f"{rec.where}: field '{e.field}': {e.reason}"
             else:

@@ -115,7 +115,7 @@ def split_by_prompt(rows: list[dict], sizes: list[float], seed: int) -> list[lis
 
 
 # The format that reads back each kind of canonical row from a prepared folder.
-CANONICAL_FORMAT = {"sft": "chat", "preference": "preference", "classification": "classification",
+CANONICAL_FORMAT = {"sft": "chat", "vision": "vision_chat", "preference": "preference", "classification": "classification",
                     "text": "text", "unpaired": "unpaired", "segments": "segments"}
 
 

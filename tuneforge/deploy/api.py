@@ -6,7 +6,8 @@ a body that does not fit is answered with OpenAI's error shape naming each bad f
 **Nothing is silently ignored.** Every field of OpenAI's chat-completions and completions
 requests is either honoured or refused with a 400 that names it:
 
-honoured   model, messages (tool_calls and tool results included), prompt, max_tokens,
+honoured   model, messages (tool_calls and tool results included; image_url content parts as
+           data: URIs when the base is a vision-language model: chat.check_content_parts), prompt, max_tokens,
            max_completion_tokens, temperature, top_p, stream, stream_options.include_usage
            (a final chunk with usage), stop, seed, n (1-8; streamed chunks carry their
            choice's index), logprobs /
@@ -17,7 +18,8 @@ harmless   user (kept in the request log, sticks the A/B arm), metadata (string 
            used), store (false/null only: the request log follows serve.yaml's ``logging``,
            not a per-request flag), modalities ["text"], service_tier "auto"/"default",
            logit_bias {}, presence_penalty / frequency_penalty 0, best_of 1 or n, echo false;
-refused    any other value of those, and audio, prediction, reasoning_effort, verbosity,
+refused    any other value of those, image parts for a text-only base and other non-text parts
+           (input_audio, file, ...) by their position, and audio, prediction, reasoning_effort, verbosity,
            web_search_options, suffix, functions / function_call (legacy: use tools) ...
            presence/frequency penalties are not transformers' repetition penalty (additive
            per count vs. multiplicative), so they are refused, not approximated;

@@ -14,15 +14,19 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 
+from tuneforge.data.errors import RowError
+from tuneforge.data.images import check_image
 from tuneforge.deploy.api import ChatRequest, CompletionRequest, refusals
 from tuneforge.deploy.encode import Asked, encode_json, encode_stream
 from tuneforge.deploy.engines import Chunk, cut_at_stop
 from tuneforge.deploy.gateway import Gateway, new_id
 from tuneforge.deploy.grammar import GrammarError, check_grammar, json_grammar
 from tuneforge.deploy.tool_calls import ToolPlan, history
+from tuneforge.models.vision import is_vision_model
 from tuneforge.production.http import ApiError, RequestRecord
 
 
@@ -138,11 +142,59 @@ def decode_asked(body: ChatRequest | CompletionRequest, record: RequestRecord, s
                  bool(body.stream_options and body.stream_options.include_usage))
 
 
+def _bases(gateway: Gateway, p) -> list[str]:
+    """The base model of each target the plan may try (targets that do not resolve are left to
+    the gateway, which reports them)."""
+    out = []
+    for target in (t for t in p.targets if isinstance(t, str)):
+        try:
+            out.append(gateway.request_for(target, {})[1].base_model)
+        except Exception:  # noqa: BLE001 - an unknown target is the gateway's error to report
+            continue
+    return list(dict.fromkeys(b for b in out if b))
+
+
+def check_content_parts(record: RequestRecord, bases, supports: frozenset) -> bool:
+    """Whether the chat carries images, each checked: an ``image_url`` part needs a vision-language
+    base (a text-only one would answer without seeing it: 400, with the reason) and an engine that
+    takes images, and its url must be a data: URI of an image Pillow reads (nothing is fetched,
+    no server file is read). Any other non-text part is refused by name."""
+    found, text_only = False, None
+    for i, m in enumerate(record.messages or []):
+        content = m.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind, where = part.get("type"), f"messages.{i}.content.{j}"
+            if kind == "text":
+                continue
+            if kind != "image_url":
+                raise ApiError(400, f"content part type {kind!r} is not supported (text, image_url)", param=where)
+            text_only = [b for b in bases() if not is_vision_model(b)] if text_only is None else text_only
+            if text_only:
+                raise ApiError(400, f"image content parts need a vision-language base; '{record.model}' is served "
+                                    f"by the text-only base '{text_only[0]}', which would answer without seeing "
+                                    f"the image (send text only, or ask for a vision-language model)", param=where)
+            if "images" not in supports:
+                raise ApiError(400, "this server's engine does not take images (the local engine does)", param=where)
+            if m.get("role") != "user":
+                raise ApiError(400, "images go in user messages", param=where)
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url.startswith("data:"):
+                raise ApiError(400, "image_url.url must be a data: URI (data:image/png;base64,...): the server "
+                                    "fetches no URL and reads no file of its own", param=f"{where}.image_url.url")
+            try:
+                part["image_url"] = {"url": check_image(url, where, Path("."))}
+            except RowError as e:
+                raise ApiError(400, e.reason, param=f"{where}.image_url.url") from None
+            found = True
+    return found
+
+
 def generation_params(body: ChatRequest | CompletionRequest, record: RequestRecord, asked: Asked,
-                      max_tokens: int) -> dict:
+                      max_tokens: int, images: bool = False) -> dict:
     chat = record.endpoint == "chat"
     asked_tokens = body.max_tokens or (body.max_completion_tokens if chat else None) or 128
-    return dict(messages=history(record.messages) if chat else None, prompt=None if chat else body.prompt,
+    return dict(messages=history(record.messages, images) if chat else None, prompt=None if chat else body.prompt,
                 max_tokens=min(asked_tokens, max_tokens), temperature=body.temperature or 0.0,
                 top_p=body.top_p or 1.0, seed=body.seed, tools=asked.tools.tools, grammar=asked.grammar,
                 logprobs=asked.logprobs,
@@ -171,7 +223,8 @@ async def predict(gateway: Gateway, request: Request, body, record: RequestRecor
     # draws its arm afresh.
     user = str(body.user or request.headers.get(SESSION_HEADER) or (key.id if key else "") or uuid.uuid4())
     p = gateway.route(record, user)
-    params = generation_params(body, record, asked, gateway.cfg.max_tokens)
+    images = check_content_parts(record, lambda: _bases(gateway, p), getattr(gateway.engine, "SUPPORTS", frozenset()))
+    params = generation_params(body, record, asked, gateway.cfg.max_tokens, images)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or "" in stops:
         raise ApiError(400, "'stop' takes up to 4 non-empty strings")

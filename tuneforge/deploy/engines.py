@@ -36,6 +36,10 @@ from tuneforge.deploy.prefix_cache import PrefixCache
 from tuneforge.deploy.prepack import prepack
 from tuneforge.hardware import pick_device, pick_dtype
 from tuneforge.models.load import load_causal_lm, load_tokenizer
+from tuneforge.data.images import open_image
+from tuneforge.evaluate.vision import render as render_vision
+from tuneforge.evaluate.vision import split_images
+from tuneforge.models.vision import fix_vision_generation, is_vision_model, load_processor, load_vision_model
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 
 log = logging.getLogger("tuneforge.serve")
@@ -245,6 +249,7 @@ class _Base:
     paths: dict[str, str] = field(default_factory=dict)  # resident adapter -> "gathered" | "peft"
     prefix_ok: bool = False  # its KV cache is one plain layer per decoder layer (no sliding window)
     packed: bool = False  # its Linear layers run on prepacked weights (prepack.py)
+    proc: Any = None  # a vision-language base's processor (images in the chat): served by _generate_vision
 
 
 class LocalEngine:
@@ -267,7 +272,7 @@ class LocalEngine:
     (prepack.py).
     """
 
-    SUPPORTS = frozenset({"logprobs", "tools", "tool_choice", "response_format"})
+    SUPPORTS = frozenset({"logprobs", "tools", "tool_choice", "response_format", "images"})
 
     def __init__(self, device: str = "auto", dtype: str = "auto", max_batch: int = 16, batch_wait_ms: float = 10,
                  max_adapters: int | None = None, max_prompt_tokens: int | None = None, lora: str = "gathered",
@@ -409,7 +414,7 @@ class LocalEngine:
         base = self.bases[self.lru.pop(adapter)]
         if self.prefix is not None:
             self.prefix.drop(adapter)
-        if base.paths.pop(adapter) == "gathered":
+        if base.paths.pop(adapter) == "gathered" and base.bank is not None:
             base.bank.unload(adapter)
             return
         with warnings.catch_warnings():
@@ -434,6 +439,11 @@ class LocalEngine:
         # deferred: peft (and the transformers it pulls) load with the first model, not at server start
         from peft import PeftModel
 
+        if req.base_model not in self.bases and is_vision_model(req.base_model):
+            proc = load_processor(req.base_model)
+            model = load_vision_model(req.base_model, self.dtype, self.device).eval()
+            fix_vision_generation(proc, model)
+            self.bases[req.base_model] = _Base(model, proc.tokenizer, None, proc=proc)
         if req.base_model not in self.bases:
             tok = load_tokenizer(req.base_model)
             model = load_causal_lm(req.base_model, self.dtype, self.device).eval()
@@ -447,7 +457,8 @@ class LocalEngine:
         if req.adapter_dir is None:  # the base model alone: nothing to load, nothing in the LRU
             return base
         if req.adapter not in base.paths:
-            why = base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft"
+            why = ("vision-language base: adapters through peft" if base.bank is None else
+                   base.bank.load(req.adapter, req.adapter_dir) if self.lora == "gathered" else "engine lora=peft")
             if why is None:
                 base.paths[req.adapter] = "gathered"
             else:
@@ -468,6 +479,13 @@ class LocalEngine:
             for j in jobs:
                 base = self._model(j.req)
             self._evict(keep={j.req.adapter for j in jobs if j.req.adapter_dir is not None})
+            if base.proc is not None:  # a vision-language base: chats with images
+                try:
+                    for adapter in dict.fromkeys(j.req.adapter for j in jobs):
+                        self._generate_vision(base, [j for j in jobs if j.req.adapter == adapter])
+                finally:
+                    self._evict(keep=set())
+                return
             jobs, prompts = self._prompts(jobs, base.tok)
             try:
                 for how, part in _by_path(base, jobs).items():
@@ -551,6 +569,79 @@ class LocalEngine:
                                    for i, j in enumerate(jobs))
         if cache is not None:
             _remember(cache, adapters, prompts, reuse, streamer.tokens, out.past_key_values)
+
+
+    @torch.no_grad()
+    def _generate_vision(self, base: _Base, jobs: list[_Job]) -> None:
+        """One adapter's jobs on a vision-language base: the processor renders each chat (its
+        images as placeholder tokens, expanded with the image features), left padded, streamed
+        row by row as text models are. Tools are refused (the VLM templates do not render them)."""
+        # deferred: transformers loads with the first model, not at server start
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        tok, proc, r = base.tok, base.proc, jobs[0].req
+        kept, texts, images = [], [], []
+        for j in jobs:
+            if j.req.tools:
+                j.loop.call_soon_threadsafe(j.out.put_nowait, EngineError(
+                    "tools are not supported with a vision-language base (its chat template does not render them)"))
+                continue
+            if j.req.messages is None:
+                texts.append(j.req.prompt)
+                images.append([])
+            else:
+                conv = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], list) else
+                         [{"type": "text", "text": m["content"] or ""}]}
+                        for m in with_system(j.req.messages, j.req.system_prompt)]
+                texts.append(render_vision(proc, conv, generation_prompt=True))
+                images.append([open_image(ref) for ref in split_images(conv)])
+            kept.append(j)
+        if not kept:
+            return
+        jobs = kept
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = proc(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt",
+                       add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        lens = enc["attention_mask"].sum(dim=1).tolist()
+        if self.max_prompt_tokens is not None and max(lens) > self.max_prompt_tokens:
+            for j, n in zip(jobs, lens):
+                j.loop.call_soon_threadsafe(j.out.put_nowait, PromptTooLong(
+                    f"the prompt has {n} tokens (image tokens included); this server takes at most "
+                    f"{self.max_prompt_tokens} (max_prompt_tokens)"))
+            return
+        sampling = dict(do_sample=True, temperature=r.temperature, top_p=r.top_p) if r.temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if r.temperature > 0 and r.seed is not None:
+            torch.manual_seed(r.seed)
+        self.batches.append([j.req.adapter for j in jobs])
+        model, adapters_on = base.model, contextlib.nullcontext()
+        if base.peft is not None:
+            model = base.peft
+            if r.adapter_dir is None:
+                adapters_on = base.peft.disable_adapter()
+            else:
+                model.set_adapter(r.adapter)
+        streamer = _RowStreamer(jobs, lens, tok)
+        extra = {}
+        if any(j.req.grammar is not None or j.req.logprobs is not None for j in jobs):
+            streamer.rows = RowProcessor(tok, [j.req.grammar for j in jobs], [j.req.logprobs for j in jobs],
+                                         lambda i: streamer.done[i])
+            extra = {"logits_processor": LogitsProcessorList([streamer.rows])}
+        autocast = torch.autocast(self.device, dtype=self.dtype) if self.dtype != torch.float32 else \
+            contextlib.nullcontext()
+        stop, t0, longest = RowStop(streamer, jobs), time.perf_counter(), max(j.req.max_tokens for j in jobs)
+        enc = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+        with autocast, adapters_on:
+            model.generate(**enc, max_new_tokens=longest, stopping_criteria=StoppingCriteriaList([stop]),
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
+                           **extra, **sampling)
+        self.admission.observe(len(jobs), streamer.steps, streamer.first_at - t0, streamer.last_at - streamer.first_at,
+                               longest, len(stop.cut))
+        self.admission.rows.extend((j.req.adapter, len(streamer.tokens[i]), "cancelled" if i in stop.cut else "done")
+                                   for i, j in enumerate(jobs))
 
 
 def _layout(prompts: list[list[int]], reuse: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

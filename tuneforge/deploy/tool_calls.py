@@ -99,12 +99,17 @@ def openai_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def history(messages: list[dict]) -> list[dict]:
-    """OpenAI messages as canonical rows (SPEC.md): text content, arguments as dicts."""
+def history(messages: list[dict], images: bool = False) -> list[dict]:
+    """OpenAI messages as canonical rows (SPEC.md): text content, arguments as dicts. With
+    ``images`` (a vision-language base; chat.py has checked every image part) a content with
+    image parts stays a list of text and ``{"type": "image", "image": data-URI}`` parts."""
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") or ""
-        if isinstance(content, list):  # content parts: the text ones, joined
+        if images and isinstance(content, list) and any(p.get("type") == "image_url" for p in content):
+            content = [{"type": "image", "image": p["image_url"]["url"]} if p.get("type") == "image_url"
+                       else {"type": "text", "text": p.get("text") or ""} for p in content]
+        elif isinstance(content, list):  # content parts: text only here (chat.py refuses any other part)
             content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
         row = {"role": m["role"], "content": content}
         if m["role"] == "assistant" and m.get("tool_calls"):

@@ -64,6 +64,10 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     target = Path(opts.target)
     cfg = load_run_config(target) if (target / "config.yaml").exists() else None
     is_run = cfg is not None
+    if is_run and cfg.model.kind == "vision":  # rows with images: base vs tuned generations (evaluate/vision.py)
+        from tuneforge.evaluate.vision import run_vision_eval
+
+        return run_vision_eval(opts, cfg, target, console)
     # Data problems surface before any weights load.
     rows, train_rows, lineage = load_eval_rows(opts.data, cfg, target)
     if opts.few_shot and not train_rows:

@@ -23,4 +23,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     """Train ``cfg`` (or continue ``resume``, a run folder) and return the run folder.
     ``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it);
     ``force`` skips the memory estimate's refusal of a run that cannot fit."""
+    if cfg.model.kind == "vision":  # rows with images, an image-text-to-text model (recipes/vision.py)
+        from tuneforge.train.recipes import vision
+
+        return vision.train(cfg, resume, console, on_eval, force)
     return recipe_for(objective_of(cfg)).train(cfg, resume, console, on_eval, force)
