@@ -19,8 +19,16 @@ def _map_leaves(value, fn):
     return value
 
 
+def _content(content, fn):
+    """``fn`` on a message's text: the string, or each text part of a vision row's content
+    parts (image parts are data, never rewritten: redacting inside base64 would break them)."""
+    if isinstance(content, list):
+        return [{**p, "text": fn(p["text"])} if p.get("type") == "text" else p for p in content]
+    return fn(content)
+
+
 def _map_message(m: dict, fn) -> dict:
-    out = {**m, "content": fn(m["content"])}
+    out = {**m, "content": _content(m["content"], fn)}
     if m.get("tool_calls"):
         out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _map_leaves(c["function"]["arguments"], fn)}}
                              for c in m["tool_calls"]]

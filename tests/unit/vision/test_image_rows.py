@@ -86,3 +86,16 @@ def test_openai_image_part_errors_and_text_runs_still_refuse_images(shapes, tmp_
         load_rows([str(shapes["chat"])], kind="sft")
     with pytest.raises(DataError, match=r"rows carry 'image'|rows carry 'images'|no known format"):
         load_rows([str(shapes["llava"])], kind="sft")
+
+
+def test_pii_redaction_rewrites_text_parts_and_never_image_data():
+    from tuneforge.data.pii import PIIOptions, pii_rows
+
+    image = "data:image/png;base64,AKIAABCDEFGHIJKLMNOP+GB82WEST12345698765432/token=Zm9vYmFyYmF6cXV4MTIz"
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": "from jo@example.com: what is it?"}]},
+                        {"role": "assistant", "content": "a red square"}]}
+    [out], stage = pii_rows([row], PIIOptions())
+    parts = out["messages"][0]["content"]
+    assert parts[0] == {"type": "image", "image": image}  # secret-like and IBAN-like base64 left alone
+    assert parts[1]["text"] == "from <EMAIL>: what is it?" and stage.info["found"] == {"EMAIL": 1}
