@@ -49,7 +49,7 @@ class LoraOptions(Strict):
         if self.name != "lora":
             raise ValueError(f"method.moe with method {self.name}: only method lora is built for mixture-of-experts "
                              "models (peft's LoRA on fused expert weights has no DoRA; 4-bit experts are untested)")
-        if "target_modules" in self.model_fields_set:
+        if self.target_modules != "all-linear":  # the default (a dumped config holds it): moe decides
             raise ValueError("method.moe chooses the LoRA targets (moe.lora_on: attention, experts or both); "
                              "remove method.target_modules")
         if self.moe.lora_on != "attention" and self.dropout:

@@ -29,12 +29,22 @@ def moe_targets(model, moe) -> dict:
         modules += info.attention_linears
     if moe.lora_on in ("experts", "both"):
         params += [f"{info.experts_suffix}.{p}" for p in info.expert_params]
-        if moe.experts == "all" and moe.top_k_experts is None:
+        if moe.experts == "all" and moe.top_k_experts is None and not peft_renames(info.model_type):
             modules += info.shared_expert_linears
     out = {"target_modules": modules, "target_parameters": params or None}
     if moe.router == "trained":
         out["modules_to_save"] = [info.router_suffix]
     return out
+
+
+def peft_renames(model_type: str) -> bool:
+    """peft rewrites LoRA targets of these families for transformers 5 (``gate_proj``/``down_proj``/...
+    become the fused expert weights): a shared expert's ``gate_proj`` would be taken for the routed
+    experts' ``gate_up_proj``, so shared experts of these families get no adapter."""
+    # deferred: peft imports transformers; config validation and --help stay quick
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+
+    return model_type in _MODEL_TO_CONVERSION_PATTERN
 
 
 def expert_lora_layers(model) -> list[tuple[int, torch.nn.Module]]:

@@ -47,6 +47,18 @@ def moe_preflight(cfg) -> list[str]:
     """Problems of ``method.moe`` for this model and objective (before any weights load)."""
     problems = []
     objective = objective_of(cfg)
+    moe = getattr(cfg.method, "moe", None)
+    if moe is None:
+        if getattr(cfg.method, "target_modules", None) != "all-linear":
+            return []  # full, freeze, or LoRA on named modules: nothing MoE-specific to refuse
+        info = describe_config(load_config(cfg.model.name, revision=cfg.model.revision,
+                                           trust_remote_code=cfg.model.trust_remote_code))
+        if info is None:
+            return []
+        return [f"method.target_modules=all-linear on a mixture-of-experts model ({info.model_type}): peft would "
+                "silently widen it to every expert and the router (and refuse dropout there); say what trains with "
+                "method.moe: {lora_on: attention|experts|both, router: frozen|trained} (method lora), or name "
+                "method.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])"]
     if (objective.recipe or "tokens") != "tokens":
         problems.append(f"method.moe with objective '{objective.name}': the router loss, expert statistics and "
                         "calibration are built into the token-loss recipe (sft, cpt, distill); train this "
@@ -56,7 +68,7 @@ def moe_preflight(cfg) -> list[str]:
                                            trust_remote_code=cfg.model.trust_remote_code))
     except Exception:  # noqa: BLE001 - the model problem itself is reported by the caller
         return problems
-    return problems + moe_problems(cfg.method.moe, info, cfg.model.name)
+    return problems + moe_problems(moe, info, cfg.model.name)
 
 
 def balance(counts: torch.Tensor, top_k: int) -> float:

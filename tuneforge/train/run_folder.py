@@ -36,7 +36,7 @@ def preflight(cfg: RunConfig) -> None:
     except Exception as e:  # noqa: BLE001 - reported as a config problem, with the loader's message
         raise ConfigError([f"model.name: {e}"]) from None
     problems += method_of(cfg).check(cfg.method, names)
-    if getattr(cfg.method, "moe", None) is not None:
+    if getattr(cfg.method, "moe", None) is not None or any(n.endswith(".experts") for n in names):
         problems += moe_preflight(cfg)
     problems += objective_of(cfg).check(cfg.objective)
     tasks = [t for t, _ in task_configs(cfg)]
