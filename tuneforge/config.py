@@ -252,8 +252,8 @@ class MoEOptions(Strict):
         None, ge=0, description="weight of the router's load-balancing loss added to the training loss; "
         "default: the model config's router_aux_loss_coef; 0: off")
     collapse_entropy: float = Field(
-        0.2, ge=0, le=1, description="warn when a layer's expert-load entropy (normalised: 1 = even, 0 = one "
-        "expert takes every token) falls below this")
+        0.2, ge=0, le=1, description="warn when a layer's expert-load balance (entropy rescaled: 1 = every "
+        "expert gets the same share, 0 = the same top-k experts take every token) falls below this")
 
     @model_validator(mode="after")
     def _check(self):
