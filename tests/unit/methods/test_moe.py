@@ -315,3 +315,12 @@ def test_cli_train_on_tiny_moe(tiny_moe_dir, tmp_path, capsys, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["moe"]["experts"] == 4 and summary["moe"]["aux_loss_coef"] == 0.05
     assert summary["moe"]["active_params"] < summary["moe"]["total_params"]
+
+
+def test_moe_example_validates():
+    from pathlib import Path
+
+    from tuneforge.plugins import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[3] / "examples" / "moe.yaml")
+    assert cfg.method.moe.lora_on == "both" and cfg.method.moe.top_k_experts == 8 and cfg.method.dropout == 0.0
