@@ -59,6 +59,10 @@ def moe_preflight(cfg) -> list[str]:
                 "silently widen it to every expert and the router (and refuse dropout there); say what trains with "
                 "method.moe: {lora_on: attention|experts|both, router: frozen|trained} (method lora), or name "
                 "method.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])"]
+    if cfg.train.distributed == "fsdp":
+        problems.append("method.moe with train.distributed=fsdp: peft re-parametrises the fused expert weights on "
+                        "every forward, which tuneforge has not made work on sharded weights; use "
+                        "train.distributed=ddp")
     if (objective.recipe or "tokens") != "tokens":
         problems.append(f"method.moe with objective '{objective.name}': the router loss, expert statistics and "
                         "calibration are built into the token-loss recipe (sft, cpt, distill); train this "

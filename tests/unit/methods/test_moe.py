@@ -120,6 +120,9 @@ def test_preflight_refuses_what_the_model_cannot_give(tiny_moe_dir, tiny_model_d
     assert moe_preflight(cfg(tiny_moe_dir, {"name": "lora", "target_modules": ["q_proj", "v_proj"]})) == []
     out = moe_preflight(cfg(tiny_moe_dir, {"name": "lora", "moe": {}}, objective="dpo"))
     assert any("token-loss recipe" in p for p in out)
+    fsdp = cfg(tiny_moe_dir, {"name": "lora", "moe": {}}).model_copy(
+        update={"train": cfg(tiny_moe_dir, {"name": "lora"}).train.model_copy(update={"distributed": "fsdp"})})
+    assert any("train.distributed=ddp" in p for p in moe_preflight(fsdp))
     out = moe_preflight(cfg(tiny_model_dir, {"name": "lora", "moe": {}}))
     assert any("not a mixture-of-experts" in p for p in out)
 
