@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tuneforge.config import MoEOptions, Strict
 from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
+from tuneforge.methods.full import upcast_trained_
 from tuneforge.methods.moe import moe_targets, restrict_experts
 from tuneforge.models.moe import describe
 
@@ -106,8 +107,11 @@ class LoRA(PeftMethod):
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
         model = get_peft_model(model, lora_config(opts, self.use_dora, model))
-        if getattr(opts, "moe", None) is not None and isinstance(opts.moe.experts, list):
-            restrict_experts(model, {layer: opts.moe.experts for layer in describe(model).layers})
+        if getattr(opts, "moe", None) is not None:
+            if isinstance(opts.moe.experts, list):
+                restrict_experts(model, {layer: opts.moe.experts for layer in describe(model).layers})
+            if opts.moe.router == "trained":
+                upcast_trained_(model)  # the router's trained copy: fp32 master weights, not the bf16 base's
         base = model.get_base_model()
         if self.fast_bf16_inputs and base.dtype == torch.bfloat16 and type(base).__name__.endswith("ForCausalLM"):
             # A bf16 base trains under autocast. peft would cast each layer's bf16 input up

@@ -327,3 +327,12 @@ def test_moe_example_validates():
 
     cfg = load_config(Path(__file__).resolve().parents[3] / "examples" / "moe.yaml")
     assert cfg.method.moe.lora_on == "both" and cfg.method.moe.top_k_experts == 8 and cfg.method.dropout == 0.0
+
+
+def test_trained_router_keeps_fp32_master_weights_on_a_bf16_base():
+    from tuneforge.methods import get_method
+
+    model = get_method("lora").apply(base().to(torch.bfloat16), lora_opts(router="trained"))
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(d == torch.float32 for d in trained.values())
+    assert any("mlp.gate.modules_to_save" in n for n in trained)
