@@ -161,7 +161,7 @@ def train_steps(model, steps=3, lr=5e-2):
     model.eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
 def test_only_chosen_experts_change_and_frozen_router_stays(family):
     from tuneforge.methods import get_method
 
@@ -336,3 +336,15 @@ def test_trained_router_keeps_fp32_master_weights_on_a_bf16_base():
     trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(d == torch.float32 for d in trained.values())
     assert any("mlp.gate.modules_to_save" in n for n in trained)
+
+
+def test_shared_expert_adapted_with_all_experts_not_with_a_choice():
+    from tuneforge.methods import get_method
+
+    def adapted(**moe):
+        model = get_method("lora").apply(base("qwen2_moe"), lora_opts(**moe))
+        return {n.split(".layers.0.")[1].split(".lora_")[0] for n, p in model.named_parameters()
+                if p.requires_grad and ".layers.0." in n}
+
+    assert {"mlp.shared_expert.gate_proj", "mlp.experts", "self_attn.q_proj"} <= adapted(lora_on="both")
+    assert not any("shared_expert" in n for n in adapted(lora_on="both", experts=[0]))
