@@ -348,3 +348,19 @@ def test_shared_expert_adapted_with_all_experts_not_with_a_choice():
 
     assert {"mlp.shared_expert.gate_proj", "mlp.experts", "self_attn.q_proj"} <= adapted(lora_on="both")
     assert not any("shared_expert" in n for n in adapted(lora_on="both", experts=[0]))
+
+
+def test_resumed_run_drops_stats_rows_after_its_checkpoint(tmp_path):
+    from rich.console import Console
+
+    from tuneforge.models.moe import describe
+    from tuneforge.train.moe_stats import STATS_FILE, MoEMonitor
+
+    model = base()
+    monitor = MoEMonitor(model, describe(model), None, tmp_path, Console(quiet=True))
+    assert monitor.coef == 0.0  # no method.moe: utilisation only, no aux loss
+    (tmp_path / STATS_FILE).write_text("".join(json.dumps({"step": s, "layers": {}}) + "\n" for s in (1, 2, 3, 4)))
+    monitor.start(2)
+    assert [json.loads(x)["step"] for x in (tmp_path / STATS_FILE).read_text().splitlines()] == [1, 2]
+    monitor.start(0)  # a fresh run starts an empty file
+    assert (tmp_path / STATS_FILE).read_text() == ""
