@@ -364,3 +364,19 @@ def test_resumed_run_drops_stats_rows_after_its_checkpoint(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / STATS_FILE).read_text().splitlines()] == [1, 2]
     monitor.start(0)  # a fresh run starts an empty file
     assert (tmp_path / STATS_FILE).read_text() == ""
+
+
+def test_server_runs_an_expert_adapter_alone_not_in_a_mixed_batch():
+    """peft's LoRA on fused expert weights refuses adapter_names= batches: the engine must not
+    put such an adapter in one."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    from tuneforge.deploy.engines import _by_path
+
+    configs = {"moe": LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]),
+               "plain": LoraConfig(target_modules=["q_proj"]), "plain2": LoraConfig(target_modules=["v_proj"])}
+    base = SimpleNamespace(paths={a: "peft" for a in configs}, peft=SimpleNamespace(peft_config=configs))
+    jobs = [SimpleNamespace(req=SimpleNamespace(adapter=a, adapter_dir="x")) for a in ("moe", "plain", "plain2")]
+    assert _by_path(base, jobs) == {"peft-one:moe": [0], "peft-mixed": [1, 2]}
