@@ -186,8 +186,14 @@ def render() -> str:
     out += nested_sections("", run, 3)
 
     out += ["## Methods (`method:`)", "", "`method.name` picks one; its options are below.", ""]
+    nested: dict[type, tuple] = {}  # option blocks inside method options (method.moe), each shown once
     for name in sorted(methods):
         out += [f"### `method.name: {name}`", ""] + table("method.", methods[name].options) + [""]
+        for field_name, field in methods[name].options.model_fields.items():
+            for suffix, sub in nested_models(field.annotation):
+                nested.setdefault(sub, (f"method.{field_name}{suffix}.", field.default is None))
+    for sub, (prefix, optional) in nested.items():
+        out += sections(prefix, sub, 3, optional)
 
     out += ["## Objectives (`objective:`)", "", "`objective.name` picks one; its options are below.", ""]
     for name in sorted(objectives):

@@ -260,6 +260,44 @@ class EvalConfig(Strict):
     baseline: bool = Field(True, description="also evaluate the base model on the same test rows")
 
 
+class MoEOptions(Strict):
+    """Mixture-of-experts LoRA (``method.moe``, method lora): where the adapters go, whether the
+    router trains, which experts train, and the router's load-balancing loss."""
+
+    lora_on: Literal["attention", "experts", "both"] = Field(
+        "both", description="LoRA on the attention projections, on the routed experts (and a shared expert), or both")
+    router: Literal["frozen", "trained"] = Field(
+        "frozen", description="trained: the router's weights train in full (saved in the adapter)")
+    experts: list[int] | Literal["all"] = Field(
+        "all", description="indices of the routed experts whose LoRA trains (in every MoE layer); the others "
+        "keep their base weights exactly")
+    top_k_experts: int | None = Field(
+        None, gt=0, description="train only the k experts each layer routes most tokens of the training data to, "
+        "counted by a calibration pass before training")
+    calibration_batches: int = Field(8, gt=0, description="training micro-batches the calibration pass runs")
+    aux_loss_coef: float | None = Field(
+        None, ge=0, description="weight of the router's load-balancing loss added to the training loss; "
+        "default: the model config's router_aux_loss_coef; 0: off")
+    collapse_entropy: float = Field(
+        0.2, ge=0, le=1, description="warn when a layer's expert-load balance (entropy rescaled: 1 = every "
+        "expert gets the same share, 0 = the same top-k experts take every token) falls below this")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.experts, list):
+            if not self.experts:
+                raise ValueError("method.moe.experts: name at least one expert index, or use all")
+            if min(self.experts) < 0 or len(set(self.experts)) != len(self.experts):
+                raise ValueError(f"method.moe.experts={self.experts}: indices must be distinct and >= 0")
+        chooses = self.experts != "all" or self.top_k_experts is not None
+        if self.experts != "all" and self.top_k_experts is not None:
+            raise ValueError("method.moe: set experts (by index) or top_k_experts (most used on the data), not both")
+        if chooses and self.lora_on == "attention":
+            raise ValueError("method.moe: choosing experts needs LoRA on them; set lora_on: experts or both "
+                             "(with lora_on: attention no expert trains)")
+        return self
+
+
 class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig

@@ -35,6 +35,7 @@ from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
 from tuneforge.methods import METHODS
 from tuneforge.methods.lora import LoraOptions
 from tuneforge.models.load import load_causal_lm, load_config
+from tuneforge.models.moe import describe
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
 from tuneforge.plugins import validate_config
@@ -186,6 +187,21 @@ def saved_activation_bytes(model, batch: int, seq: int) -> tuple[int, int]:
     return sum(saved.values()), sum(b for b in saved.values() if b < MMAP_THRESHOLD_MAX)
 
 
+def moe_safe_activation_bytes(model, model_config, compute_dtype: torch.dtype, batch: int, seq: int) -> tuple[int, int]:
+    """saved_activation_bytes, also for a mixture of experts, whose fused experts cannot always run
+    on meta tensors (fp32 grouped_mm, and peft's expert LoRA opens an autocast on the meta
+    device): then the frozen base is traced in bf16 and scaled to the compute dtype, so the
+    adapters' own (rank-r) activations are left out of the estimate."""
+    try:
+        return saved_activation_bytes(model, batch, seq)
+    except RuntimeError:
+        if describe(model) is None:
+            raise
+    body, small = saved_activation_bytes(meta_model(model_config, torch.bfloat16), batch, seq)
+    scale = (torch.finfo(compute_dtype).bits // 8) / 2
+    return int(body * scale), int(small * scale)
+
+
 def loss_bytes(n_positions: int, vocab: int, compute_bytes: int) -> int:
     # logits in the compute dtype, their fp32 copy (none when that is the compute dtype), and the
     # fp32 log-softmax kept for backward
@@ -220,7 +236,7 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     virtual = getattr(opts, "num_virtual_tokens", 0)
     if hidden_path:
         act_model = model if base_dtype == compute_dtype else method.apply(meta_model(model_config, compute_dtype), opts)
-        body, small = saved_activation_bytes(act_model, batch, seq)
+        body, small = moe_safe_activation_bytes(act_model, model_config, compute_dtype, batch, seq)
     else:  # prompt methods: the frozen base over input + virtual tokens (their forward needs real masks)
         body, small = saved_activation_bytes(meta_model(model_config, compute_dtype), batch, seq + virtual)
     compute_bytes = torch.finfo(compute_dtype).bits // 8
@@ -236,6 +252,9 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     small_ckpt = layers * block_input * (block_input < MMAP_THRESHOLD_MAX) + small / layers
 
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n)
+    moe = describe(model)
+    if moe is not None:  # a token passes through top_k of the routed experts only
+        matmul_params -= moe.routed_expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
     fwd = 2 * batch * seq * (matmul_params + vocab * dim) + 4 * batch * seq * seq * dim * layers
     weight_grad_share = min(1.0, n_train / max(matmul_params, 1))
     flops = fwd * (2 + weight_grad_share)  # forward + input grads + weight grads of what trains
@@ -570,11 +589,16 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
 # --- the plan ------------------------------------------------------------------------
 
 
-def comparison_methods(cfg, n_layers: int) -> dict[str, dict]:
-    """The configured method plus the usual alternatives for this model."""
+def comparison_methods(cfg, n_layers: int, moe: bool = False) -> dict[str, dict]:
+    """The configured method plus the usual alternatives for this model (a mixture of experts:
+    LoRA through method.moe on attention + experts, no QLoRA row; see methods/moe.py)."""
     rows = {"full": {"name": "full"}, "freeze": {"name": "freeze", "top_k": max(1, n_layers // 4)},
             "lora": {"name": "lora", "r": 16}, "lora 8-bit": {"name": "lora", "r": 16, "load_in_8bit": True},
             "qlora": {"name": "qlora", "r": 16}}
+    if moe:
+        rows = {**rows, "lora": {"name": "lora", "r": 16, "moe": {"lora_on": "both"}}}
+        rows.pop("qlora")
+        rows.pop("lora 8-bit")  # bitsandbytes quantises linears, not fused 3-D experts (lora.py refuses it)
     configured = cfg.method.model_dump()
     return {f"{cfg.method.name} (config)": configured} | {k: v for k, v in rows.items()
                                                            if validate_method(v) != cfg.method}
@@ -613,11 +637,16 @@ def plan(cfg, device: str | None = None, probe: bool = True) -> dict:
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     batch, seq = cfg.train.batch_size, cfg.data.max_length
     rows = {}
-    for label, raw in comparison_methods(cfg, mc.num_hidden_layers).items():
+    moe = describe(meta_model(mc, dtype))  # None: a dense model
+    for label, raw in comparison_methods(cfg, mc.num_hidden_layers, moe is not None).items():
         rows[label] = estimate(mc, validate_method(raw), batch, seq, dtype, device)
     speed = matmul_flops_per_s(device, dtype) * STEP_EFFICIENCY if probe else None
     return {"device": device, "dtype": dtype, "memory": device_memory(device), "rows": rows, "speed": speed,
-            "batch": batch, "seq": seq}
+            "batch": batch, "seq": seq,
+            "moe": None if moe is None else {"model_type": moe.model_type, "experts": moe.num_experts,
+                                             "top_k": moe.top_k, "moe_layers": len(moe.layers),
+                                             "total_params": moe.total_params, "active_params": moe.active_params,
+                                             "routed_expert_params": moe.routed_expert_params}}
 
 
 def fits(est: Estimate, memory: list[Memory], checkpointing: bool) -> bool:
@@ -655,6 +684,12 @@ def print_plan(cfg, console) -> dict:
                   f"batch {p['batch']} x {p['seq']} tokens, gradient checkpointing {'on' if ckpt else 'off'}")
     for m in mem:
         console.print(f"  {m.name}: {m.free / GB:.1f} GB free of {m.total / GB:.1f} GB")
+    if p["moe"]:
+        e = p["moe"]
+        console.print(f"  mixture of experts ({e['model_type']}): {e['experts']} experts, top-{e['top_k']}, "
+                      f"{e['moe_layers']} MoE layers; parameters: {e['total_params']:,} total (all in memory), "
+                      f"{e['active_params']:,} active per token ({100 * e['active_params'] / e['total_params']:.1f}%,"
+                      " what step time scales with)")
     table = Table(title="estimated memory per training step (GB) and step time")
     for col in ("method", "trainable", "weights", "grads", "optimizer", "activations", "act. (ckpt)", "peak",
                 "step s", "fits"):

@@ -711,7 +711,10 @@ def _by_path(base: _Base, jobs: list[_Job]) -> dict[str, list[int]]:
             key = "gathered"
         else:
             cfg = base.peft.peft_config[a]
-            key = "peft-mixed" if cfg.peft_type == "LORA" and not cfg.use_dora else f"peft-one:{a}"
+            # LoRA on fused MoE expert weights (target_parameters: peft's ParamWrapper) refuses
+            # mixed-adapter batches too, so such an adapter runs alone.
+            mixable = cfg.peft_type == "LORA" and not cfg.use_dora and not getattr(cfg, "target_parameters", None)
+            key = "peft-mixed" if mixable else f"peft-one:{a}"
         out.setdefault(key, []).append(i)
     return out
 

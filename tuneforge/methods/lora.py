@@ -12,10 +12,13 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from tuneforge.config import Strict
+from tuneforge.config import MoEOptions, Strict
 from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
+from tuneforge.methods.full import upcast_trained_
+from tuneforge.methods.moe import moe_targets, restrict_experts
+from tuneforge.models.moe import describe
 
 
 class LoraOptions(Strict):
@@ -28,6 +31,40 @@ class LoraOptions(Strict):
     load_in_8bit: bool = Field(
         False, description="load the frozen base's linear layers in int8 (bitsandbytes LLM.int8(), outliers "
         "above 6.0 kept in 16-bit; ~1 byte per weight; CPU and CUDA); needs tuneforge[qlora]")
+    moe: MoEOptions | None = Field(
+        None, description="mixture-of-experts model: LoRA on attention/experts, router frozen or trained, chosen "
+        "experts, load-balancing loss (method lora only; see MoEOptions)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moe_dropout(cls, data):
+        # peft's LoRA on fused 3-D expert weights cannot apply dropout (x cannot be factored out
+        # of B(A(dropout(x)))): when the adapters reach the experts and the user set no dropout,
+        # the default becomes 0. A dropout the user did set is refused below, never dropped.
+        if isinstance(data, dict) and data.get("moe") is not None and "dropout" not in data:
+            moe = data["moe"]
+            lora_on = moe.get("lora_on", "both") if isinstance(moe, dict) else getattr(moe, "lora_on", "both")
+            if lora_on != "attention":
+                data = {**data, "dropout": 0.0}
+        return data
+
+    @model_validator(mode="after")
+    def _moe_fits(self):
+        if self.moe is None:
+            return self
+        if self.name != "lora":
+            raise ValueError(f"method.moe with method {self.name}: only method lora is built for mixture-of-experts "
+                             "models (peft's LoRA on fused expert weights has no DoRA; 4-bit experts are untested)")
+        if self.load_in_8bit:
+            raise ValueError("method.moe with load_in_8bit: bitsandbytes quantises linear layers, not the fused "
+                             "3-D expert weights LoRA targets here; train the MoE model without load_in_8bit")
+        if self.target_modules != "all-linear":  # the default (a dumped config holds it): moe decides
+            raise ValueError("method.moe chooses the LoRA targets (moe.lora_on: attention, experts or both); "
+                             "remove method.target_modules")
+        if self.moe.lora_on != "attention" and self.dropout:
+            raise ValueError(f"method.dropout={self.dropout} with LoRA on the experts: peft's LoRA on fused expert "
+                             "weights cannot apply dropout; set method.dropout=0 or moe.lora_on=attention")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -57,8 +94,12 @@ def lora_config(opts, use_dora: bool = False, model=None):
     # A sequence-classification model (classify, reward) needs SEQ_CLS: peft then also
     # trains and saves the new head (modules_to_save), which starts from random weights.
     seq_cls = model is not None and type(model).__name__.endswith("ForSequenceClassification")
+    targets = {"target_modules": opts.target_modules}
+    if getattr(opts, "moe", None) is not None and model is not None:
+        targets = moe_targets(model, opts.moe)  # attention / experts / router, named for this family
     return LoraConfig(task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM, r=opts.r,
-                      lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules, use_rslora=opts.rslora, use_dora=use_dora)
+                      lora_alpha=opts.alpha, lora_dropout=opts.dropout, use_rslora=opts.rslora, use_dora=use_dora,
+                      **targets)
 
 
 @register_method
@@ -71,6 +112,8 @@ class LoRA(PeftMethod):
 
     def check(self, opts, module_names):
         problem = bitsandbytes_problem(f"method {opts.name} with load_in_8bit") if opts.load_in_8bit else None
+        if getattr(opts, "moe", None) is not None:
+            return [problem] if problem else []  # the targets come from the model (methods/moe.py; moe_problems)
         return ([problem] if problem else []) + check_target_modules(opts.target_modules, module_names)
 
     def quantization_config(self, opts, compute_dtype):
@@ -94,6 +137,11 @@ class LoRA(PeftMethod):
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype) even on a bf16 base:
         # the optimizer then updates fp32 values, and only matmuls run in bf16.
         model = get_peft_model(model, lora_config(opts, self.use_dora, model))
+        if getattr(opts, "moe", None) is not None:
+            if isinstance(opts.moe.experts, list):
+                restrict_experts(model, {layer: opts.moe.experts for layer in describe(model).layers})
+            if opts.moe.router == "trained":
+                upcast_trained_(model)  # the router's trained copy: fp32 master weights, not the bf16 base's
         base = model.get_base_model()
         if self.fast_bf16_inputs and not opts.load_in_8bit and base.dtype == torch.bfloat16 and type(base).__name__.endswith("ForCausalLM"):
             # A bf16 base trains under autocast. peft would cast each layer's bf16 input up

@@ -128,12 +128,15 @@ class Loop:
     def __init__(self, cfg: RunConfig, run_dir: Path, model, steps: Steps, method, *, device: str,
                  dtype: torch.dtype, console: Console, resume: bool = False,
                  on_eval: Callable[[int, float], None] | None = None, world: distributed.World = distributed.World(),
-                 sharded: bool = False, penalty=None):
+                 sharded: bool = False, penalty=None, monitor=None):
         """``penalty() -> tensor`` is added to every step's loss (EWC); its ``key`` names it in the log.
-        ``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it)."""
+        ``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it).
+        ``monitor`` (MoE: train/moe_stats.py) adds its ``window_metrics()`` to each step's row and
+        sees each logged train row (``logged(row, console)``); ``start(step)`` once the position is known."""
         self.cfg, self.t, self.run_dir, self.model, self.steps, self.method = cfg, cfg.train, run_dir, model, steps, method
         self.device, self.dtype, self.console, self.resume, self.on_eval = device, dtype, console, resume, on_eval
         self.world, self.main, self.sharded, self.penalty = world, world.is_main, sharded, penalty
+        self.monitor = monitor
         self.metrics_path = run_dir / "metrics.jsonl"
         self.best_path = run_dir / "checkpoints" / "best.safetensors"
 
@@ -181,6 +184,8 @@ class Loop:
         self.release = free_memory_releaser() if t.release_memory and self.device == "cpu" else None
         if restored is None:
             self.checkpoint()
+        if self.monitor is not None:
+            self.monitor.start(self.pos.step)
         self.model.train()  # loaded models come in eval mode: dropout on from here
 
     # --- the loop --------------------------------------------------------------------------
@@ -235,6 +240,8 @@ class Loop:
         try:
             batches = [self.next_batch() for _ in range(self.micro_per_step)]
             window = self.steps.backward(batches)
+            if self.monitor is not None:
+                window.metrics |= self.monitor.window_metrics()
             if not self.sharded:  # FSDP has reduce-scattered them during backward
                 distributed.sum_gradients(self.world, self.params)
             penalty = None
@@ -267,6 +274,8 @@ class Loop:
         if penalty is not None:
             row[self.penalty.key] = round(penalty.item(), 6)
         self.log(row)
+        if self.monitor is not None and self.main:
+            self.monitor.logged(row, self.console)
         return window
 
     def roll_back(self, loss: float) -> None:

@@ -24,6 +24,7 @@ from tuneforge.hardware import environment, peak_memory, pick_device, pick_dtype
 from tuneforge.io import OutputRefused, atomic_write_text, check_output, disk_full, is_disk_full, write_json
 from tuneforge.models.load import meta_module_names
 from tuneforge.plugins import method_of, objective_of
+from tuneforge.train.moe_stats import moe_preflight
 from tuneforge.train.multitask import Task, task_configs
 
 
@@ -36,6 +37,8 @@ def preflight(cfg: RunConfig) -> None:
     except Exception as e:  # noqa: BLE001 - reported as a config problem, with the loader's message
         raise ConfigError([f"model.name: {e}"]) from None
     problems += method_of(cfg).check(cfg.method, names)
+    if getattr(cfg.method, "moe", None) is not None or any(n.endswith(".experts") for n in names):
+        problems += moe_preflight(cfg)
     problems += objective_of(cfg).check(cfg.objective)
     tasks = [t for t, _ in task_configs(cfg)]
     for spec in [s for t in tasks for s in (*t.train, *t.validation, *t.test)]:

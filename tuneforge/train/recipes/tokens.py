@@ -32,7 +32,7 @@ from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.plan import ensure_fits
 from tuneforge.plugins import method_of, objective_of
 from tuneforge.train import checkpoint as ckpt
-from tuneforge.train import distributed, fused_lora, lean, varlen
+from tuneforge.train import distributed, fused_lora, lean, moe_stats, varlen
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
 from tuneforge.train.loop import Loop, Window, restore_trainable
 from tuneforge.train.multitask import Task, load_tasks, training_mixture
@@ -73,14 +73,20 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     hidden_path = cfg.train.logits_at_trained_only and getattr(method, "supports_hidden_path", True)
     # Under FSDP the loss runs through the root that gathers the weights (train/distributed.py).
     loss_of = distributed.shard(model, objective) if sharded else objective
+    moe = moe_stats.attach(cfg, model, run_dir if main else None, console)  # None: not a mixture of experts
+    if moe is not None:
+        loss_of = moe.wrap(loss_of)  # the router's aux loss, expert utilisation
     steps = TokenSteps(cfg, model, loss_of, tok.pad_token_id, train_rows, tasks, world, device, dtype,
                        hidden_path, padding_free)
+    if moe is not None and getattr(cfg.method, "moe", None) and cfg.method.moe.top_k_experts:
+        moe.calibrate(model, steps.batches(0)[: cfg.method.moe.calibration_batches], device, dtype)
 
     # --- train -------------------------------------------------------------------------
     penalty = ewc_penalty(cfg, model, objective, tasks, tok, run_dir if main else None, device, dtype, hidden_path,
                           console) if cfg.continual.ewc_lambda else None
     outcome = Loop(cfg, run_dir, model, steps, method, device=device, dtype=dtype, console=console,
-                   resume=resume is not None, on_eval=on_eval, world=world, sharded=sharded, penalty=penalty).run()
+                   resume=resume is not None, on_eval=on_eval, world=world, sharded=sharded, penalty=penalty,
+                   monitor=moe).run()
     trained = ckpt.trainable_state(model, keep=main) if sharded else None
     if not main:
         distributed.teardown(world)
@@ -94,6 +100,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                "tokens_per_s": round(outcome.tokens_per_s, 1), **peak_memory(device), "trainable_params": n_train,
                "total_params": n_total, "data_manifest_sha256": manifest_hash(tasks), "world_size": world.size,
                **outcome.best}
+    if moe is not None:
+        summary["moe"] = moe.finish()
     if outcome.privacy:
         summary["privacy"] = outcome.privacy
         console.print(f"DP-SGD: epsilon {outcome.privacy['epsilon']:.2f} at delta {cfg.privacy.delta:g}")
