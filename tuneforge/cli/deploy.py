@@ -26,12 +26,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+@user_errors
 def cmd_merge_adapters(args) -> int:
-    from tuneforge.deploy.merge import merge_adapters
+    import json
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
-    out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
-    rich_console().print(f"[green]merged[/] {len(args.runs)} adapters ({args.how}) into {out}")
+    from tuneforge.deploy.merge import MERGE_FILE, merge_adapters
+
+    # key=value items configure the fusion run (they may come anywhere among the run folders)
+    args.overrides = [r for r in args.runs if "=" in r and not Path(r).exists()]
+    runs = [Path(r) for r in args.runs if r not in args.overrides]
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(runs)] * len(runs)
+    console = rich_console()
+    if args.how == "fusion":
+        from tuneforge.deploy.fusion import fuse_adapters
+
+        out = fuse_adapters(runs, Path(args.out), args.overrides, console=console)
+        console.print(f"[green]fused[/] {len(runs)} adapters (learned per-layer mixing) into the run folder {out}")
+        return 0
+    if args.overrides:
+        print(f"error: key=value overrides ({' '.join(args.overrides)}) only configure --how fusion's training",
+              file=sys.stderr)
+        return 2
+    out = merge_adapters(runs, weights, args.how, Path(args.out), args.density, args.seed, args.rank)
+    t = json.loads((out / MERGE_FILE).read_text())["truncation"]
+    console.print(f"rank {t['rank']}: truncation error (relative Frobenius, ||dW - dW_r|| / ||dW||) "
+                  f"{t['relative_frobenius_error']:.2e} overall, worst {t['worst_module_error']:.2e} "
+                  f"({t['worst_module']}); per module in {out / MERGE_FILE}")
+    console.print(f"[green]merged[/] {len(runs)} adapters ({args.how}) into the run folder {out}")
     return 0
 
 
@@ -157,11 +178,18 @@ def cmd_ab(args) -> int:
 
 
 def add_deploy_parsers(sub) -> None:
-    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one peft adapter folder")
-    ma.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    ma.add_argument("--weights", help="comma-separated, one per run (default: equal)")
-    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
-    ma.add_argument("--density", type=float, default=0.5, help="share of each task vector kept (ties/dare)")
+    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one run folder (static merges "
+                                               "on the weight updates, or a learned per-layer fusion)")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR [key=value ...]",
+                    help="run folders; with --how fusion, key=value overrides of the fusion run's config")
+    ma.add_argument("--weights", help="comma-separated, one per run (default: equal); static merges only")
+    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties", "fusion"],
+                    help="linear/ties/dare_*: combine the weight updates dW = B A, then SVD to rank --rank; "
+                         "fusion: train a softmax mixing weight per layer over the frozen adapters")
+    ma.add_argument("--density", type=float, default=0.5, help="share of each dW kept (ties/dare)")
+    ma.add_argument("--rank", type=int, help="rank of the merged adapter (default: the sum of the runs' ranks for "
+                                             "linear, which is exact; the largest rank for ties/dare)")
+    ma.add_argument("--seed", type=int, default=0, help="DARE's random drops")
     ma.add_argument("--out", required=True)
     ma.set_defaults(fn=cmd_merge_adapters)
 
