@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tuneforge.config import ConfigError, to_yaml
 from tuneforge.data.render import with_system
 from tuneforge.io import atomic_dir, check_output, write_json
+from tuneforge.methods.lora import PAIR_KEYS, Lora, read_lora
 from tuneforge.models.load import load_tokenizer
 from tuneforge.plugins import objective_of, validate_config
 from tuneforge.runs import load_run_config
@@ -50,8 +50,6 @@ HOWS = STATIC + ("fusion",)
 MERGEABLE = ("lora", "qlora")
 MERGE_FILE = "tuneforge_merge.json"  # also the proof that tuneforge made the folder (it may replace it)
 SPLITS = ("train", "validation", "test")
-# peft's saved key of a LoRA pair, per layer kind: (A, B)
-PAIR_KEYS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 
 
 def owned(p: Path) -> bool:
@@ -59,52 +57,6 @@ def owned(p: Path) -> bool:
 
 
 # --- reading LoRA adapters as weight updates -----------------------------------------------
-
-
-@dataclass
-class Lora:
-    """One run's peft LoRA adapter: per module, the pair (A: r x in, B: out x r) and its scale."""
-
-    config: dict  # adapter_config.json
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key (peft's prefix) -> (A, B)
-    kinds: dict[str, int]  # module key -> index into PAIR_KEYS
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.config["r"])
-
-    def delta(self, module: str) -> torch.Tensor:
-        """ΔW = scale · B A in float64 (out x in, in the adapted layer's own layout)."""
-        a, b = self.pairs[module]
-        return self.scale * (b.double() @ a.double())
-
-
-def read_lora(adapter_dir: Path) -> Lora:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    problems = []
-    if cfg.get("peft_type") != "LORA":
-        problems.append(f"{adapter_dir}: a {cfg.get('peft_type')} adapter, not LoRA")
-    if cfg.get("use_dora"):
-        problems.append(f"{adapter_dir}: a DoRA adapter (its magnitude vector is not a low-rank update)")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        problems.append(f"{adapter_dir}: per-module ranks/alphas (rank_pattern/alpha_pattern) are not supported")
-    if cfg.get("modules_to_save"):
-        problems.append(f"{adapter_dir}: trains whole modules too (modules_to_save {cfg['modules_to_save']}), "
-                        f"which have no low-rank update to merge")
-    if problems:
-        raise ConfigError(problems, "merge-adapters")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    pairs, kinds = {}, {}
-    for key in tensors:
-        for kind, (ka, kb) in enumerate(PAIR_KEYS):
-            if key.endswith(ka):
-                module = key[: -len(ka)]
-                pairs[module] = (tensors[key], tensors[module + kb])
-                kinds[module] = kind
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return Lora(cfg, pairs, kinds, scale)
 
 
 def combine(deltas: list[torch.Tensor], weights: list[float], how: str, density: float) -> torch.Tensor:
@@ -236,9 +188,12 @@ def write_task_data(cfgs: list[tuple[Path, object]], names: list[str], data_dir:
 
 
 def run_like_config(first, method: dict, data: dict, out: Path) -> dict:
-    """The first run's config with the merged method and data, named after ``out``."""
-    raw = json.loads(first.model_dump_json())
-    return raw | {"method": method, "data": data, "output_dir": str(out.resolve().parent), "run_name": out.name}
+    """The first run's config with the merged method and data, named after ``out`` (what made
+    the first run itself, continual/privacy/init_from/parent, is not the merged folder's)."""
+    raw = {k: v for k, v in json.loads(first.model_dump_json()).items() if k not in ("continual", "privacy")}
+    raw["train"]["init_from"] = None
+    return raw | {"method": method, "data": data, "output_dir": str(out.resolve().parent), "run_name": out.name,
+                  "parent_run": None}
 
 
 def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, density: float = 0.5,
