@@ -22,7 +22,14 @@ from rich.table import Table
 
 from tuneforge.config import ConfigError, deep_merge, parse_overrides
 from tuneforge.data.load import load_rows
-from tuneforge.deploy.merge import MERGE_FILE, check_runs, owned, run_like_config, task_names, write_task_data
+from tuneforge.deploy.merge import (
+    MERGE_FILE,
+    check_runs,
+    owned,
+    run_like_config,
+    task_names,
+    write_task_data,
+)
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.hardware import pick_device, pick_dtype
 from tuneforge.io import check_output, write_json

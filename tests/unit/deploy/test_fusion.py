@@ -11,6 +11,7 @@ from test_merge import IDS, lora_run
 from tuneforge.cli import main
 from tuneforge.deploy.fusion import EVAL_FILE, fuse_adapters
 from tuneforge.deploy.merge import MERGE_FILE
+from tuneforge.deploy.multilora import LoraBank
 from tuneforge.methods import get_method
 from tuneforge.methods.fusion import FusionLinear, FusionOptions
 from tuneforge.models.load import load_causal_lm
@@ -66,3 +67,4 @@ def test_fusion_trains_only_the_mixing_weights_and_reloads(tiny_model_dir, tmp_p
     assert json.loads((out / MERGE_FILE).read_text())["state"] == "done"
     assert "per task" in capsys.readouterr().out
     assert main(["generate", str(out), "hello", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert LoraBank(load_causal_lm(tiny_model_dir, torch.float32, "cpu")).load("f", str(out / "adapter")) is None

@@ -10,6 +10,7 @@ import torch
 from tuneforge.cli import main
 from tuneforge.config import ConfigError, to_yaml
 from tuneforge.deploy.merge import MERGE_FILE, merge_adapters, merge_loras, read_lora
+from tuneforge.deploy.multilora import LoraBank
 from tuneforge.methods import METHODS
 from tuneforge.models.load import load_causal_lm
 from tuneforge.plugins import validate_config
@@ -107,6 +108,8 @@ def test_merged_folder_is_a_run_generate_and_registry_add(tiny_model_dir, tmp_pa
     capsys.readouterr()
     assert main(["registry", "add", str(out), "--name", "merged-bot"]) == 0
     assert "merged-bot:v1" in capsys.readouterr().out
+    bank = LoraBank(load_causal_lm(tiny_model_dir, torch.float32, "cpu"))
+    assert bank.load("merged-bot:v1", str(out / "adapter")) is None  # the server's batched LoRA path takes it
 
 
 def test_merge_refuses_what_it_cannot_merge(tiny_model_dir, tmp_path):
