@@ -40,6 +40,12 @@ def cmd_merge_adapters(args) -> int:
     if args.how == "fusion":
         from tuneforge.deploy.fusion import fuse_adapters
 
+        given = [o for o, v in (("--weights", args.weights), ("--rank", args.rank)) if v is not None]
+        if given:
+            print(f"error: {' and '.join(given)}: --how fusion learns its weights and keeps every adapter's rank "
+                  f"(they are options of the static merges)", file=sys.stderr)
+            return 2
+
         out = fuse_adapters(runs, Path(args.out), args.overrides, console=console)
         console.print(f"[green]fused[/] {len(runs)} adapters (learned per-layer mixing) into the run folder {out}")
         return 0

@@ -42,7 +42,7 @@ from tuneforge.train.run import train
 from tuneforge.train.run_folder import claim_run_dir
 
 # Only N numbers per layer train: a learning rate that moves them within a few hundred steps.
-FUSION_TRAIN = {"lr": 5e-2, "weight_decay": 0.0, "init_from": None}
+FUSION_TRAIN = {"lr": 5e-2, "weight_decay": 0.0}
 EVAL_FILE = "fusion_eval.json"
 
 

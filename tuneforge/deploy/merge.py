@@ -47,7 +47,7 @@ from tuneforge.runs import load_run_config
 
 STATIC = ("linear", "ties", "dare_linear", "dare_ties")
 HOWS = STATIC + ("fusion",)
-MERGEABLE = ("lora", "qlora")
+MERGEABLE = ("lora", "qlora", "fusion")  # a fusion run saves one plain LoRA (methods/fusion.py)
 MERGE_FILE = "tuneforge_merge.json"  # also the proof that tuneforge made the folder (it may replace it)
 SPLITS = ("train", "validation", "test")
 
@@ -224,10 +224,11 @@ def merge_adapters(runs: list[Path], weights: list[float], how: str, out: Path, 
         (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
         load_tokenizer(first.model.name, revision=first.model.revision).save_pretrained(tmp / "adapter")
         data, files = write_task_data(cfgs, names, tmp / "data", out.resolve() / "data")
-        method = json.loads(first.method.model_dump_json()) | {
+        lora = first.method.name in ("lora", "qlora")
+        method = (json.loads(first.method.model_dump_json()) if lora else {"name": "lora", "dropout": 0.0}) | {
             "r": rank, "alpha": rank, "rslora": False,
-            "target_modules": "all-linear" if all(c.method.target_modules == "all-linear" for _, c in cfgs)
-            else acfg["target_modules"]}
+            "target_modules": "all-linear" if all(getattr(c.method, "target_modules", None) == "all-linear"
+                                                  for _, c in cfgs) else acfg["target_modules"]}
         cfg = validate_config(run_like_config(first, method, data, out))
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         write_json(tmp / MERGE_FILE, {

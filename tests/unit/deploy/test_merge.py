@@ -19,6 +19,16 @@ from tuneforge.runs import load_run, read_run
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 41, 7]])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: with several threads on a shared 2-core machine, each matmul waits on
+    OpenMP's barrier (measured: the tiny fused model's forward 2.2 s on 2 threads, 34 ms on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lora_run(root, model_dir, seed=0, r=4, alpha=8, rslora=False, target="all-linear"):
     """A finished LoRA run folder with random A and B (so ΔW is not zero)."""
     raw = {"model": {"name": model_dir}, "data": {"train": [f"builtin:orders?n=40&seed={seed}"]},
