@@ -56,7 +56,7 @@ def owned(p: Path) -> bool:
     return (p / MERGE_FILE).is_file()
 
 
-# --- reading LoRA adapters as weight updates -----------------------------------------------
+# --- merging weight updates -----------------------------------------------------------------
 
 
 def combine(deltas: list[torch.Tensor], weights: list[float], how: str, density: float) -> torch.Tensor:
@@ -93,14 +93,14 @@ def merge_loras(loras: list[Lora], weights: list[float], how: str, rank: int, de
     modules = sorted({m for lo in loras for m in lo.pairs})
     tensors, errors = {}, {}
     dropped_total = norm_total = 0.0
-    with torch.random.fork_rng():  # DARE's drops: seeded, without touching the caller's RNG
+    with torch.random.fork_rng(devices=[]):  # DARE's drops: seeded, without touching the caller's RNG
         torch.manual_seed(seed)
         for module in modules:
             kind = next(lo.kinds[module] for lo in loras if module in lo.pairs)
-            shape = next(lo.delta(module).shape for lo in loras if module in lo.pairs)
+            present = {i: lo.delta(module) for i, lo in enumerate(loras) if module in lo.pairs}
+            shape = next(iter(present.values())).shape
             # A run that did not adapt this module contributes ΔW = 0.
-            deltas = [lo.delta(module) if module in lo.pairs else torch.zeros(shape, dtype=torch.float64)
-                      for lo in loras]
+            deltas = [present.get(i, torch.zeros(shape, dtype=torch.float64)) for i in range(len(loras))]
             merged = combine(deltas, weights, how, density)
             a, b, dropped, norm = low_rank(merged, rank)
             ka, kb = PAIR_KEYS[kind]
@@ -108,10 +108,10 @@ def merge_loras(loras: list[Lora], weights: list[float], how: str, rank: int, de
             errors[module] = math.sqrt(dropped / norm) if norm > 0 else 0.0
             dropped_total += dropped
             norm_total += norm
+    errors = {m.removeprefix("base_model.model."): e for m, e in errors.items()}
     worst = max(errors, key=errors.get)
     report = {"rank": rank, "relative_frobenius_error": math.sqrt(dropped_total / norm_total) if norm_total else 0.0,
-              "worst_module": worst, "worst_module_error": errors[worst],
-              "modules": {m.removeprefix("base_model.model."): e for m, e in errors.items()}}
+              "worst_module": worst, "worst_module_error": errors[worst], "modules": errors}
     return tensors, report
 
 
@@ -150,11 +150,13 @@ def task_names(runs: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
-def write_task_data(cfgs: list[tuple[Path, object]], names: list[str], data_dir: Path, rel: Path) -> tuple[dict, dict]:
+def write_task_data(cfgs: list[tuple[Path, object]], names: list[str], data_dir: Path, final_dir: Path
+                    ) -> tuple[dict, dict]:
     """Each run's own train/validation/test rows (rebuilt from its config with its seed, so a
-    run's test rows stay the ones it never trained on) -> data_dir/NAME/SPLIT.jsonl.
-    Returns (the merged config's data section, {name: {split: file}}). A run whose system
-    prompt differs from the first's has it written into its rows."""
+    run's test rows stay the ones it never trained on) -> data_dir/NAME/SPLIT.jsonl, named in
+    the config by where they will live (``final_dir``: data_dir after the folder's rename).
+    Returns (the merged config's data section, {name: {split: file}}). When the runs' system
+    prompts differ, each run's is written into its rows (and the config has none)."""
     from tuneforge.data.prepare import build_splits
 
     system = {cfg.data.system_prompt for _, cfg in cfgs}
@@ -175,7 +177,7 @@ def write_task_data(cfgs: list[tuple[Path, object]], names: list[str], data_dir:
                     if shared_system is None and cfg.data.system_prompt and "messages" in row:
                         row["messages"] = with_system(row["messages"], cfg.data.system_prompt)
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            files[name][split] = str(rel / name / f"{split}.jsonl")
+            files[name][split] = str(final_dir / name / f"{split}.jsonl")
     first = cfgs[0][1].data
     data = first.model_dump() | {
         "train": [f["train"] for f in files.values()],
