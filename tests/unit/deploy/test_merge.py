@@ -122,7 +122,7 @@ def test_merged_folder_is_a_run_generate_and_registry_add(tiny_model_dir, tmp_pa
     assert bank.load("merged-bot:v1", str(out / "adapter")) is None  # the server's batched LoRA path takes it
 
 
-def test_merge_refuses_what_it_cannot_merge(tiny_model_dir, tmp_path):
+def test_merge_refuses_what_it_cannot_merge(tiny_model_dir, tmp_path, capsys):
     from test_export_methods import fake_run
 
     runs = [lora_run(tmp_path, tiny_model_dir), fake_run(tmp_path, tiny_model_dir, {"name": "ia3"})]
@@ -130,3 +130,8 @@ def test_merge_refuses_what_it_cannot_merge(tiny_model_dir, tmp_path):
         merge_adapters(runs, [0.5, 0.5], "linear", tmp_path / "m")
     with pytest.raises(ConfigError, match="--weights has 1 values for 2 runs"):
         merge_adapters(runs[:1] * 2, [0.5], "linear", tmp_path / "m")
+    a, out = str(runs[0]), str(tmp_path / "m")
+    assert main(["merge-adapters", a, a, "--how", "fusion", "--weights", "0.5,0.5", "--out", out]) == 2
+    assert main(["merge-adapters", a, "train.max_steps=1", a, "--out", out]) == 2  # overrides: fusion only
+    assert "only configure --how fusion" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
