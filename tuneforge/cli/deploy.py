@@ -186,8 +186,9 @@ def cmd_ab(args) -> int:
 def add_deploy_parsers(sub) -> None:
     ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one run folder (static merges "
                                                "on the weight updates, or a learned per-layer fusion)")
-    ma.add_argument("runs", nargs="+", metavar="RUN_DIR [key=value ...]",
-                    help="run folders; with --how fusion, key=value overrides of the fusion run's config")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                    help="LoRA run folders; with --how fusion, key=value items among them override the fusion "
+                         "run's config (train.max_steps=200)")
     ma.add_argument("--weights", help="comma-separated, one per run (default: equal); static merges only")
     ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties", "fusion"],
                     help="linear/ties/dare_*: combine the weight updates dW = B A, then SVD to rank --rank; "
