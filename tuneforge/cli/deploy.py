@@ -26,12 +26,46 @@ def cmd_export(args) -> int:
     return 0
 
 
+@user_errors
 def cmd_merge_adapters(args) -> int:
-    from tuneforge.deploy.merge import merge_adapters
+    import json
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(args.runs)] * len(args.runs)
-    out = merge_adapters([Path(r) for r in args.runs], weights, args.how, Path(args.out), args.density)
-    rich_console().print(f"[green]merged[/] {len(args.runs)} adapters ({args.how}) into {out}")
+    from tuneforge.deploy.merge import MERGE_FILE, merge_adapters
+
+    # key=value items configure the fusion run (they may come anywhere among the run folders)
+    among = [r for r in args.runs if "=" in r and not Path(r).exists()]
+    runs = [Path(r) for r in args.runs if r not in among]
+    args.overrides = among + args.overrides
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(runs)] * len(runs)
+    console = rich_console()
+    if args.how == "fusion":
+        from tuneforge.deploy.fusion import fuse_adapters
+
+        given = [o for o, v in (("--weights", args.weights), ("--rank", args.rank), ("--density", args.density))
+                 if v is not None]
+        if given:
+            print(f"error: {' and '.join(given)}: --how fusion learns its weights and keeps every adapter's rank "
+                  f"(they are options of the static merges)", file=sys.stderr)
+            return 2
+
+        out = fuse_adapters(runs, Path(args.out), args.overrides, console=console)
+        console.print(f"[green]fused[/] {len(runs)} adapters (learned per-layer mixing) into the run folder {out}")
+        return 0
+    if args.overrides:
+        print(f"error: key=value overrides ({' '.join(args.overrides)}) only configure --how fusion's training",
+              file=sys.stderr)
+        return 2
+    if args.density is not None and args.how == "linear":
+        print("error: --density: linear sums every weight update whole; density is an option of ties and dare_*",
+              file=sys.stderr)
+        return 2
+    density = 0.5 if args.density is None else args.density
+    out = merge_adapters(runs, weights, args.how, Path(args.out), density, args.seed, args.rank)
+    t = json.loads((out / MERGE_FILE).read_text())["truncation"]
+    console.print(f"rank {t['rank']}: truncation error (relative Frobenius, ||dW - dW_r|| / ||dW||) "
+                  f"{t['relative_frobenius_error']:.2e} overall, worst {t['worst_module_error']:.2e} "
+                  f"({t['worst_module']}); per module in {out / MERGE_FILE}")
+    console.print(f"[green]merged[/] {len(runs)} adapters ({args.how}) into the run folder {out}")
     return 0
 
 
@@ -166,13 +200,21 @@ def cmd_ab(args) -> int:
 
 
 def add_deploy_parsers(sub) -> None:
-    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one peft adapter folder")
-    ma.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    ma.add_argument("--weights", help="comma-separated, one per run (default: equal)")
-    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
-    ma.add_argument("--density", type=float, default=0.5, help="share of each task vector kept (ties/dare)")
+    ma = sub.add_parser("merge-adapters", help="merge LoRA runs on one base into one run folder (static merges "
+                                               "on the weight updates, or a learned per-layer fusion)")
+    ma.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                    help="LoRA run folders; with --how fusion, key=value items among them override the fusion "
+                         "run's config (train.max_steps=200)")
+    ma.add_argument("--weights", help="comma-separated, one per run (default: equal); static merges only")
+    ma.add_argument("--how", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties", "fusion"],
+                    help="linear/ties/dare_*: combine the weight updates dW = B A, then SVD to rank --rank; "
+                         "fusion: train a softmax mixing weight per layer over the frozen adapters")
+    ma.add_argument("--density", type=float, help="share of each dW kept (ties/dare; default 0.5)")
+    ma.add_argument("--rank", type=int, help="rank of the merged adapter (default: the sum of the runs' ranks for "
+                                             "linear, which is exact; the largest rank for ties/dare)")
+    ma.add_argument("--seed", type=int, default=0, help="DARE's random drops")
     ma.add_argument("--out", required=True)
-    ma.set_defaults(fn=cmd_merge_adapters)
+    ma.set_defaults(fn=cmd_merge_adapters, overrides=[])  # key=value items after the options land here
 
     from tuneforge.deploy.export import FORMATS
 

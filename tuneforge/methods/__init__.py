@@ -21,6 +21,7 @@ from tuneforge.methods.base import (
 # Importing the families registers the built-in methods.
 from tuneforge.methods import adapters as _adapters  # noqa: E402,F401
 from tuneforge.methods import full as _full  # noqa: E402,F401
+from tuneforge.methods import fusion as _fusion  # noqa: E402,F401
 from tuneforge.methods import hft as _hft  # noqa: E402,F401
 from tuneforge.methods import ia3 as _ia3  # noqa: E402,F401
 from tuneforge.methods import lora as _lora  # noqa: E402,F401

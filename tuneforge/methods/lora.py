@@ -8,13 +8,18 @@ A/B matrices plus one magnitude value per output feature.
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from safetensors.torch import load_file
 
-from tuneforge.config import MoEOptions, Strict
+from tuneforge.config import ConfigError, MoEOptions, Strict
 from tuneforge.methods.base import PeftMethod, check_target_modules, register_method
 from tuneforge.methods.full import upcast_trained_
 from tuneforge.methods.moe import moe_targets, restrict_experts
@@ -159,3 +164,55 @@ class DoRA(LoRA):
     options = DoraOptions
     use_dora = True
     fast_bf16_inputs = False
+
+
+# --- a saved LoRA adapter as weight updates (adapter merging, fusion) ------------------------
+
+# peft's saved key of a LoRA pair, per layer kind: (A, B)
+PAIR_KEYS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+
+
+@dataclass
+class Lora:
+    """One run's peft LoRA adapter: per module, the pair (A: r x in, B: out x r) and its scale."""
+
+    config: dict  # adapter_config.json
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module key (peft's prefix) -> (A, B)
+    kinds: dict[str, int]  # module key -> index into PAIR_KEYS
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["r"])
+
+    def delta(self, module: str) -> torch.Tensor:
+        """ΔW = scale · B A in float64 (out x in, in the adapted layer's own layout)."""
+        a, b = self.pairs[module]
+        return self.scale * (b.double() @ a.double())
+
+
+def read_lora(adapter_dir: Path) -> Lora:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if cfg.get("peft_type") != "LORA":
+        problems.append(f"{adapter_dir}: a {cfg.get('peft_type')} adapter, not LoRA")
+    if cfg.get("use_dora"):
+        problems.append(f"{adapter_dir}: a DoRA adapter (its magnitude vector is not a low-rank update)")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append(f"{adapter_dir}: per-module ranks/alphas (rank_pattern/alpha_pattern) are not supported")
+    if cfg.get("modules_to_save"):
+        problems.append(f"{adapter_dir}: trains whole modules too (modules_to_save {cfg['modules_to_save']}), "
+                        f"which have no low-rank update to merge")
+    if problems:
+        raise ConfigError(problems)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs, kinds = {}, {}
+    for key in tensors:
+        for kind, (ka, kb) in enumerate(PAIR_KEYS):
+            if key.endswith(ka):
+                module = key[: -len(ka)]
+                pairs[module] = (tensors[key], tensors[module + kb])
+                kinds[module] = kind
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return Lora(cfg, pairs, kinds, scale)

@@ -1,19 +1,17 @@
 """Export (merged) folds LoRA/DoRA/IA3 (and full/freeze/hft trivially) into a plain model whose
-logits match base + adapter; merge-adapters writes a standard peft adapter folder."""
+logits match base + adapter (merge-adapters: test_merge.py)."""
 
-import json
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from tuneforge.config import ConfigError, to_yaml
+from tuneforge.config import to_yaml
 
 from tuneforge.plugins import validate_config
 from tuneforge.deploy.export import export
 from tuneforge.methods import METHODS
-from tuneforge.deploy.merge import merge_adapters
 from tuneforge.models.load import load_causal_lm
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 41, 7]])
@@ -65,38 +63,3 @@ def test_methods_that_cannot_fold_say_so(tiny_model_dir, tmp_path):
     run = fake_run(tmp_path, tiny_model_dir, {"name": "prompt", "num_virtual_tokens": 2})
     with pytest.raises(ValueError, match="cannot be folded"):
         export(run, "merged", tmp_path / "export")
-
-
-@pytest.mark.parametrize("copies,weights", [(1, [1.0]), (2, [0.25, 0.25])])
-def test_linear_merge_of_an_adapter_with_itself_reproduces_it(copies, weights, tiny_model_dir, tmp_path):
-    """peft's linear merge combines A and B separately, each with sqrt(weight * scaling):
-    the delta B@A of n copies at weight w is (n * sqrt(w))^2 times the original."""
-    from peft import PeftModel
-
-    run = fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4})
-    out = merge_adapters([run] * copies, weights, "linear", tmp_path / "merged")
-    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    merged = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir, torch.float32, "cpu"), str(out)).eval()
-    with torch.no_grad():
-        assert torch.allclose(merged(input_ids=IDS).logits, tuned_logits(run, tiny_model_dir), atol=1e-5)
-    assert json.loads((out / "tuneforge_merge.json").read_text())["how"] == "linear"
-
-
-@pytest.mark.parametrize("how", ["ties", "dare_linear", "dare_ties"])
-def test_task_vector_merges_write_loadable_adapters(how, tiny_model_dir, tmp_path):
-    from peft import PeftModel
-
-    runs = [fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4}, seed=s) for s in (1, 2)]
-    out = merge_adapters(runs, [0.7, 0.3], how, tmp_path / how, density=0.5)
-    merged = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir, torch.float32, "cpu"), str(out)).eval()
-    with torch.no_grad():
-        logits = merged(input_ids=IDS).logits
-    assert torch.isfinite(logits).all()
-    assert not torch.allclose(logits, tuned_logits(runs[0], tiny_model_dir), atol=1e-4)
-
-
-def test_merge_rejects_non_lora_runs(tiny_model_dir, tmp_path):
-    runs = [fake_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 4}),
-            fake_run(tmp_path, tiny_model_dir, {"name": "ia3"})]
-    with pytest.raises(ConfigError, match="method 'ia3' cannot be merged"):
-        merge_adapters(runs, [0.5], "linear", tmp_path / "m")
