@@ -63,6 +63,12 @@ async def complete(gateway: Gateway, request: Request, body: ChatRequest | Compl
     gone = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The handler itself is cancelled: the server is past its shutdown grace. The generation
+        # is this handler's child and goes with it; left running it kept the engine (and the
+        # server's exit) busy until it finished, minutes for a long answer.
+        work.cancel()
+        raise
     finally:
         gone.cancel()
     if work.done():

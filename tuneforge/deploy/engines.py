@@ -351,10 +351,15 @@ class LocalEngine:
         with self.models_lock:
             return {a: self.bases[b].paths[a] for a, b in self.lru.items()}
 
-    async def close(self) -> None:
+    async def close(self, wait_s: float = 10.0) -> None:
+        """Stop the worker after its running batch (cancelled requests stop at their next token).
+        A batch still busy after ``wait_s`` (a long prefill) is left to end with the process:
+        the worker is a daemon thread, and shutdown must not wait on it."""
         if self.worker is not None:
             self.jobs.put(None)
-            await asyncio.to_thread(self.worker.join)
+            await asyncio.to_thread(self.worker.join, wait_s)
+            if self.worker.is_alive():
+                log.warning("engine worker still busy at shutdown; exiting without it", extra={"waited_s": wait_s})
             self.worker = None
 
     def _start(self) -> None:

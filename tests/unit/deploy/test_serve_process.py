@@ -24,8 +24,19 @@ MAX_TOKENS = 300  # long enough that the stream is still running when the signal
 
 
 @pytest.fixture
-def server(tiny_model_dir, tmp_path):
-    """Start `tuneforge serve` over a registry with two versions; yields (process, url, registry url)."""
+def server(tiny_model_dir, tmp_path, request):
+    """Start `tuneforge serve` over a registry with two versions; yields (process, url, registry url).
+    Indirect parameters: serve.yaml keys over the defaults below."""
+    params = dict(getattr(request, "param", {}))
+    if params.pop("long_context", False):  # a base whose answers can run for minutes (not 512 tokens)
+        import shutil
+
+        base = tmp_path / "tiny-long"
+        shutil.copytree(tiny_model_dir, base)
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 1_000_000}))
+        tiny_model_dir = str(base)
+        params |= {"base_model": tiny_model_dir, "base_name": "tiny"}  # served under its own name, no adapter
     url = f"sqlite:///{tmp_path / 'reg.db'}"
     reg = Registry(url)
     for i in range(2):
@@ -33,7 +44,8 @@ def server(tiny_model_dir, tmp_path):
     reg.promote("bot:v1", "prod")
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"max_tokens": MAX_TOKENS, "shutdown_grace_s": 60,
-                                   "engine": {"device": "cpu", "dtype": "fp32", "batch_wait_ms": 1}}))
+                                   "engine": {"device": "cpu", "dtype": "fp32", "batch_wait_ms": 1},
+                                   **params}))
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg), "--registry", url,
@@ -92,6 +104,33 @@ def test_sigterm_drains_the_running_stream_then_exits(server):
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
     assert any(x["message"] == "Application shutdown complete." for x in lines)
     assert any(x["message"] == "request" and x["status"] == 200 and x["stream"] for x in lines)  # JSON logs
+
+
+@pytest.mark.parametrize("server", [{"shutdown_grace_s": 2, "max_tokens": 100000, "timeout_s": 600,
+                                     "long_context": True}], indirect=True)
+def test_past_the_grace_a_long_generation_is_cancelled_and_the_process_exits(server):
+    """shutdown_grace_s is a promise: a generation still running when it ends is cancelled (it
+    used to run to its end, minutes for a long answer, before the server could exit)."""
+    import threading
+
+    proc, base, _, log = server
+    body = {"model": "tiny", "max_tokens": 100000, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi"}]}
+    answered = []
+
+    def ask():  # not streamed: its generation is a task of its own inside the handler
+        try:
+            answered.append(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300).status_code)
+        except httpx.TransportError as e:
+            answered.append(type(e).__name__)
+
+    threading.Thread(target=ask, daemon=True).start()
+    time.sleep(3)  # generating by now (greedy, the random tiny base never says its end token: minutes)
+    assert not answered, answered
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM
+    assert time.monotonic() - t < 2 + 15, log.read_text()[-3000:]  # the grace, then the cancelled batch ends
 
 
 def test_sigkill_during_a_stream_leaves_the_registry_consistent(server, tiny_model_dir, tmp_path):
