@@ -125,7 +125,7 @@ class PrefixTuning(PromptLearning):
     name = "prefix"
     options = PrefixOptions
     default_lr = 1e-2
-    default_lr_why = "the prefix keys/values start random: LoRA's 2e-4 hardly moves them in a short run"
+    default_lr_why = "a prefix is a few keys/values per layer: LoRA's 2e-4 hardly moves them in a short run"
 
     def peft_config(self, model, opts):
         # deferred: peft imports transformers; config validation and --help stay quick
