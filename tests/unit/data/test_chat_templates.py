@@ -142,3 +142,13 @@ def test_generation_stops_at_the_end_of_turn_token(family):
     model.generate = spy
     texts = generate_texts(model, tok, [prompt_ids(tok, CONV[:2])], max_new_tokens=8, batch_size=1, device="cpu")
     assert lengths == [1] and texts == [""], name
+
+
+def test_generate_command_renders_prompts_as_training_did(family):
+    """`tuneforge generate/chat` build the prompt through the same rendering (system folded in too)."""
+    from tuneforge.cli.evaluate import _chat_prompt
+    from tuneforge.data.render import with_system
+
+    name, tok, _ = family
+    system = "You are a helpful assistant."
+    assert _chat_prompt(tok, system, CONV[:1]) == prompt_ids(tok, with_system(CONV[:2], system)), name
