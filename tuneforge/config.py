@@ -159,7 +159,8 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, description="when not set: the method's own default if it has one (prompt 3e-2, "
+                                               "ptuning and prefix 1e-2), named in the run's summary; a value set here always wins")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")

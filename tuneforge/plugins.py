@@ -85,7 +85,29 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         problems += vision_problems(cfg, plugged)
     if problems:
         raise ConfigError(problems, source)
-    return cfg.model_copy(update=plugged)
+    cfg = cfg.model_copy(update=plugged)
+    default_lr = METHODS[cfg.method.name].default_lr
+    if default_lr is not None and "lr" not in cfg.train.model_fields_set:  # the method's own; never over a user's
+        cfg.train = cfg.train.model_copy(update={"lr": default_lr})
+    return cfg
+
+
+def lr_note(cfg: RunConfig) -> str | None:
+    """One line on the learning rate when the method has its own default: that it was used and
+    why, or that the config's value is far from it (e.g. LoRA's lr left in a file switched to
+    prompt tuning)."""
+    method = method_of(cfg)
+    if method.default_lr is None:
+        return None
+    lr = cfg.train.lr
+    if lr == method.default_lr:
+        return f"train.lr {lr:g}: the default of method '{method.name}' ({method.default_lr_why})"
+    ratio = method.default_lr / lr
+    if ratio >= 10 or ratio <= 0.1:
+        return (f"train.lr {lr:g} is {ratio if ratio >= 1 else 1 / ratio:.0f}x {'below' if ratio >= 1 else 'above'} "
+                f"the default of method '{method.name}', {method.default_lr:g} ({method.default_lr_why}); "
+                f"leave train.lr out of the config to use it")
+    return None
 
 
 # Run settings beyond the loss, which an objective's recipe may not honour (Objective.refuses):

@@ -25,7 +25,7 @@ def test_config_reference_is_up_to_date():
 def test_config_reference_documents_real_fields():
     text = _script().render()
     for row in [
-        "| `train.lr` | `float` | `0.0002` | > 0 |",
+        "| `train.lr` | `float` | `0.0002` | when not set: the method's own default if it has one",
         "| `data.max_length` | `int` | `512` |",
         "| `train.scheduler` | `\"linear\" \\| \"cosine\" \\| \"constant\" \\| \"constant_with_warmup\"` | `\"cosine\"` |",
         "| `data.train` | `list[str]` |",

@@ -8,10 +8,10 @@ from tuneforge.cli.output import rich_console
 
 def _chat_prompt(tok, system, history):
     from tuneforge.data.render import with_system
+    from tuneforge.data.tools import chat_ids
 
-    msgs = with_system(history, system)
-    out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    # chat_ids, as training rendered the rows (a system turn folded in where the template refuses one).
+    return chat_ids(tok, with_system(history, system), add_generation_prompt=True)
 
 
 def cmd_generate(args) -> int:

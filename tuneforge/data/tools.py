@@ -94,12 +94,50 @@ def _fallback(messages: list[dict], tools: list[dict] | None) -> list[dict]:
 
 def render_messages(tok, messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
     """Messages ready for ``tok.apply_chat_template`` (with ``tools=`` when the template is
-    native): the template's keys only, or the fallback format's system/user/assistant turns."""
+    native): the template's keys only, or the fallback format's system/user/assistant turns.
+    A leading system turn goes into the first user turn where the template refuses one."""
     if tool_template(tok):
-        return [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
-    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        return _fallback(messages, tools)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out = [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
+    elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        out = _fallback(messages, tools)
+    else:
+        out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return _fold_system(out) if out and out[0]["role"] == "system" and refuses_system(tok) else out
+
+
+_REFUSES_SYSTEM: dict[str, bool] = {}  # template text -> whether it raises on a system turn
+
+
+def refuses_system(tok) -> bool:
+    """Whether the chat template raises on a system turn that a lone user turn renders without
+    (Gemma 1/2: "System role not supported", Mistral v0.1: "Only user and assistant roles")."""
+    tpl = tok.chat_template
+    if not isinstance(tpl, str) or "raise_exception" not in tpl:
+        return False
+    if tpl not in _REFUSES_SYSTEM:
+        from jinja2.exceptions import TemplateError  # deferred: jinja2 comes with transformers
+
+        user = [{"role": "user", "content": "u"}]
+        try:
+            tok.apply_chat_template(user, tokenize=False)
+        except TemplateError:
+            _REFUSES_SYSTEM[tpl] = False  # refuses more than the system turn: let its own error speak
+            return False
+        try:
+            tok.apply_chat_template([{"role": "system", "content": "s"}, *user], tokenize=False)
+            _REFUSES_SYSTEM[tpl] = False
+        except TemplateError:
+            _REFUSES_SYSTEM[tpl] = True
+    return _REFUSES_SYSTEM[tpl]
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """The system text at the head of the first user turn, a blank line between (what Gemma 3's
+    own template does), so the instructions still reach a model whose template has no system role."""
+    system, rest = messages[0], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system["content"]}, *rest]
 
 
 def chat_ids(tok, messages: list[dict], tools: list[dict] | None = None,

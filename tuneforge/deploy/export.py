@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.render import with_system
+from tuneforge.data.tools import chat_ids
 from tuneforge.io import atomic_dir, check_output, write_json
 from tuneforge.models.load import resolve
 from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
@@ -98,9 +99,8 @@ def _probe_prompts(run: RunInfo, tok, n: int = 4) -> list[list[int]]:
     texts = list(dict.fromkeys(t for t in texts if t))[:n] or ["Hello! Who are you?", "What is 2 + 3?"]
     out = []
     for t in texts:
-        ids = tok.apply_chat_template(with_system([{"role": "user", "content": t}], run.system_prompt),
-                                      tokenize=True, add_generation_prompt=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        out.append(chat_ids(tok, with_system([{"role": "user", "content": t}], run.system_prompt),
+                            add_generation_prompt=True))
     return out
 
 

@@ -19,6 +19,10 @@ class Method:
     options: ClassVar[type[Strict]]
     # train.distributed=fsdp splits every weight across processes (train/distributed.py).
     shardable: ClassVar[bool] = True
+    # The learning rate a run of this method gets when the config sets no train.lr (None: train.lr's
+    # own default), and why it differs: applied by plugins.validate_config, never over a user's value.
+    default_lr: ClassVar[float | None] = None
+    default_lr_why: ClassVar[str] = ""
 
     def check(self, opts, module_names: list[str]) -> list[str]:
         """Problems with ``opts`` for a model with these module names (read from a meta model)."""
@@ -31,6 +35,11 @@ class Method:
     def quantization_config(self, opts, compute_dtype: torch.dtype):
         """A transformers quantization config for loading the base (None: load it unquantized)."""
         return None
+
+    def for_task(self, opts, rows: list[dict], system_prompt: str | None):
+        """``opts`` completed from the task's training rows (canonical ``messages`` rows) before
+        ``apply``: methods initialised from the task's text (prompt tuning) fill it in here."""
+        return opts
 
     def apply(self, model, opts):
         raise NotImplementedError

@@ -9,6 +9,7 @@ recorded, and tests check the result round-trips the chat template.
 from __future__ import annotations
 
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<|end_of_text|>", "<unk>")
 
 
 def fix_chat_tokenizer(tok, model=None) -> list[str]:
@@ -21,7 +22,8 @@ def fix_chat_tokenizer(tok, model=None) -> list[str]:
             tok.eos_token = cand
             break
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        pad = next((t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in vocab and t != tok.eos_token), None)
+        # Llama 3 ships no pad: its <|finetune_right_pad_id|> (3.1+) or <|end_of_text|> (free once eos is <|eot_id|>).
+        pad = next((t for t in PAD_CANDIDATES if t in vocab and t != tok.eos_token), None)
         if pad is not None:
             fixes.append(f"pad {tok.pad_token!r} -> {pad!r} (pad must differ from eos)")
             tok.pad_token = pad

@@ -30,7 +30,7 @@ from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
 from tuneforge.models.tokenizer import fix_chat_tokenizer
 from tuneforge.plan import ensure_fits
-from tuneforge.plugins import method_of, objective_of
+from tuneforge.plugins import lr_note, method_of, objective_of
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed, fused_lora, lean, moe_stats, varlen
 from tuneforge.train.continual import EWC, diagonal_fisher, init_from
@@ -62,7 +62,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         report_tasks(run_dir, tasks, mixture, console)
 
     # --- model -------------------------------------------------------------------------
-    model, per_example_attention = load_model(cfg, method, dtype, device, tok)
+    opts = method.for_task(cfg.method, next(t for t in tasks if not t.earlier).splits.train, cfg.data.system_prompt)
+    model, per_example_attention = load_model(cfg, method, dtype, device, tok, opts)
     padding_free = cfg.train.padding_free and per_example_attention and not cfg.data.packing
     if cfg.train.init_from:
         console.print(f"continuing from {cfg.train.init_from} ({init_from(model, cfg.train.init_from)} tensors)")
@@ -70,6 +71,8 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
     console.print(f"[bold]{cfg.method.name}[/]: {n_train:,} trainable of {n_total:,} parameters "
                   f"({100 * n_train / n_total:.3f}%)"
                   + ("; batches padding-free" if padding_free else "; packed" if cfg.data.packing else ""))
+    if lr_note(cfg):
+        console.print(lr_note(cfg))
     hidden_path = cfg.train.logits_at_trained_only and getattr(method, "supports_hidden_path", True)
     # Under FSDP the loss runs through the root that gathers the weights (train/distributed.py).
     loss_of = distributed.shard(model, objective) if sharded else objective
@@ -92,14 +95,15 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         distributed.teardown(world)
         return run_dir
     if sharded:  # rank 0 goes on alone (save, evaluate), so with whole weights in an unsharded model
-        model, _ = load_model(cfg, method, dtype, device, tok)
+        model, _ = load_model(cfg, method, dtype, device, tok, opts)
         restore_trainable(model, trained)
 
     # --- save --------------------------------------------------------------------------
     summary = {"steps": outcome.steps, "train_seconds": round(outcome.train_seconds, 1),
                "tokens_per_s": round(outcome.tokens_per_s, 1), **peak_memory(device), "trainable_params": n_train,
                "total_params": n_total, "data_manifest_sha256": manifest_hash(tasks), "world_size": world.size,
-               **outcome.best}
+               "lr": cfg.train.lr, **({"lr_note": lr_note(cfg)} if lr_note(cfg) else {}),
+               **({"init_text": opts.init_text} if getattr(opts, "init_text", None) else {}), **outcome.best}
     if moe is not None:
         summary["moe"] = moe.finish()
     if outcome.privacy:
@@ -197,9 +201,10 @@ class TokenSteps:
         return scores
 
 
-def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
-    """The base model prepared for the method; also whether rows laid end to end (padding-free
-    batches, packing) attend per example (train/varlen.py)."""
+def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok, opts=None):
+    """The base model prepared for the method (``opts``: the method's options completed from the
+    task, default ``cfg.method``); also whether rows laid end to end (padding-free batches,
+    packing) attend per example (train/varlen.py)."""
     model = load_causal_lm(cfg.model.name, method.base_dtype(cfg.method, dtype), device,
                            cfg.model.attn_implementation, cfg.model.revision, cfg.model.trust_remote_code,
                            method.quantization_config(cfg.method, dtype))
@@ -210,7 +215,7 @@ def load_model(cfg: RunConfig, method, dtype: torch.dtype, device: str, tok):
         lean.enable(model)
     if cfg.train.gradient_checkpointing:  # recompute each block's activations in backward: less memory, ~1/3 more time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, cfg.method)
+    model = method.apply(model, opts or cfg.method)
     if cfg.train.fused_lora and cfg.privacy is None:  # DP-SGD's per-example gradients hook lora_A/lora_B
         fused_lora.enable(model)
     return model, per_example_attention
