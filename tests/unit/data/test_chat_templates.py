@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tuneforge.data.render import IGNORE, encode_rows, prompt_ids, render_chat
+from tests.unit.data.test_render_tools import spans  # the decoded runs of labelled tokens
 
 TEMPLATES = Path(__file__).parents[2] / "fixtures" / "templates"
 
@@ -72,19 +73,6 @@ def family(request, tmp_path):
     return request.param, tok, FAMILIES[request.param][2]
 
 
-def trained_spans(tok, ids, labels) -> list[str]:
-    """The decoded runs of labelled tokens, in order (each label is its own token's id)."""
-    out, run = [], []
-    for t, lab in zip(ids, labels):
-        if lab != IGNORE:
-            assert lab == t
-            run.append(t)
-        elif run:
-            out.append(tok.decode(run))
-            run = []
-    return out + ([tok.decode(run)] if run else [])
-
-
 def test_eos_is_the_end_of_turn_token_and_pad_differs(family):
     name, tok, eot = family
     assert tok.eos_token == eot, name
@@ -96,7 +84,7 @@ def test_loss_covers_each_assistant_turn_and_its_end_of_turn_token_only(family, 
     name, tok, eot = family
     enc = encode_rows(tok, [{"messages": CONV}], 512, "error", system_prompt=system)
     ids, labels = enc.rows[0]["input_ids"], enc.rows[0]["labels"]
-    assert trained_spans(tok, ids, labels) == [CONV[1]["content"] + eot, CONV[3]["content"] + eot], name
+    assert spans(tok, ids, labels) == [CONV[1]["content"] + eot, CONV[3]["content"] + eot], name
     # The end-of-turn tokens of the other turns (system, user: Llama-3, Gemma, Qwen close them too) are not trained.
     eot_id = tok.convert_tokens_to_ids(eot)
     assert sum(lab == eot_id for lab in labels) == 2

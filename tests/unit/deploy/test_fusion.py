@@ -4,7 +4,6 @@ the trained fusion's logits, generates, and holds the per-task comparison."""
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from test_merge import IDS, lora_run
@@ -17,16 +16,7 @@ from tuneforge.methods import get_method
 from tuneforge.methods.fusion import FusionLinear, FusionOptions
 from tuneforge.models.load import load_causal_lm
 from tuneforge.runs import load_run, load_run_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: with several threads on a shared 2-core machine, each matmul waits on
-    OpenMP's barrier (measured: the tiny fused model's forward 2.2 s on 2 threads, 34 ms on 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.unit.deploy.test_merge import one_thread  # noqa: F401 - the autouse fixture, here too
 
 
 def fused(model_dir, runs):

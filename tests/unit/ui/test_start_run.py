@@ -57,6 +57,7 @@ def test_a_queued_run_can_be_stopped_and_resumed_from_its_page(ui_app, tiny_mode
     import sys
 
     from tuneforge.production.api import job_queue
+    from tuneforge.production.api.jobs import cancel_job, requeue_job
 
     monkeypatch.setattr(job_queue, "TRAINER", [sys.executable, "-c", "import time; time.sleep(60)"])
 
@@ -79,5 +80,12 @@ def test_a_queued_run_can_be_stopped_and_resumed_from_its_page(ui_app, tiny_mode
         assert 'id="resume"' in page and 'id="stop"' not in page
         assert c.post(f"{url}/resume").json()["status"] == "queued"
         wait(c, url, "running")  # the worker took it again
+        # Stop and resume faster than the worker polls (one transaction: it never sees "cancelled"):
+        # the old process must still stop and the run start again, not keep running while "queued".
+        job_id, db = url.rsplit("/", 1)[1], ui_app.state.jobs_worker.db
+        db.run(lambda s: (cancel_job(s, job_id, None), s.flush(), requeue_job(s, job_id, None)))
+        wait(c, url, "running")
+        events = [e["message"] for e in c.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+        assert sum(m.startswith("Job cancelled; training stopped") for m in events) == 2, events
         c.post(f"{url}/stop")
         assert c.post(f"{url}/pause").status_code == 404

@@ -218,8 +218,11 @@ class Worker:
             for msg, data, type_ in tail.new():
                 self._event(job.id, msg, type_=type_, data=data)
             status = self._status(job.id)
-            if not (cancelled or stopped) and (status == "cancelled" or self.stopping.is_set()):
-                cancelled, stopped = status == "cancelled", status != "cancelled"
+            # Not "running" any more: cancelled, or cancelled and already queued again by a resume
+            # that came before this poll saw the cancel (the process must stop all the same; the
+            # queued row is then claimed again and resumes from its checkpoint).
+            if not (cancelled or stopped) and (status != "running" or self.stopping.is_set()):
+                cancelled, stopped = status != "running", status == "running"
                 proc.send_signal(signal.SIGINT)  # the loop checkpoints between steps and exits
                 deadline = time.monotonic() + self.cfg.cancel_grace_s
             if deadline is not None and time.monotonic() > deadline:
