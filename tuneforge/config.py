@@ -158,6 +158,15 @@ class DataConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    """How a run appears in the trackers of ``train.report_to`` (docs/tracking.md)."""
+
+    project: str = Field("tuneforge", min_length=1, description="MLflow experiment and W&B project")
+    name: str | None = Field(None, description="the run's name in MLflow and W&B; default: the run folder's name")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: the API key's own")
+    tags: list[str] = Field([], description="MLflow tags (each set to 'true') and W&B tags")
+
+
 class TrainConfig(Strict):
     lr: float = Field(2e-4, gt=0, description="when not set: the method's own default if it has one (prompt 3e-2, "
                                                "ptuning and prefix 1e-2), named in the run's summary; a value set here always wins")
@@ -219,6 +228,23 @@ class TrainConfig(Strict):
     init_from: str | None = Field(
         None, description="run folder (or adapter folder) whose trained weights this run starts from"
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="experiment trackers that get the config, per-step metrics, eval results and the adapter "
+        "(docs/tracking.md); each needs its library (pip install 'tuneforge[tracking]')")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="project, name, entity and tags for report_to")
+
+    @model_validator(mode="after")
+    def _tracking(self):
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"train.report_to={self.report_to}: name each tracker once")
+        # Values, not fields set: a run's config.yaml spells every default out.
+        given = [k for k, v in self.tracking if v != TrackingConfig.model_fields[k].default]
+        if given and not {"mlflow", "wandb"} & set(self.report_to):
+            raise ValueError(f"train.tracking.{given[0]} is set but no tracker in train.report_to uses it "
+                             f"(report_to={self.report_to}): add mlflow or wandb, or leave train.tracking out")
+        if self.tracking.entity is not None and "wandb" not in self.report_to:
+            raise ValueError("train.tracking.entity is a W&B setting: add wandb to train.report_to or leave it out")
+        return self
 
 
 class ContinualConfig(Strict):
