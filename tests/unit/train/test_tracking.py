@@ -50,7 +50,7 @@ def test_a_run_reports_config_steps_results_and_adapter_to_every_tracker(tiny_ra
     scalars = acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert {"train/lr", "train/tokens_per_s", "eval/val_loss", "run/train_seconds"} <= set(scalars)
-    assert {"test/tuned/exact_match", "test/base/exact_match"} <= set(scalars)  # the held-out eval
+    assert {"test/tuned/json_exact", "test/base/json_exact"} <= set(scalars), scalars  # the held-out eval
     assert "config/text_summary" in acc.Tags()["tensors"]
 
     # MLflow: read back from its file store
@@ -64,7 +64,7 @@ def test_a_run_reports_config_steps_results_and_adapter_to_every_tracker(tiny_ra
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     written = [r["loss"] for r in rows if r["kind"] == "train"]
     assert logged == pytest.approx(written)  # the numbers of metrics.jsonl, not others
-    assert {"test/tuned/exact_match", "test/base/exact_match"} <= set(run.data.metrics), run.data.metrics
+    assert {"test/tuned/json_exact", "test/base/json_valid"} <= set(run.data.metrics), run.data.metrics
     files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
