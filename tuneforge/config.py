@@ -9,6 +9,7 @@ objective sections are plug points: this module is plain typed data and knows no
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -361,20 +362,31 @@ def _parse_value(raw: str):
     return value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "data.packing=true"]`` -> nested dict (values parsed as YAML)."""
+def override_items(items: list[str]) -> dict[str, Any]:
+    """Command-line overrides ``["train.lr=1e-4", "data.packing=true"]`` -> dotted keys and their
+    values parsed as YAML: ``{"train.lr": 1e-4, "data.packing": True}``."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError([f"override '{item}' is not key=value (e.g. train.lr=1e-4)"])
         key, _, raw = item.partition("=")
+        out[key.strip()] = _parse_value(raw)
+    return out
+
+
+def parse_overrides(items: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides as a nested dict: ``{"train": {"lr": 1e-4}}`` from command-line items
+    (``override_items``) or from a mapping of dotted keys to values (the Python API's keyword
+    arguments, tuneforge.api)."""
+    out: dict[str, Any] = {}
+    for key, value in (items if isinstance(items, Mapping) else override_items(items)).items():
         node = out
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override '{item}': '{p}' is not a section"])
-        node[leaf] = _parse_value(raw)
+                raise ConfigError([f"override '{key}={value}': '{p}' is not a section"])
+        node[leaf] = value
     return out
 
 
