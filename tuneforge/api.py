@@ -126,6 +126,11 @@ def evaluate(target: str | Path, *, console: Console | None = None, **options: A
 
     from tuneforge.evaluate.command import EvalOptions, run_eval
 
+    # EvalOptions ignores unknown fields; a misspelt option must not be dropped silently.
+    unknown = sorted(set(options) - set(EvalOptions.model_fields) - {"target"})
+    if unknown:
+        raise TypeError(f"evaluate() got unknown option(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(f for f in EvalOptions.model_fields if f != 'target')}")
     folder = run_eval(EvalOptions(target=str(target), **options), console=console)
     return Evaluation(folder, json.loads((folder / "eval_results.json").read_text()))
 

@@ -79,6 +79,13 @@ def test_keyword_overrides_use_double_underscores_for_dots(tiny_raw_cfg):
         api.load_config(tiny_raw_cfg, train__lrr=1e-3)
 
 
+def test_a_misspelt_option_is_refused_not_dropped(tmp_path):
+    with pytest.raises(TypeError, match="unknown option.* limt; it takes .*limit"):
+        api.evaluate(tmp_path, limt=2)
+    with pytest.raises(tuneforge.data.load.DataError, match="split.tset"):
+        api.prepare("builtin:orders?n=10", tmp_path / "out", split__tset=0.2)
+
+
 def test_the_cli_calls_the_python_api(tiny_raw_cfg, tmp_path, monkeypatch):
     from tuneforge.cli import main
 
