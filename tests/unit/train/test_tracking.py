@@ -13,11 +13,6 @@ from tuneforge.config import ConfigError
 from tuneforge.plugins import validate_config
 from tuneforge.train import tracking
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
-pytest.importorskip("wandb")
-
-
 @pytest.fixture
 def offline_env(tmp_path, monkeypatch):
     """No W&B key and no ~/.netrc (so offline), MLflow's plain-folder store by URI."""
@@ -30,6 +25,8 @@ def offline_env(tmp_path, monkeypatch):
 
 def test_a_run_reports_config_steps_results_and_adapter_to_every_tracker(tiny_raw_cfg, tmp_path, offline_env,
                                                                            monkeypatch):
+    for library in ("tensorboard", "mlflow", "wandb"):  # pip install 'tuneforge[tracking]' (scripts/setup.sh)
+        pytest.importorskip(library)
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
