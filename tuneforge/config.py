@@ -9,6 +9,7 @@ objective sections are plug points: this module is plain typed data and knows no
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +159,15 @@ class DataConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    """How a run appears in the trackers of ``train.report_to`` (docs/tracking.md)."""
+
+    project: str = Field("tuneforge", min_length=1, description="MLflow experiment and W&B project")
+    name: str | None = Field(None, description="the run's name in MLflow and W&B; default: the run folder's name")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: the API key's own")
+    tags: list[str] = Field([], description="MLflow tags (each set to 'true') and W&B tags")
+
+
 class TrainConfig(Strict):
     lr: float = Field(2e-4, gt=0, description="when not set: the method's own default if it has one (prompt 3e-2, "
                                                "ptuning and prefix 1e-2), named in the run's summary; a value set here always wins")
@@ -219,6 +229,23 @@ class TrainConfig(Strict):
     init_from: str | None = Field(
         None, description="run folder (or adapter folder) whose trained weights this run starts from"
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="experiment trackers that get the config, per-step metrics, eval results and the adapter "
+        "(docs/tracking.md); each needs its library (pip install 'tuneforge[tracking]')")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="project, name, entity and tags for report_to")
+
+    @model_validator(mode="after")
+    def _tracking(self):
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"train.report_to={self.report_to}: name each tracker once")
+        # Values, not fields set: a run's config.yaml spells every default out.
+        given = [k for k, v in self.tracking if v != TrackingConfig.model_fields[k].default]
+        if given and not {"mlflow", "wandb"} & set(self.report_to):
+            raise ValueError(f"train.tracking.{given[0]} is set but no tracker in train.report_to uses it "
+                             f"(report_to={self.report_to}): add mlflow or wandb, or leave train.tracking out")
+        if self.tracking.entity is not None and "wandb" not in self.report_to:
+            raise ValueError("train.tracking.entity is a W&B setting: add wandb to train.report_to or leave it out")
+        return self
 
 
 class ContinualConfig(Strict):
@@ -335,20 +362,31 @@ def _parse_value(raw: str):
     return value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "data.packing=true"]`` -> nested dict (values parsed as YAML)."""
+def override_items(items: list[str]) -> dict[str, Any]:
+    """Command-line overrides ``["train.lr=1e-4", "data.packing=true"]`` -> dotted keys and their
+    values parsed as YAML: ``{"train.lr": 1e-4, "data.packing": True}``."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError([f"override '{item}' is not key=value (e.g. train.lr=1e-4)"])
         key, _, raw = item.partition("=")
+        out[key.strip()] = _parse_value(raw)
+    return out
+
+
+def parse_overrides(items: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides as a nested dict: ``{"train": {"lr": 1e-4}}`` from command-line items
+    (``override_items``) or from a mapping of dotted keys to values (the Python API's keyword
+    arguments, tuneforge.api)."""
+    out: dict[str, Any] = {}
+    for key, value in (items if isinstance(items, Mapping) else override_items(items)).items():
         node = out
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override '{item}': '{p}' is not a section"])
-        node[leaf] = _parse_value(raw)
+                raise ConfigError([f"override '{key}={value}': '{p}' is not a section"])
+        node[leaf] = value
     return out
 
 

@@ -1,6 +1,7 @@
 """Plan a run before loading any weights: memory (weights, gradients, optimizer states,
 activations with and without gradient checkpointing, peak) and step time per method,
-whether it fits this machine, and what to change when it does not.
+whether it fits this machine, and what to change when it does not. (``tuneforge.plan(config)``
+calls ``tuneforge.api.plan``: see tuneforge/__init__.py.)
 
 Everything comes from the model's config: the model is built on the ``meta`` device (no
 memory, no compute), the method is applied to it (exact trainable counts for any method),

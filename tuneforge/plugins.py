@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -179,14 +181,16 @@ def _fsdp_problems(cfg: RunConfig, plugged: dict) -> list[str]:
     return problems
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """A config file (or none: every default) with overrides on top, validated: ``key=value``
+    items from the command line, or a mapping of dotted keys (config.parse_overrides)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file {path} does not exist"])
         raw = read_yaml(path)
-    extra = parse_overrides(list(overrides))
+    extra = parse_overrides(overrides if isinstance(overrides, Mapping) else list(overrides))
     raw = deep_merge(_switched(raw, extra), extra)
     return validate_config(raw, str(path) if path else None)
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -33,13 +35,15 @@ class RunError(ValueError):
     """A folder that is not a (finished) run folder, with what to do about it."""
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """The run's config.yaml validated again (with ``key=value`` overrides on top)."""
+def load_run_config(run_dir: str | Path, overrides: list[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """The run's config.yaml validated again (with overrides on top: ``key=value`` items or a
+    mapping of dotted keys, as config.parse_overrides reads them)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunError(f"{Path(run_dir)} is not a run folder (no config.yaml)")
     raw = yaml.safe_load(path.read_text())
-    return validate_config(deep_merge(raw, parse_overrides(list(overrides))), str(path))
+    extra = parse_overrides(overrides if isinstance(overrides, Mapping) else list(overrides))
+    return validate_config(deep_merge(raw, extra), str(path))
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, merge: bool = False):

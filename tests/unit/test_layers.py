@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"production"},             # request log, feedback, review, jobs; monitor, drift, improve
     {"deploy"},                 # export, engines, the server (gateway + routers)
     {"ui"},                     # the web dashboard: pages on the server's app (create_app + /ui)
+    {"api"},                    # the Python API: the stages as functions (import tuneforge; the CLI calls it)
     {"cli"},                    # entry points: the command line (`tuneforge ui`, `serve --ui`)
     {"__main__"},               # python -m tuneforge
 ]

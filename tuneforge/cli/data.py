@@ -28,41 +28,29 @@ def _columns(items: list[str]) -> dict[str, str]:
     return out
 
 
-def options_from_args(args):
-    from tuneforge.data.clean import CleanOptions
-    from tuneforge.data.dedup import DedupOptions
-    from tuneforge.data.pii import PIIOptions
-    from tuneforge.data.prepare import PrepareOptions
-    from tuneforge.data.split import SplitOptions
-
-    return PrepareOptions(
-        inputs=args.inputs, validation_inputs=args.validation_input, test_inputs=args.test_input, task=args.task,
+def options_from_args(args) -> dict:
+    """The command's options as tuneforge.api.prepare's keyword arguments (PrepareOptions fields;
+    a section's fields through ``__``), validated there."""
+    return dict(
+        validation_inputs=args.validation_input, test_inputs=args.test_input, task=args.task,
         format=args.format, columns=_columns(args.column), text_unit=args.text_unit, strict=args.strict,
         ignore_fields=args.ignore_field,
-        clean=CleanOptions(normalize=args.normalize, min_chars=args.min_chars, max_chars=args.max_chars,
-                           languages=args.language),
-        pii=PIIOptions(action=args.pii),
-        dedup=DedupOptions(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.near_threshold,
-                           seed=args.seed),
-        split=SplitOptions(validation=args.val, test=args.test, seed=args.seed, stratify=args.stratify,
-                           group_threshold=args.group_threshold, leakage=args.leakage,
-                           leakage_threshold=args.leakage_threshold),
+        clean__normalize=args.normalize, clean__min_chars=args.min_chars, clean__max_chars=args.max_chars,
+        clean__languages=args.language, pii__action=args.pii,
+        dedup__exact=not args.no_exact_dedup, dedup__near=not args.no_near_dedup, dedup__threshold=args.near_threshold,
+        dedup__seed=args.seed,
+        split__validation=args.val, split__test=args.test, split__seed=args.seed, split__stratify=args.stratify,
+        split__group_threshold=args.group_threshold, split__leakage=args.leakage,
+        split__leakage_threshold=args.leakage_threshold,
         tokenizer=args.tokenizer, max_length=args.max_length, min_tokens=args.min_tokens,
         overlength=args.overlength, augment=args.augment)
 
 
 def cmd_prepare(args) -> int:
-    from pydantic import ValidationError
+    from tuneforge import api
 
-    from tuneforge.data.load import DataError
-    from tuneforge.data.prepare import prepare
-
-    try:
-        opts = options_from_args(args)
-    except ValidationError as e:
-        raise DataError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     console = _console()
-    m = prepare(opts, Path(args.output), console, overwrite=args.overwrite)
+    m = api.prepare(args.inputs, args.output, overwrite=args.overwrite, console=console, **options_from_args(args))
     _print_summary(m, console)
     console.print(f"[bold green]prepared[/] {args.output} (report.md, manifest.json, lengths.png)")
     return 0

@@ -13,9 +13,9 @@ from tuneforge.cli.output import rich_console, user_errors
 def cmd_export(args) -> int:
     import json
 
-    from tuneforge.deploy.export import export
+    from tuneforge import api
 
-    out = export(args.run_dir, args.format, args.out, args.dtype)
+    out = api.export(args.run_dir, args.format, args.out, args.dtype)
     manifest = json.loads((out / "manifest.json").read_text())
     console = rich_console()
     for name, size in manifest["files"].items():

@@ -1,39 +1,24 @@
-"""`tuneforge generate`, `chat`, `eval`, `models`: thin calls into tuneforge.runs, tuneforge.evaluate
-and tuneforge.models (imported when the command runs: see cli/__init__.py)."""
+"""`tuneforge generate`, `chat`, `eval`, `models`: thin calls into the Python API (tuneforge.api:
+load_run, evaluate) and tuneforge.models (imported when the command runs: see cli/__init__.py)."""
 
 from __future__ import annotations
 
 from tuneforge.cli.output import rich_console
 
 
-def _chat_prompt(tok, system, history):
-    from tuneforge.data.render import with_system
-    from tuneforge.data.tools import chat_ids
-
-    # chat_ids, as training rendered the rows (a system turn folded in where the template refuses one).
-    return chat_ids(tok, with_system(history, system), add_generation_prompt=True)
-
-
 def cmd_generate(args) -> int:
-    from tuneforge.evaluate.generate import generate_texts
-    from tuneforge.runs import load_for_inference
+    from tuneforge import api
 
-    model, tok, system, device, dtype = load_for_inference(args.model, args.device)
-    system = args.system or system
-    prompts = [_chat_prompt(tok, system, [{"role": "user", "content": p}]) for p in args.prompt]
-    outs = generate_texts(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=8, device=device,
-                          autocast_dtype=None if str(dtype) == "torch.float32" else dtype)
-    for o in outs:
+    model = api.load_run(args.model, args.device)
+    for o in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, system=args.system):
         print(o)
     return 0
 
 
 def cmd_chat(args) -> int:
-    from tuneforge.evaluate.generate import generate_texts
-    from tuneforge.runs import load_for_inference
+    from tuneforge import api
 
-    model, tok, system, device, dtype = load_for_inference(args.model, args.device)
-    system = args.system or system
+    model = api.load_run(args.model, args.device)
     console = rich_console()
     console.print("[dim]chat: empty line or Ctrl-D to quit, /reset to clear the history[/]")
     history: list[dict] = []
@@ -49,9 +34,7 @@ def cmd_chat(args) -> int:
             history = []
             continue
         history.append({"role": "user", "content": text})
-        reply = generate_texts(model, tok, [_chat_prompt(tok, system, history)], max_new_tokens=args.max_new_tokens,
-                               batch_size=1, device=device,
-                               autocast_dtype=None if str(dtype) == "torch.float32" else dtype)[0]
+        reply = model.generate([history], max_new_tokens=args.max_new_tokens, system=args.system, batch_size=1)[0]
         history.append({"role": "assistant", "content": reply})
         console.print(f"[bold]model>[/] {reply}")
 
@@ -75,10 +58,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tuneforge.evaluate.command import EvalOptions, run_eval
+    from tuneforge import api
 
-    run_eval(EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "fn") and v is not None}),
-             console=rich_console())
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "target") and v is not None}
+    api.evaluate(args.target, console=rich_console(), **options)
     return 0
 
 

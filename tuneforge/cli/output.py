@@ -1,4 +1,5 @@
-"""What every command shares: a console, and registry/run/export problems reported as one line."""
+"""What every command shares: a console, key=value overrides as the Python API takes them, and
+registry/run/export problems reported as one line."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ def rich_console():
     from rich.console import Console  # rich loads in ~0.1 s: only commands that print pay for it
 
     return Console()
+
+
+def api_overrides(items: list[str]) -> dict:
+    """Command-line ``key=value`` items as tuneforge.api's keyword overrides (``train.lr=1e-4``
+    -> ``train__lr=1e-4``): the commands call the Python API like any other user of it."""
+    from tuneforge.config import override_items
+
+    return {k.replace(".", "__"): v for k, v in override_items(items).items()}
 
 
 def user_errors(fn):

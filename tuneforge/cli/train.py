@@ -1,30 +1,28 @@
 """`tuneforge train`, `sequence`, `sweep`, `rlhf`, `check`, `plan`, `compare`: thin calls into
-tuneforge.train and tuneforge.plan (imported when the command runs: see cli/__init__.py)."""
+the Python API (tuneforge.api: train, check, plan) and tuneforge.train's regimes (imported when
+the command runs: see cli/__init__.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tuneforge.cli.output import rich_console
+from tuneforge.cli.output import api_overrides, rich_console
 
 
 def cmd_train(args) -> int:
-    from tuneforge.plugins import load_config
-    from tuneforge.runs import load_run_config
-    from tuneforge.train.run import train
+    from tuneforge import api
 
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml)")
         overrides = ([args.config] if args.config and "=" in args.config else []) + args.overrides
-        cfg = load_run_config(run_dir, overrides)
-        train(cfg, resume=run_dir, console=rich_console(), force=args.force)
+        api.train(resume=run_dir, console=rich_console(), force=args.force, **api_overrides(overrides))
         return 0
     if not args.config:
         raise SystemExit("tuneforge train: give a CONFIG file (see examples/), or --resume RUN_DIR")
-    cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
+        cfg = api.load_config(args.config, **api_overrides(args.overrides))
         from tuneforge.objectives import OBJECTIVES
         from tuneforge.train.distributed import launch
         from tuneforge.train.run_folder import new_run_dir
@@ -41,7 +39,7 @@ def cmd_train(args) -> int:
 
         return launch([*(["--force"] if args.force else []), args.config, *args.overrides], args.nproc,
                       new_run_dir(cfg, create=False).name)
-    train(cfg, console=rich_console(), force=args.force)
+    api.train(args.config, console=rich_console(), force=args.force, **api_overrides(args.overrides))
     return 0
 
 
@@ -68,33 +66,19 @@ def cmd_rlhf(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from tuneforge import api
     from tuneforge.config import to_yaml
-    from tuneforge.plugins import load_config
-    from tuneforge.train.run_folder import preflight
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.kind == "vision":  # the model's parts and the LoRA targets inside its language model
-        from tuneforge.train.recipes.vision import preflight as vision_preflight
-
-        vision_preflight(cfg)
-    else:
-        preflight(cfg)
+    cfg = api.check(args.config, **api_overrides(args.overrides))
     print(to_yaml(cfg), end="")
     rich_console().print("[green]config OK[/]")
     return 0
 
 
 def cmd_plan(args) -> int:
-    from tuneforge.plan import print_plan
-    from tuneforge.plugins import load_config
+    from tuneforge import api
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.kind == "vision":
-        from tuneforge.config import ConfigError
-
-        raise ConfigError(["tuneforge plan does not estimate vision-language runs (model.kind=vision) yet: its "
-                           "memory and time model covers causal LMs; `tuneforge check` validates the config"])
-    print_plan(cfg, rich_console())
+    api.plan(args.config, console=rich_console(), **api_overrides(args.overrides))
     return 0
 
 

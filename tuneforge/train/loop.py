@@ -128,15 +128,16 @@ class Loop:
     def __init__(self, cfg: RunConfig, run_dir: Path, model, steps: Steps, method, *, device: str,
                  dtype: torch.dtype, console: Console, resume: bool = False,
                  on_eval: Callable[[int, float], None] | None = None, world: distributed.World = distributed.World(),
-                 sharded: bool = False, penalty=None, monitor=None):
+                 sharded: bool = False, penalty=None, monitor=None, tracker=None):
         """``penalty() -> tensor`` is added to every step's loss (EWC); its ``key`` names it in the log.
         ``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it).
         ``monitor`` (MoE: train/moe_stats.py) adds its ``window_metrics()`` to each step's row and
-        sees each logged train row (``logged(row, console)``); ``start(step)`` once the position is known."""
+        sees each logged train row (``logged(row, console)``); ``start(step)`` once the position is known.
+        ``tracker`` (train/tracking.py) is started with the run folder and gets every logged row."""
         self.cfg, self.t, self.run_dir, self.model, self.steps, self.method = cfg, cfg.train, run_dir, model, steps, method
         self.device, self.dtype, self.console, self.resume, self.on_eval = device, dtype, console, resume, on_eval
         self.world, self.main, self.sharded, self.penalty = world, world.is_main, sharded, penalty
-        self.monitor = monitor
+        self.monitor, self.tracker = monitor, tracker
         self.metrics_path = run_dir / "metrics.jsonl"
         self.best_path = run_dir / "checkpoints" / "best.safetensors"
 
@@ -186,6 +187,8 @@ class Loop:
             self.checkpoint()
         if self.monitor is not None:
             self.monitor.start(self.pos.step)
+        if self.tracker is not None and self.main:
+            self.tracker.start(self.run_dir, self.console)
         self.model.train()  # loaded models come in eval mode: dropout on from here
 
     # --- the loop --------------------------------------------------------------------------
@@ -348,6 +351,8 @@ class Loop:
                 if is_disk_full(e):
                     raise disk_full(self.metrics_path, len(line)) from e
                 raise
+            if self.tracker is not None:
+                self.tracker.log(row)
 
     # --- finish ----------------------------------------------------------------------------
 

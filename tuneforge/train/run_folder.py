@@ -26,6 +26,7 @@ from tuneforge.models.load import meta_module_names
 from tuneforge.plugins import method_of, objective_of
 from tuneforge.train.moe_stats import moe_preflight
 from tuneforge.train.multitask import Task, task_configs
+from tuneforge.train.tracking import missing_trackers
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -46,6 +47,7 @@ def preflight(cfg: RunConfig) -> None:
             problems.append(f"data: '{spec}' does not exist (working directory: {Path.cwd()})")
     if cfg.train.init_from and not Path(cfg.train.init_from).exists():
         problems.append(f"train.init_from: {cfg.train.init_from} does not exist")
+    problems += missing_trackers(cfg)
     if cfg.privacy is not None:
         if cfg.continual.ewc_lambda:
             problems.append("privacy with continual.ewc_lambda: DP-SGD replaces the gradient with its noisy "

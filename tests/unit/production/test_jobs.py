@@ -563,3 +563,35 @@ def test_files_and_jobs_belong_to_the_key_that_made_them(tmp_path, tiny_model_di
     assert c.get("/v1/files", headers=b).json()["data"] == []
     assert [j["id"] for j in c.get("/v1/fine_tuning/jobs", headers=a).json()["data"]] == [job]
     assert c.post(f"/v1/fine_tuning/jobs/{job}/cancel", headers=a).json()["status"] == "cancelled"
+
+
+def test_a_wandb_integration_reports_the_job_to_wandb_and_anything_else_is_refused(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    from tuneforge.train import tracking
+
+    app, _ = make_app(tmp_path, tiny_model_dir)
+    c = TestClient(app)  # no `with`: nothing here trains
+    fid = upload(c, jsonl(chat_rows(8))).json()["id"]
+
+    def create(integrations):
+        return c.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": fid,
+                                                    "integrations": integrations})
+
+    wandb = {"type": "wandb", "wandb": {"project": "shop", "name": "first", "entity": "team", "tags": ["v2"]}}
+    for bad, param in (([{"type": "mlflow", "mlflow": {}}], "integrations.0.type"),
+                       ([{"type": "wandb", "wandb": {"project": "p", "notes": "x"}}], "integrations.0.wandb.notes"),
+                       ([{"type": "wandb", "wandb": {"name": "no project"}}], "integrations.0.wandb.project"),
+                       ([wandb, wandb], "integrations")):
+        r = create(bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)  # wandb not installed here
+    r = create([wandb])
+    assert r.status_code == 400 and "wandb is not installed; pip install 'wandb==" in r.json()["error"]["message"]
+    assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was queued
+    monkeypatch.undo()
+
+    job = create([wandb]).json()
+    assert job["status"] == "queued" and job["integrations"] == [wandb]
+    row = jobdb(tmp_path).run(lambda s: s.get(JobRow, job["id"]))
+    assert row.run_config["train"]["report_to"] == ["wandb"]
+    assert row.run_config["train"]["tracking"] == {"project": "shop", "name": "first", "entity": "team", "tags": ["v2"]}

@@ -32,6 +32,7 @@ from tuneforge.production.config import JobsConfig, jobs_home
 from tuneforge.production.http import ApiError, Authenticate, may_call, page, read_json, visible
 from tuneforge.registry.store import KeyInfo, Registry, RegistryError, parse_ref
 from tuneforge.registry.tables import FileRow, JobEventRow, JobRow
+from tuneforge.train.tracking import missing_trackers
 
 
 # --- the request --------------------------------------------------------------------------
@@ -58,6 +59,21 @@ class Method(_Req):
     dpo: _MethodPart | None = None
 
 
+class WandbIntegration(_Req):
+    project: str = Field(min_length=1)
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(_Req):
+    """OpenAI's W&B integration: the run reports to W&B (train.report_to: [wandb]) under these
+    settings; any other type, or a key W&B has no use for, is a 400 naming it."""
+
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class CreateJob(_Req):
     model: str = Field(min_length=1)
     training_file: str
@@ -67,7 +83,7 @@ class CreateJob(_Req):
     suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)  # one W&B run per job
 
 
 # --- request -> RunConfig -----------------------------------------------------------------
@@ -112,8 +128,14 @@ def build_run_config(req: CreateJob, base: str, parent: dict | None, train_path:
         job["train"]["lr"] = base_lr * given["learning_rate_multiplier"]
     if dpo and "beta" in given:
         job["objective"]["beta"] = given["beta"]
+    for integration in req.integrations or []:
+        job["train"]["report_to"] = [integration.type]
+        job["train"]["tracking"] = integration.wandb.model_dump(exclude_none=True)
     raw = deep_merge(raw, job)
-    run = validate_config(raw, "the fine-tuning job").model_dump(mode="json")
+    checked = validate_config(raw, "the fine-tuning job")
+    if missing_trackers(checked):  # found now, not when the queued job starts
+        raise ConfigError(missing_trackers(checked))
+    run = checked.model_dump(mode="json")
     resolved = {"n_epochs": int(run["train"]["epochs"]) if float(run["train"]["epochs"]).is_integer()
                 else run["train"]["epochs"], "batch_size": run["train"]["batch_size"],
                 "learning_rate_multiplier": given.get("learning_rate_multiplier", run["train"]["lr"] / base_lr)}
@@ -149,7 +171,16 @@ def _job_object(j: JobRow) -> dict:
             "organization_id": "tuneforge", "result_files": j.result_files or [], "seed": j.seed,
             "trained_tokens": j.trained_tokens,
             "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
-            "integrations": [], "metadata": j.metadata_, "user_provided_suffix": j.suffix}
+            "integrations": integrations(j.run_config), "metadata": j.metadata_, "user_provided_suffix": j.suffix}
+
+
+def integrations(run: dict | None) -> list[dict]:
+    """The job's W&B integration as OpenAI shows it, from the run config it trains."""
+    train = (run or {}).get("train") or {}
+    if "wandb" not in (train.get("report_to") or []):
+        return []
+    t = train.get("tracking") or {}
+    return [{"type": "wandb", "wandb": {k: t.get(k) for k in ("project", "name", "entity", "tags")}}]
 
 
 def _hp(j: JobRow) -> dict:
@@ -268,11 +299,10 @@ async def _create_request(request: Request) -> CreateJob:
     except ValidationError as e:
         err = e.errors()[0]
         # loc names union members too (n_epochs.constrained-int, .literal[...]): keep the field path.
-        union = ("int", "float", "literal", "constrained-")
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(union))
+        # (whole names: a prefix test dropped "integrations" for starting with "int")
+        param = ".".join(str(p) for p in err["loc"]
+                         if str(p) not in ("int", "float") and not str(p).startswith(("literal[", "constrained-")))
         raise ApiError(400, f"'{param}': {err['msg']}", param=param) from None
-    if req.integrations:
-        raise ApiError(400, "integrations are not supported by this server", param="integrations")
     return req
 
 
@@ -369,8 +399,10 @@ def queue_run_config(db: JobDB, raw: dict, key: KeyInfo | None, cfg: JobsConfig,
     keeps the shape /v1/fine_tuning/jobs shows. Raises ConfigError when the config is invalid."""
     job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
     job_dir = jobs_home(cfg) / "jobs" / job_id
-    run = validate_config(deep_merge(raw, {"output_dir": str(job_dir), "run_name": "run"}),
-                          "the run config").model_dump(mode="json")
+    checked = validate_config(deep_merge(raw, {"output_dir": str(job_dir), "run_name": "run"}), "the run config")
+    if missing_trackers(checked):
+        raise ConfigError(missing_trackers(checked), "the run config")
+    run = checked.model_dump(mode="json")
     file_id = f"file-{uuid.uuid4().hex[:24]}"
     path = jobs_home(cfg) / "files" / f"{file_id}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

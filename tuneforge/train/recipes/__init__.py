@@ -20,5 +20,5 @@ RECIPES: dict[str, ModuleType] = {"tokens": tokens, "pairs": pairs, "unpaired": 
 
 
 def recipe_for(objective: Objective) -> ModuleType:
-    """The recipe module; its ``train(cfg, resume, console, on_eval, force) -> run folder``."""
+    """The recipe module; its ``train(cfg, resume, console, on_eval, force, tracker) -> run folder``."""
     return RECIPES[objective.recipe or "tokens"]

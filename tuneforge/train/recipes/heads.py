@@ -127,7 +127,7 @@ def reward_eval(model, batches, device, center_coef: float) -> dict:
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
-          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False, tracker=None) -> Path:
     console = console or Console()
     # --- setup and data ----------------------------------------------------------------
     run = start_run(cfg, resume, console)
@@ -162,7 +162,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                       step, (lambda: evaluate("validation")) if "validation" in held else None, len(data["train"]),
                       run.device, run.dtype)
     outcome = Loop(cfg, run.run_dir, model, steps, method, device=run.device, dtype=run.dtype, console=console,
-                   resume=run.resume, on_eval=on_eval).run()
+                   resume=run.resume, on_eval=on_eval, tracker=tracker).run()
 
     # --- save ----------------------------------------------------------------------------
     method.save(model, run.run_dir / "adapter")

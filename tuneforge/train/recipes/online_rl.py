@@ -44,7 +44,7 @@ def hacking_alarm(row: dict, first_length: float | None, max_kl: float, min_leng
     return None
 
 
-def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict):
+def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict, tracker=None):
     # deferred: transformers takes seconds to import; only code that builds a model pays
     from transformers import TrainerCallback
 
@@ -59,6 +59,8 @@ def _watch_callback(metrics_path: Path, opts, console: Console, state_out: dict)
                    **{k: round(v, 5) for k, v in logs.items() if isinstance(v, (int, float))}}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if tracker is not None:
+                tracker.log(row)
             state_out.setdefault("first_length", row.get("completions/mean_length"))
             console.print(f"step {state.global_step}: reward {row.get('reward', float('nan')):.4f}  "
                           f"kl {row.get('kl', float('nan')):.4f}  "
@@ -119,8 +121,9 @@ def held_out_reward(policy, tok, reward_model, reward_tok, prompts: list[list[di
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
-          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
-    """``on_eval`` is never called: trl's loop computes no validation loss."""
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False, tracker=None) -> Path:
+    """``on_eval`` is never called: trl's loop computes no validation loss. ``tracker`` gets
+    every logged step (train/tracking.py)."""
     # Deferred: datasets and trl are heavy, and only this recipe needs them.
     from datasets import Dataset
 
@@ -164,11 +167,13 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
         console.print(f"resumed from {last}")
     else:
         metrics_path.unlink(missing_ok=True)
+    if tracker is not None:
+        tracker.start(run.run_dir, console)
     trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts["train"]]),
                           processing_class=tok, reward_processing_classes=reward_tok,
                           callbacks=[_fresh_autocast_weights_callback(),
-                                     _watch_callback(metrics_path, opts, console, watch)])
+                                     _watch_callback(metrics_path, opts, console, watch, tracker)])
     # Under autocast like every tuneforge loop: a bf16 base with fp32 LoRA weights runs its
     # adapters on bf16 inputs (methods/lora.py skips peft's input up-cast), and trl generates
     # its completions outside the Trainer's own autocast. One region around all of training

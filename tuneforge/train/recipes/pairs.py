@@ -91,7 +91,7 @@ def evaluate_pairs(model, reference, objective, opts, batches: list[dict], devic
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
-          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False, tracker=None) -> Path:
     console = console or Console()
     # --- setup and data ----------------------------------------------------------------
     run = start_run(cfg, resume, console)
@@ -125,7 +125,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                       on_held("validation") if "validation" in held else None, len(pairs["train"]),
                       run.device, run.dtype)
     outcome = Loop(cfg, run.run_dir, model, steps, method_of(cfg), device=run.device, dtype=run.dtype,
-                   console=console, resume=run.resume, on_eval=on_eval).run()
+                   console=console, resume=run.resume, on_eval=on_eval, tracker=tracker).run()
 
     # --- save and evaluate ---------------------------------------------------------------
     save_policy(cfg, run, model, tok)

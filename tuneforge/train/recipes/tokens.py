@@ -42,7 +42,7 @@ from tuneforge.train.token_batches import epoch_batches, trained_tokens, validat
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
-          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False, tracker=None) -> Path:
     t_start = time.perf_counter()
     # --- setup -------------------------------------------------------------------------
     device, dtype, world, run_dir, console = setup(cfg, resume, console, force)
@@ -89,7 +89,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
                           console) if cfg.continual.ewc_lambda else None
     outcome = Loop(cfg, run_dir, model, steps, method, device=device, dtype=dtype, console=console,
                    resume=resume is not None, on_eval=on_eval, world=world, sharded=sharded, penalty=penalty,
-                   monitor=moe).run()
+                   monitor=moe, tracker=tracker).run()
     trained = ckpt.trainable_state(model, keep=main) if sharded else None
     if not main:
         distributed.teardown(world)

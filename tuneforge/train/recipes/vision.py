@@ -47,10 +47,11 @@ from tuneforge.plugins import method_of
 from tuneforge.train.loop import Loop, Window
 from tuneforge.train.recipes.tokens import print_before_after
 from tuneforge.train.run_folder import new_run_dir, writable
+from tuneforge.train.tracking import missing_trackers
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
-          on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
+          on_eval: Callable[[int, float], None] | None = None, force: bool = False, tracker=None) -> Path:
     t_start = time.perf_counter()
     console = console or Console()
     vopts = cfg.model.vision or VisionOptions()
@@ -87,7 +88,7 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
 
     # --- train -------------------------------------------------------------------------
     outcome = Loop(cfg, run_dir, model, steps, method, device=device, dtype=dtype, console=console,
-                   resume=resume is not None, on_eval=on_eval).run()
+                   resume=resume is not None, on_eval=on_eval, tracker=tracker).run()
 
     # --- save --------------------------------------------------------------------------
     summary = {"kind": "vision", "steps": outcome.steps, "train_seconds": round(outcome.train_seconds, 1),
@@ -129,6 +130,7 @@ def preflight(cfg: RunConfig):
     for spec in (*cfg.data.train, *cfg.data.validation, *cfg.data.test):
         if not Path(spec).exists():
             problems.append(f"data: '{spec}' does not exist (working directory: {Path.cwd()})")
+    problems += missing_trackers(cfg)
     if problems:
         raise ConfigError(problems)
     return parts
