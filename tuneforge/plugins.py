@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, format_errors, parse_overrides, read_yaml
+from tuneforge.config import ConfigError, RunConfig, deep_merge, expand_auto, format_errors, parse_overrides, read_yaml
 from tuneforge.methods import METHODS, Method, methods_taking
 from tuneforge.objectives import OBJECTIVES, Objective
 
@@ -50,6 +50,11 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
     """Validate a raw dict; raise one ConfigError listing every problem."""
     problems: list[str] = []
     cfg = None
+    if isinstance(raw, dict):
+        try:
+            raw = expand_auto(raw)  # auto: all / train.epochs=auto -> auto: [knobs] (train/auto.py decides them)
+        except ConfigError as e:
+            problems += e.problems
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
