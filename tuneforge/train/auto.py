@@ -75,6 +75,14 @@ class Shape:
 # --- the rules (pure) -------------------------------------------------------------------
 
 
+def size(n_params: int) -> str:
+    """135M, 1.7B, 48K: a model's size as people say it."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n_params >= div:
+            return f"{n_params / div:.3g}{unit}"
+    return str(n_params)
+
+
 def choose_epochs(n_rows: int, batch: int, tokens_per_epoch: int, classification: bool) -> tuple[float, str]:
     steps_per_epoch = max(1, math.ceil(n_rows / batch))
     target = CLASSIFY_EPOCHS if classification else TARGET_EPOCHS
@@ -103,14 +111,14 @@ def choose_lr(method: str, n_params: int, method_default: float | None) -> tuple
         # 1B parameters, scaled by sqrt(1B / size), within [1e-4, 1e-3].
         lr = min(1e-3, max(1e-4, 2e-4 * math.sqrt(1e9 / n_params)))
         lr = float(f"{lr:.1g}")
-        return lr, f"LoRA-family on a {n_params / 1e6:,.0f}M-parameter model: 2e-4 x sqrt(1B/size), rounded"
+        return lr, f"LoRA-family on a {size(n_params)}-parameter model: 2e-4 x sqrt(1B/size), rounded"
     lr = 5e-5 if n_params < 1e9 else 1e-5
-    return lr, f"{method} updates every weight: {lr:g} for a {n_params / 1e6:,.0f}M-parameter model"
+    return lr, f"{method} updates every weight: {lr:g} for a {size(n_params)}-parameter model"
 
 
 def choose_lora(n_params: int) -> tuple[int, str]:
     r = 16 if n_params < 3e9 else 32
-    return r, (f"rank {r} (alpha {2 * r}) on every linear layer for a {n_params / 1e6:,.0f}M-parameter model: "
+    return r, (f"rank {r} (alpha {2 * r}) on every linear layer for a {size(n_params)}-parameter model: "
                "adapters on all linear layers match full fine-tuning more closely than attention-only ones")
 
 
@@ -236,8 +244,9 @@ def resolve(cfg: RunConfig, auto: list[str], device: str = "cpu") -> tuple[RunCo
         patience, every, why = choose_early_stopping(total, bool(splits.validation))
         t |= {"early_stopping_patience": patience, "eval_every": every}
         out.append(Decision("train.early_stopping_patience", patience, why))
+    if kind == "sft":  # the task's shape decides epochs (and, with task_shape, the eval's settings)
+        out.insert(0, Decision("task", "classification" if shape.classification else "free text", shape.reason))
     if "task_shape" in auto:
-        out.append(Decision("task", "classification" if shape.classification else "free text", shape.reason))
         if shape.classification:
             longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in shape.labels)
             e = {"max_new_tokens": longest + 2, "metric": "exact_match"}
