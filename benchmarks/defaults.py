@@ -23,7 +23,8 @@ batches and its loss on the answer tokens + end of turn, so only the hyper-param
   1024) with the same peft defaults. TRL trains the whole sequence by default; here the loss
   is on the answers (tuneforge's), which only helps it on these tasks.
 
-    python benchmarks/defaults.py --quick                    # one task, 120 rows: a smoke run
+    python benchmarks/defaults.py --quick                    # topic only, 120 train / 60 test rows
+    python benchmarks/defaults.py --quick --max-steps 2 --model DIR   # the pipeline only (no result)
     python benchmarks/defaults.py --tasks topic --rows 400   # the 400-row job
     python benchmarks/defaults.py                            # all tasks, 400 rows, every column
 
@@ -102,8 +103,9 @@ def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: P
             "labels": dict(Counter(r["messages"][-1]["content"] for r in train).most_common(8))}
 
 
-def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed: int) -> dict:
-    raw = {"model": {"name": "smollm2-135m-instruct"},
+def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed: int, model: str,
+               max_steps: int | None) -> dict:
+    raw = {"model": {"name": model},
            "data": {"train": [str(data / f"{task}-train.jsonl")], "test": [str(data / f"{task}-test.jsonl")],
                     "val_size": 0.1},
            "train": {"seed": seed, "save_every": 0},
@@ -111,6 +113,8 @@ def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed:
            "output_dir": str(out), "run_name": f"{task}-{column}"}
     for section, values in COLUMNS[column].items():
         raw[section] = (raw.get(section) or {}) | values if isinstance(values, dict) else values
+    if max_steps:  # a smoke run of the pipeline: every column cut to the same steps (no result)
+        raw["train"]["max_steps"] = max_steps
     cfg = out / f"{task}-{column}.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     t0 = time.perf_counter()
@@ -141,6 +145,9 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=200, help="held-out rows per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="topic only, 120 rows, 60 test rows: a smoke run")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="any model spec tuneforge takes")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="cut every column to N optimizer steps: checks the pipeline, measures nothing")
     ap.add_argument("--out", type=Path, default=Path("/tmp/tuneforge-defaults"))
     a = ap.parse_args()
     if a.quick:
@@ -154,7 +161,7 @@ def main() -> None:
         print(f"[{task}] {info}")
         results["tasks"][task] = {"data": info, "columns": {}}
         for column in a.columns.split(","):
-            r = run_column(task, column, metric, a.out / "data", a.out, a.seed)
+            r = run_column(task, column, metric, a.out / "data", a.out, a.seed, a.model, a.max_steps)
             results["tasks"][task]["columns"][column] = r
             print(f"[{task}] {column}: {100 * r['acc']:.1f}% [{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}] "
                   f"in {r['wall_s']:.0f}s ({r['steps']} steps, {r['epochs']} epochs, lr {r['lr']:g}, "

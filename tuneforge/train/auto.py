@@ -50,7 +50,7 @@ AUTO_OBJECTIVES = ("sft", "cpt")
 # Epochs: OpenAI's rule in optimizer steps rather than examples (a step is what moves the
 # weights): aim at TARGET_EPOCHS, but at least MIN_STEPS steps and at most MAX_STEPS.
 TARGET_EPOCHS, MIN_EPOCHS, MAX_EPOCHS = 3, 1, 25
-CLASSIFY_EPOCHS = 5  # short fixed answers: more passes; early stopping ends them when enough
+CLASSIFY_EPOCHS = 4  # short fixed answers: more passes; early stopping ends them when enough
 MIN_STEPS, MAX_STEPS = 100, 5000
 TOKEN_BUDGET = 20_000_000  # trained tokens a run may take before epochs are cut
 EVALS_PER_RUN, PATIENCE = 8, 2
