@@ -99,8 +99,9 @@ def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: P
     folder.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", train), ("test", test)):
         (folder / f"{name}-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    answers = Counter(r["messages"][-1]["content"] for r in train)
     return {"train": len(train), "test": len(test),
-            "labels": dict(Counter(r["messages"][-1]["content"] for r in train).most_common(8))}
+            "labels": dict(answers.most_common(8)) if len(answers) <= 20 else f"{len(answers)} distinct answers"}
 
 
 def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed: int, model: str,

@@ -9,9 +9,9 @@ with concrete values plus one ``Decision`` per value. The run then trains that c
 any other: config.yaml holds the values, auto.json the reasons.
 
 The rules are small pure functions so that each can be tested alone:
-- epochs: OpenAI's fine-tuning API's rule (3 epochs; more for small files so that at least
-  ~100 examples... here a target number of optimizer steps, fewer for large ones), capped by a
-  budget of trained tokens; early stopping on the validation loss ends it sooner.
+- epochs: OpenAI's fine-tuning API's rule (3 passes, more for small files, fewer for large
+  ones), counted here in optimizer steps, capped by a budget of trained tokens; early stopping
+  on the validation loss ends it sooner.
 - lr: LoRA-family 2e-4 scaled up for small models (their updates are smaller per step),
   full fine-tuning 1e-5..5e-5; a method with its own default (prompt tuning) keeps it.
 - LoRA rank/targets: all linear layers (the QLoRA paper's finding), rank by model size.
@@ -35,13 +35,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tuneforge.config import AUTO_KNOBS, ConfigError, RunConfig
+from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data.lengths import token_lengths
 from tuneforge.data.prepare import build_splits
+from tuneforge.hardware import pick_device, pick_dtype
 from tuneforge.io import write_json
 from tuneforge.models.load import load_config, load_tokenizer
 from tuneforge.plan import CPU_FALLBACK, device_memory, estimate, fits, meta_model
 from tuneforge.plugins import method_of, objective_of
+from tuneforge.train.run_folder import claim_run_dir, claimed
 
 LORA_FAMILY = ("lora", "dora", "qlora")
 # Objectives trained by the token recipe on chat rows or text: the ones whose data auto reads.
@@ -199,8 +201,6 @@ def resolve(cfg: RunConfig, auto: list[str], device: str = "cpu") -> tuple[RunCo
     problems = refusals(cfg, auto)
     if problems:
         raise ConfigError(problems)
-    from tuneforge.hardware import pick_dtype  # noqa: PLC0415 - keeps import time of `check` low
-
     tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     kind = objective_of(cfg).data_kind
@@ -295,9 +295,6 @@ def apply(cfg: RunConfig, console: Console) -> RunConfig:
     """Decide ``cfg.auto``'s settings, print them, and write auto.json into the run folder
     (made and claimed here, so the run trains in it): the config returned is concrete
     (``auto: []``), so config.yaml holds the values and a resumed run re-decides nothing."""
-    from tuneforge.hardware import pick_device  # noqa: PLC0415
-    from tuneforge.train.run_folder import claim_run_dir, claimed  # noqa: PLC0415
-
     console.print(f"[bold]auto[/]: deciding {', '.join(cfg.auto)} from the data")
     new, decisions, shape = resolve(cfg, list(cfg.auto), pick_device(cfg.train.device))
     name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.name}"
