@@ -92,7 +92,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         raise ConfigError(problems, source)
     cfg = cfg.model_copy(update=plugged)
     default_lr = METHODS[cfg.method.name].default_lr
-    if default_lr is not None and "lr" not in cfg.train.model_fields_set:  # the method's own; never over a user's
+    # the method's own; never over a user's, nor where auto decides it (train/auto.py keeps it too)
+    if default_lr is not None and "lr" not in cfg.train.model_fields_set and "lr" not in cfg.auto:
         cfg.train = cfg.train.model_copy(update={"lr": default_lr})
     return cfg
 
