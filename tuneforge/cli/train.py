@@ -80,6 +80,9 @@ def cmd_check(args) -> int:
     else:
         preflight(cfg)
     print(to_yaml(cfg), end="")
+    if cfg.auto:
+        rich_console().print(f"auto: {', '.join(cfg.auto)} are decided from the data when training starts "
+                             "(`tuneforge plan` shows the decisions and their reasons)")
     rich_console().print("[green]config OK[/]")
     return 0
 
@@ -94,6 +97,12 @@ def cmd_plan(args) -> int:
 
         raise ConfigError(["tuneforge plan does not estimate vision-language runs (model.kind=vision) yet: its "
                            "memory and time model covers causal LMs; `tuneforge check` validates the config"])
+    if cfg.auto:  # plan what will train: the values auto decides from the data
+        from tuneforge.hardware import pick_device
+        from tuneforge.train import auto
+
+        cfg, decisions, _ = auto.resolve(cfg, list(cfg.auto), pick_device(cfg.train.device))
+        auto.show(decisions, rich_console())
     print_plan(cfg, rich_console())
     return 0
 
@@ -144,7 +153,8 @@ def add_train_parsers(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=cmd_check)
 
-    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights")
+    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights "
+                                     "(with auto: plans the values decided from the data, printed with why)")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
     pl.set_defaults(fn=cmd_plan)
