@@ -70,6 +70,13 @@ def plan(config: ConfigLike, *, console: Console | None = None, **overrides: Any
     if cfg.model.kind == "vision":
         raise ConfigError(["tuneforge plan does not estimate vision-language runs (model.kind=vision) yet: its "
                            "memory and time model covers causal LMs; `tuneforge check` validates the config"])
+    if cfg.auto:  # plan what will train: the values auto decides from the data
+        from tuneforge.hardware import pick_device
+        from tuneforge.train import auto
+
+        cfg, decisions, _ = auto.resolve(cfg, list(cfg.auto), pick_device(cfg.train.device))
+        if console is not None:
+            auto.show(decisions, console)
     return print_plan(cfg, console) if console is not None else estimate(cfg)
 
 

@@ -326,6 +326,19 @@ class MoEOptions(Strict):
         return self
 
 
+# What `auto` decides from the data (tuneforge/train/auto.py), and the config keys each sets.
+AUTO_KNOBS = {
+    "epochs": ("train.epochs",),
+    "lr": ("train.lr",),
+    "batch_size": ("train.batch_size",),
+    "max_length": ("data.max_length",),
+    "lora": ("method.r", "method.alpha", "method.target_modules"),
+    "early_stopping": ("train.early_stopping_patience", "train.eval_every"),
+    "task_shape": ("eval.max_new_tokens", "eval.metric"),
+}
+AutoKnob = Literal["epochs", "lr", "batch_size", "max_length", "lora", "early_stopping", "task_shape"]
+
+
 class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
@@ -339,6 +352,10 @@ class RunConfig(Strict):
     output_dir: str = "runs"
     run_name: str | None = Field(None, description="run folder name; default: time stamp + method")
     parent_run: str | None = Field(None, description="the run this one builds on (set by `tuneforge rlhf`)")
+    auto: list[AutoKnob] = Field(
+        [], description="settings decided from the data before training, each with its reason (auto.json): "
+        "all (every one the config does not set), or a list of epochs, lr, batch_size, max_length, lora, "
+        "early_stopping, task_shape; a single key can also be set to auto (train.epochs=auto)")
 
 
 # --- loading, overrides and error reporting ------------------------------------------
@@ -398,6 +415,44 @@ def deep_merge(base: dict, extra: dict) -> dict:
         else:
             merged[k] = v
     return merged
+
+
+def expand_auto(raw: dict) -> dict:
+    """``auto: all|true|[knobs]`` and fields set to the string ``auto`` (``train.epochs=auto``)
+    -> ``auto: [knobs]`` with those fields removed. ``all`` is every knob whose keys the config
+    does not set: a value the user gives always wins. A knob listed by name beside a value
+    for its key that differs from the default is refused (one of them would be dropped)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    spec = raw.pop("auto", None)
+    knobs: list[str] = []
+    for knob, keys in AUTO_KNOBS.items():
+        for key in keys:
+            section, field = key.split(".")
+            if isinstance(raw.get(section), dict) and raw[section].get(field) == "auto":
+                del raw[section][field]
+                knobs.append(knob)
+    if spec in (None, False, "none") or spec == []:
+        pass
+    elif spec is True or spec == "all":
+        given = {f"{s}.{f}" for s, v in raw.items() if isinstance(v, dict) for f in v}
+        knobs += [k for k, keys in AUTO_KNOBS.items() if not any(key in given for key in keys)]
+    elif isinstance(spec, list) and all(isinstance(k, str) for k in spec):
+        bad = [k for k in spec if k not in AUTO_KNOBS]
+        if bad:
+            raise ConfigError([f"auto: unknown {bad}; choose all, or from {', '.join(AUTO_KNOBS)}"])
+        defaults = {"train": TrainConfig.model_fields, "data": DataConfig.model_fields,
+                    "eval": EvalConfig.model_fields}
+        clash = [f"{key} (auto: {k})" for k in spec for key in AUTO_KNOBS[k]
+                 if key.split(".")[0] in defaults and key.split(".")[1] in (raw.get(key.split(".")[0]) or {})
+                 and raw[key.split(".")[0]][key.split(".")[1]] != defaults[key.split(".")[0]][key.split(".")[1]].default]
+        if clash:
+            raise ConfigError([f"auto decides {', '.join(clash)} but the config sets it too: remove one"])
+        knobs += spec
+    else:
+        raise ConfigError([f"auto: {spec!r}; use all, true, or a list of {', '.join(AUTO_KNOBS)}"])
+    if knobs:
+        raw["auto"] = list(dict.fromkeys(knobs))
+    return raw
 
 
 # Names users bring from peft, transformers' Trainer and LLaMA-Factory configs.

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tuneforge.config import ConfigError, RunConfig, deep_merge, format_errors, parse_overrides, read_yaml
+from tuneforge.config import ConfigError, RunConfig, deep_merge, expand_auto, format_errors, parse_overrides, read_yaml
 from tuneforge.methods import METHODS, Method, methods_taking
 from tuneforge.objectives import OBJECTIVES, Objective
 
@@ -52,6 +52,11 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
     """Validate a raw dict; raise one ConfigError listing every problem."""
     problems: list[str] = []
     cfg = None
+    if isinstance(raw, dict):
+        try:
+            raw = expand_auto(raw)  # auto: all / train.epochs=auto -> auto: [knobs] (train/auto.py decides them)
+        except ConfigError as e:
+            problems += e.problems
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
@@ -89,7 +94,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         raise ConfigError(problems, source)
     cfg = cfg.model_copy(update=plugged)
     default_lr = METHODS[cfg.method.name].default_lr
-    if default_lr is not None and "lr" not in cfg.train.model_fields_set:  # the method's own; never over a user's
+    # the method's own; never over a user's, nor where auto decides it (train/auto.py keeps it too)
+    if default_lr is not None and "lr" not in cfg.train.model_fields_set and "lr" not in cfg.auto:
         cfg.train = cfg.train.model_copy(update={"lr": default_lr})
     return cfg
 

@@ -71,6 +71,9 @@ def cmd_check(args) -> int:
 
     cfg = api.check(args.config, **api_overrides(args.overrides))
     print(to_yaml(cfg), end="")
+    if cfg.auto:
+        rich_console().print(f"auto: {', '.join(cfg.auto)} are decided from the data when training starts "
+                             "(`tuneforge plan` shows the decisions and their reasons)")
     rich_console().print("[green]config OK[/]")
     return 0
 
@@ -128,7 +131,8 @@ def add_train_parsers(sub) -> None:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=cmd_check)
 
-    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights")
+    pl = sub.add_parser("plan", help="estimate memory and step time per method before loading any weights "
+                                     "(with auto: plans the values decided from the data, printed with why)")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
     pl.set_defaults(fn=cmd_plan)

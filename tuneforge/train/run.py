@@ -17,6 +17,7 @@ from rich.console import Console
 
 from tuneforge.config import RunConfig
 from tuneforge.plugins import objective_of
+from tuneforge.train import auto
 from tuneforge.train.recipes import recipe_for
 from tuneforge.train.tracking import Tracking
 
@@ -25,7 +26,10 @@ def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = 
           on_eval: Callable[[int, float], None] | None = None, force: bool = False) -> Path:
     """Train ``cfg`` (or continue ``resume``, a run folder) and return the run folder.
     ``on_eval(step, val_loss)`` is called after every validation (a sweep prunes from it);
-    ``force`` skips the memory estimate's refusal of a run that cannot fit."""
+    ``force`` skips the memory estimate's refusal of a run that cannot fit. Settings left to
+    ``auto`` are decided from the data first (train/auto.py)."""
+    if cfg.auto and resume is None:
+        cfg = auto.apply(cfg, console or Console())
     if cfg.model.kind == "vision":  # rows with images, an image-text-to-text model (recipes/vision.py)
         from tuneforge.train.recipes import vision as recipe
     else:

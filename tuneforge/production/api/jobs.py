@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
-from tuneforge.config import ConfigError, TrainConfig, deep_merge
+from tuneforge.config import AUTO_KNOBS, ConfigError, TrainConfig, deep_merge
 from tuneforge.models.zoo import EMBEDDED
 from tuneforge.plugins import validate_config
 from tuneforge.production.api.files import files_router
@@ -132,16 +132,40 @@ def build_run_config(req: CreateJob, base: str, parent: dict | None, train_path:
         job["train"]["report_to"] = [integration.type]
         job["train"]["tracking"] = integration.wandb.model_dump(exclude_none=True)
     raw = deep_merge(raw, job)
+    if not dpo:  # what neither the request nor the server's run_defaults set is decided from the data
+        raw["auto"] = job_auto(raw, cfg.run_defaults, continued=parent is not None)
     checked = validate_config(raw, "the fine-tuning job")
     if missing_trackers(checked):  # found now, not when the queued job starts
         raise ConfigError(missing_trackers(checked))
     run = checked.model_dump(mode="json")
-    resolved = {"n_epochs": int(run["train"]["epochs"]) if float(run["train"]["epochs"]).is_integer()
-                else run["train"]["epochs"], "batch_size": run["train"]["batch_size"],
-                "learning_rate_multiplier": given.get("learning_rate_multiplier", run["train"]["lr"] / base_lr)}
+    auto = set(run["auto"])
+    resolved = {"n_epochs": "auto" if "epochs" in auto else int(run["train"]["epochs"])
+                if float(run["train"]["epochs"]).is_integer() else run["train"]["epochs"],
+                "batch_size": "auto" if "batch_size" in auto else run["train"]["batch_size"],
+                "learning_rate_multiplier": "auto" if "lr" in auto else
+                given.get("learning_rate_multiplier", run["train"]["lr"] / base_lr)}
     if dpo:
         resolved["beta"] = run["objective"]["beta"]
     return run, resolved
+
+
+# The auto knobs (config.AUTO_KNOBS) a supervised job leaves to the data when nothing sets them.
+JOB_KNOBS = ("epochs", "batch_size", "lr", "max_length", "early_stopping", "lora")
+
+
+def job_auto(raw: dict, run_defaults: dict, continued: bool) -> list[str]:
+    """The knobs a supervised job leaves to auto (train/auto.py): those whose keys neither the
+    request nor the server's run_defaults set. A job continuing a registered version keeps its
+    LoRA shape (the adapter it starts from has that rank)."""
+    asked = {k for k in (raw.get("train") or {}) if k in ("epochs", "batch_size", "lr")}
+    set_by = deep_merge(run_defaults, {"train": dict.fromkeys(asked, 1)})
+    out = []
+    for knob in JOB_KNOBS:
+        keys = [k.split(".") for k in AUTO_KNOBS[knob]]
+        if any(field in (set_by.get(section) or {}) for section, field in keys) or (knob == "lora" and continued):
+            continue
+        out.append(knob)
+    return out
 
 
 # --- objects ------------------------------------------------------------------------------
@@ -168,6 +192,7 @@ def _job_object(j: JobRow) -> dict:
     return {"id": j.id, "object": "fine_tuning.job", "created_at": j.created_at, "model": j.model,
             "status": j.status, "error": j.error, "fine_tuned_model": j.fine_tuned_model,
             "finished_at": j.finished_at, "hyperparameters": _hp(j), "method": j.method,
+            "auto": _auto(j) if (j.run_config or {}).get("auto") else None,
             "organization_id": "tuneforge", "result_files": j.result_files or [], "seed": j.seed,
             "trained_tokens": j.trained_tokens,
             "training_file": j.training_file, "validation_file": j.validation_file, "estimated_finish": None,
@@ -184,8 +209,28 @@ def integrations(run: dict | None) -> list[dict]:
 
 
 def _hp(j: JobRow) -> dict:
+    """The job's hyperparameters; those left to auto show "auto" until the run has decided
+    them (its auto.json), then the values it trains with."""
     hp = j.method[j.method["type"]]["hyperparameters"]
-    return {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    out = {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    decided = {d["key"]: d["value"] for d in _auto(j) or []}
+    if "train.epochs" in decided:
+        e = decided["train.epochs"]
+        out["n_epochs"] = int(e) if float(e).is_integer() else e
+    if "train.batch_size" in decided:
+        out["batch_size"] = decided["train.batch_size"]
+    if "train.lr" in decided:
+        out["learning_rate_multiplier"] = decided["train.lr"] / j.run_config["train"]["lr"]
+    return out
+
+
+def _auto(j: JobRow) -> list[dict] | None:
+    """What auto decided for the job, each with its reason (the run's auto.json); None until
+    the run has decided or when nothing was left to auto."""
+    path = Path(j.run_dir) / "auto.json" if j.run_dir else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())["decisions"]
 
 
 def event_object(e: JobEventRow) -> dict:
