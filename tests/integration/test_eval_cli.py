@@ -49,6 +49,9 @@ def test_eval_run_against_zero_and_few_shot_base(tiny_run, tmp_path):
     assert {"json_exact", "json_fields", "json_valid", "exact_match", "token_f1", "loss", "perplexity"} <= set(tuned)
     cmp = res["comparisons"]["base zero-shot"]["loss"]
     assert cmp["low"] <= cmp["delta"] <= cmp["high"]
+    # Every metric has its own interval and an interval of the difference (perplexity recomputed per resample).
+    assert set(res["systems"]["tuned"]["intervals"]) == set(tuned)
+    assert all("low" in c for c in res["comparisons"]["base zero-shot"].values())
     # The prompt of the 2-shot system holds two more exchanges.
     sys_ = res["systems"]
     assert sys_["base 2-shot"]["prompt_tokens_per_request"] > sys_["base zero-shot"]["prompt_tokens_per_request"] + 40

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.render import pad_batch
+from tuneforge.evaluate.intervals import paired_intervals
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype, to_device
@@ -289,23 +290,36 @@ def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, 
         for who, r in results.items():
             for s in r.pop("samples"):
                 f.write(json.dumps({"model": who, **s}) + "\n")
+    if "base" in results:
+        # tuned - base on the same rows, per metric: the interval a reader (and the registry) needs.
+        b, t = results["base"], results["tuned"]
+        results["comparison"] = {m: {"delta": t["scores"][m] - b["scores"][m]} | ci
+                                 for m, ci in paired_intervals(b, t).items() if m in t["scores"]}
     write_json(run_dir / f"eval{tag}.json", results)
     print_before_after(results, console, tag.lstrip("-"))
-    return {who: r["scores"] for who, r in results.items()}
+    return {who: results[who]["scores"] for who in ("base", "tuned") if who in results}
 
 
 def print_before_after(results: dict, console: Console, task: str = "") -> None:
-    metrics = list(results["tuned"]["scores"])
-    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows)")
+    """Each model's score with its 95% interval, and the change with its paired interval."""
+    who = [w for w in ("base", "tuned") if w in results]
+    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows, "
+                        "95% bootstrap intervals)")
     table.add_column("metric")
-    for who in results:
-        table.add_column(who, justify="right")
-    if "base" in results:
+    for w in who:
+        table.add_column(w, justify="right")
+    if "comparison" in results:
         table.add_column("change", justify="right")
-    for m in metrics:
-        vals = [results[w]["scores"][m] for w in results]
-        cells = [f"{100 * v:.1f}%" for v in vals]
-        if "base" in results:
-            cells.append(f"{100 * (vals[-1] - vals[0]):+.1f} pts")
+    for m in results["tuned"]["scores"]:
+        cells = []
+        for w in who:
+            lo, hi = results[w].get("intervals", {}).get(m, (None, None))
+            ci = f" [{100 * lo:.0f}, {100 * hi:.0f}]" if lo is not None else ""
+            cells.append(f"{100 * results[w]['scores'][m]:.1f}%{ci}")
+        c = results.get("comparison", {}).get(m)
+        if c:
+            cells.append(f"{100 * c['delta']:+.1f} pts [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]")
+        elif "comparison" in results:
+            cells.append("-")
         table.add_row(m, *cells)
     console.print(table)
