@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.render import pad_batch
-from tuneforge.evaluate.intervals import paired_intervals
+from tuneforge.evaluate.intervals import paired_intervals, system_intervals
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype, to_device
@@ -39,7 +39,7 @@ from tuneforge.train.loop import Loop, Window, restore_trainable
 from tuneforge.train.multitask import Task, load_tasks, training_mixture
 from tuneforge.train.privacy import dp_loss_scale
 from tuneforge.train.run_folder import manifest_hash, new_run_dir, preflight, report_tasks, writable
-from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss
+from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss, validation_losses
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
@@ -261,20 +261,38 @@ def evaluate(cfg: RunConfig, model, tok, tasks: list[Task], device, dtype, run_d
 
 
 def evaluate_perplexity(cfg: RunConfig, model, tok, test_rows, device, dtype, run_dir: Path, console) -> dict:
-    """Held-out token loss and perplexity, before (adapter off) and after -> eval.json."""
+    """Held-out token loss and perplexity, before (adapter off) and after -> eval.json, with
+    bootstrap intervals over rows (each system's and the paired change)."""
     objective = objective_of(cfg)
     enc = objective.encode(tok, test_rows, cfg.data)
-    batches = epoch_batches(enc.rows, 0, 0, cfg.eval.batch_size, False, cfg.data.max_length, tok.pad_token_id)
+    # One row per batch: the same summed loss as larger batches, and per-row losses to resample.
+    batches = epoch_batches(enc.rows, 0, 0, 1, False, cfg.data.max_length, tok.pad_token_id)
     kw = dict(device=device, dtype=dtype, hidden_path=cfg.train.logits_at_trained_only)
-    results = {}
+    per_row = {}
     if cfg.eval.baseline and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            results["base"] = validation_loss(model, objective, cfg.objective, batches, **kw)
-    results["tuned"] = validation_loss(model, objective, cfg.objective, batches, **kw)
-    scores = {who: {"loss": round(v, 5), "perplexity": round(math.exp(v), 3)} for who, v in results.items()}
-    write_json(run_dir / "eval.json", scores | {"tokens": sum(len(r["input_ids"]) for r in enc.rows)})
-    console.print("held-out perplexity: " + "  ".join(f"{w} {s['perplexity']:.2f}" for w, s in scores.items()))
+            per_row["base"] = validation_losses(model, objective, cfg.objective, batches, **kw)
+    per_row["tuned"] = validation_losses(model, objective, cfg.objective, batches, **kw)
+    systems = {who: loss_system(rows) for who, rows in per_row.items()}
+    scores = {who: {"loss": round(s["scores"]["loss"], 5), "perplexity": round(s["scores"]["perplexity"], 3)}
+              for who, s in systems.items()}
+    results = {who: scores[who] | {"intervals": system_intervals(s)} for who, s in systems.items()}
+    if "base" in systems:
+        results["comparison"] = {m: {"delta": systems["tuned"]["scores"][m] - systems["base"]["scores"][m]} | ci
+                                 for m, ci in paired_intervals(systems["base"], systems["tuned"]).items()}
+    write_json(run_dir / "eval.json", results | {"tokens": sum(len(r["input_ids"]) for r in enc.rows)})
+    console.print("held-out perplexity (95% interval): " + "  ".join(
+        f"{w} {s['perplexity']:.2f} [{results[w]['intervals']['perplexity'][0]:.2f}, "
+        f"{results[w]['intervals']['perplexity'][1]:.2f}]" for w, s in scores.items()))
     return scores
+
+
+def loss_system(rows: list[tuple[float, int]]) -> dict:
+    """Per-row (summed loss, tokens) as evaluate.intervals resamples them."""
+    total, count = sum(t for t, _ in rows), sum(n for _, n in rows)
+    loss = total / max(count, 1)
+    return {"n": len(rows), "scores": {"loss": loss, "perplexity": math.exp(min(loss, 50.0))},
+            "per_example": {"loss": [t / n if n else 0.0 for t, n in rows]}, "loss_tokens": [n for _, n in rows]}
 
 
 def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, console, tag: str = "") -> dict:
