@@ -56,8 +56,8 @@ class Verdict:
 
 # (new - old) a version may not be promoted over; None: this check passes.
 Check = Callable[[Scored, Scored, GateOptions, dict], str | None]
-# Scores a run folder on chat rows: (run_dir, rows, label) -> Scored.
-Scorer = Callable[[str, list[dict], str], Scored]
+# Scores a run folder on chat rows: (run_dir, rows, label, eval settings) -> Scored.
+Scorer = Callable[[str, list[dict], str, object], Scored]
 
 
 def stored_scores(run_dir: str | Path) -> Scored | None:
@@ -89,16 +89,14 @@ def same_rows(a: Scored, b: Scored) -> bool:
     return a.keys is not None and a.keys == b.keys and len(a.keys) == len(a.scores)
 
 
-def score_run_on_rows(run_dir: str, rows: list[dict], label: str) -> Scored:
+def score_run_on_rows(run_dir: str, rows: list[dict], label: str, ev) -> Scored:
     """The default scorer: ``run_dir``'s model on ``rows`` (greedy answers, a progress bar per
-    version), with the candidate's eval settings so both versions are scored alike."""
+    version) under the eval settings ``ev`` (an EvalConfig: the same for both versions)."""
     import gc  # deferred with the model stack: promote without re-scoring loads no weights
 
     from tuneforge.evaluate.task import evaluate_rows
-    from tuneforge.runs import load_for_inference, load_run_config
+    from tuneforge.runs import load_for_inference
 
-    ev = load_run_config(Path(run_dir)).eval
-    ev = ev.model_copy(update={"limit": None, "metric": "auto" if ev.metric == "none" else ev.metric})
     model, tok, system_prompt, device, dtype = load_for_inference(run_dir)
     r = evaluate_rows(model, tok, rows, ev, device=device, system_prompt=system_prompt, label=label,
                       autocast_dtype=None if str(dtype) == "torch.float32" else dtype)
@@ -108,13 +106,16 @@ def score_run_on_rows(run_dir: str, rows: list[dict], label: str) -> Scored:
     return Scored(metric, r["per_example"][metric], None, r["rows_sha256"])
 
 
-def candidate_test_rows(run_dir: str) -> list[dict]:
-    """The candidate's held-out test split, re-derived from its config (refused if its data changed)."""
+def candidate_test_rows(run_dir: str) -> tuple[list[dict], object]:
+    """The candidate's held-out test split, re-derived from its config (refused if its data
+    changed), and its eval settings: every row, and a metric even where eval.metric is none."""
     from tuneforge.evaluate.command import load_eval_rows  # deferred: the evaluation stack
     from tuneforge.runs import load_run_config
 
-    rows, _, _ = load_eval_rows("test", load_run_config(Path(run_dir)), Path(run_dir))
-    return rows
+    cfg = load_run_config(Path(run_dir))
+    rows, _, _ = load_eval_rows("test", cfg, Path(run_dir))
+    ev = cfg.eval.model_copy(update={"limit": None, "metric": "auto" if cfg.eval.metric == "none" else cfg.eval.metric})
+    return rows, ev
 
 
 def paired_scores(new: VersionInfo, old: VersionInfo, scorer: Scorer | None,
@@ -126,10 +127,10 @@ def paired_scores(new: VersionInfo, old: VersionInfo, scorer: Scorer | None,
     why = ("a version has no per-example eval scores" if a is None or b is None else
            f"different main metrics ({a.metric} vs {b.metric})" if a.metric != b.metric else
            "their stored evals are on different rows")
-    rows = candidate_test_rows(new.run_dir)
+    rows, ev = candidate_test_rows(new.run_dir)
     console.print(f"gate: {why}; scoring {old.ref} and {new.ref} now on {new.ref}'s test split ({len(rows)} rows)")
     scorer = scorer or score_run_on_rows
-    a, b = scorer(old.run_dir, rows, old.ref), scorer(new.run_dir, rows, new.ref)
+    a, b = scorer(old.run_dir, rows, old.ref, ev), scorer(new.run_dir, rows, new.ref, ev)
     return a, b, f"scored now on {new.ref}'s test split ({why})"
 
 

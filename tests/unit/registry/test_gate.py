@@ -67,7 +67,7 @@ def test_versions_scored_on_different_rows_are_both_scored_now_on_the_candidates
     reg = registry_with(tmp_path, old, new)
     calls = []
 
-    def stub_scorer(run_dir, rows, label):
+    def stub_scorer(run_dir, rows, label, ev):
         calls.append((run_dir, label, [r["messages"][-1]["content"] for r in rows]))
         good = run_dir == str(new.resolve())
         return Scored("exact_match", [1.0 if good or i % 2 else 0.0 for i in range(len(rows))])
@@ -77,3 +77,17 @@ def test_versions_scored_on_different_rows_are_both_scored_now_on_the_candidates
     assert calls[0][2] == calls[1][2] and len(calls[0][2]) == 40  # the same rows: the candidate's test split
     assert "scored now on bot:v2's test split (their stored evals are on different rows)" in moved
     assert reg.aliases("bot") == {"prod": 2}
+
+
+def test_the_default_scorer_scores_both_versions_on_the_candidates_rows(two_runs, tmp_path):
+    old, new = two_runs  # no eval at all: both are scored now, with the candidate's eval settings
+    for run in (old, new):  # real runs' configs (a run folder loads through its config)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["data"] = {"train": ["builtin:orders?n=20&seed=3"], "test_size": 0.5}
+        cfg["eval"] = {"max_new_tokens": 3 if run == new else 50, "batch_size": 10}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    reg = registry_with(tmp_path, old, new)
+    # Random adapters answer nothing right: 0 vs 0 on every row, an interval of [0, 0], no worse.
+    moved = gated_promote(reg, "bot:v2", "prod", GateOptions(min_rows=10), console=QUIET)
+    assert "passed against bot:v1: json_exact 0.0000 vs 0.0000 on 10 rows, difference +0.0000 [+0.0000, +0.0000]" in moved
+    assert "a version has no per-example eval scores" in moved
