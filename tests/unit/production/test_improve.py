@@ -140,19 +140,12 @@ def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_
     with Session(reg.engine) as s:
         assert s.scalars(select(ReviewItem.used_in)).all() == [None] * 14  # still available
 
-    # the default gate refuses to decide on so few rows and says how many it needs; force overrides, recorded
-    few = improve(reg, "bot", ImproveConfig.model_validate(common | {"run_name": "try-few", "gate": {"metric": "loss"}}),
-                  QUIET, force=True)
-    assert few["verdict"]["canary"] is True and reg.aliases("bot")["canary"] == 3
-    assert any("rows; the gate needs 20 (gate.min_rows) to decide" in why for why in few["verdict"]["forced"])
-    assert json.loads((tmp_path / "runs" / "try-few" / "improve.json").read_text())["verdict"]["forced"]
-
     passed = improve(reg, "bot", ImproveConfig.model_validate(
         common | {"run_name": "try2", "gate": {"metric": "loss", "tolerance": 0.05, "min_rows": 2}}), QUIET)
     new, cur = passed["scores"]["new"], passed["scores"]["current"]
     assert new["feedback"]["loss"] < cur["feedback"]["loss"]  # trained on the corrections
     assert passed["verdict"]["canary"] is True, passed["verdict"]
-    assert passed["version"] == "bot:v4" and reg.aliases("bot") == {"prod": 1, "canary": 4}
+    assert passed["version"] == "bot:v3" and reg.aliases("bot") == {"prod": 1, "canary": 3}
     assert reg.route_arms("bot") == [{"name": "prod", "target": "bot@prod", "weight": 0.9},
                                      {"name": "canary", "target": "bot@canary", "weight": 0.1}]
     run_dir = tmp_path / "runs" / "try2"
@@ -163,8 +156,16 @@ def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_
     assert recorded["data"]["review_items_train"] == passed["data"]["review_items_train"]
     with Session(reg.engine) as s:
         used = dict(s.execute(select(ReviewItem.id, ReviewItem.used_in)).all())
-    assert {i for i, v in used.items() if v == "bot:v4"} == set(passed["data"]["review_items_train"])
+    assert {i for i, v in used.items() if v == "bot:v3"} == set(passed["data"]["review_items_train"])
     assert all(used[i] is None for i in passed["data"]["review_items_holdout"])
+
+    # the default gate refuses to decide on so few rows and says how many it needs; force overrides, recorded
+    reg = reviewed_registry(tmp_path / "reg2.db", base_run)
+    few = improve(reg, "bot", ImproveConfig.model_validate(common | {"run_name": "try-few", "gate": {"metric": "loss"}}),
+                  QUIET, force=True)
+    assert few["verdict"]["canary"] is True and reg.aliases("bot")["canary"] == 2
+    assert any("rows; the gate needs 20 (gate.min_rows) to decide" in why for why in few["verdict"]["forced"])
+    assert json.loads((tmp_path / "runs" / "try-few" / "improve.json").read_text())["verdict"]["forced"]
 
 
 class FakeEngine:
