@@ -89,8 +89,15 @@ def cmd_registry(args) -> int:
     elif args.action == "promote":
         from tuneforge.registry.gate import GateOptions, gated_promote
 
+        from pydantic import ValidationError
+
         given = {k: getattr(args, k) for k in ("min_rows", "margin", "confidence")}
-        opts = GateOptions(**{k: v for k, v in given.items() if v is not None})
+        try:
+            opts = GateOptions(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as e:
+            print("error: " + "; ".join(f"--{str(x['loc'][0]).replace('_', '-')}: {x['msg']}" for x in e.errors()),
+                  file=sys.stderr)
+            return 2
         try:
             console.print(gated_promote(reg, args.ref, args.alias, opts, force=args.force, console=console))
         except PromotionRefused as e:

@@ -21,6 +21,8 @@ def test_registry_and_keys_commands(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert "not shown to be no worse" in err and "exact_match 0.4000 vs 0.8000 on 40 rows" in err
     assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--min-rows", "50"]) == 3
     assert "40 scored, 50 needed (--min-rows)" in " ".join(capsys.readouterr().err.split())
+    assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--confidence", "2"]) == 2
+    assert "--confidence: Input should be less than 1" in capsys.readouterr().err
     assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--force"]) == 0
     assert main(["registry", "rollback", "support-bot", "--alias", "prod"]) == 0
     assert "-> v1 (was v2)" in capsys.readouterr().out
