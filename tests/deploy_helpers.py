@@ -35,6 +35,18 @@ def fake_run(tiny_model_dir: str, run_dir: Path, seed: int, score: float | None 
     return run_dir
 
 
+def with_eval(run_dir: Path, scores: list[float], rows: str) -> Path:
+    """eval.json + eval_samples.jsonl as training writes them: per-example scores on rows named ``rows``."""
+    mean = sum(scores) / len(scores)
+    (run_dir / "eval.json").write_text(json.dumps({"tuned": {
+        "n": len(scores), "scores": {"exact_match": mean}, "per_example": {"exact_match": scores},
+        "rows_sha256": rows * 64}}))
+    (run_dir / "eval_samples.jsonl").write_text("".join(
+        json.dumps({"model": "tuned", "prompt": f"{rows} q{i}", "reference": "a", "score": s}) + "\n"
+        for i, s in enumerate(scores)))
+    return run_dir
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -49,6 +49,9 @@ def test_eval_run_against_zero_and_few_shot_base(tiny_run, tmp_path):
     assert {"json_exact", "json_fields", "json_valid", "exact_match", "token_f1", "loss", "perplexity"} <= set(tuned)
     cmp = res["comparisons"]["base zero-shot"]["loss"]
     assert cmp["low"] <= cmp["delta"] <= cmp["high"]
+    # Every metric has its own interval and an interval of the difference (perplexity recomputed per resample).
+    assert set(res["systems"]["tuned"]["intervals"]) == set(tuned)
+    assert all("low" in c for c in res["comparisons"]["base zero-shot"].values())
     # The prompt of the 2-shot system holds two more exchanges.
     sys_ = res["systems"]
     assert sys_["base 2-shot"]["prompt_tokens_per_request"] > sys_["base zero-shot"]["prompt_tokens_per_request"] + 40
@@ -136,8 +139,11 @@ def test_eval_and_compare_errors_name_the_problem(tiny_run, tiny_model_dir, caps
 
 def test_compare_strategies_with_an_existing_run(tiny_run, tmp_path):
     cfg, run = tiny_run
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "catalogue.md").write_text("Mugs cost 4 euros.\n\nYoga mats ship from Berlin.")
     r = tf("compare", cfg, "eval.max_new_tokens=6", "--run", run, "--limit", "4", "--k", "2", "--retriever", "bm25",
-           "--requests", "1000",
+           "--requests", "1000", "--docs", docs,
            "--price-hour", "2.0", "--out", tmp_path / "cmp")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
@@ -147,5 +153,11 @@ def test_compare_strategies_with_an_existing_run(tiny_run, tmp_path):
     assert by["fine-tuned"]["train_seconds"] > 0 and by["zero-shot"]["train_seconds"] == 0
     assert by["rag"]["prompt_tokens_per_request"] > by["zero-shot"]["prompt_tokens_per_request"]
     assert res["tco_unit"] == "cost" and all(s["tco"]["cost"] > 0 for s in res["strategies"])
-    assert res["recommendation"]["strategy"] in names and "recommendation" in r.stdout
-    assert "Qualitative" in (tmp_path / "cmp" / "report.html").read_text()
+    # 4 rows cannot separate the strategies: no recommendation, and the output says to run with more
+    assert res["recommendation"]["strategy"] is None
+    assert "no significant difference at 4 rows; run with more" in " ".join(r.stdout.split())
+    assert res["rag_corpus"]["kind"] == "documents" and res["rag_corpus"]["chunks"] == 1  # two short paragraphs: one chunk
+    assert by["rag"]["effort"]["rows_needed"] == 1 and by["fine-tuned"]["update"]["how"] == "re-train"
+    assert by["rag"]["update"]["seconds"] > 0 and by["fine-tuned"]["update"]["seconds"] == by["fine-tuned"]["train_seconds"]
+    assert by["rag"]["tokens_per_request"] == by["rag"]["prompt_tokens_per_request"] + by["rag"]["output_tokens_per_request"]
+    assert "Effort and updating a fact" in (tmp_path / "cmp" / "report.html").read_text()

@@ -87,8 +87,19 @@ def cmd_registry(args) -> int:
         score = f" ({v.main_metric} {v.main_score:.4f})" if v.main_score is not None else " (no eval score)"
         console.print(f"registered [bold]{v.ref}[/]{score} -> {v.run_dir}")
     elif args.action == "promote":
+        from tuneforge.registry.gate import GateOptions, gated_promote
+
+        from pydantic import ValidationError
+
+        given = {k: getattr(args, k) for k in ("min_rows", "margin", "confidence")}
         try:
-            console.print(reg.promote(args.ref, args.alias, force=args.force))
+            opts = GateOptions(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as e:
+            print("error: " + "; ".join(f"--{str(x['loc'][0]).replace('_', '-')}: {x['msg']}" for x in e.errors()),
+                  file=sys.stderr)
+            return 2
+        try:
+            console.print(gated_promote(reg, args.ref, args.alias, opts, force=args.force, console=console))
         except PromotionRefused as e:
             print(f"refused: {e}", file=sys.stderr)
             return 3
@@ -239,10 +250,14 @@ def add_deploy_parsers(sub) -> None:
     p = with_registry(ra.add_parser("add", help="register a run folder as the next version of NAME"))
     p.add_argument("run_dir")
     p.add_argument("--name", required=True)
-    p = with_registry(ra.add_parser("promote", help="point an alias at a version (refuses a worse eval)"))
+    p = with_registry(ra.add_parser("promote", help="point an alias at a version (a paired comparison with the "
+                                    "alias's version on the same test rows; refuses one not shown to be no worse)"))
     p.add_argument("ref", help="NAME:vN")
     p.add_argument("--alias", default="prod")
-    p.add_argument("--force", action="store_true", help="promote even if its eval is worse or missing")
+    p.add_argument("--min-rows", type=int, help="rows both versions must be scored on before deciding (30)")
+    p.add_argument("--margin", type=float, help="the lower end of the interval of new - old may reach -MARGIN (0)")
+    p.add_argument("--confidence", type=float, help="of the paired bootstrap interval (0.95)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded in the history)")
     p = with_registry(ra.add_parser("rollback", help="point an alias back at the version it had before"))
     p.add_argument("name")
     p.add_argument("--alias", default="prod")

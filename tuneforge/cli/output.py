@@ -29,13 +29,14 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(args):
         # Imported when the command runs (they import torch): see cli/__init__.py.
+        from tuneforge.data.load import DataError
         from tuneforge.deploy.gguf_export import GGUFExportError
         from tuneforge.registry.store import RegistryError
         from tuneforge.runs import RunError
 
         try:
             return fn(args)
-        except (RegistryError, RunError, GGUFExportError, DiskFullError, FileExistsError) as e:
+        except (RegistryError, RunError, DataError, GGUFExportError, DiskFullError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 

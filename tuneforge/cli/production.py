@@ -60,10 +60,13 @@ def cmd_improve(args) -> int:
 
     reg, console, cfg = Registry(args.registry), Console(), load_improve_config(args.config)
     if args.promote_after:
+        if args.force:  # never accept and drop an option
+            print("error: --force overrides the improve gate; --promote-after has no gate to force", file=sys.stderr)
+            return 2
         promote_after(reg, args.name, cfg, console)
         return 0
     try:
-        lineage = improve(reg, args.name, cfg, console)
+        lineage = improve(reg, args.name, cfg, console, force=args.force)
     except KeyboardInterrupt:
         print("interrupted: nothing was registered or routed; run it again (with another run_name)",
               file=sys.stderr)
@@ -98,13 +101,16 @@ def add_production_parsers(sub) -> None:
                        "version's train split) through the data stage,\ncontinues training from NAME@prod (from_alias), "
                        "scores both versions on the held-out test split and held-out feedback,\nregisters the new "
                        "version and, if the gate passes, points NAME@canary at it with a small route weight.\n"
-                       "Exit 3 when the gate refuses (the reasons are printed).\n\n"
+                       "The gate is paired (both versions on the same rows, bootstrap intervals) and refuses below gate.min_rows rows.\n"
+                       "Exit 3 when the gate refuses (the reasons are printed; --force overrides, recorded).\n\n"
                        "--promote-after, run later: compares the canary arm's feedback with prod's and widens the "
                        "canary,\npromotes it or rolls it back (or waits for more feedback).")
     i.add_argument("name", help="registered model name")
     i.add_argument("--config", help="improve.yaml (see examples/improve.yaml); default: built-in defaults")
     i.add_argument("--promote-after", action="store_true",
                    help="only judge the running canary on its arm's feedback (no training)")
+    i.add_argument("--force", action="store_true",
+                   help="send the new version to canary even if the gate refuses (the refusal is kept in improve.json)")
     i.add_argument("--registry", help=REGISTRY_HELP)
     i.set_defaults(fn=cmd_improve)
     add_monitor_parser(sub)

@@ -137,7 +137,8 @@ def add_train_parsers(sub) -> None:
     pl.add_argument("overrides", nargs="*")
     pl.set_defaults(fn=cmd_plan)
 
-    cp = sub.add_parser("compare", help="zero-shot vs few-shot vs RAG vs fine-tuning (+RAG) on one task")
+    cp = sub.add_parser("compare", help="zero-shot vs few-shot vs RAG vs fine-tuning (+RAG) on one task; recommends "
+                        "only on a significant difference")
     cp.add_argument("config", help="YAML run config: the task, its test split and the fine-tuning recipe")
     cp.add_argument("overrides", nargs="*", help="key=value overrides")
     cp.add_argument("--run", metavar="RUN_DIR", help="an existing fine-tuning run of this config (else train one)")
@@ -148,6 +149,10 @@ def add_train_parsers(sub) -> None:
     cp.add_argument("--price-input", type=float, default=0.0, help="price per million prompt tokens")
     cp.add_argument("--price-output", type=float, default=0.0, help="price per million generated tokens")
     cp.add_argument("--price-hour", type=float, default=0.0, help="price per machine hour (training and serving)")
-    cp.add_argument("--tolerance", type=float, help="accuracy gap (0.02) below which the cheaper strategy wins")
+    cp.add_argument("--docs", metavar="DIR", help="a folder of .txt/.md files: RAG retrieves their chunks "
+                    "(default: the training rows)")
+    cp.add_argument("--tolerance", type=float, help="a strategy is worse than the best only when the paired interval "
+                    "of the difference lies above this (0: excludes 0); the cheapest of the rest is recommended")
+    cp.add_argument("--confidence", type=float, help="of the bootstrap intervals (0.95)")
     cp.add_argument("--out", metavar="DIR")
     cp.set_defaults(fn=cmd_compare)

@@ -25,17 +25,14 @@ from tuneforge.evaluate import report as rp
 from tuneforge.evaluate.diagnose import diagnose, read_curves
 from tuneforge.evaluate.forgetting import ProbeUnavailable, forgetting_verdict, general_texts
 from tuneforge.evaluate.incontext import draw_shots, with_examples
+from tuneforge.evaluate.intervals import LOWER_IS_BETTER, paired_intervals, system_intervals
 from tuneforge.evaluate.measure import GenSettings, measure
 from tuneforge.evaluate.metrics import normalize, task_kind
 from tuneforge.evaluate.perplexity import nll_per_row, summarize, text_rows
 from tuneforge.evaluate.plots import plot_losses
-from tuneforge.evaluate.stats import paired_bootstrap
 from tuneforge.evaluate.tool_metrics import is_tool_row
 from tuneforge.io import write_json
 from tuneforge.runs import load_for_inference, load_run_config
-
-# Metrics where lower is better: their deltas read the other way round.
-LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 class EvalOptions(BaseModel):
@@ -102,6 +99,8 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     other = load_for_inference(opts.baseline, opts.device)[:2] if opts.baseline else None
     under_test = "tuned" if is_run else opts.target
     systems = measure_systems(model, tok, is_run, other, under_test, task, opts, console)
+    for s in systems.values():
+        s["intervals"] = system_intervals(s, n_resamples=opts.n_resamples, confidence=opts.confidence, seed=opts.seed)
 
     # --- compare: paired bootstrap of the model under test against each baseline --------
     comparisons = {name: compare_systems(systems[name], systems[under_test], opts)
@@ -117,7 +116,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     results = {"target": opts.target, "data": opts.data, "n": len(convs), "kind": kind, "labels": labels,
                "generation": gen.model_dump(), "lineage": lineage,
                "systems": {k: {f: v[f] for f in ("main", "scores", "seconds_per_request", "prompt_tokens_per_request",
-                                                  "output_tokens_per_request", "confusion") if f in v}
+                                                  "output_tokens_per_request", "confusion", "intervals") if f in v}
                            for k, v in systems.items()},
                "comparisons": comparisons, "forgetting": forgetting, "diagnosis": findings, "harness": harness,
                "bootstrap": {"resamples": opts.n_resamples, "confidence": opts.confidence, "seed": opts.seed}}
@@ -231,19 +230,12 @@ def load_eval_rows(data: str, cfg, target: Path) -> tuple[list[dict], list[dict]
 
 
 def compare_systems(base: dict, tuned: dict, opts: EvalOptions) -> dict:
-    """Per metric: tuned - base, with a paired bootstrap CI where the metric is per-example."""
-    out = {}
-    for name, b_val in base["scores"].items():
-        if name not in tuned["scores"]:
-            continue
-        row = {"base": b_val, "tuned": tuned["scores"][name], "delta": tuned["scores"][name] - b_val}
-        if name in base["per_example"] and name in tuned["per_example"]:
-            row |= {k: v for k, v in paired_bootstrap(base["per_example"][name], tuned["per_example"][name],
-                                                      n_resamples=opts.n_resamples, confidence=opts.confidence,
-                                                      seed=opts.seed, lower_is_better=name in LOWER_IS_BETTER
-                                                      ).items() if k != "delta"}
-        out[name] = row
-    return out
+    """Per metric: tuned - base, with a paired bootstrap CI (corpus metrics recomputed per
+    resample) where both systems have what it takes to resample the metric."""
+    ci = paired_intervals(base, tuned, n_resamples=opts.n_resamples, confidence=opts.confidence, seed=opts.seed)
+    return {name: {"base": b_val, "tuned": tuned["scores"][name], "delta": tuned["scores"][name] - b_val}
+            | ci.get(name, {})
+            for name, b_val in base["scores"].items() if name in tuned["scores"]}
 
 
 def run_harness(model, tok, tasks: str, include: Path | None, console: Console) -> dict:
@@ -290,6 +282,16 @@ def fmt(name: str, v: float | None) -> str:
     return f"{v:.3f}" if name in LOWER_IS_BETTER else f"{100 * v:.1f}%"
 
 
+def fmt_ci(name: str, system: dict) -> str:
+    """The value with its own interval, when eval_results.json has one."""
+    ci = system.get("intervals", {}).get(name)
+    if ci is None:
+        return fmt(name, system["scores"].get(name))
+    if name in LOWER_IS_BETTER:
+        return f"{fmt(name, system['scores'][name])} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{fmt(name, system['scores'][name])} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
 def fmt_delta(name: str, c: dict) -> str:
     scale, unit = (1, "") if name in LOWER_IS_BETTER else (100, " pts")
     d = f"{scale * c['delta']:+.{3 if not unit else 1}f}{unit}"
@@ -299,8 +301,8 @@ def fmt_delta(name: str, c: dict) -> str:
 
 
 def score_rows(results: dict, under_test: str) -> tuple[list[str], list[list[str]]]:
-    """One row per metric: each system's value, then the delta of the model under test
-    against each baseline with its bootstrap CI."""
+    """One row per metric: each system's value with its own interval, then the delta of the
+    model under test against each baseline with its paired bootstrap CI."""
     names = list(results["systems"])
     baselines = [n for n in names if n != under_test]
     header = ["metric", *names, *(f"{under_test} - {b} ({int(100 * results['bootstrap']['confidence'])}% CI)"
@@ -308,7 +310,7 @@ def score_rows(results: dict, under_test: str) -> tuple[list[str], list[list[str
     metrics = list(results["systems"][under_test]["scores"])
     rows = []
     for m in metrics:
-        cells = [fmt(m, results["systems"][n]["scores"].get(m)) for n in names]
+        cells = [fmt_ci(m, results["systems"][n]) if m in results["systems"][n]["scores"] else "-" for n in names]
         cells += [fmt_delta(m, results["comparisons"][b][m]) if m in results["comparisons"][b] else "-"
                   for b in baselines]
         rows.append([m, *cells])
@@ -348,7 +350,8 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
               rp.text(f"Data: {results['data']} ({results['n']} rows); task kind: {results['kind']}; "
                       f"main metric: {systems[under_test]['main']}. Intervals: paired bootstrap over examples "
                       f"({results['bootstrap']['resamples']} resamples); corpus-level metrics (BLEU, chrF, macro/micro "
-                      "scores) have no interval. Loss and perplexity: lower is better."),
+                      "scores) and perplexity are recomputed on each resample. Each system's own interval is in "
+                      "eval_results.json (systems.NAME.intervals). Loss and perplexity: lower is better."),
               rp.table(header, rows),
               rp.text(TOOL_METRICS_TEXT) if results["kind"] == "tools" else None,
               rp.table(["system", "seconds / request", "prompt tokens / request", "output tokens / request"],

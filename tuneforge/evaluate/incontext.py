@@ -1,9 +1,12 @@
 """In-context baselines: few-shot (k fixed examples from train) and RAG (the k training
-examples most similar to each query), both as earlier chat turns of the conversation."""
+examples most similar to each query), both as earlier chat turns of the conversation; or RAG
+over a folder of documents (chunks in the system turn)."""
 
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import torch
 
@@ -84,3 +87,50 @@ def rag_convs(convs: list[list[dict]], train: list[list[dict]], retriever, k: in
     """Each conversation preceded by its k most similar training examples."""
     hits = retriever.top_k([query_text(c) for c in convs], k)
     return [with_examples(c, [train[i] for i in idx]) for c, idx in zip(convs, hits)]
+
+
+# --- retrieval from a folder of documents (compare --docs) --------------------------------------
+
+DOC_SUFFIXES = (".txt", ".md")
+
+
+def load_doc_chunks(folder: str | Path, max_words: int = 120) -> tuple[list[str], dict]:
+    """Chunks of the .txt/.md files under ``folder`` (recursive, sorted): paragraphs (blank-line
+    separated) merged up to ``max_words``, a longer paragraph cut into pieces of that size.
+    Returns (chunks, report); files of other kinds are counted as skipped, never read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--docs {folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    docs = [p for p in files if p.suffix.lower() in DOC_SUFFIXES]
+    if not docs:
+        raise ValueError(f"--docs {folder}: no .txt or .md files in it ({len(files)} other file(s))")
+    chunks: list[str] = []
+    for p in docs:
+        current: list[str] = []
+        for para in re.split(r"\n\s*\n", p.read_text(encoding="utf-8")):
+            words = para.split()
+            for s in range(0, len(words), max_words):
+                piece = words[s : s + max_words]
+                if current and len(current) + len(piece) > max_words:
+                    chunks.append(" ".join(current))
+                    current = []
+                current += piece
+        if current:
+            chunks.append(" ".join(current))
+    return chunks, {"dir": str(folder), "files": len(docs), "chunks": len(chunks), "max_words": max_words,
+                    "skipped_files": [str(p.relative_to(folder)) for p in files if p not in docs]}
+
+
+def with_context(messages: list[dict], passages: list[str]) -> list[dict]:
+    """The conversation with retrieved passages in its system turn (added when it has none)."""
+    context = "Use these passages where they help:\n\n" + "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages))
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{context}"}, *messages[1:]]
+    return [{"role": "system", "content": context}, *messages]
+
+
+def doc_rag_convs(convs: list[list[dict]], chunks: list[str], retriever, k: int) -> list[list[dict]]:
+    """Each conversation with its k most similar document chunks as context."""
+    hits = retriever.top_k([query_text(c) for c in convs], k)
+    return [with_context(c, [chunks[i] for i in idx]) for c, idx in zip(convs, hits)]

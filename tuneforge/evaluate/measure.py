@@ -51,6 +51,7 @@ def measure(model, tok, convs: list[list[dict]], *, kind: str, labels: list[str]
                                    device=gen.device, autocast_dtype=gen.autocast_dtype))
         result["scores"] |= {"loss": lm["loss"], "perplexity": lm["perplexity"]}
         result["per_example"]["loss"] = lm["per_example_loss"]
+        result["loss_tokens"] = lm["per_example_tokens"]
     output_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in preds)
     return result | {
         "n": len(convs), "preds": preds, "refs": refs, "prompts": [c[-2]["content"] for c in convs],
@@ -99,6 +100,7 @@ def measure_tools(model, tok, convs: list[list[dict]], tools: list[list[dict]], 
                                    batch_size=gen.batch_size, device=gen.device, autocast_dtype=gen.autocast_dtype))
         result["scores"] |= {"loss": lm["loss"], "perplexity": lm["perplexity"]}
         result["per_example"]["loss"] = lm["per_example_loss"]
+        result["loss_tokens"] = lm["per_example_tokens"]
     output_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in preds)
     return result | {
         "n": len(convs), "preds": preds, "refs": [reference_text(c[-1]) for c in firsts],

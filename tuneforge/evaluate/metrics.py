@@ -61,24 +61,29 @@ def is_json_object(text: str) -> bool:
         return False
 
 
-def score(metric: str, preds: list[str], refs: list[str]) -> tuple[dict[str, float], list[float]]:
-    """Aggregate scores and the per-example main score."""
+def score_per_example(metric: str, preds: list[str], refs: list[str]) -> dict[str, list[float]]:
+    """Every metric's per-example scores, the main one first (what the bootstrap resamples)."""
     if metric == "auto":
         metric = "json" if refs and all(is_json_object(r) for r in refs) else "exact_match"
     if metric == "json":
         rows = [json_scores(p, r) for p, r in zip(preds, refs)]
-        agg = {f"json_{k}": sum(x[k] for x in rows) / len(rows) for k in ("exact", "fields", "valid")}
-        return agg, [x["exact"] for x in rows]
+        return {f"json_{k}": [x[k] for x in rows] for k in ("exact", "fields", "valid")}
     fn = {"exact_match": exact_match, "token_f1": token_f1}[metric]
-    per = [fn(p, r) for p, r in zip(preds, refs)]
-    return {metric: sum(per) / len(per)}, per
+    return {metric: [fn(p, r) for p, r in zip(preds, refs)]}
+
+
+def score(metric: str, preds: list[str], refs: list[str]) -> tuple[dict[str, float], list[float]]:
+    """Aggregate scores and the per-example main score."""
+    per = score_per_example(metric, preds, refs)
+    return {k: sum(v) / len(v) for k, v in per.items()}, next(iter(per.values()))
 
 
 # --- metrics chosen by task -------------------------------------------------------------
 #
 # ``task_metrics`` returns aggregates plus per-example scores: the per-example lists are
 # what the paired bootstrap resamples, so every metric that is a mean over examples has
-# one. Corpus-level metrics (BLEU, chrF, macro scores) have no per-example form.
+# one. Corpus-level metrics (BLEU, chrF, macro scores) have no per-example form: the
+# bootstrap recomputes them on each resample of the examples (evaluate/intervals.py).
 
 OTHER = "(other)"  # a generated answer that names none of the labels
 
@@ -105,33 +110,45 @@ def to_label(pred: str, labels: list[str]) -> str:
     return hits[0] if len(hits) == 1 else OTHER
 
 
-def classification_scores(pred_labels: list[str], gold_labels: list[str], labels: list[str]) -> dict:
-    """accuracy, macro and micro precision/recall/F1 over ``labels``, and the confusion
-    matrix (rows: gold, columns: predicted; the last column counts OTHER answers)."""
+def confusion_matrix(pred_labels: list[str], gold_labels: list[str], labels: list[str]) -> list[list[int]]:
+    """Rows: gold, columns: predicted; the last column counts OTHER answers."""
     cols = [*labels, OTHER]
     matrix = [[0] * len(cols) for _ in labels]
     for p, g in zip(pred_labels, gold_labels):
         matrix[labels.index(g)][cols.index(p)] += 1
-    tp = [matrix[i][i] for i in range(len(labels))]
-    predicted = [sum(matrix[r][i] for r in range(len(labels))) for i in range(len(labels))]
+    return matrix
+
+
+def scores_from_confusion(matrix) -> dict[str, float]:
+    """accuracy, macro and micro precision/recall/F1 of a confusion matrix (``confusion_matrix``'s
+    layout; a list of lists or a numpy array: the bootstrap recomputes them per resample)."""
+    n_labels = len(matrix)
+    tp = [matrix[i][i] for i in range(n_labels)]
+    predicted = [sum(matrix[r][i] for r in range(n_labels)) for i in range(n_labels)]
     actual = [sum(row) for row in matrix]
 
     def ratio(a, b):
-        return a / b if b else 0.0
+        return float(a / b) if b else 0.0
 
     prec = [ratio(t, p) for t, p in zip(tp, predicted)]
     rec = [ratio(t, a) for t, a in zip(tp, actual)]
     f1 = [ratio(2 * p * r, p + r) for p, r in zip(prec, rec)]
-    n = len(gold_labels)
+    n = sum(actual)
     # Micro scores count OTHER answers as false negatives but not as false positives of
     # any label, so micro precision can exceed accuracy when the model answers off-label.
     micro_p, micro_r = ratio(sum(tp), sum(predicted)), ratio(sum(tp), n)
     return {"accuracy": ratio(sum(tp), n),
-            "precision_macro": sum(prec) / len(labels), "recall_macro": sum(rec) / len(labels),
-            "f1_macro": sum(f1) / len(labels),
+            "precision_macro": sum(prec) / n_labels, "recall_macro": sum(rec) / n_labels,
+            "f1_macro": sum(f1) / n_labels,
             "precision_micro": micro_p, "recall_micro": micro_r,
-            "f1_micro": ratio(2 * micro_p * micro_r, micro_p + micro_r),
-            "confusion": {"labels": cols, "matrix": matrix}}
+            "f1_micro": ratio(2 * micro_p * micro_r, micro_p + micro_r)}
+
+
+def classification_scores(pred_labels: list[str], gold_labels: list[str], labels: list[str]) -> dict:
+    """accuracy, macro and micro precision/recall/F1 over ``labels``, and the confusion
+    matrix (rows: gold, columns: predicted; the last column counts OTHER answers)."""
+    matrix = confusion_matrix(pred_labels, gold_labels, labels)
+    return scores_from_confusion(matrix) | {"confusion": {"labels": [*labels, OTHER], "matrix": matrix}}
 
 
 def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:

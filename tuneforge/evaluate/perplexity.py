@@ -59,4 +59,6 @@ def summarize(nll: list[tuple[float, int]]) -> dict:
     total, count = sum(n for n, _ in nll), sum(c for _, c in nll)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
-            "per_example_loss": [n / c if c else 0.0 for n, c in nll]}
+            "per_example_loss": [n / c if c else 0.0 for n, c in nll],
+            # scored tokens per example: the bootstrap re-weights resampled losses by them
+            "per_example_tokens": [c for _, c in nll]}

@@ -37,3 +37,12 @@ def bootstrap_mean_ci(x: list[float], *, n_resamples: int = 2000, confidence: fl
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(means, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+def resample_indices(n: int, *, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n) example indices drawn with replacement: one shared draw, so two systems
+    resampled with the same seed are resampled on the same examples (a paired bootstrap)."""
+    if n <= 0:
+        raise ValueError("a bootstrap needs at least one example")
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+

@@ -6,13 +6,16 @@ call or not, and the final answer after the tool result."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 from tuneforge.config import EvalConfig
 from tuneforge.data.render import prompt_ids, with_system
 from tuneforge.evaluate.generate import generate_texts
 from tuneforge.evaluate.measure import GenSettings, measure_tools
-from tuneforge.evaluate.metrics import score
+from tuneforge.evaluate.intervals import system_intervals
+from tuneforge.evaluate.metrics import score_per_example
 from tuneforge.evaluate.tool_metrics import is_tool_row
 
 
@@ -29,11 +32,20 @@ def evaluate_rows(model, tok, rows: list[dict], ev: EvalConfig, *, device: str, 
     preds = generate_texts(model, tok, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                            device=device, autocast_dtype=autocast_dtype, label=label)
     seconds = time.perf_counter() - t0
-    agg, per = score(ev.metric, preds, refs)
+    per = score_per_example(ev.metric, preds, refs)
+    agg = {k: sum(v) / len(v) for k, v in per.items()}
     samples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": r, "prediction": p, "score": s}
-               for c, r, p, s in zip(convs, refs, preds, per)]
-    return {"n": len(rows), "scores": agg, "seconds": round(seconds, 1), "samples": samples,
+               for c, r, p, s in zip(convs, refs, preds, next(iter(per.values())))]
+    return {"n": len(rows), "scores": agg, "per_example": per,
+            "intervals": system_intervals({"n": len(rows), "scores": agg, "per_example": per}),
+            "rows_sha256": rows_sha256(convs), "seconds": round(seconds, 1), "samples": samples,
             "generation": {"do_sample": False, "max_new_tokens": ev.max_new_tokens}}
+
+
+def rows_sha256(convs: list[list[dict]]) -> str:
+    """One hash of the scored conversations (system prompt included): two evaluations with the
+    same hash scored the same rows in the same order, so their per-example scores pair up."""
+    return hashlib.sha256(json.dumps(convs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def evaluate_tool_rows(model, tok, rows: list[dict], convs: list[list[dict]], ev: EvalConfig, *, device: str,
@@ -47,5 +59,6 @@ def evaluate_tool_rows(model, tok, rows: list[dict], convs: list[list[dict]], ev
     samples = [{"prompt": q, "reference": r, "prediction": p, "score": s}
                for q, r, p, s in zip(m["prompts"], m["refs"], m["preds"], m["per_example"][m["main"]])]
     return {"n": len(rows), "kind": "tools", "scores": m["scores"], "per_example": m["per_example"],
+            "intervals": system_intervals(m), "rows_sha256": rows_sha256(convs),
             "seconds": round(time.perf_counter() - t0, 1), "samples": samples,
             "generation": {"do_sample": False, "max_new_tokens": ev.max_new_tokens}}

@@ -191,7 +191,9 @@ class Registry:
             return self._info(name, self._version(s, model.id, name, number))
 
     # --- aliases -----------------------------------------------------------------------------
-    def promote(self, ref: str, alias: str, force: bool = False) -> str:
+    def promote(self, ref: str, alias: str, force: bool = False, verdict=None) -> str:
+        """``verdict``: registry.gate's paired comparison (run before this, outside the write
+        lock: it may score both versions); without one, the quick point-estimate ``gate``."""
         name, a, number = parse_ref(ref)
         if a is not None or number is None:
             raise RegistryError(f"promote takes a version (e.g. {name}:v2), not '{ref}'")
@@ -200,14 +202,20 @@ class Registry:
             new = self._version(s, model.id, name, number)
             row = self._alias_row(s, model.id, alias)
             old = s.get(Version, row.version_id) if row else None
-            problem = gate(new, old) if old is not None else None
+            if verdict is not None and (old.number if old else None) != verdict.old_number:
+                raise RegistryError(f"{name}@{alias} moved to v{old.number if old else None} while the gate compared "
+                                    f"with v{verdict.old_number}: promote again")
+            if verdict is not None:
+                problem = None if verdict.ok else verdict.summary
+            else:
+                problem = gate(new, old) if old is not None else None
             if problem and not force:
                 raise PromotionRefused(f"refused to point {name}@{alias} at v{number}: {problem} (--force to override)")
             if row is None:
                 s.add(Alias(model_id=model.id, alias=alias, version_id=new.id))
             else:
                 row.version_id = new.id
-            note = f"forced: {problem}" if problem else ""
+            note = f"forced: {problem}" if problem else (f"gate {verdict.summary}" if verdict is not None else "")
             s.add(AliasEvent(model_id=model.id, alias=alias, action="promote",
                              from_version=old.number if old else None, to_version=number, note=note))
             return f"{name}@{alias} -> v{number}" + (f" ({note})" if note else "")

@@ -35,13 +35,20 @@ def trained_tokens(batch: dict) -> int:
 
 
 @torch.no_grad()
-def validation_loss(model, objective, opts, batches: list[dict], *, device, dtype, hidden_path) -> float:
+def validation_losses(model, objective, opts, batches: list[dict], *, device, dtype,
+                      hidden_path) -> list[tuple[float, int]]:
+    """(summed token loss, counted tokens) per batch; with batches of one row, per row (what a
+    bootstrap over rows resamples)."""
     model.eval()
-    total, n = 0.0, 0
+    out = []
     for b in batches:
         with autocast(device, dtype):
             loss_sum, count = objective.loss(model, to_device(b, device), opts, hidden_path=hidden_path)
-        total += float(loss_sum)
-        n += int(count)
+        out.append((float(loss_sum), int(count)))
     model.train()
-    return total / max(n, 1)
+    return out
+
+
+def validation_loss(model, objective, opts, batches: list[dict], *, device, dtype, hidden_path) -> float:
+    parts = validation_losses(model, objective, opts, batches, device=device, dtype=dtype, hidden_path=hidden_path)
+    return sum(t for t, _ in parts) / max(sum(n for _, n in parts), 1)

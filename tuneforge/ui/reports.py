@@ -31,7 +31,7 @@ from tuneforge.io import sha256_file
 from tuneforge.plugins import objective_of
 from tuneforge.production.http import ApiError
 from tuneforge.runs import load_run_config
-from tuneforge.train.compare import QUALITATIVE, compare_table
+from tuneforge.train.compare import compare_table, effort_table
 from tuneforge.ui.charts import bar_chart
 from tuneforge.ui.web import find_run, page_key, render
 from tuneforge.ui.runview import RunRow, read_json
@@ -402,4 +402,5 @@ def compare(folder: Path) -> dict | None:
     if not results.get("strategies"):
         return None
     header, rows = compare_table(results)
-    return {"results": results, "header": header, "rows": rows, "qualitative": QUALITATIVE}
+    e_header, e_rows = effort_table(results)
+    return {"results": results, "header": header, "rows": rows, "effort_header": e_header, "effort_rows": e_rows}

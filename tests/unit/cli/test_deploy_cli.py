@@ -1,6 +1,6 @@
 """The registry and keys commands: exit codes and what they print (over fake run folders)."""
 
-from deploy_helpers import fake_run
+from deploy_helpers import fake_run, with_eval
 
 from tuneforge.cli import main
 
@@ -14,8 +14,15 @@ def test_registry_and_keys_commands(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert "support-bot:v1" in capsys.readouterr().out
     assert main(["registry", "add", str(worse), "--name", "support-bot"]) == 0
     assert main(["registry", "promote", "support-bot:v1", "--alias", "prod"]) == 0
+    with_eval(good, [1.0] * 32 + [0.0] * 8, "a")  # 80% and 40% on the same 40 rows
+    with_eval(worse, [1.0] * 16 + [0.0] * 24, "a")
     assert main(["registry", "promote", "support-bot:v2", "--alias", "prod"]) == 3  # worse: refused
-    assert "worse than v1" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not shown to be no worse" in err and "exact_match 0.4000 vs 0.8000 on 40 rows" in err
+    assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--min-rows", "50"]) == 3
+    assert "40 scored, 50 needed (--min-rows)" in " ".join(capsys.readouterr().err.split())
+    assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--confidence", "2"]) == 2
+    assert "--confidence: Input should be less than 1" in capsys.readouterr().err
     assert main(["registry", "promote", "support-bot:v2", "--alias", "prod", "--force"]) == 0
     assert main(["registry", "rollback", "support-bot", "--alias", "prod"]) == 0
     assert "-> v1 (was v2)" in capsys.readouterr().out

@@ -1,13 +1,15 @@
 """Loss/perplexity, forgetting probe, in-context prompts, retrieval, costs, reports."""
 
 import math
+import random
 
 import pytest
 import torch
 
-from tuneforge.train.compare import Prices, cost_of_ownership, recommend
+from tuneforge.train.compare import Prices, cost_of_ownership, interleaved_schedule, recommend
 from tuneforge.evaluate.forgetting import forgetting_verdict, general_texts
-from tuneforge.evaluate.incontext import BM25Retriever, MiniLMRetriever, draw_shots, query_text, with_examples
+from tuneforge.evaluate.incontext import (BM25Retriever, MiniLMRetriever, doc_rag_convs, draw_shots, load_doc_chunks,
+                                          query_text, with_examples)
 from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize, text_rows
 from tuneforge.evaluate.report import image, table, text, write_report
 
@@ -67,12 +69,68 @@ def test_cost_of_ownership_and_recommendation():
     assert cost_of_ownership(row, 1000, Prices()) == {"compute_seconds": 600.0, "compute_hours": 600 / 3600}
     priced = cost_of_ownership(row, 1000, Prices(input_per_1m=1.0, output_per_1m=2.0, compute_per_hour=3.6))
     assert priced["cost"] == pytest.approx(600 / 3600 * 3.6 + 1000 * (200 * 1.0 + 20 * 2.0) / 1e6)
-    rows = [{"name": "zero-shot", "accuracy": 0.1, "tco": 10}, {"name": "rag", "accuracy": 0.85, "tco": 50},
-            {"name": "fine-tuned", "accuracy": 0.86, "tco": 30}, {"name": "fine-tuned + rag", "accuracy": 0.9,
-                                                                  "tco": 80}]
-    assert recommend(rows, 0.02)["strategy"] == "fine-tuned + rag"
-    rec = recommend(rows, 0.05)  # fine-tuned is within 5 points and cheaper
-    assert rec["strategy"] == "fine-tuned" and any("zero-shot" in r for r in rec["reasons"])
+
+
+def rows_and_scores(accuracies: dict[str, float], n: int, tco: dict[str, float]):
+    """Per-row 0/1 scores with exactly the given accuracies on n rows, right on other rows per strategy."""
+    per = {}
+    for seed, (k, a) in enumerate(accuracies.items()):
+        scores = [1.0] * round(a * n) + [0.0] * (n - round(a * n))
+        random.Random(seed).shuffle(scores)
+        per[k] = scores
+    return [{"name": k, "accuracy": a, "tco": tco[k]} for k, a in accuracies.items()], per
+
+
+def test_recommendation_needs_a_significant_difference():
+    tco = {"zero-shot": 10, "rag": 50, "fine-tuned": 30, "fine-tuned + rag": 80}
+    # The issue's case: 75% [25, 100] against 50% [0, 100] on 4 rows: no recommendation, say why.
+    rows, per = rows_and_scores({"zero-shot": 0.5, "fine-tuned": 0.75}, 4, tco)
+    rec = recommend(rows, per)
+    assert rec["strategy"] is None and rec["best"] == "fine-tuned"
+    assert rec["reasons"][0].startswith("no significant difference at 4 rows; run with more")
+    # Enough rows: zero-shot is significantly worse, rag and fine-tuned are not distinguishable from
+    # the best, so the cheapest of them (fine-tuned) is recommended, with the intervals as reasons.
+    rows, per = rows_and_scores({"zero-shot": 0.1, "rag": 0.85, "fine-tuned": 0.86, "fine-tuned + rag": 0.9}, 200, tco)
+    rec = recommend(rows, per)
+    assert rec["strategy"] == "fine-tuned" and rec["best"] == "fine-tuned + rag"
+    assert rec["differences"]["zero-shot"]["low"] > 0 >= rec["differences"]["fine-tuned"]["low"]
+    assert "significantly worse" in rec["reasons"][1] and "zero-shot" in rec["reasons"][1]
+    assert "rag" not in rec["reasons"][1].replace("zero-shot", "")  # rag is not called worse
+    # A tolerance asks the gap to be larger than it: then even zero-shot's is not enough.
+    assert recommend(rows, per, tolerance=0.9)["strategy"] is None
+
+
+def test_strategies_are_timed_round_robin_over_row_chunks():
+    names = ["a", "b", "c"]
+    steps = interleaved_schedule(7, 3, names)
+    assert steps == [("a", 0, 3), ("b", 0, 3), ("c", 0, 3),
+                     ("b", 3, 6), ("c", 3, 6), ("a", 3, 6),
+                     ("c", 6, 7), ("a", 6, 7), ("b", 6, 7)]
+    # every strategy covers every row exactly once
+    for n in names:
+        assert [r for s, a, b in steps if s == n for r in range(a, b)] == list(range(7))
+
+
+def test_rag_over_a_docs_folder_retrieves_the_chunk_with_the_fact(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "policy.md").write_text("# Returns\n\nItems can be returned within 30 days.\n\n"
+                                    "Refunds go to the original card.")
+    (docs / "sub" / "shipping.txt").write_text("Shipping to Norway takes five days. " * 3
+                                               + "\n\n" + "filler words here " * 60)
+    (docs / "image.png").write_bytes(b"\x89PNG")
+    chunks, report = load_doc_chunks(docs, max_words=40)
+    assert report["files"] == 2 and report["skipped_files"] == ["image.png"] and report["chunks"] == len(chunks)
+    assert all(len(c.split()) <= 40 for c in chunks) and any("30 days" in c for c in chunks)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How long does shipping to Norway take?"},
+            {"role": "assistant", "content": "five days"}]
+    out = doc_rag_convs([conv], chunks, BM25Retriever(chunks), 1)[0]
+    assert out[0]["content"].startswith("Be brief.\n\nUse these passages") and "Shipping to Norway" in out[0]["content"]
+    assert out[1:] == conv[1:]
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "a.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no .txt or .md files in it \\(1 other file"):
+        load_doc_chunks(tmp_path / "pngs")
 
 
 def test_html_report_is_self_contained(tmp_path):

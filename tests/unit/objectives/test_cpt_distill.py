@@ -17,6 +17,11 @@ def test_cpt_packs_text_and_reports_perplexity_before_and_after(tiny_raw_cfg, tm
     run_dir = train(validate_config(raw))
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["tuned"]["perplexity"] < ev["base"]["perplexity"]
+    for who in ("base", "tuned"):  # intervals over test rows, from per-row token losses
+        lo, hi = ev[who]["intervals"]["perplexity"]
+        assert lo <= ev[who]["perplexity"] <= hi and lo < hi
+    change = ev["comparison"]["perplexity"]
+    assert change["low"] <= change["delta"] <= change["high"] and change["delta"] < 0
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["load"]["train"]["format"] == "text"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

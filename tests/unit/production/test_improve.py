@@ -132,15 +132,16 @@ def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_
 
     # a gate that asks for more than training gives: registered, not canaried, why said
     refused = improve(reg, "bot", ImproveConfig.model_validate(
-        common | {"run_name": "try1", "gate": {"metric": "loss", "min_gain": 100}}), QUIET)
+        common | {"run_name": "try1", "gate": {"metric": "loss", "min_gain": 100, "min_rows": 2}}), QUIET)
     assert refused["version"] == "bot:v2" and refused["verdict"]["canary"] is False
-    assert "feedback set loss is not better by more than 100" in refused["verdict"]["why"][0]
+    assert "feedback set loss is not shown to be better by more than 100: loss change +" in refused["verdict"]["why"][0]
+    assert refused["verdict"]["changes"]["feedback"]["low"] <= refused["verdict"]["changes"]["feedback"]["high"]
     assert "canary" not in reg.aliases("bot") and reg.route_arms("bot") is None
     with Session(reg.engine) as s:
         assert s.scalars(select(ReviewItem.used_in)).all() == [None] * 14  # still available
 
     passed = improve(reg, "bot", ImproveConfig.model_validate(
-        common | {"run_name": "try2", "gate": {"metric": "loss", "tolerance": 0.05}}), QUIET)
+        common | {"run_name": "try2", "gate": {"metric": "loss", "tolerance": 0.05, "min_rows": 2}}), QUIET)
     new, cur = passed["scores"]["new"], passed["scores"]["current"]
     assert new["feedback"]["loss"] < cur["feedback"]["loss"]  # trained on the corrections
     assert passed["verdict"]["canary"] is True, passed["verdict"]
@@ -157,6 +158,14 @@ def test_improve_refuses_then_passes_the_gate_and_sets_the_canary(base_run, tmp_
         used = dict(s.execute(select(ReviewItem.id, ReviewItem.used_in)).all())
     assert {i for i, v in used.items() if v == "bot:v3"} == set(passed["data"]["review_items_train"])
     assert all(used[i] is None for i in passed["data"]["review_items_holdout"])
+
+    # the default gate refuses to decide on so few rows and says how many it needs; force overrides, recorded
+    reg = reviewed_registry(tmp_path / "reg2.db", base_run)
+    few = improve(reg, "bot", ImproveConfig.model_validate(common | {"run_name": "try-few", "gate": {"metric": "loss"}}),
+                  QUIET, force=True)
+    assert few["verdict"]["canary"] is True and reg.aliases("bot")["canary"] == 2
+    assert any("rows; the gate needs 20 (gate.min_rows) to decide" in why for why in few["verdict"]["forced"])
+    assert json.loads((tmp_path / "runs" / "try-few" / "improve.json").read_text())["verdict"]["forced"]
 
 
 class FakeEngine:

@@ -27,6 +27,14 @@ def test_lora_trains_adapters_only_and_adapter_reloads_with_identical_logits(tin
         assert (run_dir / f).exists(), f
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, 7))
+    ev = json.loads((run_dir / "eval.json").read_text())
+    for who in ("base", "tuned"):  # every metric with its own interval, the rows it was scored on hashed
+        main, value = next(iter(ev[who]["scores"].items()))
+        lo, hi = ev[who]["intervals"][main]
+        assert lo <= value <= hi and len(ev[who]["rows_sha256"]) == 64
+        assert len(next(iter(ev[who]["per_example"].values()))) == ev[who]["n"]
+    assert ev["base"]["rows_sha256"] == ev["tuned"]["rows_sha256"]
+    assert {"delta", "low", "high", "p_not_better"} <= set(next(iter(ev["comparison"].values())))
     pii = json.loads((run_dir / "data_report.json").read_text())["pii"]
     assert pii["train"]["info"]["action"] == "redact" and pii["train"]["input"] > 0  # data.pii ran on the raw rows
     assert any(m["kind"] == "eval" for m in metrics)

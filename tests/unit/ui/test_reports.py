@@ -210,8 +210,10 @@ def compare_folder(run):
                                                         ("fine-tuned + rag", 0.76, 0.03, 70, 30))]
     for r in rows:
         r["tco"] = cost_of_ownership(r, 1000, Prices())
+    # 40 rows: each strategy right on its first accuracy * 40 rows (nested, so the gaps are significant)
+    per = {r["name"]: [1.0] * round(40 * r["accuracy"]) + [0.0] * (40 - round(40 * r["accuracy"])) for r in rows}
     rec = recommend([{"name": r["name"], "accuracy": r["accuracy"], "tco": r["tco"]["compute_seconds"]} for r in rows],
-                    0.02)
+                    per)
     (run / "compare").mkdir()
     (run / "compare" / "compare.json").write_text(json.dumps({
         "config": "c.yaml", "run": str(run), "n": 4, "kind": "short_answer", "k": 3, "retriever": "bm25",

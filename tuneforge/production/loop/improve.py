@@ -48,6 +48,7 @@ from tuneforge.data.prepare import PrepareOptions, build_splits, load_prepared, 
 from tuneforge.data.render import with_system
 from tuneforge.data.split import SplitOptions
 from tuneforge.evaluate.perplexity import answer_rows, nll_per_row, summarize
+from tuneforge.evaluate.stats import paired_bootstrap
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.io import sha256_file, write_json
 from tuneforge.plugins import validate_config
@@ -78,8 +79,13 @@ class GateConfig(Strict):
     metric: Literal["task", "loss"] = Field(
         "task", description="task: the run's eval metric on generated answers (higher is better); "
         "loss: teacher-forced loss of the reference answers (lower is better)")
-    tolerance: float = Field(0.01, ge=0, description="held-out test may be worse by at most this")
-    min_gain: float = Field(0.0, ge=0, description="feedback set must be better by more than this")
+    tolerance: float = Field(0.01, ge=0, description="held-out test may be worse by at most this: the lower end "
+                             "of the paired interval of the change must be at or above -tolerance")
+    min_gain: float = Field(0.0, ge=0, description="feedback set must be better by more than this: the lower end "
+                            "of the paired interval of the gain must be above it")
+    min_rows: int = Field(20, ge=1, description="rows each set (test, held-out feedback) needs before the gate "
+                          "decides; fewer: refused, saying how many are needed")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the paired bootstrap intervals")
 
 
 class CanaryConfig(Strict):
@@ -284,35 +290,54 @@ def score_version(run_dir: str, sets: dict[str, list[dict]], ev: EvalConfig, lab
                           label=f"{label} on {name}")
         convs = [with_system(row["messages"], system_prompt) for row in rows]
         loss = summarize(nll_per_row(model, answer_rows(tok, convs), tok.pad_token_id, batch_size=ev.batch_size,
-                                     device=device, autocast_dtype=autocast))["loss"]
+                                     device=device, autocast_dtype=autocast))
         metric = next(iter(r["scores"]))
-        out[name] = {"n": len(rows), "metric": metric, "task": r["scores"][metric], "loss": round(loss, 5)}
+        out[name] = {"n": len(rows), "metric": metric, "task": r["scores"][metric], "loss": round(loss["loss"], 5),
+                     # per row, in the same order for both versions: the gate pairs them
+                     "per_example": {"task": r["per_example"][metric], "loss": loss["per_example_loss"]}}
     del model
     gc.collect()
     return out
 
 
-def gate(current: dict, new: dict, g: GateConfig) -> list[str]:
-    """Why the new version may not go to canary (empty: it may)."""
-    key, sign = ("task", 1) if g.metric == "task" else ("loss", -1)
-    name = current["test"]["metric"] if key == "task" else "loss"
-    problems = []
-    held = sign * (new["test"][key] - current["test"][key])
-    if held < -g.tolerance:
-        problems.append(f"held-out test {name} is worse: new {new['test'][key]:.4f} vs current "
-                        f"{current['test'][key]:.4f} (tolerance {g.tolerance:g})")
-    gain = sign * (new["feedback"][key] - current["feedback"][key])
-    if gain <= g.min_gain:
-        problems.append(f"feedback set {name} is not better by more than {g.min_gain:g}: new "
-                        f"{new['feedback'][key]:.4f} vs current {current['feedback'][key]:.4f}")
-    return problems
+def paired_change(current: dict, new: dict, g: GateConfig) -> dict:
+    """new - current on one set's rows, signed so that positive is better (loss: current - new),
+    with its paired bootstrap interval."""
+    key = g.metric
+    r = paired_bootstrap(current["per_example"][key], new["per_example"][key], confidence=g.confidence)
+    if key == "loss":
+        r = {"delta": -r["delta"], "low": -r["high"], "high": -r["low"]}
+    return {"n": current["n"], "metric": current["metric"] if key == "task" else "loss",
+            "delta": r["delta"], "low": r["low"], "high": r["high"]}
+
+
+def gate(current: dict, new: dict, g: GateConfig) -> tuple[list[str], dict]:
+    """(why the new version may not go to canary (empty: it may), the paired changes per set).
+    Checks in order, per set: enough rows, then the interval (test: no worse than -tolerance;
+    feedback: better than min_gain)."""
+    problems, changes = [], {}
+    for name, rule in (("test", "no worse"), ("feedback", "better")):
+        what = "held-out test" if name == "test" else "feedback set"
+        if current[name]["n"] < g.min_rows:
+            problems.append(f"{what} has {current[name]['n']} rows; the gate needs {g.min_rows} (gate.min_rows) to "
+                            "decide" + (": review more items" if name == "feedback" else ""))
+            continue
+        c = changes[name] = paired_change(current[name], new[name], g)
+        figures = (f"{c['metric']} change {c['delta']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] on {c['n']} rows "
+                   f"({100 * g.confidence:.0f}% paired bootstrap, positive is better)")
+        if rule == "no worse" and c["low"] < -g.tolerance:
+            problems.append(f"{what} is not shown to be no worse than -{g.tolerance:g}: {figures}")
+        if rule == "better" and c["low"] <= g.min_gain:
+            problems.append(f"{what} {c['metric']} is not shown to be better by more than {g.min_gain:g}: {figures}")
+    return problems, changes
 
 
 # --- the cycle ----------------------------------------------------------------------------------
 
 
-def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | None = None) -> dict:
-    """One improve cycle; returns the lineage record (also written to RUN/improve.json)."""
+def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | None = None, force: bool = False) -> dict:
+    """One improve cycle; returns the lineage record (also written to RUN/improve.json).
+    ``force``: canary the new version even if the gate refuses (the refusal is recorded)."""
     console = console or Console()
 
     # --- setup -------------------------------------------------------------------------
@@ -344,12 +369,17 @@ def improve(reg: Registry, name: str, cfg: ImproveConfig, console: Console | Non
     # --- register and gate ---------------------------------------------------------------
     version = reg.add(run_dir, name)
     lineage["version"] = version.ref
-    problems = gate(scores["current"], scores["new"], cfg.gate)
-    if problems:
-        lineage["verdict"] = {"canary": False, "why": problems}
+    problems, changes = gate(scores["current"], scores["new"], cfg.gate)
+    for set_name, c in changes.items():
+        console.print(f"gate {set_name}: {c['metric']} change {c['delta']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                      f"on {c['n']} rows (positive is better)")
+    if problems and not force:
+        lineage["verdict"] = {"canary": False, "why": problems, "changes": changes}
         console.print(f"[yellow]{version.ref} registered but not sent to canary[/]:\n  - " + "\n  - ".join(problems))
     else:
-        lineage["verdict"] = {"canary": True, **start_canary(reg, name, version, cfg)}
+        # forced: the refusal is kept beside the canary, in improve.json
+        lineage["verdict"] = {"canary": True, "changes": changes, **({"forced": problems} if problems else {}),
+                              **start_canary(reg, name, version, cfg)}
         with Session(reg.engine) as s, s.begin():
             s.execute(update(ReviewItem).where(ReviewItem.id.in_(data["review_items_train"]))
                       .values(used_in=version.ref))

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.render import pad_batch
+from tuneforge.evaluate.intervals import paired_intervals, system_intervals
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.task import evaluate_rows
 from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype, to_device
@@ -38,7 +39,7 @@ from tuneforge.train.loop import Loop, Window, restore_trainable
 from tuneforge.train.multitask import Task, load_tasks, training_mixture
 from tuneforge.train.privacy import dp_loss_scale
 from tuneforge.train.run_folder import manifest_hash, new_run_dir, preflight, report_tasks, writable
-from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss
+from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss, validation_losses
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
@@ -260,20 +261,38 @@ def evaluate(cfg: RunConfig, model, tok, tasks: list[Task], device, dtype, run_d
 
 
 def evaluate_perplexity(cfg: RunConfig, model, tok, test_rows, device, dtype, run_dir: Path, console) -> dict:
-    """Held-out token loss and perplexity, before (adapter off) and after -> eval.json."""
+    """Held-out token loss and perplexity, before (adapter off) and after -> eval.json, with
+    bootstrap intervals over rows (each system's and the paired change)."""
     objective = objective_of(cfg)
     enc = objective.encode(tok, test_rows, cfg.data)
-    batches = epoch_batches(enc.rows, 0, 0, cfg.eval.batch_size, False, cfg.data.max_length, tok.pad_token_id)
+    # One row per batch: the same summed loss as larger batches, and per-row losses to resample.
+    batches = epoch_batches(enc.rows, 0, 0, 1, False, cfg.data.max_length, tok.pad_token_id)
     kw = dict(device=device, dtype=dtype, hidden_path=cfg.train.logits_at_trained_only)
-    results = {}
+    per_row = {}
     if cfg.eval.baseline and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            results["base"] = validation_loss(model, objective, cfg.objective, batches, **kw)
-    results["tuned"] = validation_loss(model, objective, cfg.objective, batches, **kw)
-    scores = {who: {"loss": round(v, 5), "perplexity": round(math.exp(v), 3)} for who, v in results.items()}
-    write_json(run_dir / "eval.json", scores | {"tokens": sum(len(r["input_ids"]) for r in enc.rows)})
-    console.print("held-out perplexity: " + "  ".join(f"{w} {s['perplexity']:.2f}" for w, s in scores.items()))
+            per_row["base"] = validation_losses(model, objective, cfg.objective, batches, **kw)
+    per_row["tuned"] = validation_losses(model, objective, cfg.objective, batches, **kw)
+    systems = {who: loss_system(rows) for who, rows in per_row.items()}
+    scores = {who: {"loss": round(s["scores"]["loss"], 5), "perplexity": round(s["scores"]["perplexity"], 3)}
+              for who, s in systems.items()}
+    results = {who: scores[who] | {"intervals": system_intervals(s)} for who, s in systems.items()}
+    if "base" in systems:
+        results["comparison"] = {m: {"delta": systems["tuned"]["scores"][m] - systems["base"]["scores"][m]} | ci
+                                 for m, ci in paired_intervals(systems["base"], systems["tuned"]).items()}
+    write_json(run_dir / "eval.json", results | {"tokens": sum(len(r["input_ids"]) for r in enc.rows)})
+    console.print("held-out perplexity (95% interval): " + "  ".join(
+        f"{w} {s['perplexity']:.2f} [{results[w]['intervals']['perplexity'][0]:.2f}, "
+        f"{results[w]['intervals']['perplexity'][1]:.2f}]" for w, s in scores.items()))
     return scores
+
+
+def loss_system(rows: list[tuple[float, int]]) -> dict:
+    """Per-row (summed loss, tokens) as evaluate.intervals resamples them."""
+    total, count = sum(t for t, _ in rows), sum(n for _, n in rows)
+    loss = total / max(count, 1)
+    return {"n": len(rows), "scores": {"loss": loss, "perplexity": math.exp(min(loss, 50.0))},
+            "per_example": {"loss": [t / n if n else 0.0 for t, n in rows]}, "loss_tokens": [n for _, n in rows]}
 
 
 def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, console, tag: str = "") -> dict:
@@ -289,23 +308,36 @@ def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, 
         for who, r in results.items():
             for s in r.pop("samples"):
                 f.write(json.dumps({"model": who, **s}) + "\n")
+    if "base" in results:
+        # tuned - base on the same rows, per metric: the interval a reader (and the registry) needs.
+        b, t = results["base"], results["tuned"]
+        results["comparison"] = {m: {"delta": t["scores"][m] - b["scores"][m]} | ci
+                                 for m, ci in paired_intervals(b, t).items() if m in t["scores"]}
     write_json(run_dir / f"eval{tag}.json", results)
     print_before_after(results, console, tag.lstrip("-"))
-    return {who: r["scores"] for who, r in results.items()}
+    return {who: results[who]["scores"] for who in ("base", "tuned") if who in results}
 
 
 def print_before_after(results: dict, console: Console, task: str = "") -> None:
-    metrics = list(results["tuned"]["scores"])
-    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows)")
+    """Each model's score with its 95% interval, and the change with its paired interval."""
+    who = [w for w in ("base", "tuned") if w in results]
+    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows, "
+                        "95% bootstrap intervals)")
     table.add_column("metric")
-    for who in results:
-        table.add_column(who, justify="right")
-    if "base" in results:
+    for w in who:
+        table.add_column(w, justify="right")
+    if "comparison" in results:
         table.add_column("change", justify="right")
-    for m in metrics:
-        vals = [results[w]["scores"][m] for w in results]
-        cells = [f"{100 * v:.1f}%" for v in vals]
-        if "base" in results:
-            cells.append(f"{100 * (vals[-1] - vals[0]):+.1f} pts")
+    for m in results["tuned"]["scores"]:
+        cells = []
+        for w in who:
+            lo, hi = results[w].get("intervals", {}).get(m, (None, None))
+            ci = f" [{100 * lo:.0f}, {100 * hi:.0f}]" if lo is not None else ""
+            cells.append(f"{100 * results[w]['scores'][m]:.1f}%{ci}")
+        c = results.get("comparison", {}).get(m)
+        if c:
+            cells.append(f"{100 * c['delta']:+.1f} pts [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]")
+        elif "comparison" in results:
+            cells.append("-")
         table.add_row(m, *cells)
     console.print(table)
