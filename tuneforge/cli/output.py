@@ -21,12 +21,13 @@ def user_errors(fn):
     def wrapper(args):
         # Imported when the command runs (they import torch): see cli/__init__.py.
         from tuneforge.deploy.gguf_export import GGUFExportError
+        from tuneforge.deploy.prune import PruneError
         from tuneforge.registry.store import RegistryError
         from tuneforge.runs import RunError
 
         try:
             return fn(args)
-        except (RegistryError, RunError, GGUFExportError, DiskFullError, FileExistsError) as e:
+        except (RegistryError, RunError, GGUFExportError, PruneError, DiskFullError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
