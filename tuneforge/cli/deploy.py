@@ -52,7 +52,7 @@ def pruning_table(p: dict):
         table.add_column(col)
     for r in p["table"]:
         score = f"{r['metric']} {r['score']:.4f}" if r["score"] is not None else "-"
-        table.add_row(r["model"], f"{r['size_mb']:.1f}", f"{r['parameters']:,}", f"{r['cpu_tokens_per_s']:.1f}", score)
+        table.add_row(r["model"], f"{r['size_bytes'] / 2**20:.1f}", f"{r['parameters']:,}", f"{r['cpu_tokens_per_s']:.1f}", score)
     return table
 
 
@@ -116,6 +116,8 @@ def cmd_registry(args) -> int:
         v = reg.add(args.run_dir, args.name)
         score = f" ({v.main_metric} {v.main_score:.4f})" if v.main_score is not None else " (no eval score)"
         console.print(f"registered [bold]{v.ref}[/]{score} -> {v.run_dir}")
+        console.print(f"model card: {v.card}" if v.card else
+                      f"[yellow]model card not written[/]: {v.run_dir}/README.md is not one tuneforge wrote (kept)")
     elif args.action == "promote":
         try:
             console.print(reg.promote(args.ref, args.alias, force=args.force))

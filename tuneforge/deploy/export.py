@@ -10,13 +10,16 @@ base (merging in bf16 would round the update away), then:
   pruned  a smaller plain HF folder: MLP channels, attention heads (by key/value group) or
           whole layers removed (deploy/prune.py), optionally a LoRA recovery fine-tune, and a
           size/params/speed/metric table for dense, pruned and recovered (deploy/prune_export.py)
-Writes go to a temp folder renamed into place, so a reader never sees half an export.
+Every format's folder gets a README.md model card (registry/card.py); a README.md the user put
+into an earlier export of the same folder is kept instead. Writes go to a temp folder renamed
+into place, so a reader never sees half an export.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,9 +30,12 @@ from tuneforge.data.tools import chat_ids
 from tuneforge.deploy.prune import PruneError, PruneOptions
 from tuneforge.io import atomic_dir, check_output, write_json
 from tuneforge.models.load import resolve
+from tuneforge.registry.card import CARD, owned_card, write_card
 from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
 
 FORMATS = ("merged", "gguf", "int8", "pruned")
+# The model card's library_name: how each format's folder loads.
+LIBRARY = {"merged": "transformers", "pruned": "transformers", "gguf": "gguf", "int8": "tuneforge"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,6 +61,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
         from tuneforge.deploy.prune_export import check_run  # deferred: only for this format
 
         check_run(run)
+    user_card = out / CARD if (out / CARD).is_file() and not owned_card(out / CARD) else None
     model, tok, _ = load_run(run.run_dir, merge=True)  # fp32 on the CPU: what every format starts from
     extra: dict = {}
     with atomic_dir(out, **guard) as tmp:
@@ -84,8 +91,25 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
             model.generation_config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             extra["vs_bf16"] = compare_models(reference, qmodel, tok, _probe_prompts(run, tok))
-        write_json(tmp / "manifest.json", manifest(run, fmt, tmp, extra))
+        m = manifest(run, fmt, tmp, extra)
+        if user_card is not None:  # a README.md the user wrote into the old export survives the new one
+            shutil.copyfile(user_card, tmp / CARD)
+        else:
+            write_card(tmp, run.run_dir, title=f"{run.run_dir.name} ({fmt} export)", library=LIBRARY[fmt],
+                       tags=(fmt,), command=export_command(run.run_dir, fmt, out, dtype, prune), export=m)
+        write_json(tmp / "manifest.json", m)
     return out
+
+
+def export_command(run_dir: Path, fmt: str, out: Path, dtype: str, prune: PruneOptions | None) -> str:
+    """The command that writes this export again (after the run's own training)."""
+    cmd = f"tuneforge export {run_dir} --format {fmt} --out {out.resolve()}"
+    if dtype != "fp32":
+        cmd += f" --dtype {dtype}"
+    if prune is not None:
+        cmd += f" --sparsity {prune.sparsity} --structured {','.join(prune.structures)}"
+        cmd += f" --recover {prune.recover_steps}" if prune.recover_steps else ""
+    return cmd
 
 
 def made_by_export(folder: Path) -> bool:

@@ -102,7 +102,7 @@ def _save(model, tok, folder: Path, dtype: torch.dtype) -> Path:
 def measure(name: str, model, folder: Path, tok, test_rows: list[dict], cfg, prompts: list[list[int]]) -> dict:
     scores = evaluate_rows(model, tok, test_rows, cfg.eval, device="cpu", autocast_dtype=None,
                            system_prompt=cfg.data.system_prompt, label=f"task metric: {name}")["scores"]
-    return {"model": name, "size_mb": round(sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20, 1),
+    return {"model": name, "size_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
             "parameters": parameter_count(model), "cpu_tokens_per_s": round(tokens_per_second(model, tok, prompts), 2),
             "metric": next(iter(scores), None), "score": next(iter(scores.values()), None), "scores": scores}
 

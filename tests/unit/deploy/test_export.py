@@ -119,3 +119,16 @@ def test_export_and_merge_never_replace_a_folder_tuneforge_did_not_make(run_dir,
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (run_dir / "adapter").is_dir()
     assert main(["export", str(run_dir), "--format", "merged", "--out", str(foreign)]) == 2
     assert "holds files tuneforge did not write" in capsys.readouterr().err
+
+
+def test_every_export_carries_a_model_card_and_a_users_readme_survives_a_new_export(run_dir):
+    from huggingface_hub import ModelCard
+
+    out = export(run_dir, "merged", run_dir / "carded")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "merged" in card.data.tags
+    assert card.data.base_model == json.loads((out / "manifest.json").read_text())["base_model"]
+    assert f"tuneforge export {run_dir.resolve()} --format merged --out {out.resolve()}" in card.text
+    (out / "README.md").write_text("# notes the user wrote\n")
+    export(run_dir, "merged", run_dir / "carded")  # replaces the export it wrote, keeps the user's card
+    assert (out / "README.md").read_text() == "# notes the user wrote\n"

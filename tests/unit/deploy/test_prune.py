@@ -111,3 +111,41 @@ def test_bad_options_and_models_are_refused(model):
     del model.model.layers[0].mlp.gate_proj
     with pytest.raises(PruneError, match="Llama-style"):
         prune(model, CALIB, 0.5, ("mlp",))
+
+
+def test_pruned_export_of_a_run_with_recovery_writes_a_smaller_model_and_its_table(tiny_model_dir, tmp_path):
+    import json
+
+    from tuneforge.deploy.export import export
+    from tuneforge.plugins import validate_config
+    from tuneforge.train.run import train
+
+    raw = {"model": {"name": tiny_model_dir},
+           "data": {"train": ["builtin:orders?n=60&seed=3"], "max_length": 160, "val_size": 0.1, "test_size": 0.1},
+           "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+           "train": {"lr": 2e-2, "max_steps": 2, "batch_size": 4, "eval_every": 0, "save_every": 0, "seed": 7,
+                     "dtype": "fp32"},
+           "eval": {"max_new_tokens": 4, "limit": 2, "batch_size": 2},
+           "output_dir": str(tmp_path / "runs"), "run_name": "tiny"}
+    run_dir = train(validate_config(raw))
+    with pytest.raises(PruneError, match="options of --format pruned"):
+        export(run_dir, "merged", prune=PruneOptions(0.5))
+    out = export(run_dir, "pruned", prune=PruneOptions(0.5, ("mlp", "heads"), recover_steps=2, calibration_rows=4))
+    m = json.loads((out / "manifest.json").read_text())
+    p = m["pruning"]
+    assert [r["model"] for r in p["table"]] == ["dense", "pruned", "pruned+recovered"]
+    assert p["model"] == "pruned+recovered"  # what the folder holds
+    dense, pruned, recovered = p["table"]
+    assert pruned["parameters"] == recovered["parameters"] < dense["parameters"]
+    assert pruned["size_bytes"] < dense["size_bytes"]
+    assert dense["metric"] == pruned["metric"] == "json_exact" and recovered["score"] is not None
+    assert p["recovery"]["steps"] == 2 and p["metric_rows"] == 2
+    small = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (small.config.intermediate_size, small.config.num_key_value_heads) == (32, 1)
+    assert sum(x.numel() for x in small.parameters()) == recovered["parameters"]
+    assert not list(out.parent.glob(".prune-*"))  # the scratch folder is gone
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert "pruned" in card.data.tags and card.data.library_name == "transformers"
+    assert "| pruned+recovered |" in card.text and "--sparsity 0.5 --structured mlp,heads --recover 2" in card.text
