@@ -74,7 +74,11 @@ def card_text(run_dir: Path, *, title: str, library: str = "peft", tags: tuple[s
     embedded = EMBEDDED.get(base)
     specs = list((cfg.get("data") or {}).get("train") or [])
     tuned = (scores.get("tuned") or {}).get("scores", {})
-    n_test = (scores.get("tuned") or {}).get("n")
+    rows = f"{(scores.get('tuned') or {}).get('n')} rows" + (", the run before export" if export else "")
+    pruning = (export or {}).get("pruning")
+    if pruning:  # a pruned folder is another model: its own scores from the pruning table
+        tuned = next(r["scores"] for r in pruning["table"] if r["model"] == pruning["model"])
+        rows = f"{pruning['metric_rows']} rows, this {pruning['model']} model"
     data = ModelCardData(
         base_model=embedded.hub_id if embedded else base,
         library_name=library,
@@ -85,7 +89,7 @@ def card_text(run_dir: Path, *, title: str, library: str = "peft", tags: tuple[s
         metrics=list(tuned) or None,
         model_name=title,
         eval_results=[EvalResult(task_type="text-generation", dataset_type="tuneforge-test-split",
-                                 dataset_name=f"held-out test split ({n_test} rows)", metric_type=k,
+                                 dataset_name=f"held-out test split ({rows})", metric_type=k,
                                  metric_name=k, metric_value=v) for k, v in tuned.items()] or None,
     )
     body = [MARK, f"# {title}", "",
