@@ -125,13 +125,13 @@ def test_export_and_merge_never_replace_a_folder_tuneforge_did_not_make(run_dir,
 
 
 def test_every_export_carries_a_model_card_and_a_users_readme_survives_a_new_export(run_dir):
-    out = export(run_dir, "merged", run_dir / "carded")
+    out = export(run_dir, "merged", run_dir / "export" / "carded")
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "merged" in card.data.tags
     assert card.data.base_model == json.loads((out / "manifest.json").read_text())["base_model"]
     assert f"tuneforge export {run_dir.resolve()} --format merged --out {out.resolve()}" in card.text
     (out / "README.md").write_text("# notes the user wrote\n")
-    export(run_dir, "merged", run_dir / "carded")  # replaces the export it wrote, keeps the user's card
+    export(run_dir, "merged", run_dir / "export" / "carded")  # replaces the export it wrote, keeps the user's card
     assert (out / "README.md").read_text() == "# notes the user wrote\n"
 
 
