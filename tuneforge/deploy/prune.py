@@ -80,6 +80,19 @@ def count_removed(total: int, sparsity: float) -> int:
     return min(round(sparsity * total), total - 1)
 
 
+def check_counts(cfg, sparsity: float, structures: tuple[str, ...]) -> None:
+    """A kind the user asked for that this sparsity would leave whole is refused, not skipped."""
+    totals = {"layers": cfg.num_hidden_layers, "mlp": cfg.intermediate_size, "heads": cfg.num_key_value_heads}
+    names = {"layers": "layers", "mlp": "MLP channels per layer", "heads": "key/value groups per layer"}
+    if sparsity == 0:  # removes nothing by definition
+        return
+    none = [f"--structured {k}: sparsity {sparsity} of {totals[k]} {names[k]} removes none (needs more than "
+            f"{0.5 / totals[k]:.3g}{'' if totals[k] > 1 else '; there is only one'})"
+            for k in structures if count_removed(totals[k], sparsity) == 0]
+    if none:
+        raise PruneError("; ".join(none))
+
+
 def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -250,6 +263,7 @@ def prune(model, batches: list[list[int]], sparsity: float, structures: tuple[st
     """(smaller model, report): layers first (scored on the dense model), then MLP channels and
     key/value groups scored on what is left. Sparsity 0 removes nothing and returns a copy."""
     check_prunable(model)
+    check_counts(model.config, sparsity, structures)
     cfg, report = model.config, {"sparsity": sparsity, "structures": list(structures),
                                  "calibration_rows": len(batches),
                                  "calibration_tokens": sum(len(b) for b in batches)}

@@ -108,6 +108,9 @@ def test_bad_options_and_models_are_refused(model):
     assert PruneOptions(1.0, ("mlp",)).problems() and PruneOptions(0.2, ("experts",)).problems()
     assert PruneOptions(0.2, ("mlp",), recover_steps=0).problems()
     assert not PruneOptions(0.2, ("mlp", "layers"), recover_steps=5).problems()
+    with pytest.raises(PruneError, match="--structured heads: sparsity 0.2 of 2 key/value groups per layer removes "
+                                         "none"):
+        prune(model, CALIB, 0.2, ("mlp", "heads"))  # 0.2 x 2 groups rounds to 0: refused, not skipped
     del model.model.layers[0].mlp.gate_proj
     with pytest.raises(PruneError, match="Llama-style"):
         prune(model, CALIB, 0.5, ("mlp",))
