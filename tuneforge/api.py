@@ -142,12 +142,23 @@ def evaluate(target: str | Path, *, console: Console | None = None, **options: A
     return Evaluation(folder, json.loads((folder / "eval_results.json").read_text()))
 
 
-def export(run: str | Path, format: str = "merged", out: str | Path | None = None, dtype: str = "fp32") -> Path:
-    """``tuneforge export``: ``merged`` (a plain Hugging Face folder), ``gguf`` or ``int8``;
-    returns the export folder (default RUN/export/FORMAT) with its manifest.json."""
+def export(run: str | Path, format: str = "merged", out: str | Path | None = None, dtype: str = "fp32", *,
+           sparsity: float | None = None, structured: str | tuple[str, ...] = ("mlp", "heads"),
+           recover: int | None = None, console: Console | None = None) -> Path:
+    """``tuneforge export``: ``merged`` (a plain Hugging Face folder), ``gguf``, ``int8`` or
+    ``pruned`` (a smaller model: ``sparsity`` is the share of ``structured`` parts removed,
+    any of "mlp", "heads", "layers"; ``recover`` LoRA steps on the run's data afterwards);
+    returns the export folder (default RUN/export/FORMAT) with its manifest.json and model card."""
     from tuneforge.deploy.export import export as run_export
+    from tuneforge.deploy.prune import PruneOptions
 
-    return run_export(run, format, out, dtype)
+    if format != "pruned" and (sparsity is not None or recover is not None):
+        raise ValueError(f"sparsity and recover are options of format 'pruned', not of '{format}'")
+    if format == "pruned" and sparsity is None:
+        raise ValueError("format 'pruned' needs sparsity (the share of channels/heads/layers removed)")
+    parts = tuple(structured.split(",")) if isinstance(structured, str) else tuple(structured)
+    prune = PruneOptions(sparsity, parts, recover) if format == "pruned" else None
+    return run_export(run, format, out, dtype, prune, console)
 
 
 @dataclass

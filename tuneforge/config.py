@@ -336,6 +336,9 @@ AUTO_KNOBS = {
     "early_stopping": ("train.early_stopping_patience", "train.eval_every"),
     "task_shape": ("eval.max_new_tokens", "eval.metric"),
 }
+# Fields whose own value "auto" predates the knobs and means something of its own
+# (eval.metric: auto = json or exact_match by the references); every saved config holds it.
+OWN_AUTO = {"eval.metric"}
 AutoKnob = Literal["epochs", "lr", "batch_size", "max_length", "lora", "early_stopping", "task_shape"]
 
 
@@ -428,6 +431,8 @@ def expand_auto(raw: dict) -> dict:
     for knob, keys in AUTO_KNOBS.items():
         for key in keys:
             section, field = key.split(".")
+            if key in OWN_AUTO:  # its own "auto" is a value of the field, not a request for the knob
+                continue
             if isinstance(raw.get(section), dict) and raw[section].get(field) == "auto":
                 del raw[section][field]
                 knobs.append(knob)

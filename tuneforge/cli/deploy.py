@@ -15,15 +15,42 @@ def cmd_export(args) -> int:
 
     from tuneforge import api
 
-    out = api.export(args.run_dir, args.format, args.out, args.dtype)
-    manifest = json.loads((out / "manifest.json").read_text())
+    given = [o for o, v in (("--sparsity", args.sparsity), ("--structured", args.structured),
+                            ("--recover", args.recover)) if v is not None]
+    if given and args.format != "pruned":
+        print(f"error: {' and '.join(given)}: options of --format pruned, not of --format {args.format}",
+              file=sys.stderr)
+        return 2
+    if args.format == "pruned" and args.sparsity is None:
+        print("error: --format pruned needs --sparsity S (the share of channels/heads/layers removed)",
+              file=sys.stderr)
+        return 2
     console = rich_console()
+    out = api.export(args.run_dir, args.format, args.out, args.dtype, sparsity=args.sparsity,
+                     structured=args.structured or "mlp,heads", recover=args.recover, console=console)
+    manifest = json.loads((out / "manifest.json").read_text())
     for name, size in manifest["files"].items():
         console.print(f"  {name}  {size / 2**20:.1f} MiB")
     if "vs_bf16" in manifest:
         console.print(f"int8 vs bf16: {json.dumps(manifest['vs_bf16'])}")
+    if "pruning" in manifest:
+        console.print(pruning_table(manifest["pruning"]))
     console.print(f"[bold green]exported[/] {args.format}: {out}")
     return 0
+
+
+def pruning_table(p: dict):
+    from rich.table import Table
+
+    load = (p["machine"]["load_average"] or ["?"])[0]
+    table = Table(title=f"pruning (sparsity {p['sparsity']}, {'+'.join(p['structures'])}); "
+                        f"{p['machine']['cpu']}, load {load}; metric on {p['metric_rows']} test rows")
+    for col in ("model", "size MiB", "parameters", "CPU tokens/s", "metric"):
+        table.add_column(col)
+    for r in p["table"]:
+        score = f"{r['metric']} {r['score']:.4f}" if r["score"] is not None else "-"
+        table.add_row(r["model"], f"{r['size_bytes'] / 2**20:.1f}", f"{r['parameters']:,}", f"{r['cpu_tokens_per_s']:.1f}", score)
+    return table
 
 
 @user_errors
@@ -86,6 +113,8 @@ def cmd_registry(args) -> int:
         v = reg.add(args.run_dir, args.name)
         score = f" ({v.main_metric} {v.main_score:.4f})" if v.main_score is not None else " (no eval score)"
         console.print(f"registered [bold]{v.ref}[/]{score} -> {v.run_dir}")
+        console.print(f"model card: {v.card}" if v.card else
+                      f"[yellow]model card not written[/]: {v.run_dir}/README.md is not one tuneforge wrote (kept)")
     elif args.action == "promote":
         from tuneforge.registry.gate import GateOptions, gated_promote
 
@@ -229,7 +258,8 @@ def add_deploy_parsers(sub) -> None:
 
     from tuneforge.deploy.export import FORMATS
 
-    e = sub.add_parser("export", help="export a run: merged HF folder, GGUF (f16, q8_0) or int8 for CPU")
+    e = sub.add_parser("export", help="export a run: merged HF folder, GGUF (f16, q8_0), int8 for CPU, or a "
+                                      "pruned smaller HF folder")
     e.add_argument("run_dir")
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--format", choices=FORMATS)
@@ -237,7 +267,16 @@ def add_deploy_parsers(sub) -> None:
                      help="same as --format merged: fold the adapter into the base weights")
     e.add_argument("--out", help="output folder (default RUN_DIR/export/FORMAT)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="merged: weight dtype (fp32 keeps base+adapter's outputs exactly)")
+                   help="merged/pruned: weight dtype (fp32 keeps base+adapter's outputs exactly)")
+    e.add_argument("--sparsity", type=float,
+                   help="pruned: share removed, per layer, of each --structured kind (MLP channels, key/value "
+                        "head groups) or of the layers; e.g. 0.25")
+    e.add_argument("--structured", metavar="heads,mlp,layers",
+                   help="pruned: what to remove, comma-separated from heads, mlp, layers (default mlp,heads); "
+                        "ranked on calibration rows of the run's train split")
+    e.add_argument("--recover", type=int, metavar="STEPS",
+                   help="pruned: then a LoRA recovery fine-tune of STEPS steps on the run's own data (the normal "
+                        "train recipe), merged back")
     e.set_defaults(fn=cmd_export)
 
     def with_registry(p):

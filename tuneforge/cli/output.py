@@ -31,12 +31,13 @@ def user_errors(fn):
         # Imported when the command runs (they import torch): see cli/__init__.py.
         from tuneforge.data.load import DataError
         from tuneforge.deploy.gguf_export import GGUFExportError
+        from tuneforge.deploy.prune import PruneError
         from tuneforge.registry.store import RegistryError
         from tuneforge.runs import RunError
 
         try:
             return fn(args)
-        except (RegistryError, RunError, DataError, GGUFExportError, DiskFullError, FileExistsError) as e:
+        except (RegistryError, RunError, DataError, GGUFExportError, PruneError, DiskFullError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 

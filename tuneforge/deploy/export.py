@@ -1,4 +1,4 @@
-"""tuneforge export RUN_DIR --format merged|gguf|int8: a servable artefact with a manifest.
+"""tuneforge export RUN_DIR --format merged|gguf|int8|pruned: a servable artefact with a manifest.
 
 Every format starts from the same merge: the run's LoRA folded into an fp32 copy of the
 base (merging in bf16 would round the update away), then:
@@ -7,13 +7,19 @@ base (merging in bf16 would round the update away), then:
           to bf16 changed SmolLM2's greedy output within 32 tokens; --dtype bf16 halves the size
   gguf    model-f16.gguf and model-q8_0.gguf (llama.cpp, Ollama, LM Studio)
   int8    Linear weights stored as int8 (weight-only) for CPU serving (see deploy/int8.py)
-Writes go to a temp folder renamed into place, so a reader never sees half an export.
+  pruned  a smaller plain HF folder: MLP channels, attention heads (by key/value group) or
+          whole layers removed (deploy/prune.py), optionally a LoRA recovery fine-tune, and a
+          size/params/speed/metric table for dense, pruned and recovered (deploy/prune_export.py)
+Every format's folder gets a README.md model card (registry/card.py); a README.md the user put
+into an earlier export of the same folder is kept instead. Writes go to a temp folder renamed
+into place, so a reader never sees half an export.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,25 +27,41 @@ import torch
 
 from tuneforge.data.render import with_system
 from tuneforge.data.tools import chat_ids
+from tuneforge.deploy.prune import PruneError, PruneOptions
 from tuneforge.io import atomic_dir, check_output, write_json
 from tuneforge.models.load import resolve
+from tuneforge.registry.card import CARD, owned_card, write_card
 from tuneforge.runs import RunInfo, load_run, model_weights_sha256, read_run
 
-FORMATS = ("merged", "gguf", "int8")
+FORMATS = ("merged", "gguf", "int8", "pruned")
+# The model card's library_name: how each format's folder loads.
+LIBRARY = {"merged": "transformers", "pruned": "transformers", "gguf": "gguf", "int8": "tuneforge"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: str = "fp32") -> Path:
+def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: str = "fp32",
+           prune: PruneOptions | None = None, console=None) -> Path:
+    """``prune``: the options of --format pruned (that format needs them; the others refuse them)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
+    if (fmt == "pruned") != (prune is not None):
+        raise PruneError("--sparsity/--structured/--recover are the options of --format pruned (and it needs "
+                         "--sparsity)" if fmt != "pruned" else "--format pruned needs --sparsity")
+    if prune is not None and prune.problems():
+        raise PruneError("; ".join(prune.problems()))
     run = read_run(run_dir)
     out = Path(out) if out else run.run_dir / "export" / fmt
     # The run's own files are inputs (only RUN_DIR/export holds exports); checked before the slow merge.
     guard = {"owned": made_by_export, "what": "export folder",
              "inputs": [p for p in run.run_dir.iterdir() if p.name != "export"]}
     check_output(out, **guard)
+    if fmt == "pruned":
+        from tuneforge.deploy.prune_export import check_run  # deferred: only for this format
+
+        check_run(run)
+    user_card = out / CARD if (out / CARD).is_file() and not owned_card(out / CARD) else None
     model, tok, _ = load_run(run.run_dir, merge=True)  # fp32 on the CPU: what every format starts from
     extra: dict = {}
     with atomic_dir(out, **guard) as tmp:
@@ -47,6 +69,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
             model.to(DTYPES[dtype]).save_pretrained(tmp)
             tok.save_pretrained(tmp)
             extra["dtype"] = dtype
+        elif fmt == "pruned":
+            from tuneforge.deploy.prune_export import write_pruned  # deferred: only for this format
+
+            extra["dtype"] = dtype
+            extra["pruning"] = write_pruned(run, model, tok, tmp, prune, DTYPES[dtype], _probe_prompts(run, tok),
+                                            console)
         elif fmt == "gguf":
             from tuneforge.deploy.gguf_export import QTYPES, write_gguf  # deferred: gguf, only for this format
 
@@ -63,8 +91,25 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None, dtype: 
             model.generation_config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             extra["vs_bf16"] = compare_models(reference, qmodel, tok, _probe_prompts(run, tok))
-        write_json(tmp / "manifest.json", manifest(run, fmt, tmp, extra))
+        m = manifest(run, fmt, tmp, extra)
+        if user_card is not None:  # a README.md the user wrote into the old export survives the new one
+            shutil.copyfile(user_card, tmp / CARD)
+        else:
+            write_card(tmp, run.run_dir, title=f"{run.run_dir.name} ({fmt} export)", library=LIBRARY[fmt],
+                       tags=(fmt,), command=export_command(run.run_dir, fmt, out, dtype, prune), export=m)
+        write_json(tmp / "manifest.json", m)
     return out
+
+
+def export_command(run_dir: Path, fmt: str, out: Path, dtype: str, prune: PruneOptions | None) -> str:
+    """The command that writes this export again (after the run's own training)."""
+    cmd = f"tuneforge export {run_dir} --format {fmt} --out {out.resolve()}"
+    if dtype != "fp32":
+        cmd += f" --dtype {dtype}"
+    if prune is not None:
+        cmd += f" --sparsity {prune.sparsity} --structured {','.join(prune.structures)}"
+        cmd += f" --recover {prune.recover_steps}" if prune.recover_steps else ""
+    return cmd
 
 
 def made_by_export(folder: Path) -> bool:

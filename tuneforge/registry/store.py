@@ -10,6 +10,7 @@ half-moved alias behind. The tables are in tuneforge/registry/tables.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -23,6 +24,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from tuneforge.config import Strict
+from tuneforge.registry.card import run_library, write_card
 from tuneforge.registry.migrate import WRITE_LOCK, file_lock, upgrade
 from tuneforge.registry.tables import Alias, AliasEvent, ApiKey, Model, RouteOverride, Version, utc_now
 from tuneforge.runs import read_run
@@ -65,6 +67,7 @@ class VersionInfo:
     main_metric: str | None
     main_score: float | None
     created: datetime
+    card: str | None = None  # the README.md model card `add` wrote; None where the folder keeps the user's
 
     @property
     def ref(self) -> str:
@@ -153,7 +156,13 @@ class Registry:
                         main_score=run.main_score)
             s.add(v)
             s.flush()
-            return self._info(name, v)
+            info = self._info(name, v)
+        # The version's model card lives in its run folder (the registry indexes folders).
+        card = write_card(run.run_dir, run.run_dir, title=info.ref, library=run_library(run.run_dir),
+                          command=f"tuneforge train {run.run_dir / 'config.yaml'} run_name={run.run_dir.name}-repro\n"
+                                  f"tuneforge registry add {run.run_dir.parent / (run.run_dir.name + '-repro')} "
+                                  f"--name {name}")
+        return dataclasses.replace(info, card=str(card) if card else None)
 
     def models(self) -> list[str]:
         with Session(self.engine) as s:

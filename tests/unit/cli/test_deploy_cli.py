@@ -38,3 +38,15 @@ def test_registry_and_keys_commands(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert main(["keys", "revoke", "1"]) == 0
     assert main(["keys", "list"]) == 0
     assert "revoked" in capsys.readouterr().out
+
+
+def test_export_refuses_pruning_options_it_would_not_use(tiny_model_dir, tmp_path, capsys):
+    run = fake_run(tiny_model_dir, tmp_path / "run", seed=1)
+    assert main(["export", str(run), "--format", "merged", "--sparsity", "0.3", "--recover", "5"]) == 2
+    assert "--sparsity and --recover: options of --format pruned, not of --format merged" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "pruned"]) == 2
+    assert "--format pruned needs --sparsity" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "pruned", "--sparsity", "1.5", "--structured", "mlp,rows"]) == 2
+    err = capsys.readouterr().err
+    assert "--sparsity 1.5: must be in [0, 1)" in err and "--structured mlp,rows: choose from heads, mlp, layers" in err
+    assert not (run / "export").exists()

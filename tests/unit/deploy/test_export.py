@@ -1,14 +1,17 @@
 """Exports of a trained tiny run: the merged folder is the same model as base + adapter, the
-GGUF files read back through transformers' own GGUF loader, int8 reloads exactly."""
+GGUF files read back through transformers' own GGUF loader, int8 reloads exactly, the pruned
+folder is a smaller plain model with its table, and every folder carries a model card."""
 
 import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.plugins import validate_config
 from tuneforge.deploy.export import export
+from tuneforge.deploy.prune import PruneError, PruneOptions
 from tuneforge.runs import load_for_inference
 from tuneforge.train.run import train
 
@@ -119,3 +122,37 @@ def test_export_and_merge_never_replace_a_folder_tuneforge_did_not_make(run_dir,
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (run_dir / "adapter").is_dir()
     assert main(["export", str(run_dir), "--format", "merged", "--out", str(foreign)]) == 2
     assert "holds files tuneforge did not write" in capsys.readouterr().err
+
+
+def test_every_export_carries_a_model_card_and_a_users_readme_survives_a_new_export(run_dir):
+    out = export(run_dir, "merged", run_dir / "export" / "carded")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "merged" in card.data.tags
+    assert card.data.base_model == json.loads((out / "manifest.json").read_text())["base_model"]
+    assert f"tuneforge export {run_dir.resolve()} --format merged --out {out.resolve()}" in card.text
+    (out / "README.md").write_text("# notes the user wrote\n")
+    export(run_dir, "merged", run_dir / "export" / "carded")  # replaces the export it wrote, keeps the user's card
+    assert (out / "README.md").read_text() == "# notes the user wrote\n"
+
+
+def test_pruned_export_with_recovery_writes_a_smaller_model_its_table_and_card(run_dir):
+    with pytest.raises(PruneError, match="options of --format pruned"):
+        export(run_dir, "merged", prune=PruneOptions(0.5))
+    out = export(run_dir, "pruned", prune=PruneOptions(0.5, ("mlp", "heads"), recover_steps=2, calibration_rows=4))
+    m = json.loads((out / "manifest.json").read_text())
+    p = m["pruning"]
+    assert [r["model"] for r in p["table"]] == ["dense", "pruned", "pruned+recovered"]
+    assert p["model"] == "pruned+recovered"  # what the folder holds
+    dense, pruned, recovered = p["table"]
+    assert pruned["parameters"] == recovered["parameters"] < dense["parameters"]
+    assert pruned["size_bytes"] < dense["size_bytes"]
+    assert dense["metric"] == pruned["metric"] == "json_exact" and recovered["score"] is not None
+    assert p["recovery"]["steps"] == 2 and p["recovery"]["last_loss"] is not None and p["metric_rows"] == 2
+    small = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (small.config.intermediate_size, small.config.num_key_value_heads) == (32, 1)
+    assert sum(x.numel() for x in small.parameters()) == recovered["parameters"]
+    assert not list(out.parent.glob(".prune-*"))  # the scratch folder is gone
+    card = ModelCard.load(out / "README.md")
+    assert "pruned" in card.data.tags and card.data.library_name == "transformers"
+    assert "| pruned+recovered |" in card.text and "--sparsity 0.5 --structured mlp,heads --recover 2" in card.text
+    assert card.data.eval_results[0].metric_value == recovered["score"]  # the pruned model's, not the run's

@@ -151,3 +151,10 @@ def test_a_job_leaves_unset_hyperparameters_to_auto_and_shows_what_it_decided(tm
     reasons = {d["key"]: d["reason"] for d in shown["auto"]}
     assert "classification" in reasons["task"] or "distinct answers" in reasons["task"]
     assert "longest row" in reasons["data.max_length"] and "passes" in reasons["train.epochs"]
+
+
+def test_eval_metric_auto_is_a_metric_not_the_task_shape_knob():
+    from tuneforge.config import expand_auto
+
+    raw = expand_auto({"data": {"train": ["x.jsonl"]}, "eval": {"metric": "auto", "max_new_tokens": 4}, "auto": []})
+    assert "auto" not in raw and raw["eval"] == {"metric": "auto", "max_new_tokens": 4}
