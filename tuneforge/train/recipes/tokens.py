@@ -24,7 +24,7 @@ from tuneforge.config import ConfigError, RunConfig, to_yaml
 from tuneforge.data.render import pad_batch
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.task import evaluate_rows
-from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype, to_device
+from tuneforge.hardware import autocast, environment, path_note, peak_memory, pick_device, pick_dtype, to_device
 from tuneforge.io import atomic_write_text, write_json
 from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
@@ -290,13 +290,14 @@ def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, 
             for s in r.pop("samples"):
                 f.write(json.dumps({"model": who, **s}) + "\n")
     write_json(run_dir / f"eval{tag}.json", results)
-    print_before_after(results, console, tag.lstrip("-"))
+    print_before_after(results, console, tag.lstrip("-"), caption=path_note(device, dtype))
     return {who: r["scores"] for who, r in results.items()}
 
 
-def print_before_after(results: dict, console: Console, task: str = "") -> None:
+def print_before_after(results: dict, console: Console, task: str = "", caption: str | None = None) -> None:
     metrics = list(results["tuned"]["scores"])
-    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows)")
+    table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows)",
+                  caption=caption)
     table.add_column("metric")
     for who in results:
         table.add_column(who, justify="right")
