@@ -316,7 +316,7 @@ def main() -> None:
     dtype = train_dtype(a)
     model_name = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
                        if x.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    wide = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+    wide = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     print(f"path {compute_path(a.device, dtype)} (MFU against this dtype's matmul rate); CPU {model_name}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags {' '.join(wide) or 'none'}; "
           f"allocator for tuneforge: {allocator_name(find_tcmalloc())}; "
