@@ -259,7 +259,7 @@ def model_shape(model: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in m.parameters()), cfg.hidden_size, cfg.intermediate_size
 
 
-from tuneforge.allocator import ONEDNN_CACHE  # noqa: E402 - the launcher's oneDNN cache cap
+from tuneforge.allocator import ONEDNN_CACHE, machine_busy  # noqa: E402 - the launcher's settings
 
 
 def find_tcmalloc() -> str | None:
@@ -333,6 +333,8 @@ def main() -> None:
             if lib:
                 env |= {"LD_PRELOAD": lib, "TUNEFORGE_ALLOCATOR_SET": lib}
             env.setdefault(*ONEDNN_CACHE)
+            if machine_busy():  # as the launcher does: OpenMP waits passively on a busy machine
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         child = ",".join(s for s in sets.split(",") if s and s != "allocator=off")
         if name == "trainer_tcmalloc" and a.device == "cuda":
             continue  # the allocator matters for CPU training only

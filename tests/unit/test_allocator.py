@@ -56,3 +56,21 @@ def test_the_path_and_what_would_make_it_faster_follow_the_cpu_kind(monkeypatch)
     assert hardware.compute_path("cpu", torch.bfloat16) == "CPU AMX, bf16"
     assert hardware.speed_hints("cpu", torch.bfloat16) == []
     assert hardware.path_note("cpu", torch.bfloat16) == "CPU AMX, bf16, tcmalloc"
+
+
+def test_the_reexec_preloads_the_allocator_and_waits_passively_only_on_a_busy_machine(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda exe, args, env: calls.append((args, env)))
+    for var in (allocator.MARK, "TUNEFORGE_ALLOCATOR", "OMP_WAIT_POLICY", "LD_PRELOAD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(allocator, "find_allocator", lambda: "/opt/lib/libmimalloc.so.3")
+    for load in (0.3, 2.0 * (os.cpu_count() or 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        allocator.reexec_with_allocator(["train", "x.yaml"])
+    (args, quiet), (_, busy) = calls
+    assert args[-3:] == ["tuneforge", "train", "x.yaml"]
+    assert quiet["LD_PRELOAD"] == busy["LD_PRELOAD"] == "/opt/lib/libmimalloc.so.3"
+    assert "OMP_WAIT_POLICY" not in quiet and busy["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stands
+    allocator.reexec_with_allocator(["train", "x.yaml"])
+    assert calls[-1][1]["OMP_WAIT_POLICY"] == "ACTIVE"
