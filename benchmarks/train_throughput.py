@@ -320,6 +320,7 @@ def main() -> None:
     print(f"path {compute_path(a.device, dtype)} (MFU against this dtype's matmul rate); CPU {model_name}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags {' '.join(wide) or 'none'}; "
           f"allocator for tuneforge: {allocator_name(find_tcmalloc())}; "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
