@@ -59,9 +59,9 @@ def speed_hints(device: str, dtype: torch.dtype) -> list[str]:
         return []
     hints = []
     if dtype == torch.float32 and not cpu_has_bf16():
-        hints.append("a CPU with bf16 units (AVX512-BF16 or AMX: bf16 matmuls at 2.5-4x fp32) trains in bf16")
+        hints.append("bf16 units (AVX512-BF16 or AMX: bf16 matmuls at 2.5-4x fp32)")
     if allocator_in_use() == "system malloc":
-        hints.append(f"a fast allocator: {INSTALL_HINT}")
+        hints.append(f"a fast allocator ({INSTALL_HINT})")
     return hints
 
 
