@@ -11,6 +11,7 @@ on the CPU. Read this before guessing what to speed up.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -26,7 +27,8 @@ def main(a) -> None:
     from tuneforge.objectives import OBJECTIVES
     from tuneforge.hardware import pick_device, pick_dtype
     from tuneforge.train.token_batches import epoch_batches
-    from tuneforge.hardware import autocast, to_device
+    from tuneforge.allocator import allocator_name
+    from tuneforge.hardware import autocast, compute_path, to_device
     from tuneforge.train.recipes.tokens import load_model
 
     device = pick_device(a.device)
@@ -53,19 +55,28 @@ def main(a) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     it = iter(batches)
     for _ in range(a.warmup):
         step(next(it))
     sync()
-    t0, tokens = time.perf_counter(), 0
+    # CPU seconds beside wall seconds: on a shared machine the process's own CPU time moves
+    # far less with the neighbours' load than the wall clock does.
+    t0, c0, tokens = time.perf_counter(), time.process_time(), 0
     for _ in range(a.steps):
         b = next(it)
         tokens += int(b["n_real"])
         step(b)
     sync()
-    dt = time.perf_counter() - t0
-    print(f"{device} {dtype}, padding-free {a.padding_free and per_example}: {1000 * dt / a.steps:.1f} ms/step, "
-          f"{tokens / dt:.0f} real tok/s over {a.steps} steps after {a.warmup} warm-up")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"{compute_path(device, dtype)}, {torch.get_num_threads()} threads, allocator "
+          f"{allocator_name(os.environ.get('LD_PRELOAD', '').split(':')[0] or None)}, load {os.getloadavg()[0]:.1f}, "
+          f"padding-free {a.padding_free and per_example}: {1000 * dt / a.steps:.1f} ms/step, "
+          f"{1000 * cpu / a.steps:.1f} CPU ms/step, {tokens / dt:.0f} real tok/s over {a.steps} steps after "
+          f"{a.warmup} warm-up", flush=True)
+    if not a.profile_steps:
+        return
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda"
                                                           else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -85,7 +96,8 @@ if __name__ == "__main__":
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=3, help="0: timing only")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--rows", type=int, default=15, help="operators shown per table")
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false")
     p.add_argument("--method", default="lora", choices=["lora", "full"])

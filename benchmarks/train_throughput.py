@@ -11,8 +11,10 @@ rows), then each peer's ratio to tuneforge.
 
 MFU counts model FLOPs per real token (LoRA and QLoRA: 4 x params, forward + input
 gradients; full: 6 x params; LM head included, attention products ignored) against the
-bf16 matrix-product rate of this model's shapes measured on the same cores in the same
-invocation, so the shared machine's speed of the day cancels out.
+matrix-product rate of this model's shapes in the dtype training runs in here (bf16 on CPUs
+with bf16 units and on GPUs, fp32 elsewhere: ``hardware.pick_dtype``) measured on the same
+cores in the same invocation, so the shared machine's speed of the day cancels out. The
+header names the CPU kind (AMX, AVX512-BF16, AVX2...), flags, allocator and load average.
 
     python benchmarks/train_throughput.py                      # LoRA, 30 steps x 4 rows, 256 tokens
     python benchmarks/train_throughput.py --max-length 512 --method full
@@ -22,8 +24,9 @@ invocation, so the shared machine's speed of the day cancels out.
 Runners: ``tuneforge`` (defaults, with tcmalloc preloaded when installed, as ``tuneforge
 train`` does), ``tuneforge:KEY=VALUE,...`` (defaults with config overrides: how each speed-up
 is measured; ``allocator=off`` runs it on glibc malloc), ``trainer`` (transformers Trainer + peft, fp32
-weights, bf16=True), ``trainer_tcmalloc`` (same with tcmalloc preloaded, when installed),
-``sft_trainer`` (trl SFTTrainer + peft, bf16=True). ``--model`` takes any model spec
+weights, bf16=True where the CPU has bf16 units, else fp32 as a user of that CPU would run it),
+``trainer_tcmalloc`` (same with tuneforge's allocator preloaded: tcmalloc, or the pip
+mimalloc), ``sft_trainer`` (trl SFTTrainer + peft, bf16 as the Trainer). ``--model`` takes any model spec
 tuneforge accepts (default: the embedded SmolLM2-135M-Instruct).
 
 On a GPU (``--device cuda``) every runner trains there in bf16 autocast, peak GPU memory is
@@ -92,15 +95,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def eval_loss(model, rows: list[dict], pad_id: int) -> float:
-    """Token-weighted mean loss over the eval rows (bf16 autocast, as tuneforge's validation)."""
+def train_dtype(a):
+    """The dtype tuneforge trains in here (``--dtype auto``: bf16 with bf16 units or CUDA, else
+    fp32); the peers get the same, as their users would choose on this machine."""
+    from tuneforge.hardware import pick_dtype
+
+    return pick_dtype(a.dtype, a.device)
+
+
+def eval_loss(a, model, rows: list[dict], pad_id: int) -> float:
+    """Token-weighted mean loss over the eval rows (in the training dtype, as tuneforge's validation)."""
     import torch
 
     from tuneforge.data.render import pad_batch
+    from tuneforge.hardware import autocast
 
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(a.device, train_dtype(a)):
         for i in range(0, len(rows), 8):
             b = {k: v.to(model.device) for k, v in pad_batch(rows[i : i + 8], pad_id).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
@@ -125,7 +137,7 @@ def run_tuneforge(a, overrides: list[str]) -> dict:
                "data": {"train": [f"{a.workdir}/train.jsonl"], "validation": [f"{a.workdir}/eval.jsonl"],
                         "format": "instruction", "test_size": 0.0, "max_length": a.max_length},
                "method": method,
-               "train": {"lr": a.lr, "batch_size": a.batch, "epochs": a.epochs, "device": a.device, "eval_every": 0, "save_every": 0,
+               "train": {"lr": a.lr, "dtype": a.dtype, "batch_size": a.batch, "epochs": a.epochs, "device": a.device, "eval_every": 0, "save_every": 0,
                          "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
                "eval": {"metric": "none"}, "output_dir": out, "run_name": "bench"}
         cfg = validate_config(deep_merge(raw, parse_overrides(overrides)))
@@ -165,8 +177,9 @@ def run_trainer(a, overrides: list[str]) -> dict:
     tok = load_tokenizer(a.model)
     train_rows = tokenized(a, "train", tok)
     model = _hf_model(a, torch.float32)  # the Trainer's documented bf16=True path: fp32 weights + autocast
+    bf16 = train_dtype(a) == torch.bfloat16  # bf16 emulated without bf16 units: no user picks it there
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch,
-                             num_train_epochs=a.epochs, learning_rate=a.lr, lr_scheduler_type="constant", bf16=True,
+                             num_train_epochs=a.epochs, learning_rate=a.lr, lr_scheduler_type="constant", bf16=bf16,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=a.device == "cpu",
                              dataloader_num_workers=0,
                              max_grad_norm=0.0)
@@ -176,7 +189,7 @@ def run_trainer(a, overrides: list[str]) -> dict:
     trainer.train()
     seconds = time.perf_counter() - t0
     last = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
-    return {"seconds": seconds, "final_loss": last, "eval_loss": eval_loss(model, tokenized(a, "eval", tok),
+    return {"seconds": seconds, "final_loss": last, "eval_loss": eval_loss(a, model, tokenized(a, "eval", tok),
                                                                           tok.pad_token_id)}
 
 
@@ -185,6 +198,7 @@ run_trainer_tcmalloc = run_trainer  # same code; the parent preloads the allocat
 
 def run_sft_trainer(a, overrides: list[str]) -> dict:
     import datasets
+    import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -196,7 +210,8 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
     convs = [FORMATS["instruction"].convert(r, {})["messages"] for r in raw]
     data = [{"prompt": m[:-1], "completion": m[-1:]} for m in convs]
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, num_train_epochs=a.epochs,
-                     learning_rate=a.lr, lr_scheduler_type="constant", bf16=True, logging_steps=1,
+                     learning_rate=a.lr, lr_scheduler_type="constant",
+                     bf16=train_dtype(a) == torch.bfloat16, logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=a.device == "cpu", max_length=a.max_length,
                      max_grad_norm=0.0)
     trainer = SFTTrainer(model=resolve(a.model).path, args=args, train_dataset=datasets.Dataset.from_list(data),
@@ -206,18 +221,18 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
     seconds = time.perf_counter() - t0
     last = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
     return {"seconds": seconds, "final_loss": last,
-            "eval_loss": eval_loss(trainer.model, tokenized(a, "eval", tok), tok.pad_token_id)}
+            "eval_loss": eval_loss(a, trainer.model, tokenized(a, "eval", tok), tok.pad_token_id)}
 
 
 # --- machine figures ---------------------------------------------------------------------------------
-def matmul_gflops(hidden: int, inter: int, device: str, tokens: int = 1024, seconds: float = 3.0) -> float:
-    """bf16 matrix-product rate of this model's MLP shapes on this device, right now."""
+def matmul_gflops(hidden: int, inter: int, device: str, dtype, tokens: int = 1024, seconds: float = 3.0) -> float:
+    """Matrix-product rate of this model's MLP shapes in ``dtype`` on this device, right now."""
     import torch
 
     if device == "cuda":
         tokens *= 8  # a GPU needs more rows than a CPU to reach its rate on these shapes
-    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=device)
-    w = torch.randn(hidden, inter, dtype=torch.bfloat16, device=device)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    w = torch.randn(hidden, inter, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(5):
         x @ w
@@ -244,7 +259,7 @@ def model_shape(model: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in m.parameters()), cfg.hidden_size, cfg.intermediate_size
 
 
-from tuneforge.allocator import ONEDNN_CACHE  # noqa: E402 - the launcher's oneDNN cache cap
+from tuneforge.allocator import ONEDNN_CACHE, machine_busy  # noqa: E402 - the launcher's settings
 
 
 def find_tcmalloc() -> str | None:
@@ -266,6 +281,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=int, default=1, help="passes over the rows (more on a GPU, where 30 steps are short)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="fp32 on a host with bf16 units, with ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2: "
+                        "emulates an AVX2-only CPU")
     p.add_argument("--runners", default=DEFAULT_RUNNERS)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process: one runner, prints RESULT json
@@ -292,7 +310,18 @@ def main() -> None:
     flops_per_token = (6 if a.method == "full" else 4) * params
     import torch
 
-    print(f"device {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""))
+    from tuneforge.allocator import allocator_name
+    from tuneforge.hardware import compute_path, cpu_flags
+
+    dtype = train_dtype(a)
+    model_name = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                       if x.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    wide = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    print(f"path {compute_path(a.device, dtype)} (MFU against this dtype's matmul rate); CPU {model_name}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags {' '.join(wide) or 'none'}; "
+          f"allocator for tuneforge: {allocator_name(find_tcmalloc())}; "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
           f"real tokens are response), method {a.method}, batch {a.batch}, max_length {a.max_length}", flush=True)
@@ -305,21 +334,23 @@ def main() -> None:
             if lib:
                 env |= {"LD_PRELOAD": lib, "TUNEFORGE_ALLOCATOR_SET": lib}
             env.setdefault(*ONEDNN_CACHE)
+            if machine_busy():  # as the launcher does: OpenMP waits passively on a busy machine
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         child = ",".join(s for s in sets.split(",") if s and s != "allocator=off")
         if name == "trainer_tcmalloc" and a.device == "cuda":
             continue  # the allocator matters for CPU training only
         if name == "trainer_tcmalloc":
             lib = find_tcmalloc()
             if lib is None:
-                print("trainer_tcmalloc skipped: no tcmalloc (apt-get install libtcmalloc-minimal4)")
+                print("trainer_tcmalloc skipped: no fast allocator (pip install cmeel-mimalloc==3.4.3)")
                 continue
             env["LD_PRELOAD"] = lib
         if name == "sft_trainer" and a.method != "lora":
             continue
-        gflops = matmul_gflops(hidden, inter, a.device)  # right before each runner: the host's speed drifts
+        gflops = matmul_gflops(hidden, inter, a.device, dtype)  # right before each runner: the host's speed drifts
         cmd = [sys.executable, __file__, "--only", f"{name}:{child}", "--model", a.model, "--method", a.method,
                "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
-               "--lr", str(a.lr), "--epochs", str(a.epochs), "--device", a.device, "--workdir", workdir]
+               "--lr", str(a.lr), "--epochs", str(a.epochs), "--dtype", a.dtype, "--device", a.device, "--workdir", workdir]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -328,10 +359,10 @@ def main() -> None:
         r = json.loads(line[7:])
         r.setdefault("tokens_per_s", a.epochs * work["real_tokens"] / r["seconds"])
         r["mfu"] = r["tokens_per_s"] * flops_per_token / (gflops * 1e9)
-        r["matmul_gflops"] = gflops
+        r["matmul_gflops"], r["load_avg"] = gflops, os.getloadavg()[0]
         results[runner] = r
         print(f"{runner:34s} {r['tokens_per_s']:7.1f} real tok/s  MFU {100 * r['mfu']:4.1f}% (of {gflops:.0f} "
-              f"GFLOP/s)  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
+              f"{str(dtype)[6:]} GFLOP/s)  load {r['load_avg']:.1f}  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB"
               + (f"  peak GPU {r['peak_gpu_mb'] / 1024:5.2f} GB" if "peak_gpu_mb" in r else "")
               + f"  train loss {r['final_loss']:.4f}  "
               f"eval loss {r['eval_loss']:.4f}", flush=True)

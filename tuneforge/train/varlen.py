@@ -17,7 +17,8 @@ tokens the textbook gradient as four bf16 batched matmuls from the saved log-sum
 flash backward is built for long rows: on SmolLM2-135M's heads it took 3.5 ms at 130 tokens
 against 1.0 ms explicit (0.6 vs 0.4 ms at 32, 3.8 vs 2.2 at 256, 9.0 vs 9.9 at 512; 2 cores,
 `benchmarks/attention_backward.py`), and it was a fifth of a LoRA step's time. Longer
-examples keep the flash backward. Its gradients match the flash backward's to bf16 rounding
+examples, and fp32 ones (CPUs without bf16 units, where the flash backward wins at every
+length), keep the flash backward. Its gradients match the flash backward's to bf16 rounding
 (tested against float64).
 """
 
@@ -70,9 +71,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.transpose(1, 2).contiguous(), None
 
 
-# Examples up to this many tokens take the explicit backward; longer ones the flash kernel's
-# (measured crossover between 256 and 400 tokens on SmolLM2-135M's 9 x 64 heads).
+# bf16 examples up to this many tokens take the explicit backward; longer ones the flash
+# kernel's (measured crossover between 256 and 400 tokens on SmolLM2-135M's 9 x 64 heads).
 EXPLICIT_BACKWARD_MAX = 320
+# In fp32 (CPUs without bf16 units) the flash backward is the faster one at every length:
+# 0.15 vs 0.26 ms at 32 tokens, 0.39 vs 0.59 at 64, 1.15 vs 2.13 at 128 (best of 40, 2-core
+# AVX2 AMD EPYC; benchmarks/attention_backward.py --dtype fp32).
+EXPLICIT_BACKWARD_MAX_FP32 = 0
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -128,7 +133,7 @@ class VarlenAttentionFn(torch.autograd.Function):
             q, k, v = (t[b : b + 1, :, s:e].contiguous() for t in (query, key, value))
             o = out[b : b + 1, s:e].transpose(1, 2).contiguous()
             g = grad[b : b + 1, s:e].transpose(1, 2).contiguous()
-            if e - s <= EXPLICIT_BACKWARD_MAX:
+            if e - s <= (EXPLICIT_BACKWARD_MAX if q.dtype == torch.bfloat16 else EXPLICIT_BACKWARD_MAX_FP32):
                 grads = attention_backward(q, k, v, o, lse, g, ctx.scale)
             else:
                 grads = _flash_backward(g, q, k, v, o, lse, 0.0, True, scale=ctx.scale)

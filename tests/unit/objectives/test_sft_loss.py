@@ -200,6 +200,7 @@ def test_varlen_attention_gradients_match_float64_attention(monkeypatch, explici
     from tuneforge.train import varlen
 
     monkeypatch.setattr(varlen, "EXPLICIT_BACKWARD_MAX", explicit_max)
+    monkeypatch.setattr(varlen, "EXPLICIT_BACKWARD_MAX_FP32", explicit_max)
     gen = torch.Generator().manual_seed(0)
     bounds = ((0, 0, 7), (0, 7, 19), (1, 0, 19))
     q, k, v = (torch.randn(2, h, 19, 16, generator=gen).to(dtype).requires_grad_() for h in (6, 2, 2))

@@ -25,7 +25,7 @@ from tuneforge.data.render import pad_batch
 from tuneforge.evaluate.intervals import paired_intervals, system_intervals
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.task import evaluate_rows
-from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype, to_device
+from tuneforge.hardware import autocast, environment, path_note, peak_memory, pick_device, pick_dtype, to_device
 from tuneforge.io import atomic_write_text, write_json
 from tuneforge.methods import count_trainable
 from tuneforge.models.load import load_causal_lm, load_tokenizer
@@ -314,15 +314,15 @@ def evaluate_run(model, tok, test_rows, cfg: RunConfig, device, dtype, run_dir, 
         results["comparison"] = {m: {"delta": t["scores"][m] - b["scores"][m]} | ci
                                  for m, ci in paired_intervals(b, t).items() if m in t["scores"]}
     write_json(run_dir / f"eval{tag}.json", results)
-    print_before_after(results, console, tag.lstrip("-"))
+    print_before_after(results, console, tag.lstrip("-"), caption=path_note(device, dtype))
     return {who: results[who]["scores"] for who in ("base", "tuned") if who in results}
 
 
-def print_before_after(results: dict, console: Console, task: str = "") -> None:
+def print_before_after(results: dict, console: Console, task: str = "", caption: str | None = None) -> None:
     """Each model's score with its 95% interval, and the change with its paired interval."""
     who = [w for w in ("base", "tuned") if w in results]
     table = Table(title=f"held-out test set{f' of {task}' if task else ''} ({results['tuned']['n']} rows, "
-                        "95% bootstrap intervals)")
+                        "95% bootstrap intervals)", caption=caption)
     table.add_column("metric")
     for w in who:
         table.add_column(w, justify="right")

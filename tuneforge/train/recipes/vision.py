@@ -31,7 +31,7 @@ from tuneforge.data.load import DataError
 from tuneforge.data.prepare import build_splits
 from tuneforge.evaluate.plots import plot_losses
 from tuneforge.evaluate.vision import evaluate_vision_rows, render, split_images
-from tuneforge.hardware import autocast, environment, peak_memory, pick_device, pick_dtype
+from tuneforge.hardware import autocast, environment, path_note, peak_memory, pick_device, pick_dtype
 from tuneforge.io import atomic_write_text, write_json
 from tuneforge.methods import count_trainable
 from tuneforge.methods.base import check_target_modules
@@ -378,5 +378,5 @@ def evaluate(cfg: RunConfig, model, proc, test_rows: list[dict], device, dtype, 
             for s in r.pop("samples"):
                 f.write(json.dumps({"model": who, **s}) + "\n")
     write_json(run_dir / "eval.json", results)
-    print_before_after(results, console)
+    print_before_after(results, console, caption=path_note(device, dtype))
     return {who: r["scores"] for who, r in results.items()}
