@@ -81,7 +81,7 @@ def test_estimate_within_25_percent_of_measured_peak(raw, small_dir):
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     for part in ("", "process_"):  # the step above the baseline, and the whole process (summary.json's peak)
         estimate = rows[0][f"{part}estimate_gb"]
-        assert all(row[f"{part}estimate_gb"] == estimate for row in rows)  # measured once, then cached
+        assert all(row[f"{part}estimate_gb"] == estimate for row in rows), rows  # measured once, then cached
         measured = statistics.median(row[f"{part}peak_gb" if part else "measured_gb"] for row in rows)
         ratio = estimate / measured
         runs = ", ".join(f"{row[f'{part}peak_gb' if part else 'measured_gb'] * 1024:.1f}" for row in rows)
