@@ -12,6 +12,7 @@ shapes that meta tensors cannot run).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -79,6 +80,10 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter
 # Not checked on an AMX host (there the probe runs in bf16 and measures that path; the old sum
 # measured 0.94-0.96 on SmolLM2 2 x 96 bf16, mostly weights, states and autocast copies, which
 # the phase model keeps; the opt.step phase is now grads + two copies of the largest tensor).
+# The figures above are the step's part (peak above the RSS before the model loads). The process's
+# peak (summary.json's peak_rss_mb) adds what it holds before that: ~0.51 GB of imports and
+# tokenizer here (issue 30: a plan without it said 1.14 GB for a run that peaked at 1.74 GB),
+# measured once per environment by process_baseline().
 CPU_FALLBACK = (64 * 2**20, 0.5)  # (fixed bytes, slack) when the probe cannot run or is off
 # glibc's malloc serves a request above its mmap threshold with its own mapping, unmapped on
 # free; the threshold adapts up to 32 MiB on 64-bit. Freed memory the heap keeps (the slack)
@@ -498,12 +503,25 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     slack = max(0.0, ((p2 - p1) - (l2 - l1)) / max(e2.small_activations - e1.small_activations, 1))
     fixed = max(0, int(p1 - l1 - slack * e1.small_activations))
     _overheads[key] = (fixed, slack)
-    cache[key] = [fixed, slack]
+    _cache_put(path, key, [fixed, slack])
+    return _overheads[key]
+
+
+def _cache_put(path: Path, key: str, value) -> None:
+    """Add one entry to a JSON cache shared by concurrent processes (several plans, test runs):
+    read-modify-write under an exclusive lock, so no process drops another's entry, and an atomic
+    replace, so no reader sees half a file. A cache that cannot be written is only slower."""
     try:
-        write_json(path, cache)  # atomic: concurrent plans never read half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cache = {}
+            write_json(path, cache | {key: value})
     except OSError:
         pass
-    return _overheads[key]
 
 
 # --- what a training process holds before its model loads ------------------------------
@@ -578,11 +596,7 @@ def process_baseline(name: str, revision: str | None = None, trust_remote_code: 
         why = (r.stderr.strip().splitlines() or ["no output"])[-1][:160]
         return _rss(), f"this process's RSS (the baseline probe failed: {why})"
     date = time.strftime("%Y-%m-%d")
-    cache[key] = {"bytes": measured, "date": date, "model": name}
-    try:
-        write_json(path, cache)  # atomic: concurrent plans never read half a file
-    except OSError:
-        pass
+    _cache_put(path, key, {"bytes": measured, "date": date, "model": name})
     _baselines[key] = (measured, f"measured here on {date} (imports + tokenizer in a fresh process), cached in {path}")
     return _baselines[key]
 
