@@ -13,9 +13,11 @@ shapes that meta tensors cannot run).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,11 +37,13 @@ from tuneforge.config import ConfigError
 from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
 from tuneforge.methods import METHODS
 from tuneforge.methods.lora import LoraOptions
-from tuneforge.models.load import load_causal_lm, load_config
+from tuneforge.data.prepare import build_splits
+from tuneforge.io import write_json
+from tuneforge.models.load import load_causal_lm, load_config, load_tokenizer
 from tuneforge.models.moe import describe
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
-from tuneforge.plugins import validate_config
+from tuneforge.plugins import objective_of, validate_config
 
 GB = 2**30
 FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and data
@@ -77,6 +81,10 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter
 # Not checked on an AMX host (there the probe runs in bf16 and measures that path; the old sum
 # measured 0.94-0.96 on SmolLM2 2 x 96 bf16, mostly weights, states and autocast copies, which
 # the phase model keeps; the opt.step phase is now grads + two copies of the largest tensor).
+# The figures above are the step's part (peak above the RSS before the model loads). The process's
+# peak (summary.json's peak_rss_mb) adds what it holds before that: ~0.51 GB of imports and
+# tokenizer here (issue 30: a plan without it said 1.14 GB for a run that peaked at 1.74 GB),
+# measured once per environment by process_baseline().
 CPU_FALLBACK = (64 * 2**20, 0.5)  # (fixed bytes, slack) when the probe cannot run or is off
 # glibc's malloc serves a request above its mmap threshold with its own mapping, unmapped on
 # free; the threshold adapts up to 32 MiB on 64-bit. Freed memory the heap keeps (the slack)
@@ -110,6 +118,11 @@ class Estimate:
     small_activations_ckpt: int = 0
     slack: float = 0.0  # freed memory the CPU heap keeps (RSS), as a share of small_activations
     probe: tuple | None = None  # cpu_overhead's arguments: runtime and slack measured on first peak()
+    # CPU: what the training process holds before its model loads (imports, tokenizer; see
+    # process_baseline). 0 unless the caller knows the model's name and sets it: estimate() alone
+    # gives the step's part, which cpu_overhead's fit and the GPU path (device memory) use.
+    baseline: int = 0
+    baseline_source: str = ""
 
     def peak(self, checkpointing: bool) -> int:
         """The largest of a step's phases (from the second step on, when optimizer states exist):
@@ -125,7 +138,7 @@ class Estimate:
         small = self.small_activations_ckpt if checkpointing else self.small_activations
         fixed = self.weights + self.optimizer + self.load_transient + self.runtime
         step = max(act + self.autocast_copies + self.grads_in_flight, self.grads + self.step_transient)
-        return int(fixed + step + self.slack * small)
+        return int(self.baseline + fixed + step + self.slack * small)
 
 
 def meta_model(model_config, dtype: torch.dtype):
@@ -461,7 +474,7 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
         return _overheads[key]
     if os.environ.get("TUNEFORGE_PLAN_PROBE", "").lower() == "off":
         return CPU_FALLBACK
-    path = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge")) / "plan-overhead.json"
+    path = _home() / "plan-overhead.json"
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -491,13 +504,168 @@ def cpu_overhead(model_config, opts, dtype: torch.dtype, batch: int, seq: int) -
     slack = max(0.0, ((p2 - p1) - (l2 - l1)) / max(e2.small_activations - e1.small_activations, 1))
     fixed = max(0, int(p1 - l1 - slack * e1.small_activations))
     _overheads[key] = (fixed, slack)
-    cache[key] = [fixed, slack]
+    _cache_put(path, key, [fixed, slack])
+    return _overheads[key]
+
+
+def _cache_put(path: Path, key: str, value) -> None:
+    """Add one entry to a JSON cache shared by concurrent processes (several plans, test runs):
+    read-modify-write under an exclusive lock, so no process drops another's entry, and an atomic
+    replace, so no reader sees half a file. A cache that cannot be written is only slower."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1))
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):
+                cache = {}
+            write_json(path, cache | {key: value})
     except OSError:
         pass
-    return _overheads[key]
+
+
+# --- what a training process holds before its model loads ------------------------------
+
+# What `tuneforge train` imports before it loads weights (the CLI, the run, the token recipe with
+# transformers, peft and the data stack). A code string, run in a probe process: this module sits
+# below train and cli and must not import them.
+BASELINE_IMPORTS = "tuneforge.cli.train, tuneforge.train.run, tuneforge.train.recipes.tokens, peft"
+BASELINE_VERSION = 1  # part of the cache key: a probe that measures differently must not reuse older results
+_baselines: dict[str, tuple[int, str]] = {}
+
+
+def _home() -> Path:
+    return Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _baseline_key(name: str, revision: str | None) -> str:
+    from importlib.metadata import PackageNotFoundError, version  # deferred: only a probe's key needs it
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "-"
+
+    cpu = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
+    parts = [tuneforge.__version__, str(BASELINE_VERSION), sys.version.split()[0], torch.__version__,
+             *(v(p) for p in ("transformers", "peft", "tokenizers", "numpy", "datasets")),
+             os.uname().machine if hasattr(os, "uname") else "", ",".join(cpu), allocator_in_use(),
+             os.environ.get("LD_PRELOAD", ""), name, str(revision)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def process_baseline(name: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[int, str]:
+    """(bytes, where the figure comes from): the RSS of a CPU training process before its model
+    loads (interpreter, torch, transformers, peft, the data stack, the model's tokenizer), on top
+    of which the step's memory comes. ~0.5 GB on this project's hosts, more than the model itself
+    for a 135M model: a plan without it promised 0.67 of the measured peak (issue 30).
+
+    Measured once per environment: a fresh process imports what `tuneforge train` imports and
+    loads the tokenizer; its RSS is cached in $TUNEFORGE_HOME/plan-baseline.json keyed by the
+    package versions, Python, machine, CPU flags, allocator and tokenizer (a few seconds, once).
+    TUNEFORGE_PLAN_PROBE=off or a failed probe use this process's own RSS, which has imported
+    most of the same (not the training recipe or the tokenizer), and say so."""
+    key = _baseline_key(name, revision)
+    if key in _baselines:
+        return _baselines[key]
+    path = _home() / "plan-baseline.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), dict) and isinstance(cache[key].get("bytes"), int):
+        _baselines[key] = (cache[key]["bytes"], f"measured here on {cache[key].get('date', '?')}, cached in {path}")
+        return _baselines[key]
+    if os.environ.get("TUNEFORGE_PLAN_PROBE", "").lower() == "off":
+        return _rss(), "this process's RSS (TUNEFORGE_PLAN_PROBE=off)"
+    code = (f"import {BASELINE_IMPORTS}; from tuneforge.models.load import load_tokenizer; "
+            f"load_tokenizer({name!r}, {revision!r}, {trust_remote_code!r}); "
+            "from tuneforge.plan import _rss; print(_rss())")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return _rss(), f"this process's RSS (the baseline probe did not run: {type(e).__name__})"
+    try:
+        measured = int(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        why = (r.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        return _rss(), f"this process's RSS (the baseline probe failed: {why})"
+    date = time.strftime("%Y-%m-%d")
+    _cache_put(path, key, {"bytes": measured, "date": date, "model": name})
+    _baselines[key] = (measured, f"measured here on {date} (imports + tokenizer in a fresh process), cached in {path}")
+    return _baselines[key]
+
+
+# --- the batch the data can produce ------------------------------------------------------
+
+
+@dataclass
+class StepShape:
+    """The micro-batch the plan sizes activations for: ``batch`` rows of ``seq`` tokens."""
+    batch: int
+    seq: int
+    source: str  # how it was found: from the data, or data.max_length and why
+
+
+def longest_batch(lengths: list[int], batch_size: int, max_length: int, packing: bool,
+                  padding_free: bool) -> StepShape:
+    """The largest micro-batch these training rows can form, whatever the shuffle: padded, the
+    longest row padded to, times the batch; padding-free, the longest rows laid end to end (the
+    tokens, not the padding, are what the step holds; counted as ``batch`` rows of their mean
+    length, which keeps every per-token activation exact); packed, bins of up to max_length."""
+    lengths = sorted((min(n, max_length) for n in lengths), reverse=True)
+    if not lengths:
+        return StepShape(batch_size, max_length, "data.max_length (no training row)")
+    if packing:
+        total = sum(lengths)
+        bins = -(-total // max_length)
+        return StepShape(min(batch_size, bins), min(max_length, total),
+                         f"the data: packed bins of up to {max_length} tokens ({len(lengths)} rows, {total} tokens)")
+    b = min(batch_size, len(lengths))
+    if padding_free:
+        tokens = sum(lengths[:b])
+        return StepShape(b, -(-tokens // b), f"the data: its {b} longest rows end to end, {tokens} tokens "
+                                             "(padding-free batch)")
+    return StepShape(b, lengths[0], f"the data: its longest row ({lengths[0]} tokens) padded, x {b} rows")
+
+
+def train_lengths(cfg) -> tuple[list[int] | None, str]:
+    """Token lengths of the run's training rows as training encodes them (chat template,
+    system prompt, data.overlength's drop or truncation), or None and why they were not read."""
+    d = cfg.data
+    if d.tasks or cfg.continual.previous:
+        return None, "several tasks: their data is not read by the plan"
+    if "-" in d.train:
+        return None, "data from standard input"
+    try:
+        tok = load_tokenizer(cfg.model.name, revision=cfg.model.revision,
+                             trust_remote_code=cfg.model.trust_remote_code)
+        objective = objective_of(cfg)
+        rows = objective.encode(tok, build_splits(d, cfg.train.seed, objective.data_kind).train, d).rows
+    # Broad on purpose: whatever stops the data from loading (a missing file, a bad row, an objective
+    # whose rows are not token rows), the plan still answers, sized by max_length and saying why;
+    # `tuneforge train` reports the data's own errors where it loads them.
+    except Exception as e:
+        return None, f"data not read: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return [len(r["input_ids"]) for r in rows], ""
+
+
+def step_shape(cfg) -> StepShape:
+    t, d = cfg.train, cfg.data
+    lengths, why = train_lengths(cfg)
+    if lengths is None:
+        return StepShape(t.batch_size, d.max_length, f"data.max_length ({why})")
+    # As the token recipe decides: padding-free unless packing, DP-SGD or a method without it (prompt
+    # methods); a model without per-example attention falls back to padded batches (varlen.py).
+    padding_free = (t.padding_free and not d.packing and cfg.privacy is None
+                    and getattr(METHODS[cfg.method.name], "padding_free", True))
+    return longest_batch(lengths, t.batch_size, d.max_length, d.packing, padding_free)
 
 
 # --- hardware ------------------------------------------------------------------------
@@ -538,13 +706,17 @@ def matmul_flops_per_s(device: str, dtype: torch.dtype, n: int = 1024, reps: int
 
 
 def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device: str, dtype: str = "auto") -> dict:
-    """Ground truth for the estimate (run it in a fresh process): see benchmarks/plan_accuracy.py."""
-
-
+    """Ground truth for the estimate (run it in a fresh process that first imports BASELINE_IMPORTS,
+    as `tuneforge train` does): see benchmarks/plan_accuracy.py. ``measured_gb``: the step's part
+    (peak RSS during the steps above the RSS before the model loads); ``process_peak_gb``: the whole
+    process's peak RSS, what a run's summary.json reports as peak_rss_mb."""
     opts = validate_config({"model": {"name": model}, "data": {"train": ["-"]}, "method": raw}).method
     method, sft = METHODS[opts.name], OBJECTIVES["sft"]
     dtype = pick_dtype(dtype, device)
+    load_tokenizer(model)  # a run holds its tokenizer through training: part of its baseline
     est = estimate(load_config(model), opts, batch, seq, dtype, device)
+    if device == "cpu":
+        est.baseline, est.baseline_source = process_baseline(model)
 
     proc, peak, stop = psutil.Process(), [0], threading.Event()
 
@@ -554,6 +726,7 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
             time.sleep(0.002)
 
     base_rss = proc.memory_info().rss
+    process_peak = peak[0] = base_rss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sampler = threading.Thread(target=sample, daemon=True)
@@ -562,6 +735,7 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
                        quantization_config=method.quantization_config(opts, dtype))
     m = method.apply(m, opts)
     load_peak, peak[0] = peak[0], 0  # loading has its own transient peak (file pages, casts): reported apart
+    process_peak = max(process_peak, load_peak)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -580,8 +754,15 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
     stop.set()
     sampler.join()
     measured = (torch.cuda.max_memory_allocated() if device == "cuda" else peak[0] - base_rss)
-    return {"method": opts.name, "estimate_gb": est.peak(False) / 2**30, "measured_gb": measured / 2**30,
-            "ratio": est.peak(False) / measured, "step_s": step_s, "trainable": est.trainable,
+    # the process's peak as summary.json reports it (ru_maxrss: kernel-kept, no sampling gap), and
+    # the estimate of it (the step's part on top of the measured baseline)
+    process_peak = max(process_peak, peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    step_est = est.peak(False) - est.baseline
+    return {"method": opts.name, "estimate_gb": step_est / 2**30, "measured_gb": measured / 2**30,
+            "ratio": step_est / measured, "process_estimate_gb": est.peak(False) / 2**30,
+            "process_peak_gb": process_peak / 2**30, "process_ratio": est.peak(False) / process_peak,
+            "baseline_gb": est.baseline / 2**30, "baseline_source": est.baseline_source,
+            "step_s": step_s, "trainable": est.trainable,
             "load_peak_gb": (load_peak - base_rss) / 2**30, "estimate": {k: v / 2**30 for k, v in vars(est).items()
                                                                          if k.endswith(("s", "copies")) and
                                                                          isinstance(v, int) and k != "trainable"}}
@@ -636,22 +817,29 @@ def plan(cfg, device: str | None = None, probe: bool = True) -> dict:
     device = device or pick_device(cfg.train.device)
     dtype = pick_dtype(cfg.train.dtype, device)
     mc = load_config(cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    batch, seq = cfg.train.batch_size, cfg.data.max_length
+    shape = step_shape(cfg)
+    batch, seq = shape.batch, shape.seq
+    # On a GPU the peak that decides is the device's; the process's RSS is host memory.
+    baseline = process_baseline(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code) \
+        if device == "cpu" else (0, "")
     rows = {}
     moe = describe(meta_model(mc, dtype))  # None: a dense model
     for label, raw in comparison_methods(cfg, mc.num_hidden_layers, moe is not None).items():
         rows[label] = estimate(mc, validate_method(raw), batch, seq, dtype, device)
+        rows[label].baseline, rows[label].baseline_source = baseline
     speed = matmul_flops_per_s(device, dtype) * STEP_EFFICIENCY if probe else None
     return {"device": device, "dtype": dtype, "memory": device_memory(device), "rows": rows, "speed": speed,
-            "batch": batch, "seq": seq,
+            "batch": batch, "seq": seq, "shape": shape, "baseline": baseline,
             "moe": None if moe is None else {"model_type": moe.model_type, "experts": moe.num_experts,
                                              "top_k": moe.top_k, "moe_layers": len(moe.layers),
                                              "total_params": moe.total_params, "active_params": moe.active_params,
                                              "routed_expert_params": moe.routed_expert_params}}
 
 
-def fits(est: Estimate, memory: list[Memory], checkpointing: bool) -> bool:
-    return est.peak(checkpointing) <= FIT_MARGIN * min(m.free for m in memory)
+def fits(est: Estimate, memory: list[Memory], checkpointing: bool, held: int = 0) -> bool:
+    """``held``: bytes of the peak this process already holds, so no longer in the free memory
+    (the training process itself checking: its imports, part of the baseline)."""
+    return est.peak(checkpointing) - held <= FIT_MARGIN * min(m.free for m in memory)
 
 
 def ensure_fits(cfg, device: str) -> None:
@@ -668,14 +856,22 @@ def ensure_fits(cfg, device: str) -> None:
                          overhead=CPU_FALLBACK)
         if quick.peak(ckpt) <= 0.5 * FIT_MARGIN * min(m.free for m in memory):
             return
-    est = estimate(mc, cfg.method, cfg.train.batch_size, cfg.data.max_length, dtype, device)
-    if fits(est, memory, ckpt):
+    # Sized by the batches the data can form, not max_length: 120-token rows under
+    # max_length 2048 must not be refused for a 2048-token batch they never make.
+    shape = step_shape(cfg)
+    est = estimate(mc, cfg.method, shape.batch, shape.seq, dtype, device)
+    held = 0
+    if device == "cpu":  # this process is the training process: it already holds its imports
+        est.baseline, est.baseline_source = process_baseline(cfg.model.name, cfg.model.revision,
+                                                             cfg.model.trust_remote_code)
+        held = min(_rss(), est.baseline)
+    if fits(est, memory, ckpt, held):
         return
     free = min(m.free for m in memory)
-    fixes = "; or ".join(suggestions(cfg, est, free, dtype))
-    raise ConfigError([f"this run needs ~{est.peak(ckpt) / GB:.1f} GB at its peak "
-                       f"but {memory[0].name} has {free / GB:.1f} GB free (see `tuneforge plan`). "
-                       f"Fix: {fixes}. Or pass --force to try anyway"])
+    fixes = "; or ".join(suggestions(cfg, est, free + int(held / FIT_MARGIN), dtype))
+    raise ConfigError([f"this run needs ~{est.peak(ckpt) / GB:.1f} GB at its peak (batch {shape.batch} x "
+                       f"{shape.seq} tokens, sized by {shape.source}) but {memory[0].name} has {free / GB:.1f} GB "
+                       f"free (see `tuneforge plan`). Fix: {fixes}. Or pass --force to try anyway"])
 
 
 def print_plan(cfg, console) -> dict:
@@ -683,6 +879,10 @@ def print_plan(cfg, console) -> dict:
     mem, ckpt = p["memory"], cfg.train.gradient_checkpointing
     console.print(f"[bold]plan[/] {cfg.model.name} on {p['device']} ({str(p['dtype']).replace('torch.', '')}), "
                   f"batch {p['batch']} x {p['seq']} tokens, gradient checkpointing {'on' if ckpt else 'off'}")
+    console.print(f"  activations sized by {p['shape'].source}")
+    if p["baseline"][0]:
+        console.print(f"  process baseline {p['baseline'][0] / GB:.2f} GB (imports, tokenizer; in every peak): "
+                      f"{p['baseline'][1]}")
     for m in mem:
         console.print(f"  {m.name}: {m.free / GB:.1f} GB free of {m.total / GB:.1f} GB")
     if p["moe"]:
