@@ -88,7 +88,7 @@ def cmd_registry(args) -> int:
         console.print(f"registered [bold]{v.ref}[/]{score} -> {v.run_dir}")
     elif args.action == "promote":
         try:
-            console.print(reg.promote(args.ref, args.alias, force=args.force))
+            console.print(reg.promote(args.ref, args.alias, force=args.force, max_fairness_gap=args.max_fairness_gap))
         except PromotionRefused as e:
             print(f"refused: {e}", file=sys.stderr)
             return 3
@@ -243,6 +243,9 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("ref", help="NAME:vN")
     p.add_argument("--alias", default="prod")
     p.add_argument("--force", action="store_true", help="promote even if its eval is worse or missing")
+    p.add_argument("--max-fairness-gap", type=float, metavar="X",
+                   help="also refuse when the version's eval (RUN/eval/eval_results.json, from `tuneforge eval "
+                        "--fairness`) has a fairness gap above X (a share: 0.05 = 5 points), or none")
     p = with_registry(ra.add_parser("rollback", help="point an alias back at the version it had before"))
     p.add_argument("name")
     p.add_argument("--alias", default="prod")
