@@ -261,7 +261,8 @@ class FairnessConfig(Strict):
         "terms:LIST (the group of term list LIST that the prompt mentions)")
     swap: list[str] = Field(
         [], description="counterfactual probes: the test prompts (and references) with the terms of these lists "
-        "swapped, whole words only; built-in lists: names, pronouns, nationalities, religions; or a list of terms")
+        "swapped, whole words only; built-in lists: names, names_origin, pronouns, nationalities, religions; or one of "
+        "eval.fairness.terms")
     probes: list[Literal["bbq", "crows"]] = Field(
         [], description="built-in probe sets scored by log-likelihood: bbq (ambiguous questions whose unbiased "
         "answer is 'unknown'), crows (stereotype vs anti-stereotype sentence pairs)")

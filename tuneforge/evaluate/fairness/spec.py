@@ -19,14 +19,17 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from tuneforge.config import FairnessConfig
+from tuneforge.config import ConfigError, FairnessConfig
 
 KEYS = {"group": "groups", "swap": "swap", "probes": "probes", "terms": "terms", "rows": "counterfactual_rows"}
 DEFAULT = FairnessConfig(groups=["terms:names"], swap=["names"], probes=["bbq", "crows"])
 
 
-class SpecError(ValueError):
-    pass
+class SpecError(ConfigError):
+    """A SPEC the eval cannot run (the CLI reports it in one line, as a config problem)."""
+
+    def __init__(self, problem: str):
+        super().__init__([problem], "--fairness")
 
 
 def _read_terms(path: str) -> dict:
