@@ -181,14 +181,11 @@ class Model:
         rendered its rows; ``system`` replaces the run's system prompt."""
         import torch
 
-        from tuneforge.data.render import with_system
-        from tuneforge.data.tools import chat_ids
         from tuneforge.evaluate.generate import generate_texts
 
         one = isinstance(prompts, str)
         chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in ([prompts] if one else prompts)]
-        ids = [chat_ids(self.tokenizer, with_system(c, system or self.system_prompt), add_generation_prompt=True)
-               for c in chats]
+        ids = [chat_prompt(self.tokenizer, system or self.system_prompt, c) for c in chats]
         outs = generate_texts(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               device=self.device, autocast_dtype=None if self.dtype == torch.float32 else self.dtype)
         return outs[0] if one else outs
@@ -202,6 +199,15 @@ def load_run(target: str | Path, device: str = "auto", dtype: str = "auto") -> M
     model, tok, system, dev, torch_dtype = load_for_inference(str(target), device, dtype)
     cfg = load_run_config(target) if (Path(target) / "config.yaml").is_file() else None
     return Model(model, tok, system, dev, torch_dtype, cfg)
+
+
+def chat_prompt(tokenizer: Any, system: str | None, conversation: list[dict]) -> list[int]:
+    """The prompt ids of ``conversation`` as training rendered its rows (chat template, tools,
+    a system turn folded in where the template refuses one), ready for the reply."""
+    from tuneforge.data.render import with_system
+    from tuneforge.data.tools import chat_ids
+
+    return chat_ids(tokenizer, with_system(conversation, system), add_generation_prompt=True)
 
 
 def generate(target: str | Path | Model, prompts: str | list[str] | list[list[dict]], **options: Any) -> str | list[str]:

@@ -278,6 +278,47 @@ class PrivacyConfig(Strict):
         return self
 
 
+class FairnessConfig(Strict):
+    """Bias and fairness evaluation in ``tuneforge eval`` (evaluate/fairness; ``--fairness SPEC``
+    overrides groups, swap and probes). Term lists: ``LIST: {group: [terms]}``; the terms at
+    the same position in each group stand for each other (he/she, him/her)."""
+
+    groups: list[str] = Field(
+        [], description="slice the test rows by each of these: a column of the test rows (e.g. dialect), or "
+        "terms:LIST (the group of term list LIST that the prompt mentions)")
+    swap: list[str] = Field(
+        [], description="counterfactual probes: the test prompts (and references) with the terms of these lists "
+        "swapped, whole words only; built-in lists: names, names_origin, pronouns, nationalities, religions; or one of "
+        "eval.fairness.terms")
+    probes: list[Literal["bbq", "crows"]] = Field(
+        [], description="built-in probe sets scored by log-likelihood: bbq (ambiguous questions whose unbiased "
+        "answer is 'unknown'), crows (stereotype vs anti-stereotype sentence pairs)")
+    terms: dict[str, dict[str, list[str]]] = Field(
+        {}, description="your own term lists: LIST -> {group: [terms]}, every group equally long")
+    counterfactual_rows: int = Field(48, gt=0, description="swap at most this many test rows per list (each is "
+                                     "generated again by both models)")
+    min_group_rows: int = Field(5, gt=0, description="a slice with fewer rows is reported but left out of the gap")
+
+    @model_validator(mode="after")
+    def _check_terms(self):
+        for name, groups in self.terms.items():
+            if len(groups) < 2:
+                raise ValueError(f"eval.fairness.terms.{name}: give at least two groups to swap between")
+            sizes = {g: len(t) for g, t in groups.items()}
+            if 0 in sizes.values() or len(set(sizes.values())) > 1:
+                raise ValueError(f"eval.fairness.terms.{name}: every group needs the same number of terms, "
+                                 f"aligned by position (got {sizes})")
+            owner: dict[str, str] = {}
+            for g, ts in groups.items():
+                for t in ts:
+                    if not t.strip():
+                        raise ValueError(f"eval.fairness.terms.{name}.{g}: an empty term")
+                    if owner.setdefault(t.lower(), g) != g:
+                        raise ValueError(f"eval.fairness.terms.{name}: '{t}' is in groups {owner[t.lower()]} and "
+                                         f"{g}; a term may belong to one group only")
+        return self
+
+
 class EvalConfig(Strict):
     metric: Literal["auto", "exact_match", "json", "token_f1", "none"] = Field(
         "auto", description="auto: json when the references are JSON objects, else exact_match"
@@ -286,6 +327,8 @@ class EvalConfig(Strict):
     batch_size: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate at most N test rows")
     baseline: bool = Field(True, description="also evaluate the base model on the same test rows")
+    fairness: FairnessConfig | None = Field(
+        None, description="bias and fairness evaluation in `tuneforge eval` (see FairnessConfig); off when unset")
 
 
 class MoEOptions(Strict):

@@ -128,7 +128,8 @@ def cmd_registry(args) -> int:
                   file=sys.stderr)
             return 2
         try:
-            console.print(gated_promote(reg, args.ref, args.alias, opts, force=args.force, console=console))
+            console.print(gated_promote(reg, args.ref, args.alias, opts, force=args.force, console=console,
+                                          max_fairness_gap=args.max_fairness_gap))
         except PromotionRefused as e:
             print(f"refused: {e}", file=sys.stderr)
             return 3
@@ -297,6 +298,9 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("--margin", type=float, help="the lower end of the interval of new - old may reach -MARGIN (0)")
     p.add_argument("--confidence", type=float, help="of the paired bootstrap interval (0.95)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded in the history)")
+    p.add_argument("--max-fairness-gap", type=float, metavar="X",
+                   help="also refuse when the version's eval (RUN/eval/eval_results.json, from `tuneforge eval "
+                        "--fairness`) has a fairness gap above X (a share: 0.05 = 5 points), or none")
     p = with_registry(ra.add_parser("rollback", help="point an alias back at the version it had before"))
     p.add_argument("name")
     p.add_argument("--alias", default="prod")

@@ -91,6 +91,10 @@ def add_evaluate_parsers(sub) -> None:
     e.add_argument("--forgetting-threshold", type=float, help="flag a relative perplexity rise above this (0.1)")
     e.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated (if installed)")
     e.add_argument("--harness-include", metavar="DIR", help="a folder of local lm-evaluation-harness task YAMLs")
+    e.add_argument("--fairness", metavar="SPEC",
+                   help="bias and fairness checks, e.g. group=dialect,swap=names+pronouns,probes=bbq+crows; "
+                        "'default' (group=terms:names,swap=names,probes=bbq+crows); 'none' turns the run's "
+                        "eval.fairness off (docs/evaluate.md)")
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("models", help="list the embedded default models and where they are cached")

@@ -441,10 +441,12 @@ def _split_pair(row: dict) -> list[dict]:
 
 def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, strict: bool = False,
               text_unit: str = "block", kind: str | None = None, messages: MessagesOptions | None = None,
-              ignore_fields: list[str] | tuple = ()):
+              ignore_fields: list[str] | tuple = (), keep_columns: list[str] | tuple = ()):
     """Canonical rows (with their source and line) and the report of what was dropped.
     ``kind``: only formats of that kind (what the objective trains on); None: any.
-    ``messages``: how chat rows spell their messages; ``ignore_fields``: row fields dropped first."""
+    ``messages``: how chat rows spell their messages; ``ignore_fields``: row fields dropped first;
+    ``keep_columns``: row fields no format reads that each row carries as bookkeeping in
+    ``_columns`` (the group columns of a fairness evaluation), where the row has them."""
     columns = dict(columns or {})
     if messages is not None and messages.field and "messages" not in columns:
         columns["messages"] = messages.field
@@ -476,7 +478,7 @@ def load_rows(specs: list[str], fmt: str = "auto", columns: dict | None = None, 
         report.sources[source] = {"read": 0, "kept": 0, "format": f,
                                   "synthetic": source.startswith("builtin:")}
     _refuse_meaningful(records, formats, how, report.kind)
-    rows = _convert_all(records, formats, how, split, report, strict)
+    rows = _convert_all(records, formats, how, split, report, strict, tuple(keep_columns))
     report.kept = sum(s["kept"] for s in report.sources.values())
     report.check()
     if not rows:
@@ -496,7 +498,7 @@ def _count_unknown(data: dict, fmt, g: _Group, report: LoadReport) -> None:
 
 
 def _convert_all(records: list[Record], formats: dict, how: dict, split: set, report: LoadReport,
-                 strict: bool) -> list[dict]:
+                 strict: bool, keep_columns: tuple = ()) -> list[dict]:
     rows = []
     for rec in records:
         src = report.sources[rec.source]
@@ -520,6 +522,9 @@ def _convert_all(records: list[Record], formats: dict, how: dict, split: set, re
                     r["_where"] = rec.where if len(out) == 1 else f"{rec.where}{'ab'[i]}"
                     if rec.data.get("_synthetic") is True:  # written by `tuneforge data generate`
                         r["_synthetic"] = True
+                    kept = {c: rec.data[c] for c in keep_columns if c in rec.data}
+                    if kept:  # only the columns asked for: other fields may hold what no one should keep
+                        r["_columns"] = kept
                 rows.extend(out)
                 src["kept"] += 1
                 continue

@@ -65,7 +65,7 @@ def _content(row: dict):
     # A chat row without tools hashes as its messages alone (as before tools existed).
     if "messages" in row and not any(k in row for k in ("tools", "parallel_tool_calls")):
         return row["messages"]
-    return {k: v for k, v in row.items() if k != "_where"}
+    return {k: v for k, v in row.items() if k not in ("_where", "_columns")}
 
 
 def _prompt_key(row: dict) -> str:
@@ -139,12 +139,16 @@ def load_prepared(folder: str, data: DataConfig, kind: str = "sft") -> Splits:
                   prepared={"path": str(folder), "manifest_sha256": sha256_file(Path(folder) / MANIFEST)})
 
 
-def build_splits(data: DataConfig, seed: int, kind: str = "sft") -> Splits:
-    """``kind``: the rows the objective trains on (sft, preference, classification, text)."""
+def build_splits(data: DataConfig, seed: int, kind: str = "sft", keep_columns: list[str] | tuple = ()) -> Splits:
+    """``kind``: the rows the objective trains on (sft, preference, classification, text);
+    ``keep_columns``: raw row fields carried in each row's ``_columns`` (not in the manifest
+    hash: asking for them does not change the data's identity). A prepared folder has none:
+    its rows hold only what the format reads."""
     if len(data.train) == 1 and is_prepared(data.train[0]):
         return load_prepared(data.train[0], data, kind)
     reports, pii = {}, {}
-    how = {"kind": kind, "messages": data.messages, "ignore_fields": data.ignore_fields}
+    how = {"kind": kind, "messages": data.messages, "ignore_fields": data.ignore_fields,
+           "keep_columns": keep_columns}
 
     def load(name: str, specs: list[str]) -> list[dict]:
         rows, reports[name] = load_rows(specs, data.format, data.columns, **how)

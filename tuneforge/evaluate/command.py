@@ -23,6 +23,9 @@ from tuneforge.data.prepare import build_splits
 from tuneforge.data.render import with_system
 from tuneforge.evaluate import report as rp
 from tuneforge.evaluate.diagnose import diagnose, read_curves
+from tuneforge.evaluate.fairness.report import fairness_blocks, print_fairness
+from tuneforge.evaluate.fairness.run import TERMS_PREFIX, Boot, FairnessSystem, check_fairness, run_fairness
+from tuneforge.evaluate.fairness.spec import parse_spec
 from tuneforge.evaluate.forgetting import ProbeUnavailable, forgetting_verdict, general_texts
 from tuneforge.evaluate.incontext import draw_shots, with_examples
 from tuneforge.evaluate.intervals import LOWER_IS_BETTER, paired_intervals, system_intervals
@@ -52,6 +55,8 @@ class EvalOptions(BaseModel):
     forgetting_threshold: float = Field(0.10, gt=0, description="flag a relative perplexity rise above this")
     harness: str | None = Field(None, description="comma-separated lm-evaluation-harness tasks")
     harness_include: Path | None = Field(None, description="a folder of lm-evaluation-harness task YAMLs")
+    fairness: str | None = Field(None, description="fairness SPEC (evaluate/fairness/spec.py; 'none': off), "
+                                 "over the run's eval.fairness")
 
 
 def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
@@ -61,12 +66,20 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     target = Path(opts.target)
     cfg = load_run_config(target) if (target / "config.yaml").exists() else None
     is_run = cfg is not None
+    fair = parse_spec(opts.fairness, cfg.eval.fairness if cfg else None) if opts.fairness else \
+        (cfg.eval.fairness if cfg else None)
+    if fair is not None and is_run and cfg.model.kind == "vision":
+        raise DataError("the fairness evaluation is not written for vision runs (rows with images); "
+                        "drop --fairness (or set it to none)")
     if is_run and cfg.model.kind == "vision":  # rows with images: base vs tuned generations (evaluate/vision.py)
         from tuneforge.evaluate.vision import run_vision_eval
 
         return run_vision_eval(opts, cfg, target, console)
     # Data problems surface before any weights load.
-    rows, train_rows, lineage = load_eval_rows(opts.data, cfg, target)
+    group_columns = [g for g in fair.groups if not g.startswith(TERMS_PREFIX)] if fair else []
+    rows, train_rows, lineage, columns = load_eval_rows(opts.data, cfg, target, group_columns)
+    rows = rows[: opts.limit] if opts.limit else rows
+    term_lists = check_fairness(fair, rows, columns) if fair else None
     if opts.few_shot and not train_rows:
         raise DataError("--few-shot draws its examples from a run's train split: pass a run folder")
     if opts.harness_include is not None and not opts.harness_include.is_dir():
@@ -80,7 +93,6 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     # --- rows as the model sees them (the run's system prompt added) --------------------
-    rows = rows[: opts.limit] if opts.limit else rows
     convs = [with_system(r["messages"], system_prompt) for r in rows]
     refs = [c[-1]["content"] for c in convs]
     # Rows about tools are scored as tool calling (the first assistant turn: call or not).
@@ -111,6 +123,16 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
     if is_run and (target / "metrics.jsonl").exists():
         findings = [f.model_dump() for f in diagnose(*read_curves(target / "metrics.jsonl"))]
     harness = run_harness(model, tok, opts.harness, opts.harness_include, console) if opts.harness else None
+    fairness = None
+    if fair is not None:  # slices, counterfactual swaps and probe sets (evaluate/fairness)
+        fsystems = [FairnessSystem(under_test, model, tok)]
+        if is_run:
+            fsystems.append(FairnessSystem("base zero-shot", model, tok, model.disable_adapter))
+        elif other is not None:
+            fsystems.append(FairnessSystem(f"{opts.baseline} zero-shot", *other))
+        fairness = run_fairness(fair, term_lists, rows=rows, convs=convs, measured=systems, systems=fsystems,
+                                kind=kind, labels=labels, gen=gen, tools=task.tools, system_prompt=system_prompt,
+                                boot=Boot(opts.n_resamples, opts.confidence, opts.seed), console=console)
 
     # --- write -------------------------------------------------------------------------
     results = {"target": opts.target, "data": opts.data, "n": len(convs), "kind": kind, "labels": labels,
@@ -119,9 +141,12 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> Path:
                                                   "output_tokens_per_request", "confusion", "intervals") if f in v}
                            for k, v in systems.items()},
                "comparisons": comparisons, "forgetting": forgetting, "diagnosis": findings, "harness": harness,
+               "fairness": fairness,
                "bootstrap": {"resamples": opts.n_resamples, "confidence": opts.confidence, "seed": opts.seed}}
     write_results(results, systems, out)
     print_table(results, under_test, console)
+    if fairness:
+        print_fairness(fairness, console)
     md, page = rp.write_report(eval_blocks(results, systems, under_test, target if is_run else None, out), out,
                                f"Evaluation of {opts.target}")
     console.print(f"[bold green]report[/]: {md} and {page}")
@@ -200,12 +225,14 @@ def write_results(results: dict, systems: dict[str, dict], out: Path) -> None:
                 f.write(json.dumps({"system": name, "prompt": q, "reference": r, "prediction": p, "score": sc}) + "\n")
 
 
-def load_eval_rows(data: str, cfg, target: Path) -> tuple[list[dict], list[dict], dict]:
-    """(rows to evaluate, train rows for in-context examples, lineage)."""
+def load_eval_rows(data: str, cfg, target: Path, keep_columns: list[str] = ()
+                   ) -> tuple[list[dict], list[dict], dict, set[str]]:
+    """(rows to evaluate, train rows for in-context examples, lineage, the row fields no format
+    reads: the columns a fairness slice may name). ``keep_columns`` travel in each row's ``_columns``."""
     lineage: dict = {}
     train_rows: list[dict] = []
     if cfg is not None:
-        splits = build_splits(cfg.data, cfg.train.seed)
+        splits = build_splits(cfg.data, cfg.train.seed, keep_columns=keep_columns)
         train_rows = splits.train
         lineage = {"base_model": cfg.model.name, "method": cfg.method.name,
                    "data_manifest_sha256": splits.manifest_hash(), "config": yaml.safe_load((target / "config.yaml").read_text())}
@@ -222,11 +249,13 @@ def load_eval_rows(data: str, cfg, target: Path) -> tuple[list[dict], list[dict]
             raise DataError("--data test needs a run folder (its test split); for a model, pass a data file")
         if not splits.test:
             raise DataError(f"{target} has no test split (data.test_size=0 and no data.test files)")
-        return splits.test, train_rows, lineage | {"data": "the run's test split"}
+        columns = {c for r in splits.reports.values() for c in r.unknown_fields}
+        return splits.test, train_rows, lineage | {"data": "the run's test split"}, columns
     if not Path(data).is_file():
         raise FileNotFoundError(f"--data {data}: no such file (or use 'test' for a run's test split)")
-    rows, _ = load_rows([data], cfg.data.format if cfg else "auto", cfg.data.columns if cfg else {})
-    return rows, train_rows, lineage | {"data": data}
+    rows, report = load_rows([data], cfg.data.format if cfg else "auto", cfg.data.columns if cfg else {},
+                             keep_columns=keep_columns)
+    return rows, train_rows, lineage | {"data": data}, set(report.unknown_fields)
 
 
 def compare_systems(base: dict, tuned: dict, opts: EvalOptions) -> dict:
@@ -384,6 +413,8 @@ def eval_blocks(results: dict, systems: dict, under_test: str, run_dir: Path | N
                    rp.table(["prompt", "reference", "prediction", s["main"]],
                             [[s["prompts"][i][:300], s["refs"][i], s["preds"][i],
                               f"{s['per_example'][s['main']][i]:.2f}"] for i in idx])]
+    if results.get("fairness"):
+        blocks += fairness_blocks(results["fairness"])
     if results.get("harness"):
         blocks += [rp.heading("lm-evaluation-harness"), rp.code(json.dumps(results["harness"], indent=2, default=str))]
     lin = results["lineage"]

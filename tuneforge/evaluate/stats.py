@@ -46,3 +46,16 @@ def resample_indices(n: int, *, n_resamples: int, seed: int) -> np.ndarray:
         raise ValueError("a bootstrap needs at least one example")
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
+def bootstrap_gap_ci(a: list[float], b: list[float], *, n_resamples: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of mean(a) - mean(b) for two independent groups (two slices of one test
+    set: different examples, so each group is resampled on its own, unlike ``paired_bootstrap``)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"a gap needs two non-empty groups (got {a.size} and {b.size})")
+    rng = np.random.default_rng(seed)
+    means_a = a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1)
+    means_b = b[rng.integers(0, b.size, size=(n_resamples, b.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(means_a - means_b, [tail, 1 - tail])
+    return float(lo), float(hi)

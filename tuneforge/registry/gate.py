@@ -172,11 +172,13 @@ def decide(new: VersionInfo, old: VersionInfo, opts: GateOptions, scorer: Scorer
 
 
 def gated_promote(reg: Registry, ref: str, alias: str, opts: GateOptions, force: bool = False,
-                  scorer: Scorer | None = None, console: Console | None = None) -> str:
-    """Point NAME@alias at ``ref`` when the paired gate passes (or ``force``, recorded)."""
+                  scorer: Scorer | None = None, console: Console | None = None,
+                  max_fairness_gap: float | None = None) -> str:
+    """Point NAME@alias at ``ref`` when the paired gate passes (or ``force``, recorded);
+    ``max_fairness_gap``: the store's fairness check as well (Registry.promote)."""
     console = console or Console()
     name, _, _ = parse_ref(ref)
     new = reg.resolve(ref)
     old = reg.resolve(f"{name}@{alias}") if alias in reg.aliases(name) else None
     verdict = decide(new, old, opts, scorer, console) if old is not None and old.number != new.number else None
-    return reg.promote(ref, alias, force=force, verdict=verdict)
+    return reg.promote(ref, alias, force=force, verdict=verdict, max_fairness_gap=max_fairness_gap)

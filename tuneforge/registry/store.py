@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -200,12 +201,17 @@ class Registry:
             return self._info(name, self._version(s, model.id, name, number))
 
     # --- aliases -----------------------------------------------------------------------------
-    def promote(self, ref: str, alias: str, force: bool = False, verdict=None) -> str:
+    def promote(self, ref: str, alias: str, force: bool = False, verdict=None,
+                max_fairness_gap: float | None = None) -> str:
         """``verdict``: registry.gate's paired comparison (run before this, outside the write
-        lock: it may score both versions); without one, the quick point-estimate ``gate``."""
+        lock: it may score both versions); without one, the quick point-estimate ``gate``.
+        ``max_fairness_gap``: also refuse a version whose eval's fairness gap (a share, 0.05
+        = 5 points of its main metric) is larger, or that has no fairness section."""
         name, a, number = parse_ref(ref)
         if a is not None or number is None:
             raise RegistryError(f"promote takes a version (e.g. {name}:v2), not '{ref}'")
+        if max_fairness_gap is not None and not max_fairness_gap >= 0:
+            raise RegistryError(f"--max-fairness-gap {max_fairness_gap}: give a share >= 0 (0.05 = 5 points)")
         with self._write() as s:
             model = self._model(s, name)
             new = self._version(s, model.id, name, number)
@@ -215,9 +221,11 @@ class Registry:
                 raise RegistryError(f"{name}@{alias} moved to v{old.number if old else None} while the gate compared "
                                     f"with v{verdict.old_number}: promote again")
             if verdict is not None:
-                problem = None if verdict.ok else verdict.summary
+                quality = None if verdict.ok else verdict.summary
             else:
-                problem = gate(new, old) if old is not None else None
+                quality = gate(new, old) if old is not None else None
+            problems = [quality, fairness_gate(new, max_fairness_gap) if max_fairness_gap is not None else None]
+            problem = "; ".join(p for p in problems if p) or None
             if problem and not force:
                 raise PromotionRefused(f"refused to point {name}@{alias} at v{number}: {problem} (--force to override)")
             if row is None:
@@ -352,6 +360,23 @@ class Registry:
     def _info(name: str, v: Version) -> VersionInfo:
         return VersionInfo(name, v.number, v.run_dir, v.base_model, v.adapter_sha256, dict(v.scores or {}),
                            v.main_metric, v.main_score, v.created)
+
+
+def fairness_gate(new: Version, max_gap: float) -> str | None:
+    """Why ``new`` fails ``--max-fairness-gap``, or None: the largest fairness gap that
+    `tuneforge eval --fairness` wrote in its run's eval/eval_results.json."""
+    path = Path(new.run_dir) / "eval" / "eval_results.json"
+    how = f"run `tuneforge eval {new.run_dir} --fairness default` (or group=COLUMN for a column of your test rows)"
+    if not path.is_file():
+        return f"v{new.number} has no evaluation at {path} to read a fairness gap from: {how}"
+    fairness = json.loads(path.read_text(encoding="utf-8")).get("fairness") or {}
+    g = fairness.get("max_gap")
+    if g is None:
+        return f"v{new.number}'s evaluation ({path}) measured no fairness gap: {how}"
+    if g["value"] > max_gap:
+        return (f"its fairness gap {g['metric']} {g['value']:.4f} [{g['ci'][0]:.4f}, {g['ci'][1]:.4f}] "
+                f"({g['source']}) is above --max-fairness-gap {max_gap}")
+    return None
 
 
 def gate(new: Version, old: Version) -> str | None:

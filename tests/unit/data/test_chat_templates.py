@@ -134,9 +134,9 @@ def test_generation_stops_at_the_end_of_turn_token(family):
 
 def test_generate_command_renders_prompts_as_training_did(family):
     """`tuneforge generate/chat` build the prompt through the same rendering (system folded in too)."""
-    from tuneforge.cli.evaluate import _chat_prompt
+    from tuneforge.api import chat_prompt
     from tuneforge.data.render import with_system
 
     name, tok, _ = family
     system = "You are a helpful assistant."
-    assert _chat_prompt(tok, system, CONV[:1]) == prompt_ids(tok, with_system(CONV[:2], system)), name
+    assert chat_prompt(tok, system, CONV[:1]) == prompt_ids(tok, with_system(CONV[:2], system)), name

@@ -1,0 +1,1 @@
+"""Bias and fairness evaluation (tuneforge eval --fairness): slices, counterfactual swaps, probe sets."""
