@@ -22,13 +22,24 @@ def test_the_system_allocator_is_preferred_over_the_pip_one(monkeypatch):
     assert allocator.allocator_name(None) == "system malloc"
 
 
-def test_pip_mimalloc_is_found_and_preloaded_its_freed_pages_go_back_when_released():
-    # The pinned wheel installs a preloadable libmimalloc; under it a freed 400 MB tensor stays
-    # in the process until the releaser the training loop calls after each step runs.
-    lib = allocator.pip_allocator()
+def _tcmalloc():
+    lib = allocator.system_allocator()
+    return lib if lib and "tcmalloc" in lib else None
+
+
+@pytest.mark.parametrize("find, name, missing", [
+    (allocator.pip_allocator, "mimalloc (pip)",
+     "cmeel-mimalloc not installed (not Linux, or installed without the project's dependencies)"),
+    (_tcmalloc, "tcmalloc", "tcmalloc not installed (apt-get install libtcmalloc-minimal4)"),
+])
+def test_preloaded_allocators_free_pages_go_back_when_released(find, name, missing):
+    # Under a preloaded allocator a freed 400 MB tensor stays in the process until the releaser
+    # the training loop calls after each step runs. (Under glibc there is nothing to call.)
+    assert allocator.free_memory_releaser() is None  # this test process runs on glibc malloc
+    lib = find()
     if lib is None:
-        pytest.skip("cmeel-mimalloc not installed (not Linux, or installed without the project's dependencies)")
-    assert allocator.allocator_name(lib) == "mimalloc (pip)"
+        pytest.skip(missing)
+    assert allocator.allocator_name(lib) == name
     code = (
         "import torch\n"
         "from tuneforge.allocator import free_memory_releaser\n"

@@ -140,21 +140,13 @@ def channel_scores(model, batches: list[list[int]]) -> torch.Tensor:
     """(layers, intermediate): mean |a_j| * ||W_down[:, j]|| per MLP channel."""
     layers = model.model.layers
     sums = torch.zeros(len(layers), model.config.intermediate_size)
-    count, hooks = [0], []
-    for i, layer in enumerate(layers):
-        def pre(_, args, i=i):
-            a = args[0][0].float()  # (tokens, intermediate)
-            sums[i] += a.abs().sum(0)
-            if i == 0:
-                count[0] += a.shape[0]
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(pre))
-    try:
-        _run(model, batches, "scoring MLP channels")
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def add(i, a):  # a: (tokens, intermediate), down_proj's input
+        sums[i] += a.abs().sum(0)
+
+    tokens = _calibrate(model, batches, [layer.mlp.down_proj for layer in layers], add, "scoring MLP channels")
     norms = torch.stack([layer.mlp.down_proj.weight.float().norm(dim=0) for layer in layers])
-    return sums / max(count[0], 1) * norms
+    return sums / tokens * norms
 
 
 def group_scores(model, batches: list[list[int]]) -> torch.Tensor:
@@ -162,24 +154,34 @@ def group_scores(model, batches: list[list[int]]) -> torch.Tensor:
     contributions W_o[:, h] @ o_h."""
     cfg, layers = model.config, model.model.layers
     heads, groups, d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
-    sums, count, hooks = torch.zeros(len(layers), heads), [0], []
-    for i, layer in enumerate(layers):
-        w = layer.self_attn.o_proj.weight  # (hidden, heads * d)
+    sums = torch.zeros(len(layers), heads)
 
-        def pre(_, args, i=i, w=w):
-            o = args[0][0].float().view(-1, heads, d)  # (tokens, heads, d)
-            contrib = torch.einsum("thd,ohd->tho", o, w.float().view(-1, heads, d))  # (tokens, heads, hidden)
-            sums[i] += contrib.norm(dim=-1).sum(0)
+    def add(i, o):  # o: (tokens, heads * d), o_proj's input
+        w = layers[i].self_attn.o_proj.weight.float().view(-1, heads, d)  # (hidden, heads, d)
+        sums[i] += torch.einsum("thd,ohd->tho", o.view(-1, heads, d), w).norm(dim=-1).sum(0)  # (tokens, heads, hidden)
+
+    tokens = _calibrate(model, batches, [layer.self_attn.o_proj for layer in layers], add, "scoring attention heads")
+    per_head = sums / tokens
+    return per_head.view(len(layers), groups, heads // groups).sum(-1)
+
+
+def _calibrate(model, batches: list[list[int]], modules: list, add, label: str) -> int:
+    """Run the calibration rows with ``add(i, x)`` seeing the input ``x`` (tokens, features) of
+    ``modules[i]``; returns the number of tokens seen (at least 1)."""
+    count, hooks = [0], []
+    for i, module in enumerate(modules):
+        def pre(_, args, i=i):
+            x = args[0][0].float()
+            add(i, x)
             if i == 0:
-                count[0] += o.shape[0]
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
+                count[0] += x.shape[0]
+        hooks.append(module.register_forward_pre_hook(pre))
     try:
-        _run(model, batches, "scoring attention heads")
+        _run(model, batches, label)
     finally:
         for h in hooks:
             h.remove()
-    per_head = sums / max(count[0], 1)
-    return per_head.view(len(layers), groups, heads // groups).sum(-1)
+    return max(count[0], 1)
 
 
 def keep_top(scores: torch.Tensor, remove: int) -> list[list[int]]:
