@@ -89,10 +89,6 @@ def tokenized(a, name: str, tok) -> list[dict]:
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in enc.rows]
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_dtype(a):
@@ -260,6 +256,7 @@ def model_shape(model: str) -> tuple[int, int, int]:
 
 
 from tuneforge.allocator import ONEDNN_CACHE, machine_busy  # noqa: E402 - the launcher's settings
+from tuneforge.hardware import peak_rss_mb  # noqa: E402 - VmHWM: the run's own peak, not its parent's
 
 
 def find_tcmalloc() -> str | None:

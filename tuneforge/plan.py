@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from rich.table import Table
 import tuneforge
 from tuneforge.allocator import allocator_in_use
 from tuneforge.config import ConfigError
-from tuneforge.hardware import autocast, cpu_flags, pick_device, pick_dtype
+from tuneforge.hardware import autocast, cpu_flags, peak_rss_mb, pick_device, pick_dtype
 from tuneforge.methods import METHODS
 from tuneforge.methods.lora import LoraOptions
 from tuneforge.data.prepare import build_splits
@@ -754,9 +753,9 @@ def measure_peak(model: str, raw: dict, batch: int, seq: int, steps: int, device
     stop.set()
     sampler.join()
     measured = (torch.cuda.max_memory_allocated() if device == "cuda" else peak[0] - base_rss)
-    # the process's peak as summary.json reports it (ru_maxrss: kernel-kept, no sampling gap), and
-    # the estimate of it (the step's part on top of the measured baseline)
-    process_peak = max(process_peak, peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # the process's peak as summary.json reports it (kernel-kept, no sampling gap), and the
+    # estimate of it (the step's part on top of the measured baseline)
+    process_peak = max(process_peak, peak[0], int(peak_rss_mb() * 2**20))
     step_est = est.peak(False) - est.baseline
     return {"method": opts.name, "estimate_gb": step_est / 2**30, "measured_gb": measured / 2**30,
             "ratio": step_est / measured, "process_estimate_gb": est.peak(False) / 2**30,

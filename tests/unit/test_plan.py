@@ -207,3 +207,15 @@ def test_plan_reports_the_process_baseline_and_where_it_comes_from(tiny_raw_cfg,
     gpu = plan.plan(cfg, device="cuda", probe=False)
     for label, e in gpu["rows"].items():
         assert e.baseline == 0 and e.probe is None, label  # device memory: no process RSS, no CPU probe
+
+
+def test_peak_rss_is_the_process_own_not_its_forking_parents():
+    """A run started by a large process (the jobs worker, a test session) reported the parent's
+    peak: ru_maxrss survives exec, VmHWM does not."""
+    from tuneforge.hardware import peak_rss_mb
+
+    ballast = bytearray(600 * 2**20)  # this process now holds > 600 MB
+    code = "from tuneforge.hardware import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak_rss_mb() > 600 and child < 400, (peak_rss_mb(), child)
+    del ballast

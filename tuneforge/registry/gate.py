@@ -113,7 +113,7 @@ def candidate_test_rows(run_dir: str) -> tuple[list[dict], object]:
     from tuneforge.runs import load_run_config
 
     cfg = load_run_config(Path(run_dir))
-    rows, _, _ = load_eval_rows("test", cfg, Path(run_dir))
+    rows, *_ = load_eval_rows("test", cfg, Path(run_dir))
     ev = cfg.eval.model_copy(update={"limit": None, "metric": "auto" if cfg.eval.metric == "none" else cfg.eval.metric})
     return rows, ev
 
