@@ -8,8 +8,14 @@ Tasks (chat rows; each split fixed by --seed; the test rows are never trained on
   trivia). Metric: exact match of the label.
 - ``orders``: free-text customer messages -> JSON (tuneforge's generated quick-start task).
   Metric: the JSON object equals the reference.
+- ``reviews``: movie-review snippets -> positive / negative, labelled by people: the snippets
+  (Pang & Lee's) and their mean rating by 20 human raters from the VADER paper's data set
+  (Hutto & Gilbert, ICWSM 2014, MIT licence), which ships in the ``vaderSentiment==3.3.2``
+  source distribution on PyPI (fetched once with pip into $TUNEFORGE_HOME/benchmark-data).
+  Snippets the raters left near neutral (|mean| < 1 on their -4..4 scale) are left out,
+  counted. Metric: exact match.
 - ``sentiment``: product reviews -> positive / negative / neutral (tuneforge's generated
-  ``builtin:sentiment`` rows as chat). Metric: exact match.
+  ``builtin:sentiment`` rows as chat; templated, so easy). Metric: exact match.
 
 Columns (every one LoRA on SmolLM2-135M-Instruct through tuneforge's loop, its padding-free
 batches and its loss on the answer tokens + end of turn, so only the hyper-parameters differ):
@@ -34,11 +40,13 @@ Prints a markdown table and writes it with every score to --out (results.json).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -83,13 +91,47 @@ def order_rows(seed: int) -> list[dict]:
     return [chat(f"{r['instruction']}\n\n{r['input']}", r["output"]) for r in orders(n=1000, seed=seed)]
 
 
+VADER_SDIST = "vaderSentiment==3.3.2"
+VADER_MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def vader_movie_ratings() -> Path:
+    """The VADER paper's human-rated movie snippets, from the package's source distribution
+    (the wheel leaves them out): downloaded once with pip, the inner archive unpacked."""
+    home = Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge")) / "benchmark-data" / "vader"
+    target = home / VADER_MOVIES
+    if not target.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", VADER_SDIST, "--no-deps", "--no-binary", ":all:",
+                        "-d", str(home), "-q"], check=True)
+        with tarfile.open(next(home.glob("vaderSentiment-*.tar.gz"))) as sdist:
+            inner = next(m for m in sdist.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            with tarfile.open(fileobj=sdist.extractfile(inner)) as data:
+                data.extract(VADER_MOVIES, home, filter="data")
+    return target
+
+
+def review_rows(seed: int) -> list[dict]:
+    rows, neutral = [], 0
+    for line in vader_movie_ratings().read_text(encoding="utf-8").splitlines():
+        _, rating, text = line.split("\t", 2)
+        if abs(float(rating)) < 1:
+            neutral += 1
+            continue
+        rows.append(chat(f"Is this movie review positive or negative?\n\n{text.strip()}",
+                         "positive" if float(rating) > 0 else "negative"))
+    print(f"[reviews] {len(rows)} snippets; {neutral} left out: raters' mean within 1 of neutral")
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def sentiment_rows(seed: int) -> list[dict]:
     return [chat(f"What is the sentiment of this review? Answer positive, negative or neutral.\n\n{r['text']}",
                  r["label"]) for r in sentiment(n=1000, seed=seed)]
 
 
-TASKS = {"topic": (topic_rows, "exact_match"), "orders": (order_rows, "json"),
-         "sentiment": (sentiment_rows, "exact_match")}
+TASKS = {"topic": (topic_rows, "exact_match"), "reviews": (review_rows, "exact_match"),
+         "orders": (order_rows, "json"), "sentiment": (sentiment_rows, "exact_match")}
 
 
 def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: Path) -> dict:
@@ -105,7 +147,7 @@ def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: P
 
 
 def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed: int, model: str,
-               max_steps: int | None) -> dict:
+               max_steps: int | None, reuse: bool = False) -> dict:
     raw = {"model": {"name": model},
            "data": {"train": [str(data / f"{task}-train.jsonl")], "test": [str(data / f"{task}-test.jsonl")],
                     "val_size": 0.1},
@@ -117,22 +159,36 @@ def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed:
     if max_steps:  # a smoke run of the pipeline: every column cut to the same steps (no result)
         raw["train"]["max_steps"] = max_steps
     cfg = out / f"{task}-{column}.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    t0 = time.perf_counter()
-    log = out / f"{task}-{column}.log"
-    with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "tuneforge", "train", str(cfg), "--force"], stdout=f,
-                             stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - t0
     run = out / f"{task}-{column}"
-    if rc != 0:
-        raise SystemExit(f"{task}/{column} failed (exit {rc}); see {log}")
+    text = yaml.safe_dump(raw, sort_keys=False)
+    timing = run / "benchmark_wall.json"
+    # An auto column's result depends on the rules too: it is reused only under the same auto.py.
+    rules = hashlib.sha256((ROOT / "tuneforge/train/auto.py").read_bytes()).hexdigest()[:16] if "auto" in raw else None
+    # --reuse: a column whose folder holds a finished run of this very config (the same data
+    # files, read below) is read back, so that an interrupted or extended benchmark trains only
+    # what is missing; its wall time and load are the ones recorded when it ran.
+    if reuse and cfg.exists() and cfg.read_text() == text and timing.exists() and (run / "eval_samples.jsonl").exists() \
+            and json.loads(timing.read_text()).get("auto_rules") == rules:
+        print(f"[{task}] {column}: reusing {run}")
+        wall, load = (json.loads(timing.read_text())[k] for k in ("wall_s", "load"))
+    else:
+        cfg.write_text(text)
+        t0 = time.perf_counter()
+        log = out / f"{task}-{column}.log"
+        with open(log, "w") as f:
+            rc = subprocess.call([sys.executable, "-m", "tuneforge", "train", str(cfg), "--force"], stdout=f,
+                                 stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            raise SystemExit(f"{task}/{column} failed (exit {rc}); see {log}")
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        timing.write_text(json.dumps({"wall_s": wall, "load": load, "auto_rules": rules}))
     samples = [json.loads(x) for x in (run / "eval_samples.jsonl").read_text().splitlines()]
     scores = [s["score"] for s in samples if s["model"] == "tuned"]
     summary = json.loads((run / "summary.json").read_text())
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     return {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
-            "wall_s": round(wall, 1), "train_s": summary["train_seconds"], "steps": summary["steps"],
+            "wall_s": round(wall, 1), "load_after": load, "train_s": summary["train_seconds"], "steps": summary["steps"],
             "stopped_early": summary.get("stopped_early"),
             "epochs": resolved["train"]["epochs"], "lr": resolved["train"]["lr"],
             "batch": resolved["train"]["batch_size"], "max_length": resolved["data"]["max_length"]}
@@ -140,7 +196,7 @@ def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}")
+    ap.add_argument("--tasks", default="topic,reviews,orders", help=f"comma-separated: {', '.join(TASKS)}")
     ap.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated: {', '.join(COLUMNS)}")
     ap.add_argument("--rows", type=int, default=400, help="training rows per task (10%% of them validate)")
     ap.add_argument("--test-rows", type=int, default=200, help="held-out rows per task")
@@ -150,6 +206,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None,
                     help="cut every column to N optimizer steps: checks the pipeline, measures nothing")
     ap.add_argument("--out", type=Path, default=Path("/tmp/tuneforge-defaults"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back columns already trained in --out with the same config instead of training them again")
     a = ap.parse_args()
     if a.quick:
         a.tasks, a.rows, a.test_rows = "topic", 120, 60
@@ -162,7 +220,7 @@ def main() -> None:
         print(f"[{task}] {info}")
         results["tasks"][task] = {"data": info, "columns": {}}
         for column in a.columns.split(","):
-            r = run_column(task, column, metric, a.out / "data", a.out, a.seed, a.model, a.max_steps)
+            r = run_column(task, column, metric, a.out / "data", a.out, a.seed, a.model, a.max_steps, a.reuse)
             results["tasks"][task]["columns"][column] = r
             print(f"[{task}] {column}: {100 * r['acc']:.1f}% [{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}] "
                   f"in {r['wall_s']:.0f}s ({r['steps']} steps, {r['epochs']} epochs, lr {r['lr']:g}, "

@@ -19,8 +19,9 @@ The rules are small pure functions so that each can be tested alone:
   until the memory plan says it fits.
 - max_length: the longest row (rounded up to 8), so nothing is truncated or dropped; above the
   model's context the row is dropped and counted as usual (data.overlength).
-- early stopping: evaluate ~8 times a run, stop after 2 evaluations without a better
-  validation loss, keep the best weights (train/loop.py's keep-best).
+- early stopping: evaluate ~8 times a run (4 times a pass for a classification-shaped task),
+  stop after 2 evaluations without a better validation loss, keep the best weights
+  (train/loop.py's keep-best).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ AUTO_OBJECTIVES = ("sft", "cpt")
 # Epochs: OpenAI's rule in optimizer steps rather than examples (a step is what moves the
 # weights): aim at TARGET_EPOCHS, but at least MIN_STEPS steps and at most MAX_STEPS.
 TARGET_EPOCHS, MIN_EPOCHS, MAX_EPOCHS = 3, 1, 25
-CLASSIFY_EPOCHS = 4  # short fixed answers: more passes; early stopping ends them when enough
+CLASSIFY_EPOCHS = 3  # at most; a short fixed answer is often learnt within one pass: early stopping ends it
+CLASSIFY_EVALS_PER_PASS = 4  # so a run that has learnt the labels stops within half a pass
 MIN_STEPS, MAX_STEPS = 100, 5000
 TOKEN_BUDGET = 20_000_000  # trained tokens a run may take before epochs are cut
 EVALS_PER_RUN, PATIENCE = 8, 2
@@ -88,7 +90,7 @@ def size(n_params: int) -> str:
 def choose_epochs(n_rows: int, batch: int, tokens_per_epoch: int, classification: bool) -> tuple[float, str]:
     steps_per_epoch = max(1, math.ceil(n_rows / batch))
     target = CLASSIFY_EPOCHS if classification else TARGET_EPOCHS
-    why = (f"{target} passes for a classification-shaped task" if classification
+    why = (f"up to {target} passes for a classification-shaped task" if classification
            else f"{target} passes (OpenAI's default)")
     epochs = target
     if steps_per_epoch * epochs < MIN_STEPS:
@@ -145,13 +147,19 @@ def choose_max_length(lengths: list[int], model_max: int | None) -> tuple[int, s
     return value, f"covers the longest row ({longest} tokens; p99 {p99}, {len(lengths)} rows): nothing is cut", 0
 
 
-def choose_early_stopping(total_steps: int, has_validation: bool) -> tuple[int | None, int, str]:
-    """(patience, eval_every, reason)."""
-    every = max(1, math.ceil(total_steps / EVALS_PER_RUN))
+def choose_early_stopping(total_steps: int, has_validation: bool, steps_per_pass: int = 0,
+                          classification: bool = False) -> tuple[int | None, int, str]:
+    """(patience, eval_every, reason). A classification-shaped task is validated a few times a
+    pass: its labels are often learnt within the first pass, and the passes after that are
+    the time a CPU run can save."""
     if not has_validation:
         return None, 0, "no validation rows: no early stopping, one validation at the end"
-    return PATIENCE, every, (f"validation loss every {every} steps (~{EVALS_PER_RUN} times in {total_steps} steps); "
-                             f"stop after {PATIENCE} without improvement and keep the best weights")
+    every = max(1, math.ceil(total_steps / EVALS_PER_RUN))
+    when = f"validation loss every {every} steps (~{EVALS_PER_RUN} times in {total_steps} steps)"
+    if classification and steps_per_pass and math.ceil(steps_per_pass / CLASSIFY_EVALS_PER_PASS) < every:
+        every = math.ceil(steps_per_pass / CLASSIFY_EVALS_PER_PASS)
+        when = f"validation loss every {every} steps (~{CLASSIFY_EVALS_PER_PASS} times a pass of {steps_per_pass} steps)"
+    return PATIENCE, every, f"{when}; stop after {PATIENCE} without improvement and keep the best weights"
 
 
 def task_shape(rows: list[dict], max_labels: int = 20, max_words: int = 4) -> Shape:
@@ -240,8 +248,9 @@ def resolve(cfg: RunConfig, auto: list[str], device: str = "cpu") -> tuple[RunCo
         out.append(Decision("train.epochs", t["epochs"], why))
     if "early_stopping" in auto:
         epochs = t.get("epochs", cfg.train.epochs)
-        total = cfg.train.max_steps or max(1, math.ceil(epochs * math.ceil(len(kept) / batch)))
-        patience, every, why = choose_early_stopping(total, bool(splits.validation))
+        per_pass = math.ceil(len(kept) / batch)
+        total = cfg.train.max_steps or max(1, math.ceil(epochs * per_pass))
+        patience, every, why = choose_early_stopping(total, bool(splits.validation), per_pass, shape.classification)
         t |= {"early_stopping_patience": patience, "eval_every": every}
         out.append(Decision("train.early_stopping_patience", patience, why))
     if kind == "sft":  # the task's shape decides epochs (and, with task_shape, the eval's settings)

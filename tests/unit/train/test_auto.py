@@ -43,10 +43,19 @@ def test_a_small_file_gets_more_epochs_than_a_large_one():
     usual, _ = auto.choose_epochs(n_rows=1_000, batch=8, tokens_per_epoch=100_000, classification=False)
     assert small > usual > large >= 1
     assert "small file" in why_small and "large file" in why_large
-    # a classification-shaped task takes more passes than free text of the same size
-    assert auto.choose_epochs(1_000, 8, 100_000, classification=True)[0] > usual
+    # a classification-shaped task takes no more passes than free text of the same size...
+    assert auto.choose_epochs(1_000, 8, 100_000, classification=True)[0] <= usual
     # a token budget cuts the passes of long rows
     assert auto.choose_epochs(1_000, 8, auto.TOKEN_BUDGET, classification=False)[0] == 1
+
+
+def test_a_classification_task_is_validated_within_each_pass_so_it_can_stop_early():
+    # ...and is validated several times a pass: its labels are often learnt in the first one
+    patience, every, why = auto.choose_early_stopping(135, True, steps_per_pass=45, classification=True)
+    free_patience, free_every, _ = auto.choose_early_stopping(135, True, steps_per_pass=45, classification=False)
+    assert patience == free_patience == auto.PATIENCE
+    assert every == 12 and free_every == 17 and "a pass of 45 steps" in why
+    assert auto.choose_early_stopping(135, False, 45, True)[0] is None  # no validation rows: never stops
 
 
 def test_lr_and_lora_rank_follow_the_model_size_and_method():
