@@ -9,7 +9,9 @@ peak RSS is its own. Printed per runner: real (non-padding) tokens/s, model FLOP
 utilisation, peak RSS, final train loss and eval loss (token-weighted mean over the eval
 rows), then each peer's ratio to tuneforge.
 
-MFU counts model FLOPs per real token (LoRA and QLoRA: 4 x params, forward + input
+MFU counts model FLOPs per computed token (the positions the model ran: tuneforge computes a
+prefix its batch's rows share once, ``train.shared_prefix``, so it runs fewer than the rows'
+tokens; real tokens/s stays the rows' tokens over the time; LoRA and QLoRA: 4 x params, forward + input
 gradients; full: 6 x params; LM head included, attention products ignored) against the
 matrix-product rate of this model's shapes in the dtype training runs in here (bf16 on CPUs
 with bf16 units and on GPUs, fp32 elsewhere: ``hardware.pick_dtype``) measured on the same
@@ -143,7 +145,10 @@ def run_tuneforge(a, overrides: list[str]) -> dict:
     trained = [m for m in metrics if m["kind"] == "train"]
     # tokens_per_s is taken at the last step, before the final validation and checkpoint, as the
     # peers' figures are (their timers stop when train() returns, before evaluation).
+    # Rows that share a prefix compute it once: MFU counts the positions the model ran.
+    computed = sum(m.get("computed_tokens", 0) for m in trained)
     return {"seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"],
+            **({"computed_tokens_per_s": computed / summary["train_seconds"]} if computed else {}),
             "final_loss": trained[-1]["loss"],
             "eval_loss": [m["val_loss"] for m in metrics if m["kind"] == "eval"][-1], "steps": len(trained)}
 
@@ -355,7 +360,7 @@ def main() -> None:
             continue
         r = json.loads(line[7:])
         r.setdefault("tokens_per_s", a.epochs * work["real_tokens"] / r["seconds"])
-        r["mfu"] = r["tokens_per_s"] * flops_per_token / (gflops * 1e9)
+        r["mfu"] = r.get("computed_tokens_per_s", r["tokens_per_s"]) * flops_per_token / (gflops * 1e9)
         r["matmul_gflops"], r["load_avg"] = gflops, os.getloadavg()[0]
         results[runner] = r
         print(f"{runner:34s} {r['tokens_per_s']:7.1f} real tok/s  MFU {100 * r['mfu']:4.1f}% (of {gflops:.0f} "

@@ -219,6 +219,12 @@ class TrainConfig(Strict):
         description="lay each micro-batch's rows end to end, each attending only to itself: same rows, "
         "same loss, no compute spent on padding (off for prompt/prefix tuning and DP-SGD)",
     )
+    shared_prefix: bool = Field(
+        True,
+        description="with padding_free (sft): a micro-batch whose rows begin with the same untrained tokens (a "
+        "system prompt, an instruction; at least 16) computes them once instead of once per row: same loss and "
+        "gradients, except that LoRA dropout draws one mask for the shared prefix per batch",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after N evaluations without a better validation loss; the adapter kept is the best"
     )

@@ -131,6 +131,53 @@ def pack_rows(rows: list[dict], max_length: int) -> list[list[dict]]:
     return bins
 
 
+# Rows must share at least this many leading tokens for a batch to compute them once: below it
+# the saving does not pay for the extra attention calls.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(rows: list[dict]) -> int:
+    """How many leading tokens every row has in common and none of them trains on (nor on the
+    token after them, which the prefix's last position predicts): what a batch may compute once."""
+    first = rows[0]["input_ids"]
+    n = len(first) - 1  # every row keeps a token of its own
+    for r in rows:
+        ids, labels = r["input_ids"], r["labels"]
+        n = min(n, len(ids) - 1)
+        trained = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+        n = min(n, trained - 1)
+        i = 0
+        while i < n and ids[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def shared_prefix_batch(rows: list[dict], pad_id: int, min_prefix: int = MIN_SHARED_PREFIX) -> dict | None:
+    """A padding-free row in which the rows' common prefix (a system prompt, an instruction)
+    appears once, followed by each row's own tokens; None when they share fewer than
+    ``min_prefix`` tokens.
+
+    Each row's own tokens keep their positions (P, P+1, ...): a segment whose positions start
+    at P > 0 attends to the row's first P tokens and to itself (train/varlen.py), which is
+    exactly what it attended to in its own row, so the loss and every gradient are the
+    per-row ones; the prefix's key/value gradients arrive summed over the rows, as they would
+    be through its B copies. Only LoRA dropout differs: the prefix gets one mask per batch
+    instead of one per row."""
+    if len(rows) < 2:
+        return None
+    n = shared_prefix(rows)
+    if n < min_prefix:
+        return None
+    ids, labels, pos = list(rows[0]["input_ids"][:n]), [IGNORE] * n, list(range(n))
+    for r in rows:
+        ids += r["input_ids"][n:]
+        labels += r["labels"][n:]
+        pos += range(n, len(r["input_ids"]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos]),
+            "n_real": torch.tensor(sum(len(r["input_ids"]) for r in rows)), "n_computed": torch.tensor(len(ids))}
+
+
 def packed_batch(bins: list[list[dict]], pad_id: int) -> dict:
     """Each bin becomes one row; position_ids restart at 0 for every packed example, which
     transformers turns into a block-diagonal causal mask (no attention across examples)."""

@@ -34,14 +34,38 @@ NAME = "tuneforge_varlen"
 
 
 def segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every example in rows whose positions restart at 0 per example."""
+    """(row, start, end) of every example in rows whose positions restart per example: at 0, or
+    (rows that share a prefix, data/render.py's shared_prefix_batch) at the prefix's length."""
     out = []
     for b, row in enumerate(position_ids.tolist()):
-        starts = [i for i, p in enumerate(row) if p == 0] or [0]
-        if starts[0] != 0:
-            starts = [0, *starts]
+        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1]
         out += [(b, s, e) for s, e in zip(starts, [*starts[1:], len(row)], strict=True)]
     return out
+
+
+def prefix_shared_attention(query, key, value, bounds, firsts, scaling, groups):
+    """[B, L, H, D] per-example attention for rows that share a prefix (data/render.py's
+    shared_prefix_batch): a segment whose positions start at P > 0 attends to its row's first
+    P tokens, then causally to itself; a segment starting at 0 is an ordinary example. The
+    prefix is computed once; its keys and values get every continuation's gradient."""
+    pieces = []
+    for (b, s, e), p in zip(bounds, firsts, strict=True):
+        q = query[b : b + 1, :, s:e]
+        if not p:
+            o = F.scaled_dot_product_attention(q, key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], is_causal=True,
+                                               scale=scaling, enable_gqa=groups > 1)
+        else:
+            if (b, 0) not in {(x, y) for x, y, z in bounds if z >= p}:
+                raise ValueError(f"a segment continues a {p}-token prefix its row does not start with")
+            k = torch.cat((key[b : b + 1, :, :p], key[b : b + 1, :, s:e]), dim=2)
+            v = torch.cat((value[b : b + 1, :, :p], value[b : b + 1, :, s:e]), dim=2)
+            mask = torch.ones(e - s, p + e - s, dtype=torch.bool, device=q.device)
+            mask[:, p:].tril_()
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+        pieces.append(o.transpose(1, 2))
+    rows = [torch.cat([o for (r, _, _), o in zip(bounds, pieces, strict=True) if r == b], dim=1)
+            for b in range(query.shape[0])]
+    return torch.cat(rows, dim=0).contiguous()
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
@@ -55,6 +79,15 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # whole batch of full-length rows (CPT blocks): each row is then one example.
     position_ids = position_ids.expand(query.shape[0], -1)
     bounds = segments(position_ids)
+    firsts = [int(position_ids[b, s]) for b, s, _ in bounds]
+    if any(firsts):
+        if dropout and module.training:
+            raise ValueError("attention dropout with rows sharing a prefix: set train.shared_prefix=false")
+        dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) \
+            else query.dtype
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        return prefix_shared_attention(query, key, value, bounds, firsts, scaling,
+                                       getattr(module, "num_key_value_groups", 1)), None
     if query.device.type == "cpu" and not (dropout and module.training):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         # The kernel is called below autocast, so cast as autocast casts SDPA: fp32 weights

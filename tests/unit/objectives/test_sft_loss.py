@@ -220,3 +220,60 @@ def test_varlen_attention_gradients_match_float64_attention(monkeypatch, explici
     assert (out.double() - ref).abs().max() < tol
     for got, want in ((dq, rq), (dk, rk), (dv, rv)):
         assert (got.double() - want).abs().max() < tol * max(1.0, float(want.abs().max()))
+
+
+def _prefixed_rows(tiny_tok):
+    """Chat rows that share a system prompt and an instruction, as a classification file does."""
+    convert = FORMATS["chat"].convert
+    rows = [{"messages": [{"role": "system", "content": "You label reviews as positive or negative, one word."},
+                          {"role": "user", "content": f"Review: {text}"},
+                          {"role": "assistant", "content": label}]}
+            for text, label in (("great film, loved it", "positive"), ("dull and far too long", "negative"),
+                                ("the cast shines", "positive"))]
+    return encode_rows(tiny_tok, [convert(r, {}) for r in rows], 400, "drop").rows
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_rows_sharing_a_prefix_compute_it_once_with_the_same_loss_and_gradients(tiny_model_dir, tiny_tok, autocast):
+    """shared_prefix_batch lays the rows' common untrained prefix once, each row's own tokens
+    after it at their own positions; the loss and every gradient are those of the plain
+    padding-free batch (LoRA-free model: no dropout to differ)."""
+    from tuneforge.data.render import shared_prefix, shared_prefix_batch
+    from tuneforge.train import varlen
+
+    rows = _prefixed_rows(tiny_tok)
+    n = shared_prefix(rows)
+    first_trained = min(next(i for i, x in enumerate(r["labels"]) if x != IGNORE) for r in rows)
+    assert 16 <= n < first_trained  # the system prompt and more, but never a trained token
+    shared = shared_prefix_batch(rows, tiny_tok.pad_token_id)
+    plain = packed_batch([rows], tiny_tok.pad_token_id)
+    assert shared["input_ids"].shape[1] == plain["input_ids"].shape[1] - 2 * n  # the prefix once, not 3 times
+    assert int(shared["n_real"]) == int(plain["n_real"])
+    sft = OBJECTIVES["sft"]
+    results = []
+    for batch in (plain, shared):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert varlen.enable(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, count = sft.loss(model, batch, None, hidden_path=True)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), int(count), grads))
+    (a, na, ga), (b, nb, gb) = results
+    assert na == nb and torch.allclose(a, b, rtol=1e-2 if autocast else 1e-5)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        scale = float(ga[k].abs().max()) or 1.0
+        assert (ga[k] - gb[k]).abs().max() <= (2e-2 if autocast else 1e-4) * scale, k
+
+
+def test_rows_without_a_long_enough_common_prefix_stay_plain(tiny_tok):
+    from tuneforge.data.render import shared_prefix, shared_prefix_batch
+
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]},
+            {"input_ids": [1, 2, 9, 9, 9], "labels": [IGNORE, IGNORE, IGNORE, 9, 9]}]
+    assert shared_prefix(rows) == 2 and shared_prefix_batch(rows, 0) is None  # below 16 tokens
+    assert shared_prefix_batch(rows, 0, min_prefix=2)["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4]]
+    # a prefix never reaches a trained token, nor the token its last position predicts
+    trained_early = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, 3, 4]}, {"input_ids": [1, 2, 3, 5], "labels": [IGNORE] * 3 + [5]}]
+    assert shared_prefix(trained_early) == 0

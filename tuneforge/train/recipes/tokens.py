@@ -162,6 +162,9 @@ class TokenSteps:
         self.cfg, self.model, self.loss_of, self.pad_id, self.rows = cfg, model, loss_of, pad_id, train_rows
         self.world, self.device, self.dtype, self.hidden_path = world, device, dtype, hidden_path
         self.padding_free, self.n_rows = padding_free, len(train_rows)
+        # Only SFT: its loss never reads the prefix's own positions, and it has no second model
+        # (distillation's teacher) that would read the shared layout as one long sequence.
+        self.shared_prefix = padding_free and cfg.train.shared_prefix and cfg.objective.name == "sft"
         t = cfg.train
         self.val_batches = {task.name: epoch_batches(task.enc["validation"].rows, 0, t.seed, t.batch_size, False,
                                                      cfg.data.max_length, pad_id)
@@ -172,7 +175,7 @@ class TokenSteps:
     def batches(self, epoch: int) -> list[dict]:
         c = self.cfg
         return epoch_batches(self.rows, epoch, c.train.seed, c.train.batch_size, c.data.packing, c.data.max_length,
-                             self.pad_id, self.padding_free)
+                             self.pad_id, self.padding_free, self.shared_prefix)
 
     def backward(self, window: list[dict]) -> Window:
         n_tok = sum(trained_tokens(b) for b in window)
@@ -188,7 +191,11 @@ class TokenSteps:
             (loss_sum * scale).backward()
             loss_total += loss_sum.item()
         loss = distributed.all_sum(self.world, loss_total) / max(n_tok, 1)
-        return Window(loss, tokens=sum(int(b["n_real"]) for b in window), extra={"trained_tokens": n_tok})
+        # tokens: the rows' tokens (what tokens/s counts); computed_tokens: the positions the model
+        # ran, fewer when rows share a prefix (what FLOPs and MFU are counted on).
+        computed = sum(int(b.get("n_computed", b["n_real"])) for b in window)
+        return Window(loss, tokens=sum(int(b["n_real"]) for b in window),
+                      extra={"trained_tokens": n_tok, "computed_tokens": computed})
 
     def validate(self) -> dict[str, float] | None:
         if not self.val_batches:
