@@ -18,7 +18,7 @@ scale; gate and up). Inside each block a saved-tensor hook (``torch.autograd.gra
 saved_tensors_hooks``) hands autograd a recipe instead of those two tensors, and backward
 recomputes each once, with the same ops on the same inputs: the same bits. On CPUs without bf16
 units (fp32 activations) they were a third of the saved activations: measured on SmolLM2-135M at
-the benchmark's largest step (679 tokens), the step's peak RSS fell by ~210 MB (docs/speed.md).
+the benchmark's largest step (679 tokens), the step's peak RSS fell by ~240 MB, the step no slower (docs/speed.md).
 Not under gradient checkpointing, which already keeps none of them.
 
 Only the architectures whose RMSNorm and MLP are exactly this code are changed (NORMS, MLPS);
@@ -130,7 +130,9 @@ class _Saved:
 
 def _pack_in(notes: dict, recipes: dict):
     def pack(t: torch.Tensor):
-        if t.layout != torch.strided or t.device.type == "meta":
+        # Noted outputs are plain strided tensors; weights (Parameters) and tensor subclasses
+        # (some have no storage to look up) are kept as they are.
+        if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type == "meta":
             return t
         key = t.untyped_storage().data_ptr()
         note = notes.get(key)
