@@ -70,3 +70,83 @@ def test_unknown_architectures_are_left_alone():
             return x
 
     assert lean.enable(torch.nn.Sequential(RMSNorm(), torch.nn.Linear(2, 2))) == 0
+
+
+def _saved_storages(loss) -> set[int]:
+    """Storage addresses of every tensor the autograd graph behind ``loss`` hands back to backward."""
+    seen, todo, ptrs = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        tensors = list(node.saved_tensors) if hasattr(node, "saved_tensors") else []
+        tensors += [getattr(node, a) for a in dir(node) if a.startswith("_saved_")]
+        ptrs |= {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        todo += [n for n, _ in node.next_functions]
+    return ptrs
+
+
+def _lora_step(model_dir, recompute: bool, record: list | None = None):
+    """Loss and LoRA gradients of one step of a lean LoRA model (fused LoRA layers, as training
+    runs them); ``record`` collects the blocks' norm outputs and MLP products."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.train import fused_lora
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lean.enable(model)
+    if not recompute:  # the blocks' own forward: the lean norms and MLPs without the recipes
+        for block in model.model.layers:
+            del block.forward
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    fused_lora.enable(model)
+    model.train()
+    for block in model.base_model.model.model.layers if record is not None else []:
+        for m in (block.input_layernorm, block.post_attention_layernorm):
+            m.register_forward_hook(lambda m, i, o: record.append(o))
+        block.mlp.down_proj.register_forward_pre_hook(lambda m, i: record.append(i[0]))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    return model, loss
+
+
+def test_blocks_recompute_norm_outputs_and_mlp_products_instead_of_keeping_them(tiny_model_dir):
+    for recompute in (True, False):
+        record = []
+        _, loss = _lora_step(tiny_model_dir, recompute, record)
+        noted = {t.untyped_storage().data_ptr() for t in record}  # held here: no other tensor reuses them
+        assert len(noted) == len(record) > 0  # two norms and one MLP product per block
+        kept = noted & _saved_storages(loss)
+        # Without the recipes autograd keeps every one of them (so this check can fail).
+        assert kept == (set() if recompute else noted)
+
+
+def test_recomputing_gives_the_same_loss_and_gradients_bit_for_bit(tiny_model_dir):
+    results = []
+    for recompute in (True, False):
+        model, loss = _lora_step(tiny_model_dir, recompute)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (la, ga), (lb, gb) = results
+    assert torch.equal(la, lb)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    assert all(torch.equal(ga[n], gb[n]) for n in gb)
+
+
+def test_gradient_checkpointing_keeps_its_own_saving(tiny_model_dir):
+    """Under gradient checkpointing the blocks run as transformers checkpoints them (recipes off)."""
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = copy.deepcopy(ref)
+    lean.enable(model)
+    for m in (model, ref):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    ids = torch.randint(3, ref.config.vocab_size, (2, 12))
+    grads = []
+    for m in (model, ref):
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[1])
