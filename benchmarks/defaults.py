@@ -165,6 +165,7 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     import httpx
     from tqdm import tqdm
 
+    from tuneforge.allocator import machine_busy
     from tuneforge.evaluate.metrics import score_per_example
     from tuneforge.models.zoo import EMBEDDED
     try:  # the dev extra's client: what the users of this API run
@@ -194,6 +195,14 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = home / "server.log"
+    if machine_busy() and "OMP_WAIT_POLICY" not in env:
+        # The rule `tuneforge train` applies to itself (tuneforge/allocator.py), which `tuneforge
+        # serve` does not (yet): on a busy machine OpenMP threads spin for a descheduled peer.
+        # Measured here (2-core AVX2, load 6-9, the smoke run's 60 topic rows of up to 64
+        # tokens): ~40 s a row spinning, 7 s a row passive. Speed only: greedy answers, hence
+        # the scores, are the same.
+        env = env | {"OMP_WAIT_POLICY": "PASSIVE"}
+        print(f"[{task}] {column}: the machine is busy: the server runs with OMP_WAIT_POLICY=PASSIVE", flush=True)
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", "--config", str(cfg), "--port", str(port)],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)

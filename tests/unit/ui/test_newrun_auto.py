@@ -10,7 +10,6 @@ import re
 import yaml
 from fastapi.testclient import TestClient
 
-from tests.unit.ui.conftest import make_run
 from tuneforge.ui import newrun
 
 
@@ -51,8 +50,9 @@ def test_the_box_and_an_auto_in_the_yaml_box_are_refused_at_the_box(ui_app, tiny
 
 
 def test_the_plan_preview_lists_autos_decisions_with_their_reasons(ui_app, tiny_model_dir):
-    with TestClient(ui_app) as c:
+    with TestClient(ui_app) as c:  # one app start: its job worker thread starts once
         body = c.post("/ui/api/validate", json=_form(tiny_model_dir, auto=True)).json()
+        plain = c.post("/ui/api/validate", json=_form(tiny_model_dir, **{"train.lr": "1e-4"})).json()
     plan = body["plan"]
     assert plan is not None, body.get("plan_error")
     decided = {d["setting"]: d for d in plan["auto"]}
@@ -60,8 +60,6 @@ def test_the_plan_preview_lists_autos_decisions_with_their_reasons(ui_app, tiny_
     assert all(d["why"] for d in plan["auto"])
     # the plan is of the decided values: auto's batch, rows cut at auto's max length at most
     assert plan["batch"] == decided["train.batch_size"]["value"] and plan["seq"] <= decided["data.max_length"]["value"]
-    with TestClient(ui_app) as c:
-        plain = c.post("/ui/api/validate", json=_form(tiny_model_dir, **{"train.lr": "1e-4"})).json()
     assert plain["plan"]["auto"] == []
 
 
