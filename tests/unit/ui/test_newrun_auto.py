@@ -49,18 +49,31 @@ def test_the_box_and_an_auto_in_the_yaml_box_are_refused_at_the_box(ui_app, tiny
     assert [p["field"] for p in body["problems"]] == ["auto"] and "auto: ['epochs']" in body["problems"][0]["message"]
 
 
-def test_the_plan_preview_lists_autos_decisions_with_their_reasons(ui_app, tiny_model_dir):
+def test_the_plan_preview_lists_autos_decisions_and_plans_the_decided_values(ui_app, tiny_model_dir, monkeypatch):
+    import tuneforge.plan
+
+    planned = []  # the configs the plan was asked for (the real plan is test_pages' subject; it takes minutes here)
+
+    def fake_plan(cfg):
+        planned.append(cfg)
+        return {"device": "cpu", "dtype": "torch.float32", "batch": cfg.train.batch_size, "seq": cfg.data.max_length,
+                "memory": [], "rows": {}, "speed": None}
+
+    monkeypatch.setattr(tuneforge.plan, "plan", fake_plan)
     with TestClient(ui_app) as c:  # one app start: its job worker thread starts once
         body = c.post("/ui/api/validate", json=_form(tiny_model_dir, auto=True)).json()
         plain = c.post("/ui/api/validate", json=_form(tiny_model_dir, **{"train.lr": "1e-4"})).json()
     plan = body["plan"]
     assert plan is not None, body.get("plan_error")
-    decided = {d["setting"]: d for d in plan["auto"]}
-    assert {"train.lr", "train.epochs", "train.batch_size", "data.max_length"} <= set(decided)
-    assert all(d["why"] for d in plan["auto"])
-    # the plan is of the decided values: auto's batch, rows cut at auto's max length at most
-    assert plan["batch"] == decided["train.batch_size"]["value"] and plan["seq"] <= decided["data.max_length"]["value"]
-    assert plain["plan"]["auto"] == []
+    decided = {d["setting"]: d["value"] for d in plan["auto"]}
+    assert {"train.lr", "train.epochs", "train.batch_size", "data.max_length", "method.r"} <= set(decided)
+    assert all(isinstance(d["why"], str) and d["why"] for d in plan["auto"])
+    # the plan is of the decided values, not of the defaults
+    cfg = planned[0]
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.data.max_length, cfg.method.r) == \
+        (decided["train.lr"], decided["train.batch_size"], decided["data.max_length"], decided["method.r"])
+    assert cfg.data.max_length != 512 or cfg.train.lr != 2e-4  # not simply the defaults again
+    assert plain["plan"]["auto"] == [] and planned[1].train.lr == 1e-4
 
 
 def test_a_run_page_shows_the_runs_auto_decisions(ui_app, runs_dir):
