@@ -150,14 +150,15 @@ JOB_MAX_TOKENS = 64  # the other columns' eval budget (eval.max_new_tokens' defa
 
 
 def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, seed: int, model: str,
-                 max_steps: int | None) -> dict:
+                 max_steps: int | None, reuse: bool = False) -> dict:
     """Fine-tune through ``tuneforge serve``'s /v1/fine_tuning/jobs as an OpenAI user does, and
     score the fine-tuned model on the held-out rows through /v1/chat/completions.
 
     The job request names only the model, the uploaded file and the seed (the other columns'
     --seed): every hyperparameter is left to the server, i.e. to auto. The jobs API has no
     max_steps, so --max-steps reaches the job through serve.yaml's ``jobs.run_defaults``
-    (train.max_steps), as a server operator would set it."""
+    (train.max_steps), as a server operator would set it. A job is always asked afresh
+    (``reuse`` is said not to apply)."""
     import shutil
     import socket
     from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,8 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     except ImportError:
         raise SystemExit("the jobs_api column needs the openai client: pip install -e '.[dev]'") from None
 
+    if reuse:
+        print(f"[{task}] {column}: --reuse does not apply to this column: the job is asked afresh", flush=True)
     home = out / f"{task}-{column}"
     shutil.rmtree(home, ignore_errors=True)  # a fresh registry and job folder, as --force gives the others
     home.mkdir(parents=True)
