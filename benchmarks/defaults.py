@@ -248,7 +248,8 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     decided = {d["key"]: d["value"] for d in (getattr(job, "auto", None) or [])}
     steps = [(e.data or {}).get("step", 0) for e in events if e.type == "metrics"]
     return {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
-            "wall_s": round(wall, 1), "train_s": round(t_trained - t0, 1), "steps": max(steps, default=0),
+            "wall_s": round(wall, 1), "load_after": Path("/proc/loadavg").read_text().split()[:3],
+            "train_s": round(t_trained - t0, 1), "steps": max(steps, default=0),
             "job": job.id, "fine_tuned_model": job.fine_tuned_model, "auto": getattr(job, "auto", None),
             "epochs": job.hyperparameters.n_epochs, "lr": decided.get("train.lr"),
             "batch": job.hyperparameters.batch_size, "max_length": decided.get("data.max_length")}
