@@ -140,6 +140,7 @@ def live_context(run: runview.RunRow) -> dict:
     return {"chart": line_chart(runview.curves(run.run_dir), "loss"), "progress": runview.progress(run),
             "throughput": line_chart(runview.throughput(run.run_dir), "throughput (tokens/s)", width=480),
             "figures": runview.figures(run.run_dir), "log": runview.log_tail(run),
+            "auto": runview.auto_decisions(run.run_dir),
             "metrics": [r for r in runview.metrics_rows(run.run_dir / "metrics.jsonl")
                         if r.get("kind") in ("train", "eval")][-15:],
             "active": run.status in ("queued", "running"), "now": time.time()}
@@ -151,8 +152,8 @@ def _new_run_routes(router: APIRouter) -> None:
         key, refused = page_key(request)
         if refused:
             return refused
-        return render("new.html", fields=newrun.FIELDS, choices=newrun.suggestions(), key=key, nav="new",
-                      jobs=worker_db(request) is not None)
+        return render("new.html", fields=newrun.FIELDS, auto_fields=newrun.AUTO_FIELDS, choices=newrun.suggestions(),
+                      key=key, nav="new", jobs=worker_db(request) is not None)
 
     @router.post("/api/validate")
     async def validate(request: Request):

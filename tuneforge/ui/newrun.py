@@ -28,6 +28,9 @@ FIELDS: dict[str, tuple[str, type]] = {
     "data.max_length": ("max length (tokens)", int),
 }
 EXTRA = "extra_yaml"  # the free YAML box: any key of docs/config.md
+AUTO = "auto"  # the "auto: decide from the data" box: `auto: all` for every knob the form leaves empty
+# Fields that take "auto" (train/auto.py decides them from the data, with its reason).
+AUTO_FIELDS = ("train.lr", "train.epochs", "train.batch_size", "data.max_length")
 
 
 def suggestions() -> dict[str, list[str]]:
@@ -66,6 +69,8 @@ def _set(raw: dict, dotted: str, value) -> None:
 
 def _value(key: str, text: str):
     kind = FIELDS[key][1]
+    if key in AUTO_FIELDS and text.strip().lower() == "auto":
+        return "auto"  # config.expand_auto turns it into the knob
     if kind is list:
         return [x.strip() for x in text.splitlines() if x.strip()]
     if kind is str:
@@ -77,7 +82,8 @@ def _value(key: str, text: str):
 
 
 def form_to_raw(form: dict[str, str]) -> tuple[dict, list[dict]]:
-    """The raw config of a form (blank fields left to the defaults), and YAML-box problems."""
+    """The raw config of a form (blank fields left to the defaults; with the auto box ticked,
+    to auto), and the problems of the YAML box and the auto box."""
     problems, raw = [], {}
     extra = (form.get(EXTRA) or "").strip()
     if extra:
@@ -94,6 +100,12 @@ def form_to_raw(form: dict[str, str]) -> tuple[dict, list[dict]]:
         text = str(form.get(key) or "")
         if text.strip():
             _set(given, key, _value(key, text))
+    if str(form.get(AUTO) or "").lower() in ("true", "on", "1"):
+        if "auto" in raw:  # two answers to one question: neither is dropped silently
+            problems.append({"field": AUTO, "message": f"the YAML box sets auto: {raw['auto']!r} too: untick "
+                                                       "the box or remove auto from the YAML"})
+        else:
+            given["auto"] = "all"
     return deep_merge(raw, given), problems
 
 
@@ -137,10 +149,17 @@ def equivalents(raw: dict) -> dict:
 
 
 def plan_summary(cfg) -> dict:
-    """tuneforge.plan for the configured method (and its comparisons), as plain numbers."""
+    """tuneforge.plan for the configured method (and its comparisons), as plain numbers; with
+    ``auto``, of the values auto decides from the data, which are listed with their reasons
+    (what `tuneforge plan` prints)."""
     # deferred: plan imports torch and transformers (seconds); only a valid config gets here
+    from tuneforge.hardware import pick_device
     from tuneforge.plan import GB, fits, plan
+    from tuneforge.train import auto
 
+    decisions = []
+    if cfg.auto:
+        cfg, decisions, _ = auto.resolve(cfg, list(cfg.auto), pick_device(cfg.train.device))
     p = plan(cfg)
     ckpt = cfg.train.gradient_checkpointing
     rows = []
@@ -154,4 +173,5 @@ def plan_summary(cfg) -> dict:
             "seq": p["seq"], "memory": [{"name": m.name, "free_gb": round(m.free / GB, 2),
                                          "total_gb": round(m.total / GB, 2)} for m in p["memory"]],
             "rows": rows, "steps": steps,
+            "auto": [{"setting": d.key, "value": d.value, "why": d.reason} for d in decisions],
             "total_s": first["step_s"] * steps if first and first["step_s"] and steps else None}

@@ -69,6 +69,11 @@ def read_json(path: Path) -> dict:
         return {}
 
 
+def auto_decisions(run_dir: Path) -> list[dict]:
+    """What auto decided for the run (its auto.json: setting, value, why); [] without one."""
+    return [d for d in read_json(run_dir / "auto.json").get("decisions", []) if isinstance(d, dict)]
+
+
 def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())

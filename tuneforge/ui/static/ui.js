@@ -4,7 +4,9 @@
 
 function formData(form) {
   const out = {};
-  for (const el of form.querySelectorAll("input[name], textarea[name]")) out[el.name] = el.value;
+  for (const el of form.querySelectorAll("input[name], textarea[name]")) {
+    out[el.name] = el.type === "checkbox" ? el.checked : el.value;
+  }
   return out;
 }
 
@@ -40,7 +42,12 @@ function showPlan(plan, error) {
     `<td>${r.peak_gb}</td><td>${r.step_s == null ? "-" : r.step_s.toFixed(3)}</td>` +
     `<td class="${r.fits ? "up" : "down"}">${r.fits ? "yes" : "no"}</td></tr>`).join("");
   const total = plan.total_s == null ? "" : `<p>${plan.steps} steps: about ${plan.total_s < 10 ? plan.total_s.toFixed(2) : Math.round(plan.total_s)} s of compute (rough; loading and evaluation come on top)</p>`;
-  el.innerHTML = `<p>${plan.device} (${plan.dtype}), batch ${plan.batch} x ${plan.seq} tokens; ${mem}</p>` +
+  const esc = (x) => String(x).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+  const auto = !(plan.auto || []).length ? "" : `<p>auto: decided from the data</p><table class="grid" id="plan-auto">` +
+    `<thead><tr><th>setting</th><th>value</th><th>why</th></tr></thead><tbody>` +
+    plan.auto.map(d => `<tr><td>${esc(d.setting)}</td><td>${esc(d.value)}</td><td>${esc(d.why)}</td></tr>`).join("") +
+    `</tbody></table>`;
+  el.innerHTML = auto + `<p>${plan.device} (${plan.dtype}), batch ${plan.batch} x ${plan.seq} tokens; ${mem}</p>` +
     `<table class="grid" id="plan-table"><thead><tr><th>method</th><th>trainable</th><th>peak GB</th>` +
     `<th>step s</th><th>fits</th></tr></thead><tbody>${rows}</tbody></table>${total}`;
 }
