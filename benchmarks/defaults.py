@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tuneforge.data.builtin import _chatterbot_conversations, orders, sentiment  # noqa: E402
+from tuneforge.evaluate.metrics import normalize, to_label  # noqa: E402
 from tuneforge.evaluate.stats import bootstrap_mean_ci, paired_bootstrap  # noqa: E402
 
 TOPICS = ("ai", "coding", "emotion", "literature", "psychology", "trivia")
@@ -154,6 +155,18 @@ def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: P
             "labels": dict(answers.most_common(8)) if len(answers) <= 20 else f"{len(answers)} distinct answers"}
 
 
+def lenient(metric: str, predictions: list[str], references: list[str], data: Path, task: str) -> dict:
+    """For a label task, the accuracy when an answer is read leniently: the one label it names
+    counts ("This question is about coding." -> coding), as an application parsing free text
+    would; a peer whose defaults never learnt the one-word format is not scored 0 for that alone."""
+    if metric != "exact_match":
+        return {}
+    labels = sorted({normalize(json.loads(x)["messages"][-1]["content"])
+                     for x in (data / f"{task}-train.jsonl").read_text().splitlines()})
+    hits = [float(to_label(p, labels) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
+    return {"label_named": sum(hits) / len(hits)}
+
+
 def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed: int, model: str,
                max_steps: int | None, reuse: bool = False) -> dict:
     raw = {"model": {"name": model},
@@ -194,10 +207,12 @@ def run_column(task: str, column: str, metric: str, data: Path, out: Path, seed:
         load = Path("/proc/loadavg").read_text().split()[:3]
         timing.write_text(json.dumps({"wall_s": wall, "load": load, "auto_rules": rules}))
     samples = [json.loads(x) for x in (run / "eval_samples.jsonl").read_text().splitlines()]
-    scores = [s["score"] for s in samples if s["model"] == "tuned"]
+    tuned = [s for s in samples if s["model"] == "tuned"]
+    scores = [s["score"] for s in tuned]
     summary = json.loads((run / "summary.json").read_text())
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     return {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
+            **lenient(metric, [s["prediction"] for s in tuned], [s["reference"] for s in tuned], data, task),
             "wall_s": round(wall, 1), "load_after": load, "train_s": summary["train_seconds"], "steps": summary["steps"],
             "stopped_early": summary.get("stopped_early"),
             "epochs": resolved["train"]["epochs"], "lr": resolved["train"]["lr"],
@@ -307,6 +322,7 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     decided = {d["key"]: d["value"] for d in (getattr(job, "auto", None) or [])}
     steps = [(e.data or {}).get("step", 0) for e in events if e.type == "metrics"]
     return {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
+            **lenient(metric, preds, [r["messages"][-1]["content"] for r in test], data, task),
             "wall_s": round(wall, 1), "load_after": Path("/proc/loadavg").read_text().split()[:3],
             "train_s": round(t_trained - t0, 1), "steps": max(steps, default=0),
             "job": job.id, "fine_tuned_model": job.fine_tuned_model, "auto": getattr(job, "auto", None),
@@ -398,7 +414,8 @@ def table(results: dict) -> str:
             vs = f"; auto {100 * d['delta']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else ""
             if f := r.get("vs_fixed"):
                 vs += f"; minus fixed {100 * f['delta']:+.1f} [{100 * f['low']:+.1f}, {100 * f['high']:+.1f}]"
-            cells.append(f"{100 * r['acc']:.1f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}], "
+            named = f" (label named: {100 * r['label_named']:.1f}%)" if "label_named" in r else ""
+            cells.append(f"{100 * r['acc']:.1f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]{named}, "
                          f"{r['wall_s']:.0f} s{vs}")
         lines.append(f"| {task} ({t['data']['train']}/{t['data']['test']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
