@@ -201,9 +201,23 @@ class LoraBank:
 
 # Hooks: as few ops as possible, because at decode shapes each op costs more in dispatch than
 # in arithmetic. The products run in float32 with autocast off (module docstring); the sum is
-# added into the base output in place (a fresh tensor of the base Linear's).
+# added into the base output in place (a fresh tensor of the base Linear's). A float32 output
+# outside autocast (CPUs without bf16 units, fp32 serving) takes the second product straight
+# into it (``addmm_``/``baddbmm_``: C += h @ B in one kernel, no [rows, tokens, out] temporary
+# and no second pass to add it) and skips the autocast switch; SmolLM2-135M with r=16 on all
+# Linears, a 16-row decode step on one AVX2 core (shared machine): median 200 -> 177 ms.
+def _plain_fp32(out: torch.Tensor) -> bool:
+    return out.dtype == torch.float32 and not torch.is_autocast_enabled(out.device.type)
+
+
 def _add_cat(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None):
     def hook(module, args, out):
+        if _plain_fp32(out):
+            h = args[0] @ a
+            if mask is not None:
+                h.mul_(mask)
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b)
+            return out
         with torch.autocast(out.device.type, enabled=False):
             h = args[0].float() @ a  # [rows, tokens, sum r]
             if mask is not None:
@@ -214,6 +228,8 @@ def _add_cat(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None):
 
 def _add_rows(a: torch.Tensor, b: torch.Tensor):
     def hook(module, args, out):
+        if _plain_fp32(out):
+            return out.baddbmm_(torch.bmm(args[0], a), b)
         with torch.autocast(out.device.type, enabled=False):
             return out.add_(torch.bmm(torch.bmm(args[0].float(), a), b).to(out.dtype))
     return hook

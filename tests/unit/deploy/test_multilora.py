@@ -113,6 +113,55 @@ def test_a_mixed_batch_equals_each_adapter_alone_through_peft(adapters, tiny_mod
 
 
 @pytest.mark.parametrize("layout", ["cat", "rows"])
+def test_one_adapter_on_every_row_decodes_greedily_as_peft_alone(adapters, tiny_model_dir, tiny_tok, layout):
+    """A batch whose rows all use one adapter (the side-by-side layout then has no mask and
+    uses the bank's own tensors) generates, row by row, the tokens peft's ``generate`` gives
+    each prompt alone: the float32 hooks add the LoRA product straight into the base output."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    bank = LoraBank(model)
+    assert bank.load("r4", adapters["r4"]) is None
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters["r4"]).eval()
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tiny_tok.pad_token_id, eos_token_id=None)
+    ids, mask = _batch(tiny_tok, PROMPTS)
+    with torch.no_grad():
+        with bank.rows(["r4"] * len(PROMPTS), layout):
+            out = model.generate(input_ids=ids, attention_mask=mask, **greedy)[:, ids.shape[1]:]
+        base = model.generate(input_ids=ids, attention_mask=mask, **greedy)[:, ids.shape[1]:]
+        for i, prompt in enumerate(PROMPTS):
+            one, one_mask = _batch(tiny_tok, [prompt])
+            alone = ref.generate(input_ids=one, attention_mask=one_mask, **greedy)[0, one.shape[1]:]
+            assert out[i].tolist() == alone.tolist(), prompt
+    assert out.tolist() != base.tolist()  # the adapter changes the answers
+
+
+@pytest.mark.parametrize("layout", ["cat", "rows"])
+def test_hooks_under_bf16_autocast_match_the_float32_batch(adapters, tiny_model_dir, tiny_tok, layout):
+    """Under autocast (the bf16 CPU and CUDA paths) the hooks keep their float32 LoRA products
+    and add them in the output's dtype: the logits agree with the float32 batch within bf16
+    rounding, and the adapters still change them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    bank = LoraBank(model)
+    for name in LORAS:
+        assert bank.load(name, adapters[name]) is None
+    rows = ["r2", "r4", "r8", None]
+    ids, mask = _batch(tiny_tok, PROMPTS)
+    with torch.no_grad():
+        with bank.rows(rows, layout):
+            fp32 = model(input_ids=ids, attention_mask=mask).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = model(input_ids=ids, attention_mask=mask).logits.float()
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (bf16 - fp32)[keep].abs().max() < 0.05 * fp32[keep].abs().max()
+    assert (bf16 - plain)[keep].abs().max() > 0.05 * fp32[keep].abs().max()
+
+
+@pytest.mark.parametrize("layout", ["cat", "rows"])
 def test_batches_after_batches_refill_the_held_copies(adapters, tiny_model_dir, tiny_tok, layout):
     """The bank keeps each layout's copies from batch to batch: a later batch of the same
     shapes with the rows in another order, and a batch of one adapter beside base rows (no
