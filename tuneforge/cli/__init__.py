@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(build_parser(), argv)
-    if args.command in ("train", "sequence", "sweep", "rlhf"):
+    # serve too: its engine and the fine-tuning jobs it runs are the same kind of CPU work
+    if args.command in ("train", "sequence", "sweep", "rlhf", "serve"):
         reexec_with_allocator(argv)
     try:
         return args.fn(args)
