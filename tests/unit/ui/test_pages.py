@@ -147,6 +147,7 @@ def test_tuneforge_ui_and_serve_ui_build_the_server_app_with_the_dashboard(monke
         built.append((cfg.port, c.get("/ui/runs").status_code, c.get("/v1/models").status_code))
 
     monkeypatch.setattr(server, "serve", fake_serve)
+    monkeypatch.setenv("TUNEFORGE_ALLOCATOR", "off")  # in process: serve would re-exec with the allocator
     reg = f"sqlite:///{tmp_path / 'r.db'}"
     assert main(["ui", "--runs", str(runs_dir), "--registry", reg, "--port", "8123"]) == 0
     assert main(["serve", "--ui", "--registry", reg]) == 0
