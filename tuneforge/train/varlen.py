@@ -49,13 +49,14 @@ def prefix_shared_attention(query, key, value, bounds, firsts, scaling, groups):
     P tokens, then causally to itself; a segment starting at 0 is an ordinary example. The
     prefix is computed once; its keys and values get every continuation's gradient."""
     pieces = []
+    prefix_end = {b: e for (b, s, e), p in zip(bounds, firsts, strict=True) if s == 0 and not p}  # per row, once
     for (b, s, e), p in zip(bounds, firsts, strict=True):
         q = query[b : b + 1, :, s:e]
         if not p:
             o = F.scaled_dot_product_attention(q, key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], is_causal=True,
                                                scale=scaling, enable_gqa=groups > 1)
         else:
-            if (b, 0) not in {(x, y) for x, y, z in bounds if z >= p}:
+            if prefix_end.get(b, 0) < p:
                 raise ValueError(f"a segment continues a {p}-token prefix its row does not start with")
             k = torch.cat((key[b : b + 1, :, :p], key[b : b + 1, :, s:e]), dim=2)
             v = torch.cat((value[b : b + 1, :, :p], value[b : b + 1, :, s:e]), dim=2)
