@@ -33,6 +33,7 @@ batches and its loss on the answer tokens + end of turn, so only the hyper-param
   (so auto decides what the server's ``jobs.run_defaults`` leaves open), polled to the end, and
   each held-out row asked of ``job.fine_tuned_model`` on ``/v1/chat/completions`` (greedy, 64
   tokens, like the other columns' eval). Its cell also shows jobs_api - fixed (paired).
+  --reuse reads a finished job's scores back (the same data files, model, seed and auto rules).
 
     python benchmarks/defaults.py --quick                    # topic only, 120 train / 60 test rows
     python benchmarks/defaults.py --quick --max-steps 2 --model DIR   # the pipeline only (no result)
@@ -231,8 +232,8 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     The job request names only the model, the uploaded file and the seed (the other columns'
     --seed): every hyperparameter is left to the server, i.e. to auto. The jobs API has no
     max_steps, so --max-steps reaches the job through serve.yaml's ``jobs.run_defaults``
-    (train.max_steps), as a server operator would set it. A job is always asked afresh
-    (``reuse`` is said not to apply)."""
+    (train.max_steps), as a server operator would set it. With ``reuse`` a finished job of the
+    same data files, model, seed, max_steps and auto rules is read back from its folder."""
     import shutil
     import socket
     from concurrent.futures import ThreadPoolExecutor
@@ -248,9 +249,12 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
     except ImportError:
         raise SystemExit("the jobs_api column needs the openai client: pip install -e '.[dev]'") from None
 
-    if reuse:
-        print(f"[{task}] {column}: --reuse does not apply to this column: the job is asked afresh", flush=True)
     home = out / f"{task}-{column}"
+    key = jobs_api_key(task, data, seed, model, max_steps)
+    done = home / "result.json"
+    if reuse and done.exists() and json.loads(done.read_text()).get("key") == key:
+        print(f"[{task}] {column}: reusing {home}")
+        return json.loads(done.read_text())["result"]
     shutil.rmtree(home, ignore_errors=True)  # a fresh registry and job folder, as --force gives the others
     home.mkdir(parents=True)
     registry = f"sqlite:///{home / 'registry.db'}"
@@ -321,13 +325,23 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
                     "prediction": p, "score": s}) + "\n" for r, p, s in zip(test, preds, scores)))
     decided = {d["key"]: d["value"] for d in (getattr(job, "auto", None) or [])}
     steps = [(e.data or {}).get("step", 0) for e in events if e.type == "metrics"]
-    return {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
-            **lenient(metric, preds, [r["messages"][-1]["content"] for r in test], data, task),
-            "wall_s": round(wall, 1), "load_after": Path("/proc/loadavg").read_text().split()[:3],
-            "train_s": round(t_trained - t0, 1), "steps": max(steps, default=0),
-            "job": job.id, "fine_tuned_model": job.fine_tuned_model, "auto": getattr(job, "auto", None),
-            "epochs": job.hyperparameters.n_epochs, "lr": decided.get("train.lr"),
-            "batch": job.hyperparameters.batch_size, "max_length": decided.get("data.max_length")}
+    result = {"scores": scores, "acc": sum(scores) / len(scores), "ci": bootstrap_mean_ci(scores),
+              **lenient(metric, preds, [r["messages"][-1]["content"] for r in test], data, task),
+              "wall_s": round(wall, 1), "load_after": Path("/proc/loadavg").read_text().split()[:3],
+              "train_s": round(t_trained - t0, 1), "steps": max(steps, default=0),
+              "job": job.id, "fine_tuned_model": job.fine_tuned_model, "auto": getattr(job, "auto", None),
+              "epochs": job.hyperparameters.n_epochs, "lr": decided.get("train.lr"),
+              "batch": job.hyperparameters.batch_size, "max_length": decided.get("data.max_length")}
+    done.write_text(json.dumps({"key": key, "result": result}))
+    return result
+
+
+def jobs_api_key(task: str, data: Path, seed: int, model: str, max_steps: int | None) -> str:
+    """What a jobs_api result depends on: the uploaded and held-out rows, the request, the auto rules."""
+    h = hashlib.sha256(json.dumps([seed, model, max_steps, JOB_MAX_TOKENS]).encode())
+    for f in (data / f"{task}-train.jsonl", data / f"{task}-test.jsonl", ROOT / "tuneforge/train/auto.py"):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def wait_for_job(client, job, server, label: str, log: Path) -> tuple:
