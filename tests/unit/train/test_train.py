@@ -105,15 +105,27 @@ def test_grad_accumulation_matches_one_big_batch(tiny_raw_cfg):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
-def test_padding_free_batches_train_the_same_weights_as_padded_ones(tiny_raw_cfg):
-    """The default padding-free path is a speed-up only: same losses, same trained adapter."""
-    common = {"max_steps": 2, "eval_every": 0, "save_every": 0}
+def test_padding_free_batches_train_the_same_weights_as_padded_ones(tiny_raw_cfg, monkeypatch):
+    """The default padding-free path is a speed-up only: same losses, same validation losses
+    (its validation batches laid out the same way, the shared instruction computed once),
+    same trained adapter."""
+    made = []  # each run's batches, the validation ones first (built before training starts)
+    real = tokens_recipe.epoch_batches
+    monkeypatch.setattr(tokens_recipe, "epoch_batches", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    common = {"max_steps": 2, "eval_every": 1, "save_every": 0}
     raw = tiny_raw_cfg | {"eval": {"metric": "none"}, "method": tiny_raw_cfg["method"] | {"dropout": 0.0}}
     a = _train(raw | {"run_name": "padded", "train": tiny_raw_cfg["train"] | common | {"padding_free": False}})
+    padded_val = made[0]
+    made.clear()
     b = _train(raw | {"run_name": "free", "train": tiny_raw_cfg["train"] | common})
-    la, lb = ([m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-               if m["kind"] == "train"] for d in (a, b))
-    assert la == pytest.approx(lb, rel=1e-4)
+    free_val = made[0]
+    for kind in ("loss", "val_loss"):
+        la, lb = ([m[kind] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if kind in m]
+                  for d in (a, b))
+        assert len(la) == 2 and la == pytest.approx(lb, rel=1e-4), kind
+    assert any(v["input_ids"].shape[0] > 1 for v in padded_val)
+    assert all(v["input_ids"].shape[0] == 1 for v in free_val)  # rows end to end, no padding
+    assert sum(v["input_ids"].numel() for v in free_val) < sum(int(v["n_real"]) for v in free_val)  # prefix once
     wa, wb = (load_file(str(d / "adapter/adapter_model.safetensors")) for d in (a, b))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
