@@ -5,12 +5,14 @@ on the CPU. Read this before guessing what to speed up.
 
     python benchmarks/profile_step.py --model smollm2-135m-instruct --batch 4 --max-length 256
     python benchmarks/profile_step.py --method full
+    python benchmarks/profile_step.py --data reviews-train.jsonl --batch 8 --max-length 104 --r 16   # your rows
     python benchmarks/profile_step.py --device cuda --model /tmp/sm17 --batch 16 --max-length 512 --no-padding-free
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -34,16 +36,21 @@ def main(a) -> None:
     device = pick_device(a.device)
     dtype = pick_dtype("auto", device)
     cfg = validate_config({"model": {"name": a.model}, "data": {"train": ["-"], "max_length": a.max_length},
-                           "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0} if a.method == "lora"
-                           else {"name": a.method},
+                           "method": {"name": "lora", "r": a.r, "alpha": 2 * a.r, "dropout": 0.0}
+                           if a.method == "lora" else {"name": a.method},
                            "train": {"padding_free": a.padding_free, "batch_size": a.batch}})
     tok = load_tokenizer(a.model)
     method = METHODS[cfg.method.name]
     model, per_example = load_model(cfg, method, dtype, device, tok)
-    rows = [FORMATS["instruction"].convert(r, {}) for r in chatterbot_instructions(seed=0)]
+    if a.data:  # chat rows ({"messages": [...]}, one a line), as `tuneforge train` reads them
+        rows = [json.loads(x) for x in open(a.data, encoding="utf-8") if x.strip()]
+    else:
+        rows = [FORMATS["instruction"].convert(r, {}) for r in chatterbot_instructions(seed=0)]
     enc = encode_rows(tok, rows, a.max_length, "drop").rows
+    padding_free = a.padding_free and per_example
+    # The training defaults: rows sharing an untrained prefix compute it once (train.shared_prefix).
     batches = epoch_batches(enc, 0, 0, a.batch, False, a.max_length, tok.pad_token_id,
-                            padding_free=a.padding_free and per_example)
+                            padding_free=padding_free, shared_prefix=padding_free and a.shared_prefix)
     sft = OBJECTIVES["sft"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as run.py
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -63,17 +70,19 @@ def main(a) -> None:
     sync()
     # CPU seconds beside wall seconds: on a shared machine the process's own CPU time moves
     # far less with the neighbours' load than the wall clock does.
-    t0, c0, tokens = time.perf_counter(), time.process_time(), 0
+    t0, c0, tokens, computed = time.perf_counter(), time.process_time(), 0, 0
     for _ in range(a.steps):
         b = next(it)
         tokens += int(b["n_real"])
+        computed += int(b.get("n_computed", b["input_ids"].numel()))
         step(b)
     sync()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"{compute_path(device, dtype)}, {torch.get_num_threads()} threads, allocator "
           f"{allocator_name(os.environ.get('LD_PRELOAD', '').split(':')[0] or None)}, load {os.getloadavg()[0]:.1f}, "
           f"padding-free {a.padding_free and per_example}: {1000 * dt / a.steps:.1f} ms/step, "
-          f"{1000 * cpu / a.steps:.1f} CPU ms/step, {tokens / dt:.0f} real tok/s over {a.steps} steps after "
+          f"{1000 * cpu / a.steps:.1f} CPU ms/step, {tokens / dt:.0f} real tok/s ({computed / dt:.0f} computed) over "
+          f"{a.steps} steps after "
           f"{a.warmup} warm-up", flush=True)
     if not a.profile_steps:
         return
@@ -101,4 +110,7 @@ if __name__ == "__main__":
     p.add_argument("--rows", type=int, default=15, help="operators shown per table")
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false")
     p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha 2r), on every linear layer")
+    p.add_argument("--data", help="a chat JSONL file to take the rows from (default: chatterbot instructions)")
+    p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false")
     main(p.parse_args())

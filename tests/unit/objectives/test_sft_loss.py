@@ -267,6 +267,41 @@ def test_rows_sharing_a_prefix_compute_it_once_with_the_same_loss_and_gradients(
         assert (ga[k] - gb[k]).abs().max() <= (2e-2 if autocast else 1e-4) * scale, k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_shared_attention_gradients_match_float64_masked_attention(dtype):
+    """Attention for rows sharing a prefix against autograd through dense masked
+    softmax attention in float64: two rows (one with a 5-token prefix and two continuations,
+    one plain example), grouped-query heads. The prefix's key/value gradients sum over the
+    prefix's own causal attention and every continuation's."""
+    from tuneforge.train.varlen import prefix_shared_attention, segments
+
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    bounds = segments(pos)
+    firsts = [int(pos[b, s]) for b, s, _ in bounds]
+    assert firsts == [0, 5, 5, 0]
+    allowed = torch.zeros(2, 14, 14, dtype=torch.bool)  # who each query may read, row by row
+    for (b, s, e), p in zip(bounds, firsts):
+        allowed[b, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        allowed[b, s:e, :p] = True
+    q, k, v = (torch.randn(2, h, 14, 8, dtype=torch.float64) for h in (6, 2, 2))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = ref_in
+    scores = rq @ rk.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.3
+    ref = (scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ rv.repeat_interleave(3, dim=1))
+    ref = ref.transpose(1, 2)
+    got_in = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    got = prefix_shared_attention(*got_in, bounds, firsts, 0.3, 3)
+    assert got.shape == ref.shape == (2, 14, 6, 8)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    got.backward(grad.to(dtype))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
+    for g, r in zip(got_in, ref_in):
+        assert (g.grad.double() - r.grad).abs().max() <= 2 * tol * r.grad.abs().max()
+
+
 def test_rows_without_a_long_enough_common_prefix_stay_plain(tiny_tok):
     from tuneforge.data.render import shared_prefix, shared_prefix_batch
 
