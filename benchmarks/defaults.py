@@ -159,7 +159,12 @@ def write_task(name: str, rows: list[dict], n_train: int, n_test: int, folder: P
 def lenient(metric: str, predictions: list[str], references: list[str], data: Path, task: str) -> dict:
     """For a label task, the accuracy when an answer is read leniently: the one label it names
     counts ("This question is about coding." -> coding), as an application parsing free text
-    would; a peer whose defaults never learnt the one-word format is not scored 0 for that alone."""
+    would; a peer whose defaults never learnt the one-word format is not scored 0 for that alone.
+    For a JSON task, the share of fields right: an answer off in one field is not all wrong."""
+    if metric == "json":
+        from tuneforge.evaluate.metrics import score_per_example
+        fields = score_per_example(metric, predictions, references)["json_fields"]
+        return {"json_fields": sum(fields) / len(fields)}
     if metric != "exact_match":
         return {}
     labels = sorted({normalize(json.loads(x)["messages"][-1]["content"])
@@ -428,7 +433,8 @@ def table(results: dict) -> str:
             vs = f"; auto {100 * d['delta']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else ""
             if f := r.get("vs_fixed"):
                 vs += f"; minus fixed {100 * f['delta']:+.1f} [{100 * f['low']:+.1f}, {100 * f['high']:+.1f}]"
-            named = f" (label named: {100 * r['label_named']:.1f}%)" if "label_named" in r else ""
+            named = f" (label named: {100 * r['label_named']:.1f}%)" if "label_named" in r else \
+                f" (fields right: {100 * r['json_fields']:.1f}%)" if "json_fields" in r else ""
             cells.append(f"{100 * r['acc']:.1f}% [{100 * r['ci'][0]:.0f}, {100 * r['ci'][1]:.0f}]{named}, "
                          f"{r['wall_s']:.0f} s{vs}")
         lines.append(f"| {task} ({t['data']['train']}/{t['data']['test']}) | " + " | ".join(cells) + " |")
