@@ -255,9 +255,9 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
         raise SystemExit("the jobs_api column needs the openai client: pip install -e '.[dev]'") from None
 
     home = out / f"{task}-{column}"
-    key = jobs_api_key(task, data, seed, model, max_steps)
+    cache_key = jobs_api_key(task, data, seed, model, max_steps)
     done = home / "result.json"
-    if reuse and done.exists() and json.loads(done.read_text()).get("key") == key:
+    if reuse and done.exists() and json.loads(done.read_text()).get("key") == cache_key:
         print(f"[{task}] {column}: reusing {home}")
         return json.loads(done.read_text())["result"]
     shutil.rmtree(home, ignore_errors=True)  # a fresh registry and job folder, as --force gives the others
@@ -337,7 +337,7 @@ def run_jobs_api(task: str, column: str, metric: str, data: Path, out: Path, see
               "job": job.id, "fine_tuned_model": job.fine_tuned_model, "auto": getattr(job, "auto", None),
               "epochs": job.hyperparameters.n_epochs, "lr": decided.get("train.lr"),
               "batch": job.hyperparameters.batch_size, "max_length": decided.get("data.max_length")}
-    done.write_text(json.dumps({"key": key, "result": result}))
+    done.write_text(json.dumps({"key": cache_key, "result": result}))
     return result
 
 
