@@ -20,7 +20,9 @@ import time
 # op they wait in (measured: a third of a step "in" zero fills that cost nothing with passive
 # waiting), so the profile follows `tuneforge train`'s rule (tuneforge/allocator.py). Set
 # before torch loads OpenMP.
-if os.getloadavg()[0] >= (os.cpu_count() or 1):
+from tuneforge.allocator import machine_busy  # noqa: E402  (imports no torch)
+
+if machine_busy():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -49,7 +51,7 @@ def main(a) -> None:
     tok = load_tokenizer(a.model)
     method = METHODS[cfg.method.name]
     model, per_example = load_model(cfg, method, dtype, device, tok)
-    if a.data:  # chat rows ({"messages": [...]}, one a line), as `tuneforge train` reads them
+    if a.data:  # chat rows only: {"messages": [...]}, one a line
         rows = [json.loads(x) for x in open(a.data, encoding="utf-8") if x.strip()]
     else:
         rows = [FORMATS["instruction"].convert(r, {}) for r in chatterbot_instructions(seed=0)]
