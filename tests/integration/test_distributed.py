@@ -44,18 +44,27 @@ def assert_same_run(one: Path, two: Path, weights: str, distributed: str) -> Non
             assert a["trained_tokens"] == b["trained_tokens"]  # the same global batch
         else:  # padded validation batches on weights equal to ~1e-6: float noise of the sum order
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=2e-4)
-    w1, w2 = (load_file(str(d / weights)) for d in (one, two))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
     # Checkpoints are the same files too: whole weights and optimizer state, written by rank 0.
-    c1, c2 = (load_file(str(d / "checkpoints/step-000003/trainable.safetensors")) for d in (one, two))
-    assert c1.keys() == c2.keys() and all(torch.allclose(c1[k], c2[k], atol=1e-5) for k in c1)
     s1, s2 = (torch.load(d / "checkpoints/step-000003/state.pt", weights_only=True)["optimizer"] for d in (one, two))
     assert s1["param_groups"] == s2["param_groups"]
-    for i, moments in s1["state"].items():
+    for i, moments in s1["state"].items():  # Adam's moments are linear in the gradients: they must agree
         for k, v in moments.items():
             assert torch.allclose(v, s2["state"][i][k], atol=1e-5), (i, k)
+    max_step = 2 * s1["param_groups"][0]["initial_lr"] * 3  # opposite full Adam steps, at most, over 3 steps
+    assert_same_adam_weights(*(load_file(str(d / weights)) for d in (one, two)), max_step)
+    assert_same_adam_weights(*(load_file(str(d / "checkpoints/step-000003/trainable.safetensors"))
+                               for d in (one, two)), max_step)
+
+
+def assert_same_adam_weights(w1: dict, w2: dict, max_step: float) -> None:
+    """Equal weights, but for the few elements whose gradient is ~Adam's eps (1e-8): there
+    the float noise of a different summation order (machine-dependent kernels, the gradient
+    reduction) decides the sign of a nearly whole Adam step, so such an element may differ by
+    up to ``max_step``. The gradients themselves are compared through the moments above."""
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        diff = (w1[k] - w2[k]).abs()
+        assert float((diff > 1e-5).float().mean()) < 1e-3 and float(diff.max()) <= max_step * 1.01, k
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_raw_cfg, tmp_path):
