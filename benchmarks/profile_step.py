@@ -45,12 +45,13 @@ def main(a) -> None:
     device = pick_device(a.device)
     dtype = pick_dtype("auto", device)
     cfg = validate_config({"model": {"name": a.model}, "data": {"train": ["-"], "max_length": a.max_length},
-                           "method": {"name": "lora", "r": a.r, "alpha": 2 * a.r, "dropout": 0.0}
+                           "method": {"name": "lora", "r": a.r, "alpha": 2 * a.r, "dropout": a.dropout}
                            if a.method == "lora" else {"name": a.method},
                            "train": {"padding_free": a.padding_free, "batch_size": a.batch}})
     tok = load_tokenizer(a.model)
     method = METHODS[cfg.method.name]
     model, per_example = load_model(cfg, method, dtype, device, tok)
+    model.train()  # as the training loop runs it (dropout on)
     if a.data:  # chat rows only: {"messages": [...]}, one a line
         rows = [json.loads(x) for x in open(a.data, encoding="utf-8") if x.strip()]
     else:
@@ -121,6 +122,7 @@ if __name__ == "__main__":
     p.add_argument("--no-padding-free", dest="padding_free", action="store_false")
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--r", type=int, default=8, help="LoRA rank (alpha 2r), on every linear layer")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (auto and the jobs API use 0.05)")
     p.add_argument("--data", help="a chat JSONL file to take the rows from (default: chatterbot instructions)")
     p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false")
     main(p.parse_args())

@@ -31,7 +31,19 @@ def _pair(dtype, dropout):
             p.data = p.data.float()
     fused = copy.deepcopy(ref)
     assert fused_lora.enable(fused) == 2
+    if dropout:  # peft's own forward with the fused path's dropout: the same masks from the same seed
+        for layer in (ref.base_model.model.up, ref.base_model.model.down):
+            layer.lora_dropout["default"] = Drop(dropout)
     return ref, fused
+
+
+class Drop(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return fused_lora.dropout(x, self.p)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -88,3 +100,23 @@ def test_fused_lora_takes_peft_forward_where_it_does_not_apply():
             assert torch.allclose(merged, ref.base_model.model.up(x), atol=1e-5)
     finally:
         fused_lora.LoraLinearFn.apply = real
+
+
+def test_dropout_keeps_each_element_with_1_minus_p_and_scales_it():
+    torch.manual_seed(0)
+    x = torch.randn(600, 1000, requires_grad=True)
+    y = fused_lora.dropout(x, 0.05)
+    keep = y != 0
+    p = round(0.05 * 65536) / 65536  # p on the mask's 1/65536 grid
+    # 600k Bernoulli draws: the kept share is within 5 standard deviations of 1 - p
+    assert abs(float(keep.float().mean()) - (1 - p)) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    assert torch.allclose(y[keep], x[keep] / (1 - p))
+    # no bias between positions (the mask is cut from 64-bit words, 4 elements each)
+    shares = keep.reshape(-1, 4).float().mean(0)
+    assert float((shares - (1 - p)).abs().max()) < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, keep / (1 - p))  # the gradient flows through the kept elements only
+    torch.manual_seed(3)
+    a = fused_lora.dropout(x, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(a, fused_lora.dropout(x, 0.3))  # seeded: a resumed run draws the same masks
