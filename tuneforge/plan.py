@@ -16,13 +16,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,16 @@ from tuneforge.models.moe import describe
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
 from tuneforge.plugins import objective_of, validate_config
+from tuneforge.train.token_batches import epoch_batches, trained_tokens
 
 GB = 2**30
 FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and data
 # Share of a matmul probe's throughput a training step reaches (kernel mix, small
-# matrices, elementwise ops); measured on the embedded model here: 0.25-0.45.
+# matrices, elementwise ops), the step's FLOPs counted at the data's mean batch as training
+# lays it out (mean_batch). Measured with that count on the 2-core AVX2 EPYC in fp32: 0.35-0.38
+# (the 400-row reviews job, LoRA r 16, ~290 computed tokens a step, 3.1-3.7 s a step against a
+# best probe of ~105 GFLOP/s). Earlier, with the largest batch and logits at every position
+# counted, 0.25-0.45 on an AMX host in bf16; not re-measured there with the mean batch.
 STEP_EFFICIENCY = 0.35
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter
 # What a CPU training process holds beyond the live tensors this module counts is measured, not
@@ -97,6 +103,22 @@ PROBE_VERSION = 1
 
 
 @dataclass
+class FlopModel:
+    """Matmul FLOPs of one micro-batch of a method on a model, for any token layout."""
+    body_params: int  # matmul weights a token passes through (a mixture of experts: its top_k share)
+    head_params: int  # the LM head: vocab x hidden
+    attention: int  # 4 x hidden x layers: QK^T and AV, per query-key pair
+    weight_grad_share: float  # trained share of the body's matmul weights
+
+    def flops(self, positions: float, head_positions: float, pairs: float, checkpointing: bool) -> float:
+        """``positions`` computed tokens, ``head_positions`` of them through the head, ``pairs``
+        query-key pairs (a row of L tokens: L^2). Forward, input gradients and the weight
+        gradients of what trains; checkpointing recomputes the forward once more."""
+        fwd = 2 * (positions * self.body_params + head_positions * self.head_params) + self.attention * pairs
+        return fwd * (2 + self.weight_grad_share) + (fwd if checkpointing else 0)
+
+
+@dataclass
 class Estimate:
     method: str
     trainable: int
@@ -109,7 +131,7 @@ class Estimate:
     runtime: int  # fixed cost of a training process on the device (CPU: measured by cpu_overhead)
     activations: int
     activations_ckpt: int
-    flops: float  # per optimizer step, without recomputation
+    flops: float  # per micro-batch of the estimate's shape (batch x seq, logits everywhere), no recomputation
     flops_ckpt: float
     grads_in_flight: int = 0  # gradients backward creates while most activations still live (one layer's)
     step_transient: int = 0  # what opt.step allocates beside the gradients (its per-tensor or foreach temporaries)
@@ -122,6 +144,7 @@ class Estimate:
     # gives the step's part, which cpu_overhead's fit and the GPU path (device memory) use.
     baseline: int = 0
     baseline_source: str = ""
+    flop_model: FlopModel | None = None
 
     def peak(self, checkpointing: bool) -> int:
         """The largest of a step's phases (from the second step on, when optimizer states exist):
@@ -231,10 +254,26 @@ def chunked_loss_bytes(n_positions: int, dim: int, vocab: int, compute_bytes: in
     return 2 * n_positions * dim * compute_bytes + values * per_value
 
 
+_estimates: dict[tuple, Estimate] = {}
+
+
 def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtype, device: str = "cpu",
              overhead: tuple[int, float] | None = None) -> Estimate:
-    """``overhead``: (fixed runtime bytes, heap slack); on CPU measured by cpu_overhead() when omitted."""
+    """``overhead``: (fixed runtime bytes, heap slack); on CPU measured by cpu_overhead() when omitted.
 
+    Kept per process: `tuneforge train` with auto asks for the same estimate when choosing the
+    batch and again when checking the run fits (~3 s each on the embedded model: the method
+    applied to a meta model and a meta forward pass). A copy is returned: callers set its
+    baseline, and peak() fills in the measured overhead."""
+    key = (model_config.to_json_string(), type(opts).__name__, opts.model_dump_json(), batch, seq, str(compute_dtype),
+           device, overhead)
+    if key not in _estimates:
+        _estimates[key] = _estimate(model_config, opts, batch, seq, compute_dtype, device, overhead)
+    return replace(_estimates[key])
+
+
+def _estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtype, device: str,
+              overhead: tuple[int, float] | None) -> Estimate:
     method = METHODS[opts.name]
     base_dtype = method.base_dtype(opts, compute_dtype)
     model = method.apply(meta_model(model_config, base_dtype), opts)
@@ -264,13 +303,15 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     body_ckpt = layers * block_input + per_layer
     small_ckpt = layers * block_input * (block_input < MMAP_THRESHOLD_MAX) + small / layers
 
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n)
+    # The head is counted by formula (vocab x hidden): an untied head's weight is left out here.
+    head_weight = getattr(body_and_head(model)[1], "weight", None)
+    matmul_params = sum(p.numel() for n, p in model.named_parameters()
+                        if p.dim() >= 2 and "embed" not in n and p is not head_weight)
     moe = describe(model)
     if moe is not None:  # a token passes through top_k of the routed experts only
         matmul_params -= moe.routed_expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
-    fwd = 2 * batch * seq * (matmul_params + vocab * dim) + 4 * batch * seq * seq * dim * layers
-    weight_grad_share = min(1.0, n_train / max(matmul_params, 1))
-    flops = fwd * (2 + weight_grad_share)  # forward + input grads + weight grads of what trains
+    flop_model = FlopModel(matmul_params, vocab * dim, 4 * dim * layers, min(1.0, n_train / max(matmul_params, 1)))
+    flops = flop_model.flops(batch * seq, batch * seq, batch * seq * seq, False)
     # A 4-bit load reads each weight in the compute dtype before quantising it; on CPU the
     # process heap keeps about that much afterwards (measured: SmolLM2 QLoRA, RSS +0.3 GB).
     quantized = quantized_params(model, opts)
@@ -289,9 +330,9 @@ def estimate(model_config, opts, batch: int, seq: int, compute_dtype: torch.dtyp
     probe = (model_config, opts, compute_dtype, batch, seq) if overhead is None and device == "cpu" else None
     overhead = overhead or (0, 0.0)
     return Estimate(opts.name, n_train, n_total, weight_bytes(model, opts), state, ADAMW_STATES * state, autocast,
-                    transient, int(overhead[0]), int(body + head), int(body_ckpt + head), flops, flops + fwd,
+                    transient, int(overhead[0]), int(body + head), int(body_ckpt + head), flops, flop_model.flops(batch * seq, batch * seq, batch * seq * seq, True),
                     max(per_group.values(), default=0), step_transient, int(small), int(small_ckpt),
-                    float(overhead[1]), probe)
+                    float(overhead[1]), probe, flop_model=flop_model)
 
 
 # --- what a CPU process holds beyond its tensors --------------------------------------
@@ -605,11 +646,56 @@ def process_baseline(name: str, revision: str | None = None, trust_remote_code: 
 
 
 @dataclass
+class MeanBatch:
+    """The mean micro-batch of a pass as training lays it out: what step time scales with."""
+    positions: float  # computed tokens (padding included; a shared prefix once)
+    head_positions: float  # of them through the LM head (only the trained ones on the hidden path)
+    pairs: float  # query-key pairs attention computes
+    micro_batches: int  # in a pass over all the training rows
+    source: str
+
+
+@dataclass
 class StepShape:
-    """The micro-batch the plan sizes activations for: ``batch`` rows of ``seq`` tokens."""
+    """The micro-batch the plan sizes activations for: ``batch`` rows of ``seq`` tokens (the
+    largest the data can form); ``mean``: the mean one, for step time (None: data not read)."""
     batch: int
     seq: int
     source: str  # how it was found: from the data, or data.max_length and why
+    mean: MeanBatch | None = None
+
+
+# Rows the plan lays out into batches to find the mean micro-batch: enough for a stable mean,
+# bounded so a large dataset's plan stays quick.
+MEAN_BATCH_ROWS = 4096
+
+
+def mean_batch(rows: list[dict], cfg, padding_free: bool) -> MeanBatch:
+    """One shuffled pass of (up to MEAN_BATCH_ROWS of) the training rows, batched exactly as
+    the token recipe does (train/token_batches.py), averaged per micro-batch."""
+    t, d, n_rows = cfg.train, cfg.data, len(rows)
+    if len(rows) > MEAN_BATCH_ROWS:
+        g = torch.Generator().manual_seed(t.seed)
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=g)[:MEAN_BATCH_ROWS].tolist()]
+    shared = padding_free and t.shared_prefix and cfg.objective.name == "sft"
+    batches = epoch_batches(rows, 0, t.seed, t.batch_size, d.packing, d.max_length, 0, padding_free, shared)
+    hidden_path = t.logits_at_trained_only and getattr(METHODS[cfg.method.name], "supports_hidden_path", True)
+    positions = head = pairs = 0
+    for b in batches:
+        n = b["input_ids"].numel()
+        positions += n
+        head += trained_tokens(b) if hidden_path else n
+        # Causal attention over a row of L tokens: ~L^2/2 pairs, counted as the plan's L^2 (the
+        # kernels compute whole tiles): sum(2p + 1) over positions p = L^2; padded rows: the
+        # whole padded width.
+        pos = b.get("position_ids")
+        pairs += float((2 * pos + 1).sum()) if pos is not None else n * b["input_ids"].shape[1]
+    k = max(len(batches), 1)
+    layout = "packed" if d.packing else "padding-free" + (", shared prefix once" if shared else "") \
+        if padding_free else "padded"
+    return MeanBatch(positions / k, head / k, pairs / k, math.ceil(len(batches) * n_rows / len(rows)),
+                     f"the data's mean batch: {positions / k:.0f} tokens computed ({layout}), "
+                     f"{head / k:.0f} through the LM head" + (" (the trained ones)" if hidden_path else ""))
 
 
 def longest_batch(lengths: list[int], batch_size: int, max_length: int, packing: bool,
@@ -637,6 +723,12 @@ def longest_batch(lengths: list[int], batch_size: int, max_length: int, packing:
 def train_lengths(cfg) -> tuple[list[int] | None, str]:
     """Token lengths of the run's training rows as training encodes them (chat template,
     system prompt, data.overlength's drop or truncation), or None and why they were not read."""
+    rows, why = train_rows(cfg)
+    return (None, why) if rows is None else ([len(r["input_ids"]) for r in rows], "")
+
+
+def train_rows(cfg) -> tuple[list[dict] | None, str]:
+    """The run's training rows as training encodes them, or None and why they were not read."""
     d = cfg.data
     if d.tasks or cfg.continual.previous:
         return None, "several tasks: their data is not read by the plan"
@@ -652,19 +744,22 @@ def train_lengths(cfg) -> tuple[list[int] | None, str]:
     # `tuneforge train` reports the data's own errors where it loads them.
     except Exception as e:
         return None, f"data not read: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return [len(r["input_ids"]) for r in rows], ""
+    return rows, ""
 
 
 def step_shape(cfg) -> StepShape:
     t, d = cfg.train, cfg.data
-    lengths, why = train_lengths(cfg)
-    if lengths is None:
+    rows, why = train_rows(cfg)
+    if rows is None:
         return StepShape(t.batch_size, d.max_length, f"data.max_length ({why})")
     # As the token recipe decides: padding-free unless packing, DP-SGD or a method without it (prompt
     # methods); a model without per-example attention falls back to padded batches (varlen.py).
     padding_free = (t.padding_free and not d.packing and cfg.privacy is None
                     and getattr(METHODS[cfg.method.name], "padding_free", True))
-    return longest_batch(lengths, t.batch_size, d.max_length, d.packing, padding_free)
+    shape = longest_batch([len(r["input_ids"]) for r in rows], t.batch_size, d.max_length, d.packing, padding_free)
+    if rows:
+        shape.mean = mean_batch(rows, cfg, padding_free)
+    return shape
 
 
 # --- hardware ------------------------------------------------------------------------
@@ -686,19 +781,24 @@ def device_memory(device: str) -> list[Memory]:
     return [Memory("CPU RAM", vm.available, vm.total)]
 
 
-def matmul_flops_per_s(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """A quick probe of the device's matmul throughput in the compute dtype."""
+def matmul_flops_per_s(device: str, dtype: torch.dtype, n: int = 1024, reps: int = 5, rounds: int = 3) -> float:
+    """A quick probe of the device's matmul throughput in the compute dtype: the best of
+    ``rounds`` (a shared or virtual machine's neighbours only ever slow a round down; single
+    rounds ranged 39-106 GFLOP/s on the 2-core EPYC host)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(rounds):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
 
 
 # --- measuring what the plan estimates ------------------------------------------------
@@ -873,6 +973,28 @@ def ensure_fits(cfg, device: str) -> None:
                        f"free (see `tuneforge plan`). Fix: {fixes}. Or pass --force to try anyway"])
 
 
+def step_seconds(e: Estimate, p: dict, cfg) -> float | None:
+    """One optimizer step (grad_accum micro-batches) at the data's mean batch (at the largest
+    when the data was not read), from the matmul probe; None without the probe."""
+    if not p["speed"]:
+        return None
+    mean, ckpt = p["shape"].mean, cfg.train.gradient_checkpointing
+    if mean is None or e.flop_model is None:
+        flops = e.flops_ckpt if ckpt else e.flops
+    else:
+        flops = e.flop_model.flops(mean.positions, mean.head_positions, mean.pairs, ckpt)
+    return cfg.train.grad_accum * flops / p["speed"]
+
+
+def run_steps(cfg, mean: MeanBatch | None) -> int | None:
+    """Optimizer steps the run takes (max_steps, or its epochs over the data), as the loop counts."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if mean is None:
+        return None
+    return math.ceil(cfg.train.epochs * math.ceil(mean.micro_batches / cfg.train.grad_accum))
+
+
 def print_plan(cfg, console) -> dict:
     p = plan(cfg)
     mem, ckpt = p["memory"], cfg.train.gradient_checkpointing
@@ -895,7 +1017,7 @@ def print_plan(cfg, console) -> dict:
                 "step s", "fits"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for label, e in p["rows"].items():
-        step = (e.flops_ckpt if ckpt else e.flops) / p["speed"]
+        step = step_seconds(e, p, cfg)
         table.add_row(label, f"{e.trainable:,} ({100 * e.trainable / e.total:.2f}%)", f"{e.weights / GB:.2f}",
                       f"{e.grads / GB:.2f}", f"{(e.optimizer + e.autocast_copies) / GB:.2f}",
                       f"{e.activations / GB:.2f}", f"{e.activations_ckpt / GB:.2f}", f"{e.peak(ckpt) / GB:.2f}",
@@ -904,6 +1026,13 @@ def print_plan(cfg, console) -> dict:
     est = next(iter(p["rows"].values()))
     tips = suggestions(cfg, est, min(m.free for m in mem), p["dtype"])
     console.print("[green]the configured run fits[/]" if not tips else "[red]does not fit[/]; try: " + "; ".join(tips))
+    mean, steps = p["shape"].mean, run_steps(cfg, p["shape"].mean)
+    console.print(f"  step time at {mean.source if mean else p['shape'].source}")
+    if steps and p["speed"]:
+        total = steps * step_seconds(est, p, cfg)
+        upto = "up to " if cfg.train.early_stopping_patience and not cfg.train.max_steps else ""
+        console.print(f"  the configured run: {upto}{steps} steps, ~{total / 60:.1f} min of training "
+                      "(validation, loading and saving not included)")
     console.print("[dim]optimizer column includes autocast's bf16 weight copies; step time from a matmul probe "
                   f"x {STEP_EFFICIENCY} efficiency (rough)[/]")
     return p

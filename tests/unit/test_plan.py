@@ -181,6 +181,55 @@ def test_longest_batch_by_layout():
     assert shape([100, 120], 4, 1024, True, False) == (1, 220)  # packed: one bin
 
 
+def test_step_time_is_sized_by_the_mean_batch_as_training_lays_it_out(tiny_raw_cfg):
+    """Step time scales with the tokens a step computes: a shared system prompt once per batch,
+    no padding when padding-free, the LM head only at the trained positions; the memory stays
+    sized by the largest batch. A step is grad_accum micro-batches; a run, its epochs' steps."""
+    from tuneforge.data.render import IGNORE
+    from tuneforge.plan import StepShape, mean_batch, run_steps, step_seconds
+
+    prompt = list(range(100, 120))  # 20 shared untrained tokens
+    rows = [{"input_ids": prompt + list(range(200 + 40 * i, 200 + 40 * i + n)),
+             "labels": [IGNORE] * (17 + n) + list(range(n - 2, n + 1))}
+            for i, n in enumerate((10, 12, 14, 16, 30, 32, 34, 36))]
+
+    def cfg(**train):
+        raw = tiny_raw_cfg | {"train": tiny_raw_cfg["train"] | {"batch_size": 4, "max_steps": None, "epochs": 2.0}
+                              | train}
+        return validate_config(raw)
+
+    shared = mean_batch(rows, cfg(), padding_free=True)
+    plain = mean_batch(rows, cfg(shared_prefix=False), padding_free=True)
+    padded = mean_batch(rows, cfg(), padding_free=False)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert plain.positions == total / 2  # two batches of 4 rows, every token once
+    assert shared.positions == (total - 2 * 3 * 20) / 2  # each batch: the prompt once, not 4 times
+    assert padded.positions > plain.positions and padded.pairs > plain.pairs  # padding is computed too
+    assert shared.head_positions == 4 * 3  # 3 trained tokens a row, 4 rows a batch
+    assert mean_batch(rows, cfg(logits_at_trained_only=False), True).head_positions == shared.positions
+    assert shared.micro_batches == 2 and "shared prefix once" in shared.source
+
+    est = estimate(load_config(tiny_raw_cfg["model"]["name"]), _opts({"name": "lora", "r": 4}), 4, 50,
+                   torch.float32)
+    p = {"speed": 1e9, "shape": StepShape(4, 50, "test", shared)}
+    one = step_seconds(est, p, cfg())
+    assert one == pytest.approx(est.flop_model.flops(shared.positions, 12, shared.pairs, False) / 1e9)
+    assert one < est.flops / 1e9  # the mean batch computes less than the largest, logits everywhere
+    assert step_seconds(est, p, cfg(grad_accum=2)) == pytest.approx(2 * one)
+    assert run_steps(cfg(), shared) == 4 and run_steps(cfg(grad_accum=2), shared) == 2
+    assert run_steps(cfg(max_steps=7), None) == 7 and run_steps(cfg(), None) is None
+    unread = {"speed": 1e9, "shape": StepShape(4, 50, "max_length")}
+    assert step_seconds(est, unread, cfg()) == pytest.approx(est.flops / 1e9)  # sized by the largest
+
+
+def test_an_untied_head_is_counted_once_in_the_step_flops(tiny_model_dir):
+    tied = load_config(tiny_model_dir)
+    untied = load_config(tiny_model_dir)
+    tied.tie_word_embeddings, untied.tie_word_embeddings = True, False
+    a, b = (estimate(c, _opts({"name": "lora", "r": 4}), 2, 32, torch.float32).flop_model for c in (tied, untied))
+    assert a.body_params == b.body_params and a.head_params == b.head_params == tied.vocab_size * tied.hidden_size
+
+
 def test_plan_reports_the_process_baseline_and_where_it_comes_from(tiny_raw_cfg, tmp_path, monkeypatch):
     """The baseline (imports + tokenizer) is measured once in a fresh process, cached atomically,
     read back from the cache, and part of every CPU row's peak; on a GPU it is not device memory."""
@@ -219,3 +268,21 @@ def test_peak_rss_is_the_process_own_not_its_forking_parents():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert peak_rss_mb() > 600 and child < 400, (peak_rss_mb(), child)
     del ballast
+
+
+def test_a_repeated_estimate_is_computed_once_and_returned_as_a_copy(tiny_model_dir, monkeypatch):
+    """auto's batch choice and the fit check ask for the same estimate: the meta forward runs once."""
+    from tuneforge import plan
+
+    calls = []
+    real = plan._estimate
+    monkeypatch.setattr(plan, "_estimate", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(plan, "_estimates", {})
+    a = plan.estimate(load_config(tiny_model_dir), _opts({"name": "lora", "r": 4}), 2, 32, torch.float32)
+    b = plan.estimate(load_config(tiny_model_dir), _opts({"name": "lora", "r": 4}), 2, 32, torch.float32)
+    assert len(calls) == 1 and a == b and a is not b
+    a.baseline = 123  # a caller's own setting stays its own
+    assert b.baseline == 0
+    plan.estimate(load_config(tiny_model_dir), _opts({"name": "lora", "r": 8}), 2, 32, torch.float32)
+    plan.estimate(load_config(tiny_model_dir), _opts({"name": "lora", "r": 4}), 2, 64, torch.float32)
+    assert len(calls) == 3

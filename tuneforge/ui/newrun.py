@@ -154,7 +154,7 @@ def plan_summary(cfg) -> dict:
     (what `tuneforge plan` prints)."""
     # deferred: plan imports torch and transformers (seconds); only a valid config gets here
     from tuneforge.hardware import pick_device
-    from tuneforge.plan import GB, fits, plan
+    from tuneforge.plan import GB, fits, plan, run_steps, step_seconds
     from tuneforge.train import auto
 
     decisions = []
@@ -164,10 +164,10 @@ def plan_summary(cfg) -> dict:
     ckpt = cfg.train.gradient_checkpointing
     rows = []
     for label, e in p["rows"].items():
-        step_s = (e.flops_ckpt if ckpt else e.flops) / p["speed"] if p["speed"] else None
+        step_s = step_seconds(e, p, cfg)
         rows.append({"method": label, "trainable": e.trainable, "total": e.total,
                      "peak_gb": round(e.peak(ckpt) / GB, 3), "step_s": step_s, "fits": fits(e, p["memory"], ckpt)})
-    steps = cfg.train.max_steps
+    steps = run_steps(cfg, p["shape"].mean)
     first = rows[0] if rows else None
     return {"device": p["device"], "dtype": str(p["dtype"]).replace("torch.", ""), "batch": p["batch"],
             "seq": p["seq"], "memory": [{"name": m.name, "free_gb": round(m.free / GB, 2),

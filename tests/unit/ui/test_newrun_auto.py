@@ -57,7 +57,8 @@ def test_the_plan_preview_lists_autos_decisions_and_plans_the_decided_values(ui_
     def fake_plan(cfg):
         planned.append(cfg)
         return {"device": "cpu", "dtype": "torch.float32", "batch": cfg.train.batch_size, "seq": cfg.data.max_length,
-                "memory": [], "rows": {}, "speed": None}
+                "memory": [], "rows": {}, "speed": None,
+                "shape": tuneforge.plan.StepShape(cfg.train.batch_size, cfg.data.max_length, "test")}
 
     monkeypatch.setattr(tuneforge.plan, "plan", fake_plan)
     with TestClient(ui_app) as c:  # one app start: its job worker thread starts once
