@@ -37,7 +37,7 @@ def main(a) -> None:
     from tuneforge.models.load import load_tokenizer
     from tuneforge.objectives import OBJECTIVES
     from tuneforge.hardware import pick_device, pick_dtype
-    from tuneforge.train.token_batches import epoch_batches
+    from tuneforge.data.render import epoch_batches
     from tuneforge.allocator import allocator_name
     from tuneforge.hardware import autocast, compute_path, to_device
     from tuneforge.train.recipes.tokens import load_model

@@ -38,13 +38,13 @@ from tuneforge.hardware import autocast, cpu_flags, peak_rss_mb, pick_device, pi
 from tuneforge.methods import METHODS
 from tuneforge.methods.lora import LoraOptions
 from tuneforge.data.prepare import build_splits
+from tuneforge.data.render import epoch_batches, trained_tokens
 from tuneforge.io import write_json
 from tuneforge.models.load import load_causal_lm, load_config, load_tokenizer
 from tuneforge.models.moe import describe
 from tuneforge.objectives import OBJECTIVES
 from tuneforge.objectives.sft import CHUNK_VALUES, body_and_head, chunkable
 from tuneforge.plugins import objective_of, validate_config
-from tuneforge.train.token_batches import epoch_batches, trained_tokens
 
 GB = 2**30
 FIT_MARGIN = 0.9  # leave 10% of free memory for the runtime, the allocator and data
@@ -672,7 +672,7 @@ MEAN_BATCH_ROWS = 4096
 
 def mean_batch(rows: list[dict], cfg, padding_free: bool) -> MeanBatch:
     """One shuffled pass of (up to MEAN_BATCH_ROWS of) the training rows, batched exactly as
-    the token recipe does (train/token_batches.py), averaged per micro-batch."""
+    the token recipe does (data/render.py epoch_batches), averaged per micro-batch."""
     t, d, n_rows = cfg.train, cfg.data, len(rows)
     if len(rows) > MEAN_BATCH_ROWS:
         g = torch.Generator().manual_seed(t.seed)

@@ -42,14 +42,14 @@ def assert_same_run(one: Path, two: Path, weights: str, distributed: str) -> Non
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-4)  # FSDP: the norm over all shards
             assert a["trained_tokens"] == b["trained_tokens"]  # the same global batch
-        else:  # padded validation batches on weights equal to ~1e-6: float noise of the sum order
-            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=2e-4)
+        else:  # weights equal but for Adam's eps-amplified elements (below): float noise of the sum order
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
     # Checkpoints are the same files too: whole weights and optimizer state, written by rank 0.
     s1, s2 = (torch.load(d / "checkpoints/step-000003/state.pt", weights_only=True)["optimizer"] for d in (one, two))
     assert s1["param_groups"] == s2["param_groups"]
     for i, moments in s1["state"].items():  # Adam's moments are linear in the gradients: they must agree
-        for k, v in moments.items():
-            assert torch.allclose(v, s2["state"][i][k], atol=1e-5), (i, k)
+        for k, v in moments.items():  # (to float noise: a wrong scale or a missing shard is off by >= 30%)
+            assert float((v - s2["state"][i][k]).norm()) <= 1e-3 * float(v.norm()) + 1e-12, (i, k)
     max_step = 2 * s1["param_groups"][0]["initial_lr"] * 3  # opposite full Adam steps, at most, over 3 steps
     assert_same_adam_weights(*(load_file(str(d / weights)) for d in (one, two)), max_step)
     assert_same_adam_weights(*(load_file(str(d / "checkpoints/step-000003/trainable.safetensors"))

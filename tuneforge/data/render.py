@@ -205,6 +205,32 @@ def packed_batch(bins: list[list[dict]], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_real": n_real}
 
 
+def epoch_batches(rows: list[dict], epoch: int, seed: int, batch_size: int, packing: bool, max_length: int,
+                  pad_id: int, padding_free: bool = False, shared_prefix: bool = False) -> list[dict]:
+    """The epoch's micro-batches in an order fixed by (seed, epoch), so a resumed run sees
+    exactly the batches the uninterrupted run would have seen.
+
+    packing: rows fill bins of max_length (fewer, fuller sequences). padding_free: each
+    micro-batch keeps its rows but lays them end to end in one row (needs the per-example
+    attention of train/varlen.py), so the step is the same and no padding is computed.
+    shared_prefix (with padding_free): a micro-batch whose rows begin with the same untrained
+    tokens (a system prompt, an instruction) computes them once (data/render.py)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    ordered = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    if packing:
+        bins = pack_rows(ordered, max_length)
+        return [packed_batch(bins[i : i + batch_size], pad_id) for i in range(0, len(bins), batch_size)]
+    chunks = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if padding_free:
+        return [(shared_prefix and shared_prefix_batch(c, pad_id)) or packed_batch([c], pad_id) for c in chunks]
+    return [pad_batch(c, pad_id) for c in chunks]
+
+
+def trained_tokens(batch: dict) -> int:
+    """Tokens that carry loss (targets are labels shifted by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def render_segments(tok, segments: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids and labels of a template-free row (Axolotl ``input_output``): each segment is
     tokenized alone without special tokens and the pieces concatenated, so a segment boundary is

@@ -1,7 +1,7 @@
 """Objectives: what the loss is. A plug point like methods (``objective: {name: ...}``).
 
 A token objective turns a batch into ``(loss_sum, n_tokens)``; the token recipe divides by
-the token count of the whole accumulation window (see ``tuneforge.train.token_batches``), so
+the token count of the whole accumulation window (see ``tuneforge.train.recipes.tokens``), so
 every trained token weighs the same whatever the batch or accumulation split.
 
 Objectives whose training is not "token loss over rendered rows" name their ``recipe`` by a

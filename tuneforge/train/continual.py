@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuneforge.hardware import autocast, to_device
-from tuneforge.train.token_batches import trained_tokens
+from tuneforge.data.render import trained_tokens
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],

@@ -39,7 +39,8 @@ from tuneforge.train.loop import Loop, Window, restore_trainable
 from tuneforge.train.multitask import Task, load_tasks, training_mixture
 from tuneforge.train.privacy import dp_loss_scale
 from tuneforge.train.run_folder import manifest_hash, new_run_dir, preflight, report_tasks, writable
-from tuneforge.train.token_batches import epoch_batches, trained_tokens, validation_loss, validation_losses
+from tuneforge.data.render import epoch_batches, trained_tokens
+from tuneforge.train.token_batches import validation_loss, validation_losses
 
 
 def train(cfg: RunConfig, resume: Path | None = None, console: Console | None = None,
