@@ -91,7 +91,11 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # --- recomputed instead of saved ------------------------------------------------------------
 # The block forward running now (this thread) notes here the outputs backward can recompute:
-# {storage address: (weak reference to the output, function, its inputs)}.
+# {storage address: (weak reference to the output, its recipe)}. The recipe belongs to the
+# note, not to the address: an output saved as a recipe is freed, and a later output of the
+# same block may be allocated at its address (then the first one's recipe, of another size or
+# other values, had been handed to the second: seen as a failed view in backward, depending on
+# the allocator's reuse of addresses).
 _block = threading.local()
 
 
@@ -100,7 +104,7 @@ def recomputable(out: torch.Tensor, fn, *inputs: torch.Tensor) -> None:
     saves ``out`` (or a view of all of it) for backward gets a recipe to recompute it instead."""
     notes = getattr(_block, "notes", None)  # None: not in a block forward that records a graph
     if notes is not None:
-        notes[out.untyped_storage().data_ptr()] = (weakref.ref(out), fn, inputs)
+        notes[out.untyped_storage().data_ptr()] = (weakref.ref(out), Recompute(fn, inputs))
 
 
 class Recompute:
@@ -128,7 +132,7 @@ class _Saved:
         self.recompute, self.shape = recompute, shape
 
 
-def _pack_in(notes: dict, recipes: dict):
+def _pack_in(notes: dict):
     def pack(t: torch.Tensor):
         # Noted outputs are plain strided tensors; weights (Parameters) and tensor subclasses
         # (some have no storage to look up) are kept as they are.
@@ -142,9 +146,7 @@ def _pack_in(notes: dict, recipes: dict):
         if (out is None or t.dtype != out.dtype or t.numel() != out.numel() or not t.is_contiguous()
                 or not out.is_contiguous() or t.storage_offset() != out.storage_offset()):
             return t
-        if key not in recipes:
-            recipes[key] = Recompute(note[1], note[2])
-        return _Saved(recipes[key], t.shape)
+        return _Saved(note[1], t.shape)
 
     return pack
 
@@ -161,7 +163,7 @@ def _block_forward(self, *args, **kwargs):
     outer, notes = getattr(_block, "notes", None), {}
     _block.notes = notes
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack_in(notes, {}), _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(_pack_in(notes), _unpack):
             return forward(self, *args, **kwargs)
     finally:
         _block.notes = outer

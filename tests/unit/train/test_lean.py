@@ -150,3 +150,26 @@ def test_gradient_checkpointing_keeps_its_own_saving(tiny_model_dir):
         m(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[1])
+
+
+def test_a_later_output_at_a_freed_outputs_address_gets_its_own_recipe():
+    """A noted output saved as a recipe is freed; the next noted output of the same block may sit
+    at its address. Each must recompute as itself (it had got the first one's recipe: another
+    size, or wrong values)."""
+    from tuneforge.train import lean
+
+    storage = torch.zeros(8)
+    first, second = storage.view(8), storage.view(2, 4)  # two outputs at one address, in turn
+    a, b = torch.arange(8.0), torch.arange(8.0).view(2, 4)
+    notes = {}
+    lean._block.notes = notes
+    try:
+        pack = lean._pack_in(notes)
+        lean.recomputable(first, torch.neg, a)
+        saved_first = pack(first)
+        lean.recomputable(second, torch.exp, b)
+        saved_second = pack(second)
+    finally:
+        lean._block.notes = None
+    assert torch.equal(lean._unpack(saved_first), -a)
+    assert torch.equal(lean._unpack(saved_second), torch.exp(b))
