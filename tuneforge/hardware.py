@@ -32,17 +32,40 @@ def cpu_flags() -> set[str]:
 def cpu_has_bf16() -> bool:
     # AVX512-BF16 / AMX run bf16 matmuls 2.5-4x faster than fp32 on the machines measured;
     # without them bf16 is emulated and slower than fp32.
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return cpu_kind() in ("AMX", "AVX512-BF16")
+
+
+KINDS = ("AMX", "AVX512-BF16", "AVX512", "AVX2")  # widest first
+
+
+def _isa_cap() -> str | None:
+    """The kind oneDNN is capped to by ONEDNN_MAX_CPU_ISA (its ISA names: AVX2, AVX2_VNNI,
+    AVX512_CORE, AVX512_CORE_BF16, AVX512_CORE_AMX, ...), None when unset or ALL. Whoever caps it
+    (a debugging user, an AVX2 emulation on a wider host) gets no bf16 units from oneDNN, so the
+    dtype choice and the path's name must follow the cap, not the flags."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if not isa or isa == "ALL":
+        return None
+    if "AMX" in isa:
+        return "AMX"
+    if "BF16" in isa or "FP16" in isa or isa.startswith("AVX10"):
+        return "AVX512-BF16"
+    if isa.startswith("AVX512"):
+        return "AVX512"
+    return "AVX2" if isa.startswith("AVX2") else isa
 
 
 def cpu_kind() -> str:
     """The CPU's widest matrix path, as docs/speed.md's tables name CPU kinds: "AMX",
-    "AVX512-BF16" (bf16 units), "AVX512", "AVX2" (fp32 only) or the machine's name."""
+    "AVX512-BF16" (bf16 units), "AVX512", "AVX2" (fp32 only) or the machine's name; never wider
+    than ONEDNN_MAX_CPU_ISA allows."""
     flags = cpu_flags()
-    for flag, kind in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
-        if flag in flags:
-            return kind
-    return platform.machine() or "unknown"
+    kind = next((k for f, k in zip(("amx_bf16", "avx512_bf16", "avx512f", "avx2"), KINDS) if f in flags),
+                platform.machine() or "unknown")
+    cap = _isa_cap()
+    if cap is None or kind not in KINDS:
+        return kind
+    return cap if cap not in KINDS or KINDS.index(cap) > KINDS.index(kind) else kind
 
 
 def compute_path(device: str, dtype: torch.dtype) -> str:

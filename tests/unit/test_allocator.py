@@ -85,3 +85,20 @@ def test_the_reexec_preloads_the_allocator_and_waits_passively_only_on_a_busy_ma
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stands
     allocator.reexec_with_allocator(["train", "x.yaml"])
     assert calls[-1][1]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_capped_onednn_isa_is_the_kind_the_run_gets(monkeypatch):
+    # ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 host (the AVX2 emulation docs/speed.md uses): oneDNN has
+    # no bf16 units then, so auto must pick fp32 and the path must not claim them.
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.cpu_kind() == "AVX512-BF16" and hardware.pick_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hardware.cpu_kind() == "AVX2" and hardware.pick_dtype("auto", "cpu") == torch.float32
+    assert hardware.compute_path("cpu", torch.float32) == "CPU AVX2, fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    assert hardware.cpu_kind() == "AVX512"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap above the CPU changes nothing
+    assert hardware.cpu_kind() == "AVX512-BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert hardware.cpu_kind() == "AVX512-BF16"
