@@ -28,7 +28,8 @@ train`` does), ``tuneforge:KEY=VALUE,...`` (defaults with config overrides: how 
 is measured; ``allocator=off`` runs it on glibc malloc), ``trainer`` (transformers Trainer + peft, fp32
 weights, bf16=True where the CPU has bf16 units, else fp32 as a user of that CPU would run it),
 ``trainer_tcmalloc`` (same with tuneforge's allocator preloaded: tcmalloc, or the pip
-mimalloc), ``sft_trainer`` (trl SFTTrainer + peft, bf16 as the Trainer). ``--model`` takes any model spec
+mimalloc), ``sft_trainer`` (trl SFTTrainer + peft, bf16 as the Trainer); the peers take
+``:seed=N`` (LoRA init and data order; tuneforge's is ``tuneforge:train.seed=N``). ``--model`` takes any model spec
 tuneforge accepts (default: the embedded SmolLM2-135M-Instruct).
 
 On a GPU (``--device cuda``) every runner trains there in bf16 autocast, peak GPU memory is
@@ -91,6 +92,16 @@ def tokenized(a, name: str, tok) -> list[dict]:
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in enc.rows]
 
 
+def peer_seed(overrides: list[str]) -> int:
+    """``trainer:seed=N``: the peers take one setting, the seed of their LoRA init and data
+    order (the eval-loss spread across seeds is what "equal eval loss" is judged against)."""
+    seed = 42  # TrainingArguments' default
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key != "seed" or not value.isdigit():
+            raise SystemExit(f"the Trainer runners take only seed=N, not {o!r}")
+        seed = int(value)
+    return seed
 
 
 def train_dtype(a):
@@ -175,14 +186,16 @@ def run_trainer(a, overrides: list[str]) -> dict:
 
     from tuneforge.models.load import load_tokenizer
 
+    seed = peer_seed(overrides)
     tok = load_tokenizer(a.model)
     train_rows = tokenized(a, "train", tok)
+    torch.manual_seed(seed)  # the LoRA init: get_peft_model runs before the Trainer seeds
     model = _hf_model(a, torch.float32)  # the Trainer's documented bf16=True path: fp32 weights + autocast
     bf16 = train_dtype(a) == torch.bfloat16  # bf16 emulated without bf16 units: no user picks it there
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch,
                              num_train_epochs=a.epochs, learning_rate=a.lr, lr_scheduler_type="constant", bf16=bf16,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=a.device == "cpu",
-                             dataloader_num_workers=0,
+                             dataloader_num_workers=0, seed=seed,
                              max_grad_norm=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
@@ -206,6 +219,7 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
     from tuneforge.data.formats import FORMATS
     from tuneforge.models.load import load_tokenizer, resolve
 
+    seed = peer_seed(overrides)
     tok = load_tokenizer(a.model)
     raw = [json.loads(x) for x in (Path(a.workdir) / "train.jsonl").read_text().splitlines()]
     convs = [FORMATS["instruction"].convert(r, {})["messages"] for r in raw]
@@ -214,7 +228,8 @@ def run_sft_trainer(a, overrides: list[str]) -> dict:
                      learning_rate=a.lr, lr_scheduler_type="constant",
                      bf16=train_dtype(a) == torch.bfloat16, logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=a.device == "cpu", max_length=a.max_length,
-                     max_grad_norm=0.0)
+                     max_grad_norm=0.0, seed=seed)
+    torch.manual_seed(seed)  # the LoRA init happens in SFTTrainer's constructor, before it seeds
     trainer = SFTTrainer(model=resolve(a.model).path, args=args, train_dataset=datasets.Dataset.from_list(data),
                          processing_class=tok, peft_config=LoraConfig(**LORA))
     t0 = time.perf_counter()
@@ -284,8 +299,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1, help="passes over the rows (more on a GPU, where 30 steps are short)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="fp32 on a host with bf16 units, with ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2: "
-                        "emulates an AVX2-only CPU")
+                   help="auto: bf16 with bf16 units (or CUDA), else fp32. ONEDNN_MAX_CPU_ISA=AVX2 "
+                        "MKL_ENABLE_INSTRUCTIONS=AVX2 on a host with bf16 units emulates an AVX2-only CPU (auto "
+                        "then picks fp32, as tuneforge does)")
     p.add_argument("--runners", default=DEFAULT_RUNNERS)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process: one runner, prints RESULT json
@@ -323,6 +339,8 @@ def main() -> None:
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags {' '.join(wide) or 'none'}; "
           f"allocator for tuneforge: {allocator_name(find_tcmalloc())}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          + "".join(f"{v}={os.environ[v]} (emulated); " for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                    if v in os.environ) +
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "

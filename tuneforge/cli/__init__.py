@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -27,6 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft calls a transformers method that transformers 5 marks deprecated; the warning is not
 # actionable for users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# bitsandbytes, imported by peft at start-up, tries on CPUs with AVX512-BF16 to fetch a 4-bit
+# kernel from the hub and warns "Failed to load CPU gemm_4bit_forward" when it cannot: printed
+# by every command on such a host, 4-bit or not, looking like an error. Its own kernels serve.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage())
 
 
 def build_parser() -> argparse.ArgumentParser:
