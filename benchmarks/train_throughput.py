@@ -53,6 +53,9 @@ import time
 from pathlib import Path
 
 DEFAULT_RUNNERS = "tuneforge,trainer,trainer_tcmalloc,sft_trainer"
+# What caps this host's kernels to a narrower CPU's (torch's own kernels, oneDNN, MKL): an
+# AVX2-only CPU stood in for by a wider one.
+EMULATION = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
@@ -299,7 +302,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1, help="passes over the rows (more on a GPU, where 30 steps are short)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 with bf16 units (or CUDA), else fp32. ONEDNN_MAX_CPU_ISA=AVX2 "
+                   help="auto: bf16 with bf16 units (or CUDA), else fp32. ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
                         "MKL_ENABLE_INSTRUCTIONS=AVX2 on a host with bf16 units emulates an AVX2-only CPU (auto "
                         "then picks fp32, as tuneforge does)")
     p.add_argument("--runners", default=DEFAULT_RUNNERS)
@@ -339,8 +342,7 @@ def main() -> None:
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags {' '.join(wide) or 'none'}; "
           f"allocator for tuneforge: {allocator_name(find_tcmalloc())}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
-          + "".join(f"{v}={os.environ[v]} (emulated); " for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-                    if v in os.environ) +
+          + "".join(f"{v}={os.environ[v]} (emulated); " for v in EMULATION if v in os.environ) +
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"workload: {work['rows']} rows, {work['real_tokens']} real tokens (mean {work['mean_tokens']:.0f}/row, "
           f"{100 * work['padding_share']:.0f}% of a padded batch is padding, {100 * work['response_share']:.0f}% of "
