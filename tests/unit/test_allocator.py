@@ -54,6 +54,7 @@ def test_preloaded_allocators_free_pages_go_back_when_released(find, name, missi
 
 def test_the_path_and_what_would_make_it_faster_follow_the_cpu_kind(monkeypatch):
     monkeypatch.setattr(allocator, "MARK", "TUNEFORGE_TEST_NO_SUCH_VARIABLE")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the flags below decide, not a cap in this shell
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"fma", "avx", "avx2"})
     assert hardware.pick_dtype("auto", "cpu") == torch.float32
     assert hardware.compute_path("cpu", torch.float32) == "CPU AVX2, fp32"

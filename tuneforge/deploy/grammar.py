@@ -164,7 +164,7 @@ class RowProcessor:
                 self.mask[i, eos] = (1 << bit) if bit < 31 else -(1 << 31)  # int32 bit 31 is the sign
             else:
                 llguidance.torch.fill_next_token_bitmask(m, self.mask, i)
-        llguidance.torch.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))
+        apply_bitmask(scores, self.mask.to(scores.device))
 
     def logprob(self, i: int, token: int) -> dict | None:
         """OpenAI's entry for the token row ``i`` just produced: token, logprob, bytes, top_logprobs."""
@@ -184,3 +184,19 @@ class RowProcessor:
     def _entry(self, token: int, logprob: float) -> dict:
         text = self.tok.decode([token])
         return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+
+def apply_bitmask(scores: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set to -inf, in place, the scores of the tokens a row's mask leaves out (llguidance's
+    layout: token t is bit t % 32 of int32 word t // 32; tokens past the mask's words are out).
+
+    By hand in eager torch rather than llguidance.torch.apply_token_bitmask_inplace: that is a
+    torch.compile'd kernel, and where inductor emits AVX2 code (torch 2.13; a CPU without
+    AVX-512, or ATEN_CPU_CAPABILITY=avx2) it unpacked about half the bits of a random mask
+    wrong, so constrained decoding broke off on tokens the grammar allowed; it also compiled for
+    seconds on the first constrained request."""
+    bits = (mask.unsqueeze(-1) >> torch.arange(32, dtype=mask.dtype, device=mask.device)) & 1
+    allowed = bits.flatten(1)[:, : scores.shape[-1]] == 1
+    n = allowed.shape[1]
+    scores[:, n:] = float("-inf")
+    scores[:, :n].masked_fill_(~allowed, float("-inf"))
