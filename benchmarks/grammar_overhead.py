@@ -20,6 +20,7 @@ import time
 import torch
 
 from tuneforge.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, call_schema
+from tuneforge.deploy.grammar import apply_bitmask
 from tuneforge.models.load import load_tokenizer
 
 TOOLS = [
@@ -85,7 +86,7 @@ def bench_llguidance(tok, schema: dict, text: str, vocab: int) -> dict:
     for t in tok(text, add_special_tokens=False).input_ids:
         t0 = time.perf_counter()
         llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
-        llguidance.torch.apply_token_bitmask_inplace(logits, mask)
+        apply_bitmask(logits, mask)  # what the server runs (tuneforge/deploy/grammar.py)
         steps.append(time.perf_counter() - t0)
         assert matcher.consume_token(t), (tok.decode([t]), matcher.get_error())
     return {"tokenizer_s": tokenizer_s, "compile_s": compile_s, "steps": steps}
