@@ -82,7 +82,11 @@ def speed_hints(device: str, dtype: torch.dtype) -> list[str]:
         return []
     hints = []
     if dtype == torch.float32 and not cpu_has_bf16():
-        hints.append("bf16 units (AVX512-BF16 or AMX: bf16 matmuls at 2.5-4x fp32)")
+        if {"avx512_bf16", "amx_bf16"} & cpu_flags():  # the units are there, the cap hides them
+            hints.append(f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')} unset (it hides this "
+                         "CPU's bf16 units: bf16 matmuls at 2.5-4x fp32)")
+        else:
+            hints.append("bf16 units (AVX512-BF16 or AMX: bf16 matmuls at 2.5-4x fp32)")
     if allocator_in_use() == "system malloc":
         hints.append(f"a fast allocator ({INSTALL_HINT})")
     return hints

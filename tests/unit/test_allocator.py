@@ -97,6 +97,8 @@ def test_a_capped_onednn_isa_is_the_kind_the_run_gets(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert hardware.cpu_kind() == "AVX2" and hardware.pick_dtype("auto", "cpu") == torch.float32
     assert hardware.compute_path("cpu", torch.float32) == "CPU AVX2, fp32"
+    hints = hardware.speed_hints("cpu", torch.float32)
+    assert any("ONEDNN_MAX_CPU_ISA=AVX2 unset" in h for h in hints) and not any(h.startswith("bf16 units") for h in hints)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
     assert hardware.cpu_kind() == "AVX512"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap above the CPU changes nothing
