@@ -29,13 +29,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+KINDS = ("AMX", "AVX512-BF16", "AVX512", "AVX2")  # widest first
+BF16_KINDS = ("AMX", "AVX512-BF16")
+
+
 def cpu_has_bf16() -> bool:
     # AVX512-BF16 / AMX run bf16 matmuls 2.5-4x faster than fp32 on the machines measured;
     # without them bf16 is emulated and slower than fp32.
-    return cpu_kind() in ("AMX", "AVX512-BF16")
-
-
-KINDS = ("AMX", "AVX512-BF16", "AVX512", "AVX2")  # widest first
+    return cpu_kind() in BF16_KINDS
 
 
 def _isa_cap() -> str | None:
@@ -55,13 +56,18 @@ def _isa_cap() -> str | None:
     return "AVX2" if isa.startswith("AVX2") else isa
 
 
+def _flags_kind() -> str:
+    """The kind the CPU's flags say, before any cap."""
+    flags = cpu_flags()
+    return next((k for f, k in zip(("amx_bf16", "avx512_bf16", "avx512f", "avx2"), KINDS) if f in flags),
+                platform.machine() or "unknown")
+
+
 def cpu_kind() -> str:
     """The CPU's widest matrix path, as docs/speed.md's tables name CPU kinds: "AMX",
     "AVX512-BF16" (bf16 units), "AVX512", "AVX2" (fp32 only) or the machine's name; never wider
     than ONEDNN_MAX_CPU_ISA allows."""
-    flags = cpu_flags()
-    kind = next((k for f, k in zip(("amx_bf16", "avx512_bf16", "avx512f", "avx2"), KINDS) if f in flags),
-                platform.machine() or "unknown")
+    kind = _flags_kind()
     cap = _isa_cap()
     if cap is None or kind not in KINDS:
         return kind
@@ -82,7 +88,7 @@ def speed_hints(device: str, dtype: torch.dtype) -> list[str]:
         return []
     hints = []
     if dtype == torch.float32 and not cpu_has_bf16():
-        if {"avx512_bf16", "amx_bf16"} & cpu_flags():  # the units are there, the cap hides them
+        if _flags_kind() in BF16_KINDS:  # the units are there, the cap hides them
             hints.append(f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')} unset (it hides this "
                          "CPU's bf16 units: bf16 matmuls at 2.5-4x fp32)")
         else:
